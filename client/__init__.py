@@ -1,0 +1,1 @@
+"""Hospital side: the Flower ClientApp that trains on the site's own data."""

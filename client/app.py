@@ -1,0 +1,71 @@
+"""The hospital's ClientApp: validate the hospital config, load local data, answer the round.
+
+It runs under the hospital's SuperNode (one ``flwr-clientapp`` process per message). Data
+is read here and only here; what goes back is model weights and metrics. A configuration or
+data problem is returned to the coordinator as one clear line (and logged at the site)
+instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+from logging import ERROR
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import log
+
+from fedclinic.config import parse_hospital_config
+from fedclinic.data import DataRequest, load_hospital_data
+from fedclinic.errors import FedClinicError
+from fedclinic.site import SiteState
+from fedclinic.training import select_device
+from strategies import get_algorithm, load_run_config
+from strategies.base import ClientContext
+
+app = ClientApp()
+
+
+def answer(message: Message, context: Context, train: bool | None) -> Message:
+    """Build the algorithm's client objective for this message and let it respond.
+
+    ``train`` is True for a training round, False for an evaluate-only exchange and None
+    for the one-time setup query.
+    """
+    try:
+        run = load_run_config(context.run_config)
+        hospital = parse_hospital_config(context.node_config)
+        config = dict(message.content["config"]) if "config" in message.content else {}
+        client_context = ClientContext(
+            run=run,
+            hospital=hospital,
+            data=load_hospital_data(DataRequest(run, hospital)),
+            device=select_device(hospital.device),
+            site=SiteState.for_run(hospital, run, context.run_id),
+            server_round=int(config.get("server-round", 0)),
+            server_config=config,
+        )
+        objective = get_algorithm(run.algorithm).objective(client_context)
+        if train is None:
+            content = objective.query(message.content)
+        else:
+            content = objective.respond(message.content, train=train)
+    except FedClinicError as err:
+        name = str(context.node_config.get("hospital", f"node-{context.node_id}"))
+        log(ERROR, "fedclinic hospital %s: %s", name, err)
+        content = RecordDict({"info": ConfigRecord({"hospital": name, "error": str(err)})})
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    return answer(message, context, train=True)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    return answer(message, context, train=False)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    return answer(message, context, train=None)

@@ -1,0 +1,254 @@
+"""The two config schemas: one for a run (coordinator side), one for a hospital node.
+
+Flower hands both sides flat key/value maps (``context.run_config``, ``context.node_config``)
+with kebab-case keys. They are validated here, once, at the edge: a wrong key or value
+becomes one :class:`~fedclinic.errors.ConfigError` line naming the key, the value and what
+is allowed. Algorithm options live in the run config under ``<algorithm>.<key>`` and are
+validated by the options model that each algorithm module declares.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedclinic.errors import ConfigError
+
+Scalar = bool | int | float | str
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class Schema(BaseModel):
+    """Base for every config model: kebab-case keys, unknown keys refused, frozen."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The flat kebab-case map Flower understands (the inverse of validation)."""
+        return self.model_dump(by_alias=True)
+
+
+class NoOptions(Schema):
+    """Options model of an algorithm that has none."""
+
+
+def describe_validation_error(
+    scope: str,
+    model: type[BaseModel],
+    err: ValidationError,
+    data: Mapping[str, Any],
+    key_prefix: str = "",
+) -> str:
+    """One line per error naming the key, the value given and what is allowed."""
+    allowed = sorted(
+        key_prefix + str(f.alias or name) for name, f in model.model_fields.items() if not f.exclude
+    )
+    lines = []
+    for item in err.errors():
+        raw_key = ".".join(str(p) for p in item["loc"])
+        key = key_prefix + raw_key if raw_key else "<config>"
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            lines.append(
+                f"{scope}: unknown key '{key}'{hint}; allowed keys: {', '.join(allowed)}"
+            )
+        elif item["type"] == "missing":
+            lines.append(f"{scope}: key '{key}' is required but missing")
+        else:
+            value = data.get(raw_key, item.get("input"))
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{scope}: key '{key}' = {value!r} is not allowed: {message}")
+    return "; ".join(lines)
+
+
+def validate_schema(
+    model: type[Schema], data: Mapping[str, Any], scope: str, key_prefix: str = ""
+) -> Any:
+    """Validate ``data`` into ``model`` or raise a one-line :class:`ConfigError`."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as err:
+        message = describe_validation_error(scope, model, err, data, key_prefix)
+        raise ConfigError(message) from None
+
+
+Algorithm = str
+ModelName = Literal["logreg", "cnn", "resnet18", "densenet121"]
+
+
+class RunConfig(Schema):
+    """Everything the coordinator needs to drive one federated run."""
+
+    algorithm: Algorithm = "fedavg"
+    task: Literal["classification"] = "classification"
+    model: ModelName = "cnn"
+    num_classes: int = Field(2, ge=2, le=1000)
+    in_channels: int = Field(1, ge=1, le=16)
+    image_size: int = Field(28, ge=8, le=1024)
+    num_features: int = Field(13, ge=1)
+    data_source: str = "synthetic"
+    rounds: int = Field(3, ge=1, le=10_000)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    local_steps: int = Field(0, ge=0, description="batches per round; 0 means local-epochs")
+    batch_size: int = Field(32, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    learning_rate: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    amp: bool = False
+    min_hospitals: int = Field(2, ge=1)
+    round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
+    seed: int = Field(42, ge=0)
+    selection_metric: Literal["val_balanced_accuracy", "val_accuracy", "val_auc", "val_loss"] = (
+        "val_balanced_accuracy"
+    )
+    output_dir: str = ""
+    run_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")
+
+    # Filled by parse_run_config from the "<algorithm>.<key>" entries.
+    options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    def algorithm_options(self) -> Any:
+        """The validated options model of the selected algorithm."""
+        return self.options[self.algorithm]
+
+    def to_flat(self) -> dict[str, Scalar]:
+        flat: dict[str, Scalar] = self.model_dump(by_alias=True)
+        for name, opts in self.options.items():
+            flat.update({f"{name}.{k}": v for k, v in opts.to_flat().items()})
+        return flat
+
+
+def parse_run_config(
+    flat: Mapping[str, Any], option_models: Mapping[str, type[Schema]]
+) -> RunConfig:
+    """Validate Flower's flat run config, including every algorithm's options section."""
+    core: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in option_models}
+    for key, value in flat.items():
+        prefix, dot, rest = key.partition(".")
+        if not dot:
+            core[key] = value
+        elif prefix in sections:
+            sections[prefix][rest] = value
+        else:
+            close = difflib.get_close_matches(prefix, list(sections), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"run config: unknown section '{prefix}' in key '{key}'{hint}; "
+                f"allowed sections: {', '.join(sorted(sections))}"
+            )
+    run: RunConfig = validate_schema(RunConfig, core, "run config")
+    if run.algorithm not in option_models:
+        raise ConfigError(
+            f"run config: key 'algorithm' = {run.algorithm!r} is not allowed: "
+            f"expected one of {', '.join(sorted(option_models))}"
+        )
+    options = {
+        name: validate_schema(model, sections[name], "run config", f"{name}.")
+        for name, model in option_models.items()
+    }
+    return run.model_copy(update={"options": options})
+
+
+DeviceName = str
+
+
+class HospitalConfig(Schema):
+    """One hospital node: who it is, where its data is, which device it trains on."""
+
+    hospital: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    data_source: str = ""
+    data_path: str = ""
+    partition_id: int = Field(0, ge=0)
+    num_partitions: int = Field(1, ge=1)
+    partition_fractions: str = ""
+    label_skew_alpha: float = Field(0.0, ge=0, description="Dirichlet alpha; 0 = no label skew")
+    num_samples: int = Field(600, ge=10, le=1_000_000)
+    class_priors: str = ""
+    acquisition_shift: float = Field(0.0, ge=0, le=1)
+    data_seed: int = Field(0, ge=0)
+    val_fraction: float = Field(-1.0, ge=-1, lt=0.9, description="-1 = the source's default")
+    device: DeviceName = "auto"
+    state_dir: str = ""
+    role: Literal["", "large", "small"] = ""
+    prior_path: str = Field("", description="Fed-MAS: this site's copy of the shared prior file")
+    public_data_path: str = Field("", description="FedHelp: this site's copy of the public data")
+    knowledge_path: str = Field("", description="FedHelp: this site's copy of the knowledge file")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        ):
+            return value
+        raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("partition_fractions", "class_priors")
+    @classmethod
+    def _float_list(cls, value: str) -> str:
+        if value == "":
+            return value
+        try:
+            numbers = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError("expected comma-separated numbers, e.g. '0.5,0.3,0.2'") from None
+        if any(n <= 0 for n in numbers) or abs(sum(numbers) - 1.0) > 1e-6:
+            raise ValueError("expected positive numbers that sum to 1")
+        return value
+
+    @staticmethod
+    def floats(value: str) -> list[float]:
+        return [float(v) for v in value.split(",")] if value else []
+
+
+def parse_hospital_config(flat: Mapping[str, Any]) -> HospitalConfig:
+    """Validate a SuperNode's node config into a :class:`HospitalConfig`."""
+    config: HospitalConfig = validate_schema(HospitalConfig, flat, "hospital config")
+    if config.partition_id >= config.num_partitions:
+        raise ConfigError(
+            f"hospital config: key 'partition-id' = {config.partition_id} is not allowed: "
+            f"expected 0..{config.num_partitions - 1} (num-partitions = {config.num_partitions})"
+        )
+    fractions = config.floats(config.partition_fractions)
+    if fractions and len(fractions) != config.num_partitions:
+        raise ConfigError(
+            f"hospital config: key 'partition-fractions' = {config.partition_fractions!r} "
+            f"is not allowed: expected {config.num_partitions} numbers (one per partition)"
+        )
+    return config
+
+
+def load_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a flat (or dotted) TOML config file, with a clear error when it is bad."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} file '{file}' does not exist")
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} file '{file}' is not valid TOML: {err}") from None
+    return _flatten(data)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat

@@ -1,0 +1,103 @@
+"""What every data source returns, and the checks every source applies before training.
+
+Data is loaded only at the hospital (inside the ClientApp). A source turns a
+:class:`DataRequest` into a :class:`HospitalData` with train, validation and test splits,
+already checked against the run's task (input shape, label range). Nothing is dropped
+silently: a bad file is a :class:`~fedclinic.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedclinic.config import HospitalConfig, RunConfig
+from fedclinic.errors import DataError
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: float32 inputs ``(N, C, H, W)`` or ``(N, F)`` and int64 labels ``(N,)``."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return torch.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class HospitalData:
+    """A hospital's three splits plus a one-line description for logs and results."""
+
+    train: Split
+    val: Split
+    test: Split
+    description: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """Everything a source needs: the run's task and the hospital's own settings."""
+
+    run: RunConfig
+    hospital: HospitalConfig
+
+    @property
+    def source(self) -> str:
+        return self.hospital.data_source or self.run.data_source
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Expected shape of one sample: ``(F,)`` for tabular models, else ``(C, H, W)``."""
+        if self.run.model == "logreg":
+            return (self.run.num_features,)
+        return (self.run.in_channels, self.run.image_size, self.run.image_size)
+
+
+DataSource = Callable[[DataRequest], HospitalData]
+
+
+def check_split(split: Split, request: DataRequest, origin: str, name: str) -> None:
+    """Refuse a split whose shape, dtype or labels do not fit the run (``origin``: the file)."""
+    expected = request.input_shape
+    if split.inputs.dtype != torch.float32:
+        raise DataError(
+            f"{origin}: {name} inputs have dtype {split.inputs.dtype}; expected float32"
+        )
+    if tuple(split.inputs.shape[1:]) != expected:
+        raise DataError(
+            f"{origin}: {name} samples have shape {tuple(split.inputs.shape[1:])}; "
+            f"the run expects {expected} (run config in-channels/image-size/num-features)"
+        )
+    if split.labels.dtype != torch.int64 or split.labels.ndim != 1:
+        raise DataError(f"{origin}: {name} labels must be a 1-D int64 tensor")
+    if split.inputs.shape[0] != split.labels.shape[0]:
+        raise DataError(
+            f"{origin}: {name} has {split.inputs.shape[0]} samples "
+            f"but {split.labels.shape[0]} labels"
+        )
+    if len(split) and (split.labels.min() < 0 or split.labels.max() >= request.run.num_classes):
+        bad = int(split.labels[(split.labels < 0) | (split.labels >= request.run.num_classes)][0])
+        raise DataError(
+            f"{origin}: {name} contains label {bad}; "
+            f"expected labels 0..{request.run.num_classes - 1} "
+            f"(run config num-classes = {request.run.num_classes})"
+        )
+    if not torch.isfinite(split.inputs).all():
+        raise DataError(f"{origin}: {name} inputs contain NaN or infinite values")
+
+
+def check_hospital_data(data: HospitalData, request: DataRequest, origin: str) -> HospitalData:
+    """Check all three splits; the training split must not be empty."""
+    if len(data.train) == 0:
+        raise DataError(f"{origin}: the training split is empty")
+    for name in ("train", "val", "test"):
+        check_split(getattr(data, name), request, origin, name)
+    return data

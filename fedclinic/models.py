@@ -1,0 +1,115 @@
+"""Model registry: every architecture the coordinator and the hospitals build from a run config.
+
+Each entry names the parameter prefix of its classification head, so algorithms that treat
+the head differently (FedHelp's heads, pFedNet's personalised classifier) find it without
+knowing the architecture. A binary logistic regression has one output logit (FLamby's
+``Linear(13, 1)`` + sigmoid); every other model has one logit per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedclinic.config import RunConfig
+from fedclinic.errors import ConfigError
+
+
+class LogisticRegression(nn.Module):
+    """Linear model for tabular data; one logit for two classes, else one per class."""
+
+    def __init__(self, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_features, 1 if num_classes == 2 else num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks and a two-layer head: fast on a CPU, enough for 28x28 medical images.
+
+    No BatchNorm, so FedAvg has no running statistics to reconcile across hospitals.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, 64),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _resnet18(run: RunConfig) -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=run.num_classes)
+    # Small single-channel images: a 3x3 stride-1 stem and no max-pool keep spatial detail
+    # that the ImageNet stem (7x7 stride 2 + pool) would throw away at 28x28.
+    model.conv1 = nn.Conv2d(run.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    if run.image_size <= 64:
+        model.maxpool = nn.Identity()  # type: ignore[assignment]
+    return model
+
+
+def _densenet121(run: RunConfig) -> nn.Module:
+    from monai.networks.nets import DenseNet121
+
+    model = DenseNet121(spatial_dims=2, in_channels=run.in_channels, out_channels=run.num_classes)
+    if run.image_size <= 64:
+        # Same small-image stem as ResNet-18: 3x3 stride 1, no pool, so 28x28 inputs survive
+        # the three transition layers (the ImageNet stem would shrink them below 1x1).
+        model.features.conv0 = nn.Conv2d(run.in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.features.pool0 = nn.Identity()
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture and where its classification head lives."""
+
+    build: Callable[[RunConfig], nn.Module]
+    head_prefix: str
+    tabular: bool = False
+
+
+MODELS: dict[str, ModelSpec] = {
+    "logreg": ModelSpec(
+        lambda run: LogisticRegression(run.num_features, run.num_classes), "linear.", tabular=True
+    ),
+    "cnn": ModelSpec(lambda run: SmallCNN(run.in_channels, run.num_classes), "classifier."),
+    "resnet18": ModelSpec(_resnet18, "fc."),
+    "densenet121": ModelSpec(_densenet121, "class_layers."),
+}
+
+
+def build_model(run: RunConfig, seed: int | None = None) -> nn.Module:
+    """Build the run's model; with ``seed`` the initial weights are reproducible."""
+    if run.model not in MODELS:
+        raise ConfigError(
+            f"run config: key 'model' = {run.model!r} is not allowed: "
+            f"expected one of {', '.join(MODELS)}"
+        )
+    if seed is not None:
+        torch.manual_seed(seed)
+    return MODELS[run.model].build(run)
+
+
+def head_prefix(run: RunConfig) -> str:
+    """Parameter-name prefix of the model's classification head."""
+    return MODELS[run.model].head_prefix

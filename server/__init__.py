@@ -1,0 +1,1 @@
+"""Coordinator side: the Flower ServerApp that drives the rounds."""

@@ -1,0 +1,39 @@
+"""The coordinator's ServerApp: validate the run config, build the initial model, run rounds.
+
+It runs under the SuperLink (in a ``flwr-serverapp`` process). A bad run config fails the
+run at once with one line naming the key; the run's status then says why.
+"""
+
+from __future__ import annotations
+
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedclinic.models import build_model
+from fedclinic.results import ResultsWriter
+from fedclinic.serialization import state_to_record
+from strategies import get_algorithm, load_run_config
+
+app = ServerApp()
+
+
+def output_directory(configured: str, run_id: int) -> Path:
+    """The configured output directory, or ``./runs/run-<id>`` when none is set."""
+    return Path(configured).expanduser().resolve() if configured else Path.cwd() / "runs" / f"run-{run_id}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = load_run_config(context.run_config)
+    algorithm = get_algorithm(run.algorithm)
+    results = ResultsWriter(output_directory(run.output_dir, context.run_id))
+    results.write_config({**run.to_flat(), "flower-run-id": context.run_id})
+    log(INFO, "fedclinic: %s, %d rounds, results in %s", algorithm.name, run.rounds, results.directory)
+    initial = build_model(run, seed=run.seed).state_dict()
+    strategy = algorithm.strategy(run, results)
+    strategy.start(grid=grid, initial_arrays=state_to_record(initial))
+    log(INFO, "fedclinic: run finished; summary in %s", results.directory / "summary.json")

@@ -1,0 +1,40 @@
+"""Algorithm registry: one module per algorithm, one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedclinic.config import RunConfig, parse_run_config
+from fedclinic.errors import ConfigError
+from strategies import fedavg, fedhelp, fedmas, fedprox, local_only, pfednet
+from strategies.base import Algorithm
+
+REGISTRY: dict[str, Algorithm] = {
+    algorithm.name: algorithm
+    for algorithm in (
+        fedavg.ALGORITHM,
+        fedprox.ALGORITHM,
+        local_only.ALGORITHM,
+        fedmas.ALGORITHM,
+        fedhelp.ALGORITHM,
+        pfednet.ALGORITHM,
+    )
+}
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in REGISTRY:
+        raise ConfigError(
+            f"run config: key 'algorithm' = {name!r} is not allowed: "
+            f"expected one of {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[name]
+
+
+def load_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Validate a flat run config, with every registered algorithm's options section."""
+    return parse_run_config(flat, {name: a.options for name, a in REGISTRY.items()})
+
+
+__all__ = ["REGISTRY", "Algorithm", "get_algorithm", "load_run_config"]

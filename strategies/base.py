@@ -1,0 +1,569 @@
+"""The one interface every algorithm implements: a server strategy and a client objective.
+
+An :class:`Algorithm` pairs
+
+- a :class:`FedClinicStrategy` (a Flower ``Strategy``) that runs at the coordinator: what each
+  hospital receives, how replies are aggregated, and what is recorded; and
+- a :class:`ClientObjective` that runs at each hospital: which model the hospital deploys
+  (and evaluates), and how it trains locally on its own data.
+
+One round is one message exchange per hospital: the hospital first evaluates the model it
+received on its validation and test splits, then trains, and sends both back in one reply
+(a Flower round trip costs seconds, so the usual train-then-evaluate pattern would double
+the wall time). After the last round, one evaluate-only exchange scores the final model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+from torch import nn
+
+from fedclinic.config import HospitalConfig, NoOptions, RunConfig, Schema
+from fedclinic.data.base import HospitalData
+from fedclinic.errors import FedClinicError
+from fedclinic.metrics import classification_loss
+from fedclinic.models import build_model
+from fedclinic.results import ResultsWriter
+from fedclinic.serialization import State, record_to_numpy, record_to_state, state_to_record
+from fedclinic.site import SiteState
+from fedclinic.training import evaluate, mean_or_nan, seeded_generator, train_local
+
+# ------------------------------------------------------------------------------------ client
+
+
+@dataclass
+class ClientContext:
+    """Everything a hospital-side objective may use; built by the ClientApp per message."""
+
+    run: RunConfig
+    hospital: HospitalConfig
+    data: HospitalData
+    device: torch.device
+    site: SiteState
+    server_round: int
+    server_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LocalUpdate:
+    """What local training produced: the state to upload and what to report about it."""
+
+    state: State
+    loss: float
+    num_examples: int
+    seconds: float
+    steps: int = 0
+    metrics: dict[str, float | list[float]] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+
+
+class ClientObjective:
+    """Client half of an algorithm. Override :meth:`loss` for a new local objective,
+    :meth:`deployed_model` / :meth:`fit` when the algorithm keeps site state."""
+
+    #: which model the hospital evaluates and would deploy: "global", "local", "personal"
+    deployed_kind: ClassVar[str] = "global"
+
+    def __init__(self, context: ClientContext) -> None:
+        self.context = context
+        self.run = context.run
+
+    # -- hooks
+    def build(self, state: State | None = None) -> nn.Module:
+        """The run's architecture, loaded with ``state`` when given."""
+        model = build_model(self.run)
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+    def deployed_model(self, received: State) -> nn.Module:
+        """The model this hospital would use now; by default the received global model."""
+        return self.build(received)
+
+    def loss(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """The local objective; by default the task loss."""
+        return classification_loss(logits, labels)
+
+    def fit(self, received: State) -> LocalUpdate:
+        """Train from the received model on the local training split."""
+        model = self.build(received)
+        stats = train_local(
+            model,
+            self.context.data.train,
+            self.run,
+            self.context.device,
+            self.generator(),
+            objective=self.loss,
+        )
+        return LocalUpdate(
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            stats.loss,
+            stats.num_examples,
+            stats.seconds,
+            stats.steps,
+        )
+
+    # -- driver
+    def generator(self) -> torch.Generator:
+        """Batch order: reproducible for (seed, round, hospital), different across them."""
+        return seeded_generator(self.run.seed, self.context.server_round, self.context.hospital.hospital)
+
+    def evaluate_model(self, model: nn.Module) -> dict[str, float | list[float]]:
+        data, device, classes = self.context.data, self.context.device, self.run.num_classes
+        metrics = {
+            **evaluate(model, data.val, device, classes, "val_"),
+            **evaluate(model, data.test, device, classes, "test_"),
+        }
+        metrics.update({"num_val": len(data.val), "num_test": len(data.test)})
+        return metrics
+
+    def describe(self, content: RecordDict) -> dict[str, float | list[float]]:
+        """Answer to the coordinator's one-time setup query (before round 1).
+
+        By default the training-set size and class counts; algorithms add what their setup
+        needs (pFedNet's data sketch). Only aggregate statistics, never records.
+        """
+        data = self.context.data
+        return {
+            "num_train": len(data.train),
+            "class_counts": [float(c) for c in data.train.class_counts(self.run.num_classes)],
+        }
+
+    def query(self, content: RecordDict) -> RecordDict:
+        """Reply to a QUERY message with :meth:`describe`."""
+        info = {"hospital": self.context.hospital.hospital, "role": self.context.hospital.role}
+        return RecordDict(
+            {"metrics": MetricRecord(self.describe(content)), "info": ConfigRecord(info)}  # type: ignore[arg-type]
+        )
+
+    def respond(self, content: RecordDict, train: bool) -> RecordDict:
+        """Evaluate the received model, then (when asked) train; one reply carries both."""
+        received = record_to_state(content["arrays"])
+        metrics = self.evaluate_model(self.deployed_model(received))
+        info = {
+            "hospital": self.context.hospital.hospital,
+            "device": str(self.context.device),
+            "deployed": self.deployed_kind,
+        }
+        records: dict[str, Any] = {}
+        if train:
+            torch.manual_seed(int(self.generator().initial_seed() % (2**31)))
+            update = self.fit(received)
+            metrics.update(
+                {
+                    "train_loss": update.loss,
+                    "num-examples": update.num_examples,
+                    "num_train": len(self.context.data.train),
+                    "train_seconds": update.seconds,
+                    "train_steps": update.steps,
+                    **update.metrics,
+                }
+            )
+            info.update(update.info)
+            records["arrays"] = state_to_record(update.state)
+        records["metrics"] = MetricRecord(metrics)  # type: ignore[arg-type]
+        records["info"] = ConfigRecord(info)
+        return RecordDict(records)
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+@dataclass
+class Reply:
+    """A successful hospital reply, unpacked."""
+
+    node_id: int
+    hospital: str
+    arrays: ArrayRecord | None
+    metrics: dict[str, Any]
+    info: dict[str, Any]
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.metrics.get("num-examples", 0))
+
+
+EVAL_KEYS = ("loss", "accuracy", "balanced_accuracy", "auc", "recall")
+
+
+class FedClinicStrategy(Strategy):
+    """Server half of an algorithm: a Flower strategy with a one-exchange-per-round loop.
+
+    Subclasses override :meth:`aggregate` (and :meth:`arrays_for` when hospitals receive
+    different models); everything else — waiting for hospitals, failed replies, metric rows,
+    model selection on validation data, checkpoints, the summary — is shared.
+    """
+
+    #: whether the algorithm produces one global model worth saving
+    has_global_model: ClassVar[bool] = True
+
+    def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:
+        self.run = run
+        self.results = results
+        self.hospital_names: dict[int, str] = {}
+        self.evaluations: dict[int, dict[str, dict[str, Any]]] = {}  # model_round -> hospital
+        self.sent_arrays: dict[int, ArrayRecord] = {}
+        self.best: tuple[int, float] | None = None
+        self.best_arrays: ArrayRecord | None = None
+
+    # ---------------------------------------------------------------- Flower Strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = self.accept(server_round, replies, trained=True)
+        arrays = self.aggregate(server_round, good)
+        return arrays, MetricRecord(self._mean_metrics(good, "train_loss"))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        good = self.accept(server_round, replies, trained=False)
+        return MetricRecord(self._mean_metrics(good, "val_loss", "test_loss"))
+
+    def summary(self) -> None:
+        log(INFO, "\t└──> %s(algorithm=%s)", type(self).__name__, self.run.algorithm)
+
+    # ---------------------------------------------------------------- hooks
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """Values sent to every hospital with the model in this round."""
+        return {"server-round": server_round}
+
+    def arrays_for(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """What one hospital receives; the global model unless the algorithm personalises."""
+        return arrays
+
+    def config_for(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        """The round config one hospital receives; the shared one unless the algorithm adds
+        per-hospital values (FedHelp's role)."""
+        return config
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
+        """New global model from the accepted replies; ``None`` keeps the previous one."""
+        raise NotImplementedError
+
+    def setup(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
+        """One-time exchange before round 1 (roles, similarity graph); none by default.
+
+        Use :meth:`query_hospitals` to ask every hospital for its :meth:`ClientObjective.describe`.
+        """
+
+    def query_hospitals(self, grid: Grid, config: dict[str, Any] | None = None) -> list[Reply]:
+        """Send a QUERY to every connected hospital and return the accepted replies."""
+        content = RecordDict({"config": ConfigRecord({"server-round": 0, **(config or {})})})
+        messages = [
+            Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
+            for node in self.wait_for_hospitals(grid)
+        ]
+        replies = grid.send_and_receive(messages, timeout=self.run.round_timeout)
+        return self.accept(0, replies, trained=False, record=False)
+
+    # ---------------------------------------------------------------- the round loop
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        **_: Any,
+    ) -> Result:
+        """Run ``rounds`` exchanges plus a final evaluation, recording as replies arrive."""
+        rounds = num_rounds or self.run.rounds
+        timeout = timeout or self.run.round_timeout
+        self.summary()
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        self.setup(grid, initial_arrays)
+        for server_round in range(1, rounds + 1):
+            log(INFO, "[ROUND %d/%d]", server_round, rounds)
+            self.sent_arrays = {server_round - 1: arrays}
+            config = ConfigRecord(self.round_config(server_round))
+            messages = list(self.configure_train(server_round, arrays, config, grid))
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            self.after_round(server_round, arrays)
+        self.sent_arrays = {rounds: arrays}
+        config = ConfigRecord({**self.round_config(rounds + 1), "final": True})
+        messages = list(self.configure_evaluate(rounds + 1, arrays, config, grid))
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        result.evaluate_metrics_clientapp[rounds] = self.aggregate_evaluate(rounds + 1, replies)
+        result.arrays = arrays
+        self.finish(rounds, arrays)
+        return result
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Hook after aggregation (checkpoints, strategy state)."""
+
+    # ---------------------------------------------------------------- helpers
+    def wait_for_hospitals(self, grid: Grid) -> list[int]:
+        """All connected hospitals, once at least ``min-hospitals`` are connected."""
+        deadline = time.monotonic() + self.run.round_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.run.min_hospitals:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FedClinicError(
+                    f"only {len(nodes)} hospital(s) connected after {self.run.round_timeout:.0f} s; "
+                    f"the run needs min-hospitals = {self.run.min_hospitals}"
+                )
+            log(INFO, "waiting for hospitals: %d/%d connected", len(nodes), self.run.min_hospitals)
+            time.sleep(1.0)
+
+    def _messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        message_type: str,
+    ) -> list[Message]:
+        return [
+            Message(
+                content=RecordDict(
+                    {
+                        "arrays": self.arrays_for(node, arrays),
+                        "config": self.config_for(node, config),
+                    }
+                ),
+                message_type=message_type,
+                dst_node_id=node,
+            )
+            for node in self.wait_for_hospitals(grid)
+        ]
+
+    def hospital_of(self, node_id: int) -> str:
+        return self.hospital_names.get(node_id, f"node-{node_id}")
+
+    def accept(
+        self, server_round: int, replies: Iterable[Message], trained: bool, record: bool = True
+    ) -> list[Reply]:
+        """Unpack replies, record their rows, and keep the good ones (enough or fail).
+
+        ``record=False`` (setup queries) logs failures but writes no evaluation rows.
+        """
+        good: list[Reply] = []
+        failures: list[str] = []
+        rows: list[dict[str, Any]] = []
+        replies = list(replies)
+        for message in replies:
+            node = message.metadata.src_node_id
+            if message.has_error():
+                reason = f"{message.error.reason} (code {message.error.code})"
+                failures.append(f"{self.hospital_of(node)}: {reason}")
+                rows.append(self._error_row(server_round, node, reason))
+                continue
+            content = message.content
+            info = dict(content["info"]) if "info" in content.config_records else {}
+            if "error" in info:
+                self.hospital_names.setdefault(node, str(info.get("hospital") or node))
+                failures.append(f"{self.hospital_of(node)}: {info['error']}")
+                rows.append(self._error_row(server_round, node, str(info["error"])))
+                continue
+            self.hospital_names[node] = str(info.get("hospital", node))
+            reply = Reply(
+                node_id=node,
+                hospital=self.hospital_of(node),
+                arrays=content.array_records.get("arrays") if trained else None,
+                metrics=dict(content["metrics"]),
+                info=info,
+            )
+            if trained and reply.arrays is None:
+                failures.append(f"{reply.hospital}: the reply carries no model update")
+                rows.append(self._error_row(server_round, node, "no model update in reply"))
+                continue
+            good.append(reply)
+            if record:
+                rows.extend(self._rows(server_round, reply, trained))
+        for failure in failures:
+            log(WARNING, "round %d: hospital reply failed: %s", server_round, failure)
+        if self.results and rows:
+            self.results.append(rows)
+        if record:
+            self._select(server_round - 1, good)
+        if len(good) < self.run.min_hospitals:
+            raise FedClinicError(
+                f"round {server_round}: {len(good)} of {len(replies)} hospitals replied "
+                f"successfully, fewer than min-hospitals = {self.run.min_hospitals}. "
+                + ("Failures: " + "; ".join(failures) if failures else "No replies arrived.")
+            )
+        return good
+
+    def _error_row(self, server_round: int, node: int, reason: str) -> dict[str, Any]:
+        return {
+            "round": server_round,
+            "hospital": self.hospital_of(node),
+            "node_id": node,
+            "kind": "error",
+            "reason": reason,
+        }
+
+    def _rows(self, server_round: int, reply: Reply, trained: bool) -> list[dict[str, Any]]:
+        base = {"round": server_round, "hospital": reply.hospital, "node_id": reply.node_id}
+        evaluated = {
+            k: v
+            for k, v in reply.metrics.items()
+            if k.startswith(("val_", "test_")) or k in ("num_val", "num_test")
+        }
+        rows = [
+            {
+                **base,
+                "kind": "evaluate",
+                "model_round": server_round - 1,
+                "model": reply.info.get("deployed", "global"),
+                **evaluated,
+            }
+        ]
+        self.evaluations.setdefault(server_round - 1, {})[reply.hospital] = rows[0]
+        if trained:
+            rows.append(
+                {
+                    **base,
+                    "kind": "train",
+                    "train_loss": reply.metrics.get("train_loss"),
+                    "num_examples": reply.num_examples,
+                    "num_train": reply.metrics.get("num_train"),
+                    "seconds": reply.metrics.get("train_seconds"),
+                    "steps": reply.metrics.get("train_steps"),
+                    "device": reply.info.get("device"),
+                    **{
+                        k: v
+                        for k, v in reply.metrics.items()
+                        if k.startswith("train_") and k not in ("train_loss", "train_seconds", "train_steps")
+                    },
+                }
+            )
+        return rows
+
+    def _select(self, model_round: int, good: list[Reply]) -> None:
+        """Track the round whose model scores best on the hospitals' VALIDATION splits."""
+        metric = self.run.selection_metric
+        score = mean_or_nan([float(r.metrics.get(metric, float("nan"))) for r in good])
+        if not np.isfinite(score):
+            return
+        value = -score if metric == "val_loss" else score
+        if self.best is None or value > self.best[1]:
+            self.best = (model_round, value)
+            self.best_arrays = self.sent_arrays.get(model_round)
+
+    @staticmethod
+    def _mean_metrics(replies: list[Reply], *keys: str) -> dict[str, float]:
+        """Sample-weighted means of scalar metrics, for Flower's logs."""
+        out: dict[str, float] = {"num-hospitals": float(len(replies))}
+        for key in keys:
+            values = [(r.metrics.get(key), max(r.num_examples, 1)) for r in replies]
+            pairs = [(float(v), w) for v, w in values if isinstance(v, int | float) and np.isfinite(v)]
+            if pairs:
+                out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+        return out
+
+    def finish(self, rounds: int, arrays: ArrayRecord) -> None:
+        """Write the final and selected models and the summary."""
+        if not self.results:
+            return
+        model_info = selected_info = None
+        if self.has_global_model:
+            model_info = self.results.save_model("model_final", record_to_state(arrays))
+            if self.best_arrays is not None:
+                selected_info = self.results.save_model(
+                    "model_selected", record_to_state(self.best_arrays)
+                )
+        selected_round = self.best[0] if self.best else rounds
+        hospitals: dict[str, Any] = {}
+        for name in sorted({h for e in self.evaluations.values() for h in e}):
+            final = self.evaluations.get(rounds, {}).get(name, {})
+            selected = self.evaluations.get(selected_round, {}).get(name, {})
+            hospitals[name] = {
+                "final": _metric_view(final),
+                "selected": _metric_view(selected),
+                "num_train": self._num_train(name),
+                "model": final.get("model"),
+            }
+        self.results.write_summary(
+            {
+                "status": "completed",
+                "algorithm": self.run.algorithm,
+                "rounds": rounds,
+                "selection_metric": self.run.selection_metric,
+                "selected_round": selected_round,
+                "selection_note": (
+                    "chosen on validation data"
+                    if self.best
+                    else "no validation data: the final round is reported"
+                ),
+                "hospitals": hospitals,
+                "model": model_info,
+                "selected_model": selected_info,
+                **self.summary_extra(),
+            }
+        )
+
+    def summary_extra(self) -> dict[str, Any]:
+        """Algorithm-specific entries for ``summary.json``."""
+        return {}
+
+    def _num_train(self, hospital: str) -> int | None:
+        if not self.results:
+            return None
+        for row in reversed(self.results.rows):
+            if row.get("hospital") == hospital and row.get("kind") == "train":
+                return int(row.get("num_train") or 0)
+        return None
+
+
+def _metric_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in row.items()
+        if k.startswith(("val_", "test_")) or k in ("num_val", "num_test")
+    }
+
+
+def replies_to_numpy(replies: list[Reply]) -> list[dict[str, np.ndarray]]:
+    return [record_to_numpy(r.arrays) for r in replies if r.arrays is not None]
+
+
+# ------------------------------------------------------------------------------------ pairing
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One registry entry: the two halves of an algorithm and its options schema."""
+
+    name: str
+    strategy: type[FedClinicStrategy]
+    objective: type[ClientObjective]
+    options: type[Schema] = NoOptions
+    description: str = ""

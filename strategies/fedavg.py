@@ -1,0 +1,58 @@
+"""FedAvg (ALGORITHMS.md section 4): local SGD from the global model, server mean weighted by n_k.
+
+``w <- sum_k (n_k / n) w_k`` over every state entry, BatchNorm running statistics included
+(FLamby averages parameters only; averaging buffers too keeps every hospital's copy of the
+global model identical). Integer buffers (``num_batches_tracked``) are averaged and rounded.
+``n_k`` is the hospital's number of training samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fedclinic.serialization import numpy_to_record
+from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, Reply, replies_to_numpy
+
+
+def weighted_average(
+    states: Sequence[dict[str, np.ndarray]], weights: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """``sum_k w_k * state_k / sum_k w_k`` per entry, keeping each entry's dtype."""
+    if not states:
+        raise ValueError("nothing to average")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    averaged: dict[str, np.ndarray] = {}
+    for key, first in states[0].items():
+        accumulator = np.zeros(first.shape, dtype=np.float64)
+        for state, weight in zip(states, weights, strict=True):
+            accumulator += (weight / total) * state[key].astype(np.float64)
+        if np.issubdtype(first.dtype, np.integer):
+            averaged[key] = np.rint(accumulator).astype(first.dtype)
+        else:
+            averaged[key] = accumulator.astype(first.dtype)
+    return averaged
+
+
+class FedAvgStrategy(FedClinicStrategy):
+    """Sample-weighted mean of the hospitals' full model states."""
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
+        weights = [float(r.metrics.get("num_train", r.num_examples)) for r in replies]
+        return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
+
+
+class FedAvgObjective(ClientObjective):
+    """Plain task loss (cross-entropy) from the received global model."""
+
+
+ALGORITHM = Algorithm(
+    name="fedavg",
+    strategy=FedAvgStrategy,
+    objective=FedAvgObjective,
+    description="FedAvg: sample-weighted averaging of local SGD updates",
+)
