@@ -102,8 +102,8 @@ class RunConfig(Schema):
     local_epochs: int = Field(1, ge=1, le=1000)
     local_steps: int = Field(0, ge=0, description="batches per round; 0 means local-epochs")
     batch_size: int = Field(32, ge=1, le=65_536)
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    learning_rate: float = Field(0.05, gt=0, le=10)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    learning_rate: float = Field(0.001, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     amp: bool = False

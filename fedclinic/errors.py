@@ -1,4 +1,4 @@
-"""Errors that reach an operator: each carries one line that names the thing and what is expected."""
+"""Errors that reach an operator: one line that names the thing and what is expected."""
 
 from __future__ import annotations
 

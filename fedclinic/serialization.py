@@ -25,7 +25,8 @@ def record_to_state(record: ArrayRecord) -> State:
 
 
 def numpy_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # np.asarray keeps 0-d entries 0-d (ascontiguousarray would make them shape (1,)).
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -23,7 +23,9 @@ app = ServerApp()
 
 def output_directory(configured: str, run_id: int) -> Path:
     """The configured output directory, or ``./runs/run-<id>`` when none is set."""
-    return Path(configured).expanduser().resolve() if configured else Path.cwd() / "runs" / f"run-{run_id}"
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path.cwd() / "runs" / f"run-{run_id}"
 
 
 @app.main()
@@ -32,7 +34,8 @@ def main(grid: Grid, context: Context) -> None:
     algorithm = get_algorithm(run.algorithm)
     results = ResultsWriter(output_directory(run.output_dir, context.run_id))
     results.write_config({**run.to_flat(), "flower-run-id": context.run_id})
-    log(INFO, "fedclinic: %s, %d rounds, results in %s", algorithm.name, run.rounds, results.directory)
+    log(INFO, "fedclinic: %s, %d rounds, results in %s", algorithm.name, run.rounds,
+        results.directory)
     initial = build_model(run, seed=run.seed).state_dict()
     strategy = algorithm.strategy(run, results)
     strategy.start(grid=grid, initial_arrays=state_to_record(initial))

@@ -126,7 +126,8 @@ class ClientObjective:
     # -- driver
     def generator(self) -> torch.Generator:
         """Batch order: reproducible for (seed, round, hospital), different across them."""
-        return seeded_generator(self.run.seed, self.context.server_round, self.context.hospital.hospital)
+        context = self.context
+        return seeded_generator(self.run.seed, context.server_round, context.hospital.hospital)
 
     def evaluate_model(self, model: nn.Module) -> dict[str, float | list[float]]:
         data, device, classes = self.context.data, self.context.device, self.run.num_classes
@@ -336,8 +337,9 @@ class FedClinicStrategy(Strategy):
                 return nodes
             if time.monotonic() > deadline:
                 raise FedClinicError(
-                    f"only {len(nodes)} hospital(s) connected after {self.run.round_timeout:.0f} s; "
-                    f"the run needs min-hospitals = {self.run.min_hospitals}"
+                    f"only {len(nodes)} hospital(s) connected after "
+                    f"{self.run.round_timeout:.0f} s; the run needs "
+                    f"min-hospitals = {self.run.min_hospitals}"
                 )
             log(INFO, "waiting for hospitals: %d/%d connected", len(nodes), self.run.min_hospitals)
             time.sleep(1.0)
@@ -461,7 +463,8 @@ class FedClinicStrategy(Strategy):
                     **{
                         k: v
                         for k, v in reply.metrics.items()
-                        if k.startswith("train_") and k not in ("train_loss", "train_seconds", "train_steps")
+                        if k.startswith("train_")
+                        and k not in ("train_loss", "train_seconds", "train_steps")
                     },
                 }
             )
@@ -484,7 +487,11 @@ class FedClinicStrategy(Strategy):
         out: dict[str, float] = {"num-hospitals": float(len(replies))}
         for key in keys:
             values = [(r.metrics.get(key), max(r.num_examples, 1)) for r in replies]
-            pairs = [(float(v), w) for v, w in values if isinstance(v, int | float) and np.isfinite(v)]
+            pairs = [
+                (float(v), w)
+                for v, w in values
+                if isinstance(v, int | float) and np.isfinite(v)
+            ]
             if pairs:
                 out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
         return out

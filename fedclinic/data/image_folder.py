@@ -1,0 +1,222 @@
+"""A folder of class sub-folders of PNG/JPEG images: what a hospital exports from its PACS.
+
+Why: the simplest layout a hospital can produce without any tooling, and the common
+``ImageFolder`` convention.
+
+What (``data-path`` = the folder), one of two layouts:
+
+* ``<data-path>/<class>/<image>`` — split here, class by class (stratified), seeded by
+  ``data-seed``: test 15 %, val ``val-fraction`` (default 15 %), the rest train;
+* ``<data-path>/{train,val,test}/<class>/<image>`` — the hospital's own split, used as
+  given (``val/`` may be left out: validation is then carved from ``train/`` as above).
+
+Class folder names, sorted, give the label indices (``0..num-classes-1``); their number must
+equal the run's ``num-classes`` and, with the split layout, every split must have the same
+class folders. Files must be ``.png``, ``.jpg`` or ``.jpeg`` (any case). Hidden entries
+(names starting with ``.``, e.g. ``.DS_Store``, ``.ipynb_checkpoints``) are ignored; any
+other file or folder is refused by name — nothing is skipped silently.
+
+Reading (Pillow): converted to ``L`` (grey) when ``in-channels`` = 1 or ``RGB`` when 3
+(colour images are converted to grey and grey images replicated, as Pillow's ``convert``
+does), then **resized** to ``image-size`` x ``image-size`` with bilinear filtering (the
+aspect ratio is not kept: crop beforehand if it matters), then scaled to [0, 1]. 16-bit grey
+PNGs are scaled by 65535, not clipped to 8 bits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fedclinic.data.base import DataRequest, HospitalData, Split
+from fedclinic.data.common import (
+    counts_text,
+    empty_split,
+    make_split,
+    require_data_path,
+    require_image_model,
+    subset,
+)
+from fedclinic.data.splits import (
+    DEFAULT_TEST_FRACTION,
+    resolve_val_fraction,
+    stratified_split,
+    train_val_test_split,
+)
+from fedclinic.errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SPLITS = ("train", "val", "test")
+DEFAULT_VAL_FRACTION = 0.15
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Entries of ``folder`` except hidden ones, sorted by name."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def scan(folder: Path) -> dict[str, list[Path]]:
+    """``{class name: image files}`` of a folder of class folders, refusing anything else."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found (hospital config 'data-path')")
+    entries = _visible(folder)
+    if not entries:
+        raise DataError(f"{folder}: the folder is empty; expected one sub-folder per class")
+    strays = [p.name for p in entries if not p.is_dir()]
+    if strays:
+        raise DataError(f"{folder}: expected only class folders, found file(s) {', '.join(strays)}")
+    classes: dict[str, list[Path]] = {}
+    for class_dir in entries:
+        files = _visible(class_dir)
+        if not files:
+            raise DataError(f"{class_dir}: class folder '{class_dir.name}' has no images")
+        for file in files:
+            if file.is_dir():
+                raise DataError(
+                    f"{file}: unexpected folder inside class folder '{class_dir.name}'; "
+                    "expected only image files"
+                )
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(
+                    f"{file}: not an image file; class folders may hold only "
+                    f"{', '.join(IMAGE_SUFFIXES)} files"
+                )
+        classes[class_dir.name] = files
+    return classes
+
+
+def read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One image as float32 ``(channels, size, size)`` in [0, 1] (see the module notes)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                values = np.asarray(image, dtype=np.float64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise DataError(
+                        f"{path}: {image.mode} pixel values outside 0..65535; expected 8- or "
+                        "16-bit images"
+                    )
+                grey = Image.fromarray((values / 65535.0).astype(np.float32))  # mode F
+                grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+                plane = np.asarray(grey, dtype=np.float32)
+                array = np.repeat(plane[None], channels, axis=0)
+            else:
+                converted = image.convert("L" if channels == 1 else "RGB")
+                converted = converted.resize((size, size), Image.Resampling.BILINEAR)
+                array = np.asarray(converted, dtype=np.float32) / 255.0
+                array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: not a readable image ({detail})") from None
+    return np.ascontiguousarray(array.clip(0.0, 1.0), dtype=np.float32)
+
+
+def _read_split(
+    classes: dict[str, list[Path]], names: list[str], size: int, channels: int
+) -> tuple[Split, list[Path]]:
+    """All images of the given class folders, labelled by position in ``names``."""
+    files = [(label, f) for label, name in enumerate(names) for f in classes[name]]
+    paths = [f for _, f in files]
+    if not files:
+        return empty_split((channels, size, size)), paths
+    images = np.stack([read_image(f, size, channels) for f in paths])
+    labels = np.asarray([label for label, _ in files], dtype=np.int64)
+    return make_split(images, labels), paths
+
+
+def _check_classes(where: Path, names: list[str], num_classes: int) -> None:
+    if len(names) != num_classes:
+        raise DataError(
+            f"{where}: found {len(names)} class folder(s) ({', '.join(names)}); the run expects "
+            f"{num_classes} (run config num-classes)"
+        )
+
+
+def load(request: DataRequest) -> HospitalData:
+    """This hospital's splits from its image folder (its own split, or split here)."""
+    require_image_model(request, "image-folder")
+    run, hospital = request.run, request.hospital
+    if run.in_channels not in (1, 3):
+        raise ConfigError(
+            f"run config: key 'in-channels' = {run.in_channels} is not allowed with data source "
+            "'image-folder': expected 1 (grey) or 3 (RGB)"
+        )
+    root = require_data_path(request, "a folder of class folders of PNG/JPEG images")
+    size, channels = run.image_size, run.in_channels
+    val_fraction = resolve_val_fraction(hospital, DEFAULT_VAL_FRACTION)
+    seed = hospital.data_seed
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found (hospital config 'data-path')")
+    splits: dict[str, Split] = {}
+    files: dict[str, list[Path]] = {}
+    if {p.name for p in _visible(root) if p.is_dir()} & set(SPLITS):
+        scanned = _scan_split_layout(root, run.num_classes)
+        names = sorted(scanned["train"])
+        for split, classes in scanned.items():
+            splits[split], files[split] = _read_split(classes, names, size, channels)
+        layout = "given split"
+        if "val" not in splits:
+            keep, val = stratified_split(
+                splits["train"].labels.numpy(), [1.0 - val_fraction, val_fraction], seed
+            )
+            train, train_files = splits["train"], files["train"]
+            splits["train"], files["train"] = subset(train, keep), [train_files[i] for i in keep]
+            splits["val"], files["val"] = subset(train, val), [train_files[i] for i in val]
+            layout = f"given train/test split, val carved from train ({val_fraction})"
+    else:
+        classes = scan(root)
+        names = sorted(classes)
+        _check_classes(root, names, run.num_classes)
+        whole, all_files = _read_split(classes, names, size, channels)
+        parts = train_val_test_split(
+            whole.labels.numpy(), val_fraction, DEFAULT_TEST_FRACTION, seed
+        )
+        for split, part in zip(SPLITS, parts, strict=True):
+            splits[split], files[split] = subset(whole, part), [all_files[i] for i in part]
+        layout = f"split here (val {val_fraction}, test {DEFAULT_TEST_FRACTION})"
+    description = f"image-folder {root} ({layout}); classes {', '.join(names)}; " + ", ".join(
+        f"{s} {len(splits[s])} ({counts_text(splits[s], run.num_classes)})" for s in SPLITS
+    )
+    return HospitalData(
+        splits["train"],
+        splits["val"],
+        splits["test"],
+        description=description,
+        extra={
+            "source": "image-folder",
+            "folder": str(root),
+            "classes": names,
+            "layout": layout,
+            # Which file went where (relative to the folder), in the order of the split.
+            "files": {s: [str(f.relative_to(root)) for f in files[s]] for s in SPLITS},
+        },
+    )
+
+
+def _scan_split_layout(root: Path, num_classes: int) -> dict[str, dict[str, list[Path]]]:
+    """Scan ``train/``, ``test/`` and optional ``val/``; refuse anything else at the top."""
+    entries = _visible(root)
+    strays = [p.name for p in entries if p.name not in SPLITS or not p.is_dir()]
+    if strays:
+        raise DataError(
+            f"{root}: has split folders ({', '.join(s for s in SPLITS if (root / s).is_dir())}) "
+            f"and also {', '.join(strays)}; expected only train/, val/ (optional) and test/"
+        )
+    for required in ("train", "test"):
+        if not (root / required).is_dir():
+            raise DataError(f"{root}: has split folders but no '{required}/' folder")
+    scanned = {s: scan(root / s) for s in SPLITS if (root / s).is_dir()}
+    names = sorted(scanned["train"])
+    _check_classes(root / "train", names, num_classes)
+    for split, classes in scanned.items():
+        if sorted(classes) != names:
+            raise DataError(
+                f"{root / split}: class folders ({', '.join(sorted(classes))}) differ from "
+                f"train/ ({', '.join(names)}); every split needs the same class folders"
+            )
+    return scanned

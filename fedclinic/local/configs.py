@@ -1,0 +1,269 @@
+"""The inputs of a local federation, resolved and validated before any process starts.
+
+- Run config: ``[tool.flwr.app.config]`` of the app's ``pyproject.toml`` (the defaults),
+  then a ``--run-config`` TOML file, then ``--set KEY=VALUE`` overrides. The merged map is
+  validated with the same schema the ServerApp uses, so a typo costs one line, not a
+  federation start-up.
+- Hospital configs: given TOML files (validated with the ClientApp's schema) or ``N``
+  generated synthetic hospitals of unequal size and acquisition.
+
+Both end up as TOML files Flower reads directly (``flwr run --run-config run.toml``,
+``flower-supernode --node-config <hospital>.toml``), written with a tiny writer for flat
+scalar maps: Flower accepts only bool/int/float/str values there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedclinic.config import (
+    HospitalConfig,
+    RunConfig,
+    Scalar,
+    _flatten,
+    load_toml,
+    parse_hospital_config,
+    validate_schema,
+)
+from fedclinic.errors import ConfigError
+
+# Sizes and scanner differences of the generated hospitals: one large, one medium, one small, ...
+BASE_SAMPLES = 900
+MIN_SAMPLES = 60
+MAX_SHIFT = 0.6
+MAX_HOSPITALS = 64
+
+
+@dataclass(frozen=True)
+class HospitalSpec:
+    """One hospital of the local federation: its validated config and the flat map to write."""
+
+    config: HospitalConfig
+    flat: dict[str, Scalar]
+    source: Path | None = None  # the operator's file, None when generated
+
+    @property
+    def name(self) -> str:
+        return self.config.hospital
+
+
+# ---------------------------------------------------------------------------- app project
+
+
+def find_app_dir(start: Path | None = None) -> Path:
+    """The project root holding ``pyproject.toml`` with ``[tool.flwr.app]``.
+
+    Default: the parent of the ``fedclinic`` package (the checkout or the editable install
+    this code runs from); ``flwr run`` builds the FAB from that directory.
+    """
+    app_dir = (start or Path(__file__).resolve().parents[2]).resolve()
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise ConfigError(
+            f"no pyproject.toml in '{app_dir}': fedclinic local needs the project directory "
+            "that holds the Flower app (pass --app-dir)"
+        )
+    if "app" not in _read_pyproject(pyproject).get("tool", {}).get("flwr", {}):
+        raise ConfigError(f"'{pyproject}' has no [tool.flwr.app] table: not a Flower app")
+    return app_dir
+
+
+def _read_pyproject(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read '{path}': {err}") from None
+
+
+def app_defaults(app_dir: Path) -> dict[str, Scalar]:
+    """``[tool.flwr.app.config]`` flattened the way Flower flattens it (dotted keys)."""
+    data = _read_pyproject(app_dir / "pyproject.toml")
+    table = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    return _flatten(table)
+
+
+# ---------------------------------------------------------------------------- run config
+
+
+def parse_assignment(text: str) -> tuple[str, Scalar]:
+    """``KEY=VALUE`` from ``--set``: VALUE is read as a TOML value, else as a plain string.
+
+    So ``rounds=5`` is an int, ``amp=true`` a bool, ``learning-rate=1e-3`` a float, and both
+    ``algorithm=fedprox`` and ``algorithm="fedprox"`` are the string ``fedprox``.
+    """
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if not isinstance(value, bool | int | float | str):
+        raise ConfigError(f"--set {key}: only a number, true/false or a string is allowed")
+    return key, value
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """Match the default's type where that is lossless (``--set run-name=42`` is a string)."""
+    if isinstance(default, str) and isinstance(value, bool | int | float):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(default, float) and not isinstance(default, bool) and type(value) is int:
+        return float(value)
+    return value
+
+
+def merge_run_config(
+    defaults: Mapping[str, Scalar],
+    file_values: Mapping[str, Any] | None = None,
+    assignments: Sequence[str] = (),
+) -> dict[str, Scalar]:
+    """Defaults, then the file, then ``--set`` (later wins). Keys are checked by validation."""
+    merged: dict[str, Any] = dict(defaults)
+    for key, value in (file_values or {}).items():
+        merged[key] = _coerce(value, defaults.get(key))
+    for text in assignments:
+        key, value = parse_assignment(text)
+        merged[key] = _coerce(value, defaults.get(key))
+    return merged
+
+
+def validate_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Validate with ``strategies.load_run_config`` (the ServerApp's own check).
+
+    Falls back to the core schema (algorithm options unchecked) when the strategies
+    package is not importable, so the runner stays usable while it is being developed.
+    """
+    try:
+        from strategies import load_run_config
+    except ImportError:  # pragma: no cover - only while strategies/ is missing
+        core = {k: v for k, v in flat.items() if "." not in k}
+        run: RunConfig = validate_schema(RunConfig, core, "run config")
+        return run
+    return load_run_config(flat)
+
+
+def check_keys_known(flat: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Flower refuses run-config keys missing from ``[tool.flwr.app.config]``; say it early."""
+    unknown = sorted(set(flat) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"run config: key(s) {', '.join(unknown)} are not in [tool.flwr.app.config] of "
+            "pyproject.toml; Flower only accepts keys declared there"
+        )
+
+
+# ---------------------------------------------------------------------------- hospitals
+
+
+def hospital_name(index: int) -> str:
+    """``hospital-a`` ... ``hospital-z``, then ``hospital-aa``, ``hospital-ab``, ..."""
+    letters = string.ascii_lowercase
+    suffix = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        suffix = letters[rest] + suffix
+    return f"hospital-{suffix}"
+
+
+def synthetic_hospitals(count: int, state_root: Path, data_seed: int = 0) -> list[HospitalSpec]:
+    """``count`` synthetic hospitals: sizes halve (900, 450, 220, ...), scanners drift apart.
+
+    Unequal sizes and acquisition shifts make the demo federation non-IID the way real
+    consortia are (one large centre, smaller community hospitals with other scanners).
+    ``data-source`` is left to the run config (which must then be ``synthetic``).
+    """
+    if not 1 <= count <= MAX_HOSPITALS:
+        raise ConfigError(f"--hospitals = {count} is not allowed: expected 1..{MAX_HOSPITALS}")
+    specs = []
+    for i in range(count):
+        name = hospital_name(i)
+        samples = max(MIN_SAMPLES, round(BASE_SAMPLES * 0.5**i / 10.0) * 10)
+        shift = 0.0 if count == 1 else round(MAX_SHIFT * i / (count - 1), 3)
+        flat: dict[str, Scalar] = {
+            "hospital": name,
+            "num-samples": samples,
+            "acquisition-shift": shift,
+            "data-seed": data_seed + i,
+            "partition-id": i,
+            "num-partitions": count,
+            "device": "auto",
+            "state-dir": str((state_root / name).resolve()),
+        }
+        specs.append(HospitalSpec(parse_hospital_config(flat), flat))
+    return specs
+
+
+def load_hospital_files(paths: Sequence[Path]) -> list[HospitalSpec]:
+    """Validate the operator's hospital TOML files; names must be unique."""
+    specs = []
+    for path in paths:
+        flat = load_toml(path, "hospital config")
+        try:
+            config = parse_hospital_config(flat)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        if config.hospital.startswith("."):
+            raise ConfigError(
+                f"{path}: hospital config: key 'hospital' = {config.hospital!r} is not allowed: "
+                "it names files and directories, so it must not start with '.'"
+            )
+        bad = [k for k, v in flat.items() if not isinstance(v, bool | int | float | str)]
+        if bad:
+            raise ConfigError(
+                f"{path}: hospital config: key '{bad[0]}' must be a number, true/false or a string"
+            )
+        specs.append(HospitalSpec(config, dict(flat), Path(path).resolve()))
+    names = [s.name for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"hospital names must be unique; repeated: {', '.join(repeated)}")
+    return specs
+
+
+# ---------------------------------------------------------------------------- TOML
+
+
+def toml_value(value: Scalar) -> str:
+    """One scalar as TOML (JSON string escapes are valid TOML basic-string escapes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    raise TypeError(f"not a TOML scalar: {value!r}")
+
+
+def dump_flat_toml(flat: Mapping[str, Scalar]) -> str:
+    """A flat map as TOML with quoted keys, so dotted keys stay one key (``"fedprox.mu"``).
+
+    Flower flattens nested tables with dots, so ``"fedprox.proximal-mu" = 0.01`` and a
+    ``[fedprox]`` table holding ``proximal-mu`` mean the same run-config key.
+    """
+    lines = (f"{json.dumps(k, ensure_ascii=False)} = {toml_value(v)}\n" for k, v in flat.items())
+    return "".join(lines)
+
+
+def write_flat_toml(path: Path, flat: Mapping[str, Scalar]) -> Path:
+    """Write ``flat`` as TOML and check it reads back identically."""
+    text = dump_flat_toml(flat)
+    if repr(tomllib.loads(text)) != repr(dict(flat)):  # pragma: no cover - guards the writer
+        raise ConfigError(f"internal error: TOML for '{path}' does not round-trip")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

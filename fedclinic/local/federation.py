@@ -1,0 +1,541 @@
+"""A real federation on this machine: one SuperLink and one SuperNode per hospital, each its
+own process, talking TLS on loopback with per-hospital node authentication.
+
+This is the same topology a consortium deploys (only the addresses differ), so ``fedclinic
+local`` exercises the real code paths: certificates, key registration, FAB upload, one
+``flwr-clientapp`` per message. Steps of :meth:`LocalFederation.run`:
+
+1. lay out the work dir (certificates, keys, TOML configs, one ``FLWR_HOME`` per process);
+2. start the SuperLink on free ports and wait for ``/health``;
+3. register each hospital's public key, start its SuperNode, wait until all are online;
+4. submit the run with ``flwr run`` and follow it (``flwr ls`` status, ``metrics.jsonl``
+   rows, SuperNode processes);
+5. report the outcome and stop every process it started, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from fedclinic.config import Scalar
+from fedclinic.errors import FedClinicError
+from fedclinic.local.configs import HospitalSpec, write_flat_toml
+from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError, RunStatus
+from fedclinic.local.ports import LOOPBACK, pick_free_ports
+from fedclinic.local.progress import MetricsTail, ProgressView, summary_table
+from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor, tail_file
+from fedclinic.pki import Provisioned, provision
+
+WORK_DIR_MARKER = ".fedclinic-federation"
+EXECUTABLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+PORT_IN_USE_HINTS = ("address already in use", "failed to bind", "errno 98")
+
+
+class FederationError(FedClinicError):
+    """The local federation could not start or the run did not complete."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM arrived; processes are being stopped. ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass(frozen=True)
+class FederationOptions:
+    """Everything a local federation needs, already validated by the caller."""
+
+    app_dir: Path
+    output_dir: Path
+    run_config: dict[str, Scalar]
+    hospitals: list[HospitalSpec]
+    work_dir: Path | None = None  # default: <output_dir>/federation
+    tls: bool = True
+    node_auth: bool = True
+    timeout: float = 3600.0  # whole run, from submission to final status
+    startup_timeout: float = 90.0  # SuperLink health, SuperNodes online
+    poll_interval: float = 2.0  # flwr ls
+    grace_seconds: float = 10.0  # SIGTERM -> SIGKILL
+
+    @property
+    def work(self) -> Path:
+        return (self.work_dir or self.output_dir / "federation").resolve()
+
+    @property
+    def rounds(self) -> int:
+        value = self.run_config.get("rounds", 1)
+        return int(value) if isinstance(value, int | float) else 1
+
+
+@dataclass
+class RunOutcome:
+    """How the run ended; ``exit_code`` is what ``fedclinic local`` returns."""
+
+    exit_code: int
+    status: str
+    run_id: int | None = None
+    details: str = ""
+    summary: dict[str, Any] | None = None
+    node_ids: dict[str, int] = field(default_factory=dict)
+
+
+def flower_environment(bin_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for every Flower process: offline, unbuffered, our venv's tools first.
+
+    The daemons start ``flower-superexec`` and ``flwr-*app`` by name, so the venv that
+    holds our code and Flower must come first on ``PATH``.
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+        PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]).rstrip(os.pathsep),
+    )
+    return env
+
+
+def flower_bin_dir() -> Path:
+    """The directory of the running interpreter (a venv's ``bin``), holding Flower's tools.
+
+    Not resolved: a venv's ``python`` is a symlink to the base interpreter, whose directory
+    does not hold the venv's scripts.
+    """
+    bin_dir = Path(sys.executable).parent
+    missing = [name for name in EXECUTABLES if not (bin_dir / name).is_file()]
+    if missing:
+        raise FederationError(
+            f"{', '.join(missing)} not found next to {sys.executable}; "
+            "install flwr==1.39.0 into this environment"
+        )
+    return bin_dir
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an output dir that holds results already: the ServerApp appends to them."""
+    for name in ("metrics.jsonl", "summary.json"):
+        if (output_dir / name).exists():
+            raise FederationError(
+                f"output dir '{output_dir}' already holds a run ({name}); "
+                "choose another --output-dir"
+            )
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """Turn the first SIGINT/SIGTERM into :class:`Interrupted`; ignore repeats meanwhile.
+
+    The exception unwinds through the ``finally`` blocks that stop the processes; a
+    second Ctrl-C must not abort that cleanup half-way and leave daemons behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _program(cmdline: str) -> str:
+    """The Flower program in a command line (``python .../flwr-serverapp ...`` -> name)."""
+    for token in cmdline.split():
+        name = Path(token).name
+        if name.startswith(("flower-", "flwr")):
+            return name
+    return Path(cmdline.split()[0]).name if cmdline.split() else "?"
+
+
+def log_name(hospital: str) -> str:
+    """``hospital-<name>.log`` without doubling the prefix of names like ``hospital-a``."""
+    return f"{hospital}.log" if hospital.startswith("hospital-") else f"hospital-{hospital}.log"
+
+
+def health_check(url: str, ca_cert: Path | None, timeout: float = 2.0) -> bool:
+    """Whether ``GET url`` answers 200, verifying the server against our CA."""
+    context = ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+class LocalFederation:
+    """One SuperLink + N SuperNodes on loopback, a submitted run, and its complete cleanup."""
+
+    def __init__(
+        self,
+        options: FederationOptions,
+        console: Console | None = None,
+        supervisor: ProcessSupervisor | None = None,
+    ) -> None:
+        self.options = options
+        self.console = console or Console()
+        self.supervisor = supervisor or ProcessSupervisor(grace_seconds=options.grace_seconds)
+        self.work = options.work
+        self.bin_dir = flower_bin_dir()
+        self.env = flower_environment(self.bin_dir)
+        self.pki: Provisioned | None = None
+        self.superlink: ManagedProcess | None = None
+        self.supernodes: dict[str, ManagedProcess] = {}
+        self.node_ids: dict[str, int] = {}
+        self.fleet_port = 0
+        self.control_port = 0
+        self._t0 = time.monotonic()
+        self.cli = FlowerCli(
+            self.bin_dir / "flwr", self.work / "homes" / "cli", self.supervisor, self.env
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> RunOutcome:
+        """Start, run, report; stop every process on any exit path (also Ctrl-C/SIGTERM)."""
+        self._t0 = time.monotonic()
+        with signals_as_exceptions():
+            try:
+                with self.supervisor:
+                    try:
+                        self.prepare()
+                        self.start_superlink()
+                        self.start_hospitals()
+                        run_id = self.submit()
+                        status = self.follow(run_id)
+                        return self.report(status)
+                    finally:
+                        self.say("[dim]stopping the local federation ...[/dim]")
+            finally:
+                left = self.supervisor.remaining()
+                forced = [p.name for p in self.supervisor.processes if p.forced]
+                notes = []
+                if forced:
+                    notes.append(f"SIGKILL after {self.options.grace_seconds:.0f} s: {forced}")
+                if self.supervisor.swept:
+                    helpers = sorted(map(_program, self.supervisor.swept.values()))
+                    notes.append(f"swept helpers: {', '.join(helpers)}")
+                if left:  # pragma: no cover - the sweep should have caught them
+                    self.say(f"[red]processes still running after the stop: {left}[/red]")
+                else:
+                    note = f" ({'; '.join(notes)})" if notes else ""
+                    self.say(f"[dim]all processes stopped{escape(note)}[/dim]")
+
+    def say(self, message: str) -> None:
+        """A progress line, prefixed with the seconds since :meth:`run` began."""
+        elapsed = time.monotonic() - self._t0
+        self.console.print(f"[dim]{elapsed:6.1f}s[/dim] {message}", highlight=False)
+
+    def paths(self) -> dict[str, Path]:
+        """Where things live in the work dir (stable names the docs and tests rely on)."""
+        return {
+            "pki": self.work / "pki",
+            "run_config": self.work / "run.toml",
+            "hospital_configs": self.work / "hospitals",
+            "state_db": self.work / "state.db",
+            "superlink_log": self.work / "superlink.log",
+            "homes": self.work / "homes",
+        }
+
+    # ------------------------------------------------------------------ 1. work dir
+
+    def prepare(self) -> None:
+        """Create the work dir, certificates and keys, run and hospital TOML files."""
+        work = self.work
+        if work.exists() and any(work.iterdir()):
+            if not (work / WORK_DIR_MARKER).exists():
+                raise FederationError(
+                    f"work dir '{work}' exists and was not made by fedclinic; refusing to use it"
+                )
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / WORK_DIR_MARKER).write_text("made by fedclinic local; safe to delete\n")
+        self.options.output_dir.mkdir(parents=True, exist_ok=True)
+        paths = self.paths()
+        if self.options.tls:
+            names = [h.name for h in self.options.hospitals] if self.options.node_auth else []
+            self.pki = provision(paths["pki"], names)
+        write_flat_toml(paths["run_config"], self.options.run_config)
+        for spec in self.options.hospitals:
+            write_flat_toml(paths["hospital_configs"] / f"{spec.name}.toml", spec.flat)
+        self.say(f"work dir: {work}")
+
+    # ------------------------------------------------------------------ 2. SuperLink
+
+    def superlink_command(self) -> list[str]:
+        paths = self.paths()
+        command = [str(self.bin_dir / "flower-superlink")]
+        if self.pki is not None:
+            command += [
+                "--ssl-ca-certfile", str(self.pki.ca_cert),
+                "--ssl-certfile", str(self.pki.server_cert),
+                "--ssl-keyfile", str(self.pki.server_key),
+            ]  # fmt: skip
+            if self.options.node_auth:
+                command.append("--enable-supernode-auth")
+        else:
+            command.append("--insecure")
+        command += [
+            "--fleet-api-address", f"{LOOPBACK}:{self.fleet_port}",
+            "--host", LOOPBACK,
+            "--port", str(self.control_port),
+            "--disable-runtime-dependency-installation",
+            "--database", str(paths["state_db"]),
+        ]  # fmt: skip
+        return command
+
+    def start_superlink(self, attempts: int = 3) -> None:
+        """Start the SuperLink and wait for ``/health``; new ports if one was taken meanwhile."""
+        log_path = self.paths()["superlink_log"]
+        for attempt in range(1, attempts + 1):
+            self.fleet_port, self.control_port = pick_free_ports(2)
+            env = {**self.env, "FLWR_HOME": str(self.paths()["homes"] / "superlink")}
+            self.superlink = self.supervisor.start(
+                "superlink", self.superlink_command(), log_path, env=env, tier=0
+            )
+            try:
+                self._wait_healthy(self.superlink)
+            except FederationError:
+                tail = tail_file(log_path, 30).lower()
+                if attempt < attempts and any(hint in tail for hint in PORT_IN_USE_HINTS):
+                    self.supervisor.stop(self.superlink)
+                    continue
+                raise
+            break
+        ca = self.pki.ca_cert if self.pki else None
+        self.cli.configure(f"{LOOPBACK}:{self.control_port}", ca)
+        mode = "TLS" if self.pki else "plaintext (--insecure)"
+        auth = "on" if self.pki and self.options.node_auth else "off"
+        self.say(
+            f"SuperLink up: Fleet API {LOOPBACK}:{self.fleet_port}, Control API "
+            f"{LOOPBACK}:{self.control_port}, {mode}, node authentication {auth}"
+        )
+
+    def _wait_healthy(self, process: ManagedProcess) -> None:
+        scheme = "https" if self.pki else "http"
+        url = f"{scheme}://{LOOPBACK}:{self.control_port}/health"
+        ca = self.pki.ca_cert if self.pki else None
+        deadline = time.monotonic() + self.options.startup_timeout
+        while time.monotonic() < deadline:
+            if process.exit_code() is not None:
+                raise FederationError(
+                    f"the SuperLink exited with status {process.exit_code()} during start-up; "
+                    f"see {process.log_path}:\n{process.log_tail(25)}"
+                )
+            if health_check(url, ca):
+                return
+            time.sleep(0.25)
+        raise FederationError(
+            f"the SuperLink did not answer {url} within {self.options.startup_timeout:.0f} s; "
+            f"see {process.log_path}:\n{process.log_tail(25)}"
+        )
+
+    # ------------------------------------------------------------------ 3. hospitals
+
+    def supernode_command(self, spec: HospitalSpec, port: int) -> list[str]:
+        command = [
+            str(self.bin_dir / "flower-supernode"),
+            "--superlink", f"{LOOPBACK}:{self.fleet_port}",
+            "--host", LOOPBACK,
+            "--port", str(port),
+            "--node-config", str(self.paths()["hospital_configs"] / f"{spec.name}.toml"),
+            "--max-retries", "20",
+            "--max-wait-time", "120",
+        ]  # fmt: skip
+        if self.pki is None:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(self.pki.ca_cert)]
+            if self.options.node_auth:
+                keys = self.pki.hospitals[spec.name]
+                command += ["--auth-supernode-private-key", str(keys.private_key)]
+        return command
+
+    def start_hospitals(self) -> None:
+        """Register each hospital's key, start its SuperNode, wait until all are online."""
+        specs = self.options.hospitals
+        if self.pki is not None and self.options.node_auth:
+            for spec in specs:
+                keys = self.pki.hospitals[spec.name]
+                try:
+                    self.node_ids[spec.name] = self.cli.register_supernode(
+                        keys.public_key, spec.name
+                    )
+                except FlowerCliError as err:
+                    raise FederationError(f"registering {spec.name}: {err}") from None
+        ports = pick_free_ports(len(specs))
+        for spec, port in zip(specs, ports, strict=True):
+            env = {**self.env, "FLWR_HOME": str(self.paths()["homes"] / spec.name)}
+            self.supernodes[spec.name] = self.supervisor.start(
+                spec.name,
+                self.supernode_command(spec, port),
+                self.work / log_name(spec.name),
+                env=env,
+                tier=1,
+            )
+        self._wait_online()
+        names = ", ".join(
+            f"{n} (node {self.node_ids[n]})" if n in self.node_ids else n for n in self.supernodes
+        )
+        self.say(f"{len(specs)} hospitals online: {names}")
+
+    def _wait_online(self) -> None:
+        """Until ``flwr supernode list`` shows every hospital online, or a SuperNode died."""
+        expected = len(self.supernodes)
+        deadline = time.monotonic() + self.options.startup_timeout
+        online = 0
+        while time.monotonic() < deadline:
+            self._check_processes()
+            try:
+                nodes = self.cli.supernodes()
+            except FlowerCliError:
+                nodes = []
+            online = sum(1 for n in nodes if n.get("status") == "online")
+            if online >= expected:
+                return
+            time.sleep(0.5)
+        tails = "\n".join(f"--- {p.log_path}:\n{p.log_tail(10)}" for p in self.supernodes.values())
+        raise FederationError(
+            f"only {online} of {expected} hospitals came online within "
+            f"{self.options.startup_timeout:.0f} s\n{tails}"
+        )
+
+    def _check_processes(self) -> None:
+        """Fail at once, with its log, when the SuperLink or a SuperNode has exited."""
+        if self.superlink is not None and self.superlink.exit_code() is not None:
+            raise FederationError(
+                f"the SuperLink exited with status {self.superlink.exit_code()}; "
+                f"see {self.superlink.log_path}:\n{self.superlink.log_tail(25)}"
+            )
+        for name, process in self.supernodes.items():
+            if process.exit_code() is not None:
+                raise FederationError(
+                    f"the SuperNode of {name} exited with status {process.exit_code()}; "
+                    f"see {process.log_path}:\n{process.log_tail(25)}"
+                )
+
+    # ------------------------------------------------------------------ 4. the run
+
+    def submit(self) -> int:
+        """``flwr run``: package the app, start the run, return its ID."""
+        try:
+            run_id = self.cli.submit(self.options.app_dir, self.paths()["run_config"])
+        except FlowerCliError as err:
+            raise FederationError(f"submitting the run: {err}") from None
+        self.say(
+            f"run {run_id} submitted: {self.options.run_config.get('algorithm', '?')}, "
+            f"{self.options.rounds} rounds; results in {self.options.output_dir}"
+        )
+        return run_id
+
+    def follow(self, run_id: int) -> RunStatus:
+        """Show progress until the run reaches a final status, a process dies, or time runs out."""
+        tail = MetricsTail(self.options.output_dir / "metrics.jsonl")
+        deadline = time.monotonic() + self.options.timeout
+        next_poll = 0.0
+        failures = 0
+        status = RunStatus(run_id, "pending", "", None)
+        with ProgressView(self.console, self.options.rounds) as view:
+            while True:
+                view.rows(tail.read_new(), tail.rows)
+                self._check_processes()
+                now = time.monotonic()
+                if now >= next_poll:
+                    try:
+                        status = self.cli.status(run_id)
+                        failures = 0
+                    except FlowerCliError as err:
+                        failures += 1
+                        if failures >= 5:
+                            raise FederationError(f"cannot read the run status: {err}") from None
+                    view.status(status.status)
+                    if status.finished:
+                        break
+                    next_poll = time.monotonic() + self.options.poll_interval
+                if now >= deadline:
+                    self._stop_run(run_id)
+                    raise FederationError(
+                        f"run {run_id} did not finish within {self.options.timeout:.0f} s "
+                        f"(status {status.status}); stopped it\n{self._serverapp_log(run_id)}"
+                    )
+                time.sleep(0.5)
+            view.rows(tail.read_new(), tail.rows)
+        return status
+
+    def _stop_run(self, run_id: int) -> None:
+        with contextlib.suppress(FlowerCliError):
+            self.cli.stop(run_id)
+
+    def _serverapp_log(self, run_id: int, lines: int = 40) -> str:
+        text = self.cli.logs(run_id)
+        body = "\n".join(text.splitlines()[-lines:]) or "(no ServerApp log)"
+        return f"--- ServerApp log (last {lines} lines, `flwr log {run_id} --show`):\n{body}"
+
+    # ------------------------------------------------------------------ 5. outcome
+
+    def report(self, status: RunStatus) -> RunOutcome:
+        """Final table on success; Flower's reason and the ServerApp log tail otherwise."""
+        outcome = RunOutcome(
+            exit_code=1,
+            status=status.status,
+            run_id=status.run_id,
+            details=status.details,
+            node_ids=dict(self.node_ids),
+        )
+        if not status.completed:
+            self.console.print(
+                f"[red]run {status.run_id} {status.status}: {escape(status.details)}[/red]"
+            )
+            self.console.print(escape(self._serverapp_log(status.run_id)), highlight=False)
+            return outcome
+        summary_path = self.options.output_dir / "summary.json"
+        try:
+            outcome.summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            self.console.print(
+                f"[red]run {status.run_id} completed but {summary_path} is missing or "
+                f"unreadable ({err})[/red]"
+            )
+            self.console.print(escape(self._serverapp_log(status.run_id)), highlight=False)
+            return outcome
+        if not isinstance(outcome.summary, dict):
+            self.console.print(f"[red]{summary_path} is not a JSON object[/red]")
+            return outcome
+        self.console.print(summary_table(outcome.summary))
+        model = outcome.summary.get("model") or {}
+        if model:
+            path = self.options.output_dir / str(model.get("path", "?"))  # absolute stays
+            self.console.print(f"model: {path}\n  sha256 {model.get('sha256')}", highlight=False)
+        self.console.print(
+            f"[green]run {status.run_id} completed[/green]; results in {self.options.output_dir}"
+        )
+        outcome.exit_code = 0
+        return outcome

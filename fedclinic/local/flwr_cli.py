@@ -1,0 +1,174 @@
+"""The ``flwr`` CLI as typed calls: connection config, node registration, runs, status, logs.
+
+We drive Flower through its own CLI (not its internal Python API) because that is the
+stable, documented surface. Two 1.39 quirks shape this wrapper:
+
+- with ``--format json`` the CLI exits 0 even when it failed (``"success": false`` and an
+  ``"error-message"`` in the JSON), so every call checks ``success``;
+- errors are pretty-printed JSON after other output, so we decode from the first ``{``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedclinic.errors import FedClinicError
+from fedclinic.local.configs import toml_value
+from fedclinic.local.supervisor import ANSI_ESCAPE, ProcessSupervisor
+
+CONNECTION = "fedclinic"
+FINAL_STATES = ("finished:completed", "finished:failed", "finished:stopped")
+
+
+class FlowerCliError(FedClinicError):
+    """A ``flwr`` command failed; the message carries Flower's own reason."""
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """One row of ``flwr ls --run-id``: ``pending``, ``starting``, ``running`` or ``finished:*``."""
+
+    run_id: int
+    status: str
+    details: str
+    elapsed: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status.startswith("finished")
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def parse_json_output(text: str) -> dict[str, Any]:
+    """The JSON object the CLI printed (possibly after other lines), or an error."""
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text[start:])
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    raise FlowerCliError(f"no JSON in flwr output: {text.strip()[-500:]!r}")
+
+
+def connection_toml(address: str, root_certificates: Path | None) -> str:
+    """``config.toml`` for the CLI's ``FLWR_HOME`` with one connection named ``fedclinic``.
+
+    ``address`` is the SuperLink's Control API (HTTP), not the Fleet port. Without a CA the
+    connection is plaintext (``insecure = true``).
+    """
+    lines = [
+        "[superlink]",
+        f"default = {toml_value(CONNECTION)}",
+        "",
+        f"[superlink.{CONNECTION}]",
+        f"address = {toml_value(address)}",
+    ]
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {toml_value(str(root_certificates.resolve()))}")
+    return "\n".join(lines) + "\n"
+
+
+class FlowerCli:
+    """Runs ``flwr`` with its own ``FLWR_HOME`` against the local SuperLink."""
+
+    def __init__(
+        self,
+        executable: Path,
+        home: Path,
+        supervisor: ProcessSupervisor,
+        env: Mapping[str, str],
+        timeout: float = 60.0,
+    ) -> None:
+        self.executable = executable
+        self.home = home
+        self.supervisor = supervisor
+        self.env = {**env, "FLWR_HOME": str(home)}
+        self.timeout = timeout
+
+    def configure(self, address: str, root_certificates: Path | None) -> Path:
+        """Write ``$FLWR_HOME/config.toml`` (the CLI creates a default one otherwise)."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        path = self.home / "config.toml"
+        path.write_text(connection_toml(address, root_certificates), encoding="utf-8")
+        return path
+
+    def call(self, *args: str, timeout: float | None = None) -> dict[str, Any]:
+        """``flwr <args> --format json``; the decoded JSON when it says ``success``."""
+        command = [str(self.executable), *args, "--format", "json"]
+        try:
+            done = self.supervisor.run(command, env=self.env, timeout=timeout or self.timeout)
+        except subprocess.TimeoutExpired:
+            raise FlowerCliError(
+                f"'flwr {' '.join(args)}' did not answer within {timeout or self.timeout:.0f} s"
+            ) from None
+        try:
+            data = parse_json_output(done.stdout)
+        except FlowerCliError:
+            output = (done.stdout + done.stderr).strip()[-800:]
+            raise FlowerCliError(
+                f"'flwr {' '.join(args)}' failed (exit {done.returncode}): {output}"
+            ) from None
+        if not data.get("success", False):
+            message = str(data.get("error-message", data)).strip()
+            raise FlowerCliError(f"'flwr {args[0]}' failed: {message}")
+        return data
+
+    def register_supernode(self, public_key: Path, name: str) -> int:
+        """Register a hospital's public key; returns the node ID it will have."""
+        data = self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)
+        return int(data["node-id"])
+
+    def supernodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list``: node-id, name, status (registered/online/offline)."""
+        data = self.call("supernode", "list", CONNECTION)
+        nodes = data.get("nodes", data.get("supernodes", []))
+        return list(nodes) if isinstance(nodes, list) else []
+
+    def submit(self, app_dir: Path, run_config: Path) -> int:
+        """``flwr run``: build the FAB from ``app_dir``, start the run, return its ID."""
+        data = self.call(
+            "run", str(app_dir), CONNECTION, "--run-config", str(run_config), timeout=120
+        )
+        return int(data["run-id"])
+
+    def status(self, run_id: int) -> RunStatus:
+        """The run's current status from ``flwr ls --run-id``."""
+        data = self.call("ls", CONNECTION, "--run-id", str(run_id))
+        runs = data.get("runs") or []
+        if not runs:
+            raise FlowerCliError(f"run {run_id} is not known to the SuperLink")
+        row = runs[0]
+        elapsed = row.get("elapsed")
+        return RunStatus(
+            run_id=int(row.get("run-id", run_id)),
+            status=str(row.get("status", "unknown")),
+            details=str(row.get("status-details", "")),
+            elapsed=float(elapsed) if isinstance(elapsed, int | float) else None,
+        )
+
+    def stop(self, run_id: int) -> None:
+        """Ask the SuperLink to stop the run (status becomes ``finished:stopped``)."""
+        self.call("stop", str(run_id), CONNECTION)
+
+    def logs(self, run_id: int, timeout: float = 30.0) -> str:
+        """The ServerApp's stored log (``flwr log --show``; this command has no JSON mode)."""
+        command = [str(self.executable), "log", str(run_id), CONNECTION, "--show"]
+        try:
+            done = self.supervisor.run(command, env=self.env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return f"(flwr log did not answer within {timeout:.0f} s)"
+        return ANSI_ESCAPE.sub("", done.stdout + done.stderr).strip()

@@ -1,0 +1,661 @@
+"""FedHelp (ALGORITHMS.md section 1): asymmetrical reciprocity between large and small hospitals.
+
+Roles. Each hospital is ``large`` (plenty of data and compute) or ``small``: the ``role`` key
+of its hospital config when set, otherwise by training-set size, the ``fedhelp.num-large``
+largest being large (the reference ranks clients by data size, ``top_n``). The coordinator
+learns sizes and configured roles with a one-time QUERY before round 1 and sends each
+hospital its own role in its round config (``fedhelp-role``, through the per-hospital
+:meth:`~strategies.base.FedClinicStrategy.config_for` hook). Roles are logged, written as
+``kind = "fedhelp-role"`` rows and in ``summary.json`` under ``fedhelp``.
+
+Small hospital, per round (module 3.3): the surrogate is the received global model's feature
+extractor phi with a private head (``Linear(d, C)``) and an auxiliary public head
+(``Linear(d, C_pub)``). For each private batch (x, y), with one public batch (x_p, s_p) drawn
+alongside: (i) one step of ``CE(h_priv(phi(x)), y)`` on (phi, h_priv); (ii) one step of
+``w_pub * [KL(temper(s_p, T) || softmax(h_pub(phi(x_p)) / T)) + CE(h_pub(phi(x_p)), y_p)]``
+on (phi, h_pub), with two separate optimisers that share phi. The upload is the global
+architecture with the private head as its classifier; the public head never leaves the site.
+
+Large hospital, per round (module 3.4): a private large model F (``fedhelp.large-model``) that
+persists in the site state (``fedhelp_large_model.pt``) and never leaves the site, and a proxy
+initialised from the global model. Per batch, in the reference's order: (3a, F frozen, eval
+mode) ``CE(proxy(x), y) + w_f * KL(softmax(F(x)/T) || softmax(proxy(x)/T))``, one step on the
+proxy; (3b, proxy frozen, eval mode, logits recomputed after its step)
+``CE(F(x), y) + w_b * KL(softmax(F(x)/T) || softmax(proxy(x)/T)) + beta * L_rank``, one step on
+F; the backward KL's gradient reaches F through its first argument, as in the reference
+(which passes F's probabilities as the KL target), pulling F's distribution towards the
+proxy's. The large hospital uploads the proxy.
+
+Server (module 3.5): the mean of the uploaded global-architecture states (surrogates and
+proxies). Evaluation: each hospital reports the model it deploys, its large model at a large
+hospital (``deployed = "large"``), the global model at a small one (``"global"``).
+
+Design decisions (ALGORITHMS.md section 6) implemented here, with what the reference draft
+(medfed_code@1443df74) does instead:
+
+- FH-1: a large hospital uploads its proxy; the reference returns the large model's
+  state dict, which cannot be averaged with the small architecture.
+- FH-2: the knowledge file may come from a substitute (a teacher trained once on labelled
+  public data, ``fedclinic knowledge build --train-teacher``); its meta says so and the
+  small hospitals log it. Contract kept: computed once, never updated, outputs only.
+- FH-3: both heads are re-initialised every round, as in the reference, by default
+  (``fedhelp.head-init = "fresh"``); ``"kept"`` keeps both in the site state across rounds;
+  ``"global"`` starts the private head from the received global classifier and keeps the
+  public head at the site.
+- FH-4: targets are stored as probabilities (softmax of raw logits when the knowledge file
+  is built); temperature is applied as ``p^(1/T)`` renormalised, which equals
+  ``softmax(s/T)``. The reference passes stored vectors to ``KLDivLoss`` as they are.
+- FH-5: when the public data carry labels, CE on the public head is added
+  (``fedhelp.public-ce``, default true); the reference has the KL term only.
+- FH-6: the private head is put back at the model's own classifier (found from the model
+  registry's ``head_prefix``: ``classifier`` for cnn, ``fc`` for resnet18,
+  ``class_layers.out`` for densenet121); the reference always writes ``.outconv``.
+- FH-7: the large model's CE is computed on the recomputed, gradient-carrying logits;
+  the reference uses logits from a ``no_grad`` pass, so the term has no gradient.
+- FH-8: ranking hinge ``max(0, m - (zL_a - zL_b))`` (m = ``fedhelp.rank-margin``, 0), which
+  raises the large model's logits on the proxy's top-k; the reference's
+  ``max(0, zL_a - zL_b)`` lowers them.
+- FH-9: every large hospital has its own persistent large model in its own site state;
+  the reference trains one shared object for all large clients.
+- FH-10: unweighted mean as in the reference by default; ``fedhelp.aggregation =
+  "weighted"`` weights by training-set size.
+- FH-11/FH-12 (segmentation) do not apply: this module is classification only.
+- FH-13 (baselines) is a matter for experiments; FedAvg/FedProx/local-only are registered.
+
+Project choices beyond the IDs: KL is the per-sample KL (``fedhelp.kl-reduction =
+"batchmean"``; ``"mean"`` reproduces the reference's B*C division); no T^2 factor (T = 1 in
+the reference); optimisers are the run's (``optimizer``, ``learning-rate``, ``weight-decay``:
+set adam / 0.001 / 0.0001 for the reference's values) and are created afresh every round;
+the frozen model of each KD step is in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from logging import INFO, WARNING
+from typing import Any, Literal
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from pydantic import Field
+from torch import nn
+
+from fedclinic.config import RunConfig, Schema
+from fedclinic.data.base import Split
+from fedclinic.errors import ConfigError
+from fedclinic.knowledge import NETWORKS, SharedKnowledge, build_network, load_shared_knowledge
+from fedclinic.metrics import classification_loss
+from fedclinic.models import MODELS, head_prefix
+from fedclinic.results import ResultsWriter
+from fedclinic.serialization import State, numpy_to_record
+from fedclinic.training import make_loader, make_optimizer, seeded_generator
+from strategies.base import (
+    Algorithm,
+    ClientContext,
+    ClientObjective,
+    FedClinicStrategy,
+    LocalUpdate,
+    Reply,
+    replies_to_numpy,
+)
+from strategies.fedavg import weighted_average
+from strategies.fedhelp_math import (
+    RoleEntry,
+    assign_roles,
+    class_log_probs,
+    find_head,
+    get_module,
+    kl_divergence,
+    probabilities_log,
+    ranking_loss,
+    set_module,
+    temper_probabilities,
+)
+
+ROLE_KEY = "fedhelp-role"
+LARGE_MODEL = "fedhelp_large_model"
+HEADS = "fedhelp_heads"
+
+
+class FedHelpOptions(Schema):
+    num_large: int = Field(
+        1, ge=0, description="large hospitals when configs set no role: the N largest by size"
+    )
+    large_model: Literal["resnet18", "densenet121", "wide-cnn", "cnn", "mlp"] = Field(
+        "resnet18", description="architecture of each large hospital's private model"
+    )
+    aggregation: Literal["mean", "weighted"] = Field(
+        "mean", description="FH-10: unweighted mean (reference) or weighted by training size"
+    )
+    temperature: float = Field(1.0, gt=0, description="distillation temperature T")
+    public_weight: float = Field(1.0, ge=0, description="weight of the public-head loss")
+    public_ce: bool = Field(True, description="FH-5: add CE on the public head when labelled")
+    public_batch_size: int = Field(0, ge=0, description="public batch; 0 = batch-size")
+    head_init: Literal["fresh", "kept", "global"] = Field(
+        "fresh", description="FH-3: fresh heads each round, kept at the site, or global head"
+    )
+    forward_kd_weight: float = Field(1.0, ge=0, description="KL weight, large -> proxy")
+    backward_kd_weight: float = Field(1.0, ge=0, description="KL weight, proxy -> large")
+    rank_weight: float = Field(0.2, ge=0, description="beta, weight of the ranking loss")
+    rank_k: int = Field(1, ge=1, description="top-k classes of the proxy in the ranking loss")
+    rank_margin: float = Field(0.0, ge=0, description="hinge margin m (FH-8)")
+    rank_reduction: Literal["sum", "mean"] = Field(
+        "sum", description="ranking loss summed over the batch (reference) or averaged"
+    )
+    kl_reduction: Literal["batchmean", "mean"] = Field(
+        "batchmean", description="per-sample KL, or divided by B*C like nn.KLDivLoss()"
+    )
+    knowledge_sha256: str = Field(
+        "", pattern=r"^([0-9a-fA-F]{64})?$", description="SHA-256 of the agreed knowledge file"
+    )
+
+
+def check_options(run: RunConfig, options: FedHelpOptions) -> None:
+    """Refuse option combinations that cannot work with the run's model and classes."""
+    if options.rank_k >= run.num_classes:
+        raise ConfigError(
+            f"run config: key 'fedhelp.rank-k' = {options.rank_k} is not allowed: expected "
+            f"1..{run.num_classes - 1} (num-classes = {run.num_classes})"
+        )
+    if MODELS[run.model].tabular and options.large_model != "mlp":
+        raise ConfigError(
+            f"run config: key 'fedhelp.large-model' = {options.large_model!r} is not allowed "
+            f"with model = {run.model!r} (tabular inputs): expected 'mlp'"
+        )
+
+
+def input_shape(run: RunConfig) -> tuple[int, ...]:
+    if MODELS[run.model].tabular:
+        return (run.num_features,)
+    return (run.in_channels, run.image_size, run.image_size)
+
+
+# ------------------------------------------------------------------------------ server
+
+
+class FedHelpStrategy(FedClinicStrategy):
+    """Roles once before round 1, each hospital's role in its round config, mean aggregation."""
+
+    def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:
+        super().__init__(run, results)
+        self.options: FedHelpOptions = run.algorithm_options()
+        check_options(run, self.options)
+        self.roles: dict[int, str] = {}
+        self.role_table: dict[str, dict[str, Any]] = {}
+
+    def setup(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
+        """Ask every hospital for its size and configured role, then assign roles."""
+        replies = self.query_hospitals(grid)
+        entries = [
+            RoleEntry(
+                key=r.node_id,
+                hospital=r.hospital,
+                configured=str(r.info.get("role", "") or ""),
+                num_train=int(r.metrics.get("num_train", 0)),
+            )
+            for r in replies
+        ]
+        assigned = assign_roles(entries, self.options.num_large)
+        rows, unequipped = [], []
+        for reply, entry in zip(replies, entries, strict=True):
+            assignment = assigned[entry.key]
+            self.roles[entry.key] = assignment.role
+            self.role_table[entry.hospital] = {
+                "role": assignment.role,
+                "source": assignment.source,
+                "num_train": entry.num_train,
+            }
+            log(
+                INFO,
+                "fedhelp: %s is %s (%s, %d training samples)",
+                entry.hospital,
+                assignment.role,
+                "hospital config" if assignment.source == "config" else "ranked by size",
+                entry.num_train,
+            )
+            rows.append(
+                {
+                    "round": 0,
+                    "kind": "fedhelp-role",
+                    "hospital": entry.hospital,
+                    "node_id": entry.key,
+                    "role": assignment.role,
+                    "role_source": assignment.source,
+                    "num_train": entry.num_train,
+                }
+            )
+            if assignment.role == "small" and not reply.metrics.get("fedhelp_has_knowledge"):
+                unequipped.append(entry.hospital)
+        if self.results and rows:
+            self.results.append(rows)
+        if unequipped:
+            raise ConfigError(
+                f"FedHelp small hospital(s) {', '.join(unequipped)}: the hospital config lacks "
+                "'knowledge-path' or 'public-data-path' (the knowledge file and public data from "
+                "'fedclinic knowledge build')"
+            )
+        if "small" in self.roles.values() and not self.options.knowledge_sha256:
+            raise ConfigError(
+                "run config: key 'fedhelp.knowledge-sha256' is empty; small hospitals need the "
+                "SHA-256 of the knowledge file printed by 'fedclinic knowledge build'"
+            )
+
+    def config_for(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
+        """Each hospital's round config carries its own role."""
+        role = self.roles.get(node_id)
+        if role is None:  # joined after the setup query: no size known, so small
+            role = "small"
+            self.roles[node_id] = role
+            name = self.hospital_of(node_id)
+            log(WARNING, "fedhelp: %s joined after the role query; it is small", name)
+            self.role_table[name] = {"role": role, "source": "late-join", "num_train": None}
+            if self.results:
+                self.results.append(
+                    [
+                        {
+                            "round": 0,
+                            "kind": "fedhelp-role",
+                            "hospital": name,
+                            "node_id": node_id,
+                            "role": role,
+                            "role_source": "late-join",
+                        }
+                    ]
+                )
+        return ConfigRecord({**dict(config), ROLE_KEY: role})
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
+        """FH-10: unweighted mean (reference) or weighted by training-set size."""
+        if self.options.aggregation == "weighted":
+            weights = [float(r.metrics.get("num_train", r.num_examples)) for r in replies]
+        else:
+            weights = [1.0] * len(replies)
+        if self.results:
+            total = sum(weights)
+            self.results.append(
+                [
+                    {
+                        "round": server_round,
+                        "kind": "fedhelp-aggregate",
+                        "hospital": r.hospital,
+                        "node_id": r.node_id,
+                        "role": self.roles.get(r.node_id, "small"),
+                        "uploaded": "proxy"
+                        if self.roles.get(r.node_id) == "large"
+                        else "surrogate",
+                        "weight": w / total,
+                    }
+                    for r, w in zip(replies, weights, strict=True)
+                ]
+            )
+        return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {
+            "fedhelp": {
+                "roles": {name: entry["role"] for name, entry in self.role_table.items()},
+                "role_sources": {name: e["source"] for name, e in self.role_table.items()},
+                "num_large_option": self.options.num_large,
+                "large_model": self.options.large_model,
+                "aggregation": self.options.aggregation,
+                "knowledge_sha256": self.options.knowledge_sha256,
+                "deployed": {"large": "private large model", "small": "global model"},
+            }
+        }
+
+
+# ------------------------------------------------------------------------------ client
+
+
+class _Stepper:
+    """One optimiser (the run's kind, created afresh each round) with its AMP scaler."""
+
+    def __init__(self, params: list[nn.Parameter], run: RunConfig, use_amp: bool) -> None:
+        self.optimizer = make_optimizer(params, run)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+class _Means:
+    """Sample-weighted running means of named losses."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, size: int, **values: torch.Tensor | float) -> None:
+        self.count += size
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * size
+
+    def mean(self, name: str) -> float:
+        return self.sums.get(name, 0.0) / max(self.count, 1)
+
+
+class FedHelpObjective(ClientObjective):
+    """Small hospital: surrogate with two heads; large hospital: asymmetric dual KD."""
+
+    def __init__(self, context: ClientContext) -> None:
+        super().__init__(context)
+        self.options: FedHelpOptions = self.run.algorithm_options()
+        role = context.server_config.get(ROLE_KEY) or context.hospital.role or "small"
+        self.role = str(role)
+
+    @property
+    def deployed_kind(self) -> str:  # type: ignore[override]
+        """Large hospitals deploy their private large model, small ones the global model."""
+        return "large" if self.role == "large" else "global"
+
+    def describe(self, content: Any) -> dict[str, float | list[float]]:
+        hospital = self.context.hospital
+        has_knowledge = bool(hospital.knowledge_path and hospital.public_data_path)
+        return {**super().describe(content), "fedhelp_has_knowledge": float(has_knowledge)}
+
+    def deployed_model(self, received: State) -> nn.Module:
+        return self.large_model() if self.role == "large" else self.build(received)
+
+    def fit(self, received: State) -> LocalUpdate:
+        check_options(self.run, self.options)
+        if self.role == "large":
+            return self.fit_large(received)
+        return self.fit_small(received)
+
+    # ------------------------------------------------------------------ helpers
+    def large_model(self) -> nn.Module:
+        """This hospital's private large model (FH-9): from the site state, else a seeded init."""
+        name, site = self.options.large_model, self.context.site
+        with torch.random.fork_rng(devices=[]):
+            seed = seeded_generator(self.run.seed, "fedhelp-large", self.context.hospital.hospital)
+            torch.manual_seed(seed.initial_seed())
+            model = build_network(name, self.run.num_classes, input_shape(self.run))
+        if site.has(LARGE_MODEL):
+            model.load_state_dict(site.load(LARGE_MODEL))
+        return model
+
+    def batches(
+        self, split: Split, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffled batches, cycling, without end (callers stop at their budget)."""
+        loader = make_loader(split, batch_size, shuffle=True, generator=generator)
+        device = self.context.device
+        while True:
+            for inputs, labels in loader:
+                yield inputs.to(device), labels.to(device)
+
+    def budget(self) -> int:
+        batches = math.ceil(len(self.context.data.train) / self.run.batch_size)
+        return self.run.local_steps or self.run.local_epochs * batches
+
+    def use_amp(self) -> bool:
+        return self.run.amp and self.context.device.type == "cuda"
+
+    # ------------------------------------------------------------------ large hospitals
+    def fit_large(self, received: State) -> LocalUpdate:
+        """Asymmetric dual KD (3a forward KL, 3b CE + KL + beta * ranking); upload the proxy."""
+        opts, run, device = self.options, self.run, self.context.device
+        temperature, amp = opts.temperature, self.use_amp()
+        proxy = self.build(received).to(device)
+        large = self.large_model().to(device)
+        proxy_step = _Stepper(list(proxy.parameters()), run, amp)
+        large_step = _Stepper(list(large.parameters()), run, amp)
+        means, steps = _Means(), 0
+        started = _now()
+        batches = self.batches(self.context.data.train, run.batch_size, self.generator())
+        for _ in range(self.budget()):
+            x, y = next(batches)
+            # 3a: forward KD, large -> proxy, with the large model frozen.
+            large.eval()
+            proxy.train()
+            with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+                teacher = class_log_probs(large(x), temperature)
+            with torch.autocast(device.type, enabled=amp):
+                proxy_logits = proxy(x)
+                proxy_ce = classification_loss(proxy_logits, y)
+                forward_kl = kl_divergence(
+                    teacher, class_log_probs(proxy_logits, temperature), opts.kl_reduction
+                )
+                proxy_loss = proxy_ce + opts.forward_kd_weight * forward_kl
+            proxy_step.step(proxy_loss)
+            # 3b: backward KD, proxy -> large, with the (updated) proxy frozen; the large
+            # model's logits are recomputed with gradients and its CE uses them (FH-7).
+            proxy.eval()
+            large.train()
+            with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+                proxy_logits = proxy(x)
+            with torch.autocast(device.type, enabled=amp):
+                large_logits = large(x)
+                large_ce = classification_loss(large_logits, y)
+                backward_kl = kl_divergence(
+                    class_log_probs(large_logits, temperature),
+                    class_log_probs(proxy_logits, temperature),
+                    opts.kl_reduction,
+                )
+                rank = ranking_loss(
+                    large_logits, proxy_logits, opts.rank_k, opts.rank_margin, opts.rank_reduction
+                )
+                large_loss = (
+                    large_ce + opts.backward_kd_weight * backward_kl + opts.rank_weight * rank
+                )
+            large_step.step(large_loss)
+            means.add(
+                len(y),
+                proxy_loss=proxy_loss.detach(),
+                proxy_ce=proxy_ce.detach(),
+                forward_kl=forward_kl.detach(),
+                large_loss=large_loss.detach(),
+                large_ce=large_ce.detach(),
+                backward_kl=backward_kl.detach(),
+                rank=rank.detach(),
+            )
+            steps += 1
+        saved = self.context.site.save(LARGE_MODEL, _cpu_state(large))  # FH-9: stays here
+        return LocalUpdate(
+            _cpu_state(proxy),  # FH-1: the proxy is uploaded, never the large model
+            means.mean("proxy_loss"),
+            means.count,
+            _now() - started,
+            steps,
+            metrics={
+                "train_proxy_ce": means.mean("proxy_ce"),
+                "train_forward_kl": means.mean("forward_kl"),
+                "train_large_loss": means.mean("large_loss"),
+                "train_large_ce": means.mean("large_ce"),
+                "train_backward_kl": means.mean("backward_kl"),
+                "train_rank_loss": means.mean("rank"),
+            },
+            info={
+                "fedhelp_role": "large",
+                "uploaded": "proxy",
+                "large_model": opts.large_model,
+                "large_model_sha256": saved["sha256"],
+            },
+        )
+
+    # ------------------------------------------------------------------ small hospitals
+    def shared_knowledge(self) -> SharedKnowledge:
+        """The verified public data and probabilities (IntegrityError on any mismatch)."""
+        hospital, run = self.context.hospital, self.run
+        for key, value in (
+            ("knowledge-path", hospital.knowledge_path),
+            ("public-data-path", hospital.public_data_path),
+        ):
+            if not value:
+                raise ConfigError(
+                    f"hospital config: key '{key}' is empty; a FedHelp small hospital needs the "
+                    "knowledge file and the public data from 'fedclinic knowledge build'"
+                )
+        if not self.options.knowledge_sha256:
+            raise ConfigError(
+                "run config: key 'fedhelp.knowledge-sha256' is empty; small hospitals refuse an "
+                "unpinned knowledge file"
+            )
+        tabular = MODELS[run.model].tabular
+        shared = load_shared_knowledge(
+            hospital.knowledge_path,
+            hospital.public_data_path,
+            self.options.knowledge_sha256,
+            None if tabular else run.in_channels,
+            None if tabular else run.image_size,
+            run.num_features if tabular else None,
+        )
+        if shared.note:
+            log(WARNING, "fedhelp %s: %s", hospital.hospital, shared.note)
+        if shared.knowledge.meta.get("substitute"):
+            log(
+                INFO,
+                "fedhelp %s: the knowledge file comes from a substitute (%s), not a foundation "
+                "model (FH-2)",
+                hospital.hospital,
+                shared.knowledge.meta.get("source"),
+            )
+        return shared
+
+    def heads(self, global_head: nn.Linear, public_classes: int) -> tuple[nn.Linear, nn.Linear]:
+        """The private and public heads this round (FH-3, ``fedhelp.head-init``).
+
+        ``fresh``: both newly initialised, as in the reference; ``kept``: both as this
+        hospital left them last round (site state); ``global``: the private head starts from
+        the received global classifier (the mean of last round's private heads and proxy
+        heads), the public head is kept. Round 1, or stored heads of another shape: fresh.
+        """
+        features, outputs = global_head.in_features, global_head.out_features
+        private, public = nn.Linear(features, outputs), nn.Linear(features, public_classes)
+        mode, site = self.options.head_init, self.context.site
+        if mode == "global":
+            private.load_state_dict(global_head.state_dict())
+        if mode != "fresh" and site.has(HEADS):
+            stored = site.load(HEADS)
+            kept = (
+                {"public": public} if mode == "global" else {"private": private, "public": public}
+            )
+            for name, head in kept.items():
+                state = {
+                    k.partition(".")[2]: v for k, v in stored.items() if k.startswith(name + ".")
+                }
+                if {k: v.shape for k, v in state.items()} == {
+                    k: v.shape for k, v in head.state_dict().items()
+                }:
+                    head.load_state_dict(state)
+                else:
+                    log(WARNING, "fedhelp: the stored %s head does not fit; a fresh one", name)
+        return private, public
+
+    def fit_small(self, received: State) -> LocalUpdate:
+        """Surrogate training: alternating private CE and public KD steps on a shared phi."""
+        opts, run, device = self.options, self.run, self.context.device
+        shared = self.shared_knowledge()
+        model = self.build(received)
+        head_name = find_head(model, head_prefix(run))
+        global_head = get_module(model, head_name)
+        assert isinstance(global_head, nn.Linear)
+        private, public = self.heads(global_head, shared.knowledge.num_classes)
+        set_module(model, head_name, nn.Identity())  # model is now the feature extractor phi
+        phi = model.to(device).train()
+        private.to(device).train()
+        public.to(device).train()
+        amp = self.use_amp()
+        private_step = _Stepper(list(phi.parameters()) + list(private.parameters()), run, amp)
+        public_step = _Stepper(list(phi.parameters()) + list(public.parameters()), run, amp)
+        labels = shared.labels
+        use_public_ce = opts.public_ce and labels is not None
+        targets = temper_probabilities(shared.knowledge.probabilities, opts.temperature)
+        target_log = probabilities_log(targets)
+        # Public batches carry their row numbers, which index targets and labels.
+        rows = Split(shared.inputs, torch.arange(len(shared.inputs)))
+        hospital = self.context.hospital.hospital
+        public_batches = self.batches(
+            rows,
+            opts.public_batch_size or run.batch_size,
+            seeded_generator(run.seed, self.context.server_round, "fedhelp-public", hospital),
+        )
+        private_batches = self.batches(self.context.data.train, run.batch_size, self.generator())
+        means, steps, started = _Means(), 0, _now()
+        for _ in range(self.budget()):
+            x, y = next(private_batches)
+            x_public, index = next(public_batches)
+            index = index.cpu()
+            # (i) private step on (phi, private head).
+            with torch.autocast(device.type, enabled=amp):
+                private_loss = classification_loss(private(phi(x)), y)
+            private_step.step(private_loss)
+            # (ii) public step on (phi, public head): KL to the stored probabilities (+ CE, FH-5).
+            with torch.autocast(device.type, enabled=amp):
+                public_logits = public(phi(x_public))
+                public_kl = kl_divergence(
+                    target_log[index].to(device),
+                    class_log_probs(public_logits, opts.temperature),
+                    opts.kl_reduction,
+                )
+                public_ce = (
+                    classification_loss(public_logits.float(), labels[index].to(device))
+                    if use_public_ce and labels is not None
+                    else torch.zeros((), device=device)
+                )
+                public_loss = opts.public_weight * (public_kl + public_ce)
+            public_step.step(public_loss)
+            means.add(
+                len(y),
+                total=private_loss.detach() + public_loss.detach(),
+                private=private_loss.detach(),
+                public_kl=public_kl.detach(),
+                public_ce=public_ce.detach(),
+            )
+            steps += 1
+        if opts.head_init != "fresh":
+            self.context.site.save(
+                HEADS,
+                {
+                    **{f"private.{k}": v for k, v in _cpu_state(private).items()},
+                    **{f"public.{k}": v for k, v in _cpu_state(public).items()},
+                },
+            )
+        set_module(phi, head_name, private)  # FH-6: the private head becomes the classifier
+        return LocalUpdate(
+            _cpu_state(phi),  # the public head never leaves the site
+            means.mean("total"),
+            means.count,
+            _now() - started,
+            steps,
+            metrics={
+                "train_private_loss": means.mean("private"),
+                "train_public_kl": means.mean("public_kl"),
+                "train_public_ce": means.mean("public_ce"),
+            },
+            info={
+                "fedhelp_role": "small",
+                "uploaded": "surrogate",
+                "knowledge_sha256": shared.knowledge.sha256,
+                "knowledge_source": str(shared.knowledge.meta.get("source", "")),
+            },
+        )
+
+
+def _cpu_state(model: nn.Module) -> State:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+ALGORITHM = Algorithm(
+    name="fedhelp",
+    strategy=FedHelpStrategy,
+    objective=FedHelpObjective,
+    options=FedHelpOptions,
+    description=(
+        "FedHelp: foundation-model knowledge for small hospitals, asymmetric dual distillation "
+        "with private large models at large hospitals"
+    ),
+)
+
+__all__ = ["ALGORITHM", "NETWORKS", "FedHelpObjective", "FedHelpOptions", "FedHelpStrategy"]

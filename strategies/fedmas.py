@@ -1,0 +1,580 @@
+"""Fed-MAS (ALGORITHMS.md section 3): aggregation weighted by divergence from a shared frozen prior.
+
+Every hospital holds the same frozen self-supervised encoder ``f`` (the *prior*). Its model is
+a backbone ``g`` with a task head ``fc``, a projector ``p_free`` (Linear(d, d) → BatchNorm1d →
+ReLU → Linear(d, dim f)) and an auxiliary head ``fc_free`` on the projection. Local loss:
+``BSM(fc(h), y) + BSM(fc_free(p), y) + λ · mean(2 − 2 cos(p, f(x)))`` with the hospital's
+class prior in the balanced softmax. Each round the hospital
+
+1. measures, with the received global model (eval mode, no gradient, one pass over its
+   training split), the class-wise divergence ``w_c`` of the projection from the prior;
+2. trains, accumulating the same class-wise divergence ``ŵ_c`` before every step;
+3. sends its full state, ``RF = Σ_{c: w_c≠0} (w_c/Σw)(ŵ_c/Σŵ)``, ``n_k`` and ``w``, ``ŵ``.
+
+The coordinator averages every state entry (BatchNorm running statistics included) with
+weights ``RF_k / Σ RF`` (``mas``). Options: ``mas_inv`` (``ŵ`` → ``1/ŵ`` in RF), ``mas_drw``
+(FedAvg weights, then effective-number re-weighting from round ``int(0.8 R)``), ``avg``
+(FedAvg weights: the "without MAS" ablation). Per-class divergences, RF and weights are
+written as ``kind = "aggregation"`` rows and in ``summary.json`` under ``fedmas``.
+
+Backbone: the run's ``model`` (``resnet18`` as in the reference: 512 → 512 → 2048 with the
+MoCo ResNet-50 prior; ``cnn`` for tests and CPU demos: 64 → 64 → prior dim; ``densenet121``
+also works). The backbone starts from the run's seeded random initialisation; the reference
+loads ImageNet-1K ResNet-18 weights into it (``--pre_trained_tv``), which this module does not.
+
+Design decisions (ALGORITHMS.md section 6):
+
+- **MAS-1** — the prior is a :class:`~fedclinic.prior.FrozenPrior`: gradients off, pinned to
+  eval mode (its ``train()`` is a no-op) and never a sub-module of the trained model, so the
+  measurement pass and training use its frozen BatchNorm statistics and it never leaves the
+  site. The reference may still have ``f`` in train mode during its first measurement.
+- **MAS-2** — every hospital must run a bit-identical prior: the run config carries the file's
+  SHA-256 (``fedmas.prior-sha256``) and a hospital whose file differs refuses to train
+  (IntegrityError); the coordinator also refuses replies whose prior weights hash differently.
+  Substitutes in order of fidelity: the official MoCo-v2 checkpoint as a local file
+  (``module.encoder_q.*`` keys, fc dropped); another frozen encoder file (torchvision state
+  dict, e.g. ImageNet ResNet-50/18); ``fedclinic prior train`` (MoCo-v2 once on public or
+  synthetic images, :mod:`fedclinic.prior`); ``prior-source = "random"`` (a seeded random
+  frozen encoder, marked degraded in the summary). The reference downloads the checkpoint.
+- **MAS-3** — nothing here reads test data: measurement and training use the training
+  split; the shared base selects the round on validation metrics only. The reference selects
+  on the FLamby test split (its "val" loader is the test split).
+- **MAS-4** — the aggregation is named ``mas`` (lowercase) as the server code matches; the
+  reference README's ``MAS`` would fail there.
+
+Other differences from the reference: the local optimizer is the run's (``optimizer``,
+``learning-rate``; the reference hard-codes Adam 3e-4), its state persists at the site
+across rounds as in the reference; ``n_k`` is the training-set size (the reference uses
+batches × batch size); the measurement pass keeps the last partial batch (the reference drops
+it), so ``w_c`` is exactly the class mean of ``L_f``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from logging import WARNING
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedclinic.config import HospitalConfig, RunConfig, Schema
+from fedclinic.data.base import Split
+from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
+from fedclinic.models import build_model
+from fedclinic.prior import (
+    PRIOR_DIMS,
+    FrozenPrior,
+    load_prior,
+    prior_content_sha256,
+    random_prior,
+)
+from fedclinic.serialization import State, file_sha256, numpy_to_record, state_to_record
+from fedclinic.training import make_loader, make_optimizer
+from strategies.base import (
+    Algorithm,
+    ClientObjective,
+    FedClinicStrategy,
+    LocalUpdate,
+    Reply,
+    replies_to_numpy,
+)
+from strategies.fedavg import weighted_average
+from strategies.fedmas_math import (
+    ClassDivergence,
+    aggregation_weights,
+    alignment_loss,
+    balanced_softmax_loss,
+    class_log_prior,
+    fedavg_weights,
+    robust_factor,
+)
+
+OPTIMIZER_STATE = "fedmas_optimizer"
+
+
+class FedMASOptions(Schema):
+    aggregation: Literal["mas", "mas_inv", "mas_drw", "avg"] = Field(
+        "mas", description="server weights: RF (mas, mas_inv), delayed re-weighting, or FedAvg"
+    )
+    align_weight: float = Field(3.0, ge=0, description="lambda (free_u) of the 2-2cos alignment")
+    local_loss: Literal["bsm", "ce"] = Field("bsm", description="loss on both heads")
+    prior_source: Literal["file", "random"] = Field(
+        "file", description="file: a shared prior file; random: seeded random encoder (degraded)"
+    )
+    prior_arch: Literal["resnet50", "resnet18", "cnn"] = Field(
+        "resnet50", description="prior encoder architecture (MoCo-v2 release: resnet50)"
+    )
+    prior_path: str = Field("", description="prior file when a hospital config has no prior-path")
+    prior_sha256: str = Field(
+        "", pattern=r"^([0-9a-fA-F]{64})?$", description="SHA-256 every hospital's prior must have"
+    )
+    prior_seed: int = Field(0, ge=0, description="seed of the random prior")
+    prior_image_size: int = Field(0, ge=0, le=1024, description="resize for the prior; 0 = none")
+    prior_normalize: Literal["none", "imagenet"] = Field(
+        "none", description="imagenet: ImageNet mean/std before the prior (MoCo's training input)"
+    )
+    grad_clip_norm: float = Field(5.0, ge=0, description="max gradient norm; 0 = no clipping")
+    persist_optimizer: bool = Field(True, description="keep the optimizer state at the site")
+    drw_start: float = Field(0.8, gt=0, le=1, description="mas_drw: fraction of rounds before")
+    drw_beta: float = Field(0.9999, gt=0, lt=1, description="mas_drw: effective-number beta")
+
+
+def options_of(run: RunConfig) -> FedMASOptions:
+    options: FedMASOptions = run.options.get("fedmas") or FedMASOptions()
+    return options
+
+
+def check_run(run: RunConfig) -> None:
+    """Refuse run settings Fed-MAS cannot work with (at the coordinator and at the hospital)."""
+    options = options_of(run)
+    if run.model not in BACKBONES:
+        raise ConfigError(
+            f"run config: key 'model' = {run.model!r} is not allowed for fedmas: expected an "
+            f"image backbone ({', '.join(BACKBONES)})"
+        )
+    if run.batch_size < 2:
+        raise ConfigError(
+            f"run config: key 'batch-size' = {run.batch_size} is not allowed for fedmas: expected "
+            ">= 2 (the projector has BatchNorm)"
+        )
+    if options.prior_source == "file" and not options.prior_sha256:
+        raise ConfigError(
+            "run config: key 'fedmas.prior-sha256' is empty: Fed-MAS needs the SHA-256 of the "
+            "shared prior file (printed by 'fedclinic prior train' / 'fedclinic prior hash')"
+        )
+
+
+# ------------------------------------------------------------------------------ the model
+
+BACKBONES = ("cnn", "resnet18", "densenet121")
+
+
+def build_backbone(run: RunConfig) -> tuple[nn.Module, int]:
+    """The run's architecture without its classification layer, and its feature size."""
+    model: Any = build_model(run)
+    if run.model == "cnn":
+        return model.features, int(model.classifier.in_features)
+    if run.model == "resnet18":
+        dim = int(model.fc.in_features)
+        model.fc = nn.Identity()
+        return model, dim
+    if run.model == "densenet121":
+        dim = int(model.class_layers.out.in_features)
+        model.class_layers.out = nn.Identity()
+        return model, dim
+    raise ConfigError(
+        f"run config: key 'model' = {run.model!r} is not allowed for fedmas: expected one of "
+        f"{', '.join(BACKBONES)}"
+    )
+
+
+class FedMASNet(nn.Module):
+    """Backbone ``g``, task head ``fc``, projector ``p_free`` and auxiliary head ``fc_free``.
+
+    ``forward`` returns the task logits (what hospitals evaluate and deploy); :meth:`heads`
+    returns task logits, projection and auxiliary logits for training.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, prior_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(feature_dim, num_classes)
+        self.p_free = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(feature_dim, prior_dim),
+        )
+        self.fc_free = nn.Linear(prior_dim, num_classes)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.backbone(x).flatten(1)
+        projection = self.p_free(features)
+        return self.fc(features), projection, self.fc_free(projection)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(x).flatten(1))
+
+
+def build_fedmas_model(run: RunConfig, seed: int | None = None) -> FedMASNet:
+    """The Fed-MAS client model; with ``seed`` the initial weights are reproducible."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    backbone, feature_dim = build_backbone(run)
+    prior_dim = PRIOR_DIMS[options_of(run).prior_arch]
+    return FedMASNet(backbone, feature_dim, prior_dim, run.num_classes)
+
+
+# ------------------------------------------------------------------------------ the prior
+
+
+def hospital_prior(run: RunConfig, hospital: HospitalConfig) -> tuple[FrozenPrior, dict[str, str]]:
+    """This hospital's frozen prior, after checking it is the run's bit-identical one (MAS-2)."""
+    options = options_of(run)
+    expected = options.prior_sha256.lower()
+    if options.prior_source == "random":
+        prior = random_prior(
+            options.prior_arch,
+            run.in_channels,
+            options.prior_seed,
+            options.prior_image_size,
+            options.prior_normalize == "imagenet",
+        )
+        content = prior_content_sha256(prior)
+        if expected and content != expected:
+            raise IntegrityError(
+                f"hospital {hospital.hospital}: the random prior (seed {options.prior_seed}) has "
+                f"weights SHA-256 {content}; the run expects fedmas.prior-sha256 = {expected}"
+            )
+        info = {"prior_sha256": "", "prior_content_sha256": content, "prior_origin": "random"}
+        return prior, info
+    if not expected:
+        check_run(run)  # raises the missing-hash error
+    path = hospital.prior_path or options.prior_path
+    if not path:
+        raise ConfigError(
+            f"hospital config: key 'prior-path' is empty (hospital {hospital.hospital}) and run "
+            "config 'fedmas.prior-path' is not set: Fed-MAS needs the shared prior file"
+        )
+    try:
+        actual = file_sha256(path)
+    except OSError:
+        raise DataError(
+            f"Fed-MAS prior file '{path}' (hospital {hospital.hospital}) does not exist or "
+            "cannot be read"
+        ) from None
+    if actual != expected:
+        raise IntegrityError(
+            f"hospital {hospital.hospital}: prior file '{path}' has SHA-256 {actual}; the run "
+            f"expects fedmas.prior-sha256 = {expected}: every hospital must use the "
+            "bit-identical prior file"
+        )
+    prior, prior_file = load_prior(
+        path, options.prior_arch, options.prior_image_size, options.prior_normalize == "imagenet"
+    )
+    info = {
+        "prior_sha256": actual,
+        "prior_content_sha256": prior_content_sha256(prior),
+        "prior_origin": prior_file.origin,
+    }
+    return prior, info
+
+
+# ------------------------------------------------------------------------------ the client
+
+
+@torch.no_grad()
+def measure_divergence(
+    model: FedMASNet,
+    prior: FrozenPrior,
+    split: Split,
+    device: torch.device,
+    batch_size: int,
+    class_counts: list[int],
+) -> list[float]:
+    """Step 1: class-wise ``L_f`` of ``model`` (eval mode, no gradient), one pass over ``split``."""
+    model.eval()
+    prior.eval()
+    divergence = ClassDivergence(class_counts)
+    for inputs, labels in make_loader(split, batch_size, shuffle=False):
+        inputs = inputs.to(device)
+        _, projection, _ = model.heads(inputs)
+        divergence.add(alignment_loss(projection, prior(inputs)), labels)
+    return divergence.values()
+
+
+def optimizer_to_state(optimizer: torch.optim.Optimizer) -> State:
+    """The optimizer's per-parameter state as a flat tensor dict (for :class:`SiteState`)."""
+    saved = optimizer.state_dict()
+    flat: State = {
+        "meta.num_params": torch.tensor(sum(len(g["params"]) for g in saved["param_groups"]))
+    }
+    for index, values in saved["state"].items():
+        for name, value in values.items():
+            if value is None:
+                continue
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            flat[f"state.{index}.{name}"] = tensor.detach().cpu()
+    return flat
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, flat: State) -> bool:
+    """Load a state saved by :func:`optimizer_to_state`; False (nothing loaded) if it does not
+    fit this optimizer (another model or optimizer)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if int(flat.get("meta.num_params", torch.tensor(-1))) != len(parameters):
+        return False
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        if not key.startswith("state."):
+            continue
+        _, index, name = key.split(".", 2)
+        position = int(index)
+        if position >= len(parameters):
+            return False
+        if value.ndim > 0 and value.shape != parameters[position].shape:
+            return False
+        state.setdefault(position, {})[name] = value
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+    return True
+
+
+class FedMASObjective(ClientObjective):
+    """Measure (w), train with BSM + BSM + λ(2 − 2cos) while estimating ŵ, report RF."""
+
+    def build(self, state: State | None = None) -> nn.Module:
+        model = build_fedmas_model(self.run)
+        if state is not None:
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:
+                detail = " ".join(str(err).split())[:300]
+                raise DataError(
+                    f"the received model does not fit the Fed-MAS model of this run: {detail}"
+                ) from None
+        return model
+
+    def fit(self, received: State) -> LocalUpdate:
+        run, options, device = self.run, options_of(self.run), self.context.device
+        check_run(run)
+        train = self.context.data.train
+        if len(train) < 2:
+            raise DataError(
+                f"hospital {self.context.hospital.hospital}: Fed-MAS needs at least 2 training "
+                f"samples (the projector has BatchNorm); the training split has {len(train)}"
+            )
+        prior, prior_info = hospital_prior(run, self.context.hospital)
+        prior.to(device)
+        counts = train.class_counts(run.num_classes)
+        model: FedMASNet = self.build(received).to(device)  # type: ignore[assignment]
+        started = time.perf_counter()
+
+        # Step 1, global measurement with the received model.
+        w = measure_divergence(model, prior, train, device, run.batch_size, counts)
+
+        # Step 2, local training with state estimation.
+        optimizer = make_optimizer(list(model.parameters()), run)
+        site, state_name = self.context.site, f"{OPTIMIZER_STATE}_{run.optimizer}"
+        restored = (
+            options.persist_optimizer
+            and site.has(state_name)
+            and restore_optimizer(optimizer, site.load(state_name))
+        )
+        log_prior = class_log_prior(torch.tensor(counts)).to(device)
+        w_hat = ClassDivergence(counts)
+        loader = DataLoader(
+            TensorDataset(train.inputs, train.labels),
+            batch_size=run.batch_size,
+            shuffle=True,
+            generator=self.generator(),
+            drop_last=len(train) > run.batch_size,  # no batch of 1 for the projector's BatchNorm
+        )
+        budget = run.local_steps or run.local_epochs * len(loader)
+        use_amp = run.amp and device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        sums = {"loss": 0.0, "task": 0.0, "aux": 0.0, "align": 0.0}
+        seen, steps = 0, 0
+        model.train()
+        while steps < budget:
+            for inputs, labels in loader:
+                inputs, labels = inputs.to(device), labels.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, enabled=use_amp):
+                    logits, projection, aux_logits = model.heads(inputs)
+                    features = prior(inputs)
+                if options.local_loss == "bsm":
+                    task = balanced_softmax_loss(logits, labels, log_prior)
+                    aux = balanced_softmax_loss(aux_logits, labels, log_prior)
+                else:
+                    task = F.cross_entropy(logits.float(), labels)
+                    aux = F.cross_entropy(aux_logits.float(), labels)
+                divergence = alignment_loss(projection, features)
+                loss = task + aux + options.align_weight * divergence.mean()
+                w_hat.add(divergence, labels)
+                scaler.scale(loss).backward()
+                if options.grad_clip_norm > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                n = len(labels)
+                for key, value in (("loss", loss), ("task", task), ("aux", aux)):
+                    sums[key] += float(value.detach()) * n
+                sums["align"] += float(divergence.detach().sum())
+                seen += n
+                steps += 1
+                if steps >= budget:
+                    break
+        if options.persist_optimizer:
+            site.save(state_name, optimizer_to_state(optimizer))
+
+        # Step 3, the robust factor.
+        rf = robust_factor(w, w_hat.values(), inverse=options.aggregation == "mas_inv")
+        metrics: dict[str, float | list[float]] = {
+            "mas_rf": rf,
+            "mas_w": w,
+            "mas_w_hat": w_hat.values(),
+            "train_task_loss": sums["task"] / max(seen, 1),
+            "train_aux_loss": sums["aux"] / max(seen, 1),
+            "train_align_loss": sums["align"] / max(seen, 1),
+            "train_optimizer_restored": float(bool(restored)),
+        }
+        return LocalUpdate(
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            sums["loss"] / max(seen, 1),
+            seen,
+            time.perf_counter() - started,
+            steps,
+            metrics=metrics,
+            info=prior_info,
+        )
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+class FedMASStrategy(FedClinicStrategy):
+    """Averages full states with the weights ``RF_k / Σ RF`` (or the configured variant)."""
+
+    def __init__(self, run: RunConfig, results: Any = None) -> None:
+        super().__init__(run, results)
+        self.options = options_of(run)
+        self.history: dict[str, Any] = {}
+        self.prior_seen: dict[str, str] = {}
+
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Result:
+        """Start from the Fed-MAS model (backbone + heads + projector) built from the run seed;
+        the ServerApp's ``initial_arrays`` (the plain run model) lack the projector and heads."""
+        check_run(self.run)
+        initial = state_to_record(build_fedmas_model(self.run, seed=self.run.seed).state_dict())
+        return super().start(grid, initial, num_rounds, timeout, **kwargs)
+
+    def _check_priors(self, server_round: int, replies: list[Reply]) -> None:
+        """Refuse to mix updates measured against different priors (MAS-2)."""
+        hashes = {r.hospital: str(r.info.get("prior_content_sha256", "")) for r in replies}
+        self.prior_seen.update(hashes)
+        distinct = sorted(set(self.prior_seen.values()))
+        if len(distinct) > 1:
+            by_hash = {
+                h: ", ".join(sorted(n for n, v in self.prior_seen.items() if v == h))
+                for h in distinct
+            }
+            groups = "; ".join(f"{h[:12] or '<none>'}: {names}" for h, names in by_hash.items())
+            raise IntegrityError(
+                f"round {server_round}: hospitals report different Fed-MAS priors (weights "
+                f"SHA-256 {groups}); every hospital must use the bit-identical prior"
+            )
+
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
+        self._check_priors(server_round, replies)
+        states = replies_to_numpy(replies)
+        keys = set(states[0])
+        for reply, state in zip(replies, states, strict=True):
+            if set(state) != keys:
+                raise FedClinicError(
+                    f"round {server_round}: hospital {reply.hospital} sent a model with different "
+                    "entries from the others (is every hospital on the same run config?)"
+                )
+        rf = [float(r.metrics.get("mas_rf", math.nan)) for r in replies]
+        n = [float(r.metrics.get("num_train", r.num_examples)) for r in replies]
+        options = self.options
+        weights, rule = aggregation_weights(
+            options.aggregation,
+            rf,
+            n,
+            server_round,
+            self.run.rounds,
+            options.drw_start,
+            options.drw_beta,
+        )
+        if "fallback" in rule:
+            log(
+                WARNING,
+                "round %d: robust factors %s unusable; FedAvg weights used",
+                server_round,
+                rf,
+            )
+        plain = fedavg_weights(n)
+        per_hospital: dict[str, Any] = {}
+        rows = []
+        for reply, r, weight, fedavg_weight, count in zip(
+            replies, rf, weights, plain, n, strict=True
+        ):
+            entry = {
+                "rf": r,
+                "weight": weight,
+                "fedavg_weight": fedavg_weight,
+                "num_train": int(count),
+                "w": [float(v) for v in reply.metrics.get("mas_w", [])],
+                "w_hat": [float(v) for v in reply.metrics.get("mas_w_hat", [])],
+            }
+            per_hospital[reply.hospital] = entry
+            rows.append(
+                {
+                    "round": server_round,
+                    "hospital": reply.hospital,
+                    "node_id": reply.node_id,
+                    "kind": "aggregation",
+                    "method": options.aggregation,
+                    "rule": rule,
+                    **entry,
+                }
+            )
+        self.history[str(server_round)] = {"rule": rule, "hospitals": per_hospital}
+        if self.results:
+            self.results.append(rows)
+        return numpy_to_record(weighted_average(states, weights))
+
+    def summary_extra(self) -> dict[str, Any]:
+        options = self.options
+        random = options.prior_source == "random"
+        hashes = sorted(set(self.prior_seen.values()))
+        return {
+            "fedmas": {
+                "aggregation": options.aggregation,
+                "align_weight": options.align_weight,
+                "local_loss": options.local_loss,
+                "backbone": self.run.model,
+                "prior": {
+                    "source": options.prior_source,
+                    "arch": options.prior_arch,
+                    "sha256": options.prior_sha256.lower() or None,
+                    "content_sha256": hashes[0] if len(hashes) == 1 else None,
+                    "degraded": random,
+                    "note": (
+                        "randomly initialised frozen prior (MAS-2 substitute 4): results are "
+                        "degraded"
+                        if random
+                        else "shared prior file checked by SHA-256 at every hospital"
+                    ),
+                },
+                "rounds": self.history,
+            }
+        }
+
+
+ALGORITHM = Algorithm(
+    name="fedmas",
+    strategy=FedMASStrategy,
+    objective=FedMASObjective,
+    options=FedMASOptions,
+    description="Fed-MAS: aggregation weighted by class-wise divergence from a frozen SSL prior",
+)

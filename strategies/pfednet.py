@@ -1,0 +1,773 @@
+"""pFedNet (ALGORITHMS.md section 2): shared + personalised components coupled by a data graph.
+
+Each hospital's model is ``w_n = M x + N z_n``: the shared part ``x`` (the feature layers)
+is averaged FedAvg-style; the personalised parts ``Z = [z_1 .. z_N]`` (by default the
+classifier; every parameter of logistic regression) stay different per hospital but are
+pulled together along a similarity graph by the server's coupled proximal step
+``min_Z (1/N)<G, Z> + lambda sum_(i,j) ||z_i - z_j||_2 + (1/2 eta)||Z - Z_t||^2``.
+
+Protocol (the deep version, section 2.4), one fedclinic round = two exchanges:
+
+0. Once, before round 1: the server asks every hospital for a data sketch
+   (:meth:`PFedNetObjective.describe`) and builds the symmetric k-NN graph and Q.
+1. *Shared phase* (the round's regular message): the hospital evaluates its personalised
+   model ``x + z_n``, then trains the shared layers with the personal ones frozen and uploads
+   the shared pseudo-gradient; the server averages by training-set size.
+2. *Personal phase* (a second TRAIN message inside :meth:`aggregate`): the hospital loads
+   the new ``x`` and its ``z_n``, trains the personal layers with the shared ones frozen and
+   uploads ``G_n = z_n(before) - z_n(after)``; the server runs the ADMM and keeps ``Z``.
+   With no shared parameter (logistic regression) the round's only exchange is this phase.
+
+Each hospital receives its own column ``z_n``, keyed by hospital name (node ids change when
+a SuperNode restarts); the hospital keeps it in its :class:`~fedclinic.site.SiteState`.
+
+Design decisions (ALGORITHMS.md section 6):
+
+- PF-1: the sketch is sent once, in the setup query, and only then. Label-ratio sketch
+  (class counts; the server divides by the federation's total as the convex code does) for
+  tabular models, the deep code's pixel covariance for images (pooled to at most
+  ``sketch-image-size`` per side; upper triangle only, distances unchanged). Optional
+  DP-noised sketch: ``sketch-epsilon`` > 0 adds Laplace(2/epsilon) noise to the class
+  counts (epsilon-DP per record; label-ratio sketch only). The reference sends exact
+  sketches and has no noise option.
+- PF-2: the server step size eta is ``server-step-size``; 0 (default) means eta = N, which
+  keeps the full local step. The deep code fixes eta = 0.01 (keeps ~0.2% of the local update
+  for N = 5). The fusion threshold per round is eta * lambda, so ``fusion-lambda`` defaults
+  to 0.144: eta * lambda = 0.72 at N = 5, the deep code's 0.01 * 72.
+- PF-3: the "differentially sparse regularizer" is the fused-lasso term gamma ||D(.)||_1 of
+  the client-side compression; ||ZQ||_{1,2} is the personalisation regularizer. The
+  compression (``compression = fused-stc``) solves the proximal step to near convergence in
+  the equivalent variables v = (w - y)/eta (w and eta cancel), with gamma relative to the
+  update's RMS; the reference runs 20 ADMM iterations in y from y = 0 with an absolute
+  gamma = 50, whose exact solution would zero most updates.
+- PF-4: ``(I + eta rho QQ^T)^-1`` from one eigendecomposition of QQ^T at graph build;
+  ``(I + rho D^T D)^-1`` from the closed-form eigendecomposition of D^T D. The reference
+  calls ``torch.inverse`` every ADMM iteration and ``eigh`` for D^T D.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from pydantic import Field
+from torch import nn
+
+from fedclinic.config import RunConfig, Schema
+from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
+from fedclinic.models import MODELS, build_model, head_prefix
+from fedclinic.serialization import (
+    State,
+    numpy_to_record,
+    record_to_numpy,
+    record_to_state,
+    state_to_record,
+)
+from fedclinic.training import seeded_generator, train_local
+from strategies import pfednet_math as pm
+from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, LocalUpdate, Reply
+from strategies.fedavg import weighted_average
+
+PHASE_KEY = "pfednet-phase"  # round config: "shared" or "personal"
+SKETCH_KEY = "pfednet-sketch"  # setup query config: whether to compute the sketch
+MARKER = "pfednet.column"  # array naming the hospital whose personalised column was sent
+PERSONAL_STATE = "pfednet_personal"  # site state: this hospital's personalised parameters
+DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model, final round
+SketchKind = Literal["label-ratio", "covariance", "feature-mean"]
+
+
+class PFedNetOptions(Schema):
+    personal_layers: str = Field(
+        "",
+        description="comma-separated parameter-name prefixes or globs of the personalised "
+        "component; empty = the model's classification head (all of logreg)",
+    )
+    sketch: Literal["auto", "label-ratio", "covariance", "feature-mean"] = "auto"
+    sketch_image_size: int = Field(32, ge=1, le=256)
+    sketch_epsilon: float = Field(0.0, ge=0, description="Laplace DP on counts; 0 = exact")
+    knn_k: int = Field(3, ge=1, le=1000)
+    fusion_lambda: float = Field(0.144, ge=0)
+    server_step_size: float = Field(0.0, ge=0, description="eta; 0 = number of graph hospitals")
+    admm_rho: float = Field(1.0, gt=0)
+    admm_iterations: int = Field(200, ge=1, le=100_000)
+    compression: Literal["none", "stc", "fused-stc"] = "none"
+    compression_gamma: float = Field(1.0, ge=0, description="relative to the update's RMS")
+    compression_ratio: float = Field(0.2, gt=0, le=1)
+    compression_chunk: int = Field(3000, ge=2, le=20_000)
+    compression_iterations: int = Field(50, ge=1, le=10_000)
+
+
+def options_of(run: RunConfig) -> PFedNetOptions:
+    options = run.options.get("pfednet")
+    return options if isinstance(options, PFedNetOptions) else PFedNetOptions()
+
+
+def resolve_sketch(run: RunConfig) -> SketchKind:
+    """The sketch kind: label ratios for tabular models, pixel covariance for images."""
+    options = options_of(run)
+    kind: SketchKind
+    if options.sketch == "auto":
+        kind = "label-ratio" if MODELS[run.model].tabular else "covariance"
+    else:
+        kind = options.sketch
+    if options.sketch_epsilon > 0 and kind != "label-ratio":
+        raise ConfigError(
+            f"run config: key 'pfednet.sketch-epsilon' = {options.sketch_epsilon} is not allowed: "
+            f"the Laplace mechanism is implemented for sketch = label-ratio only "
+            f"(the sketch is '{kind}' for model '{run.model}')"
+        )
+    return kind
+
+
+def compression_settings(run: RunConfig, device: torch.device | str) -> dict[str, Any]:
+    options = options_of(run)
+    return {
+        "gamma": options.compression_gamma,
+        "ratio": options.compression_ratio,
+        "chunk": options.compression_chunk,
+        "iterations": options.compression_iterations,
+        "device": device,
+    }
+
+
+# ------------------------------------------------------------------------------ layer split
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A glob when the pattern has wildcards, else a name prefix."""
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name.startswith(pattern)
+
+
+def _array(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """Which parameters are personalised (z) and which shared (x); buffers are always shared."""
+
+    personal: tuple[str, ...]
+    shared: tuple[str, ...]
+    buffers: tuple[str, ...]
+    shapes: Mapping[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, model: nn.Module, run: RunConfig) -> LayerSplit:
+        option = options_of(run).personal_layers
+        patterns = [p.strip() for p in option.split(",") if p.strip()] or [head_prefix(run)]
+        parameters = [name for name, _ in model.named_parameters()]
+        for pattern in patterns:
+            if not any(_matches(name, pattern) for name in parameters):
+                roots = sorted({name.split(".")[0] + "." for name in parameters})
+                raise ConfigError(
+                    f"run config: key 'pfednet.personal-layers' = {option!r} is not allowed: "
+                    f"pattern {pattern!r} matches no parameter of model '{run.model}' "
+                    f"(its parameters start with {', '.join(roots)})"
+                )
+        personal = {n for n in parameters if any(_matches(n, p) for p in patterns)}
+        state = model.state_dict()
+        return cls(
+            personal=tuple(n for n in state if n in personal),
+            shared=tuple(n for n in state if n in parameters and n not in personal),
+            buffers=tuple(n for n in state if n not in parameters),
+            shapes={n: tuple(v.shape) for n, v in state.items()},
+        )
+
+    def size(self, names: Sequence[str]) -> int:
+        return int(sum(int(np.prod(self.shapes[n])) for n in names))
+
+    def flatten(self, state: Mapping[str, Any], names: Sequence[str]) -> np.ndarray:
+        if not names:
+            return np.zeros(0)
+        return np.concatenate([_array(state[n]).astype(np.float64).reshape(-1) for n in names])
+
+    def unflatten(
+        self, vector: np.ndarray, names: Sequence[str], like: Mapping[str, Any]
+    ) -> dict[str, np.ndarray]:
+        """Entries of ``names`` from a flat vector, in the dtype of ``like``'s entries."""
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for name in names:
+            count = int(np.prod(self.shapes[name]))
+            dtype = _array(like[name]).dtype
+            out[name] = vector[offset : offset + count].reshape(self.shapes[name]).astype(dtype)
+            offset += count
+        return out
+
+
+def split_of(run: RunConfig) -> LayerSplit:
+    return LayerSplit.of(build_model(run), run)
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+class PFedNetObjective(ClientObjective):
+    """Hospital half: sketch once, then the shared and personal phases of every round."""
+
+    deployed_kind = "personal"
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.options = options_of(self.run)
+        self._split: LayerSplit | None = None
+        self._resolved: tuple[State, bool] | None = None
+
+    @property
+    def split(self) -> LayerSplit:
+        if self._split is None:
+            self._split = split_of(self.run)
+        return self._split
+
+    # -- setup query
+    def describe(self, content: RecordDict) -> dict[str, float | list[float]]:
+        """The data sketch for the similarity graph (PF-1); aggregate statistics only."""
+        config = dict(content["config"]) if "config" in content.config_records else {}
+        answer = super().describe(content)
+        if not config.get(SKETCH_KEY, False):
+            return answer  # a name-only query (a hospital that reconnected)
+        kind = resolve_sketch(self.run)
+        train = self.context.data.train
+        if kind == "label-ratio":
+            counts = [float(c) for c in train.class_counts(self.run.num_classes)]
+            if self.options.sketch_epsilon > 0:
+                rng = np.random.default_rng()  # fresh OS entropy: the server must not know it
+                noisy = pm.noisy_counts(counts, self.options.sketch_epsilon, rng)
+                return {"num_train": len(train), "sketch": [float(c) for c in noisy]}
+            return {**answer, "sketch": counts}
+        if kind == "covariance":
+            rows = len(train) * (train.inputs.shape[1] if train.inputs.ndim == 4 else 1)
+            if rows < 50:
+                log(
+                    WARNING,
+                    "pFedNet: the covariance sketch of %d image rows reveals much about each "
+                    "image; consider pfednet.sketch = label-ratio",
+                    rows,
+                )
+            sketch = pm.covariance_sketch(train.inputs, self.options.sketch_image_size)
+        else:
+            sketch = pm.feature_mean_sketch(train.inputs, self.options.sketch_image_size)
+        return {**answer, "sketch": [float(v) for v in sketch]}
+
+    # -- the received model
+    def resolve(self, received: State) -> tuple[State, bool]:
+        """The personalised model ``x + z_n`` and whether ``z_n`` is the server's column.
+
+        The server's column is stored at the site; without one (a hospital outside the
+        graph, or one the server could not identify) the site's stored column is used.
+        """
+        if self._resolved is not None:
+            return self._resolved
+        state = {k: v for k, v in received.items() if not k.startswith("pfednet.")}
+        name = self.context.hospital.hospital
+        marker = received.get(MARKER)
+        own = marker is not None and bytes(marker.numpy().astype(np.uint8)).decode() == name
+        missing = [k for k in self.split.shapes if k not in state]
+        if missing:
+            raise DataError(f"the received model lacks {len(missing)} entries, e.g. '{missing[0]}'")
+        site = self.context.site
+        if own:
+            site.save(PERSONAL_STATE, {k: state[k] for k in self.split.personal})
+        elif site.has(PERSONAL_STATE):
+            saved = site.load(PERSONAL_STATE)
+            for key in self.split.personal:
+                if key not in saved or tuple(saved[key].shape) != self.split.shapes[key]:
+                    raise IntegrityError(
+                        f"site state '{site.path(PERSONAL_STATE)}' does not match model "
+                        f"'{self.run.model}' (entry '{key}'); remove it to start afresh"
+                    )
+                state[key] = saved[key]
+        self._resolved = (state, own)
+        return self._resolved
+
+    def deployed_model(self, received: State) -> nn.Module:
+        state, _ = self.resolve(received)
+        if self.context.server_config.get("final"):
+            self.context.site.save(DEPLOYED_STATE, state)
+        return self.build(state)
+
+    # -- training
+    def fit(self, received: State) -> LocalUpdate:
+        state, own = self.resolve(received)
+        if self.split.shared:
+            return self.shared_phase(state)
+        return self.personal_phase(state, own)
+
+    def _train(self, state: State, trainable: Sequence[str], phase: str) -> tuple[nn.Module, Any]:
+        model = self.build(state)
+        names = set(trainable)
+        parameters = []
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in names)
+            if name in names:
+                parameters.append(parameter)
+        generator = seeded_generator(
+            self.run.seed, self.context.server_round, self.context.hospital.hospital, phase
+        )
+        stats = train_local(
+            model,
+            self.context.data.train,
+            self.run,
+            self.context.device,
+            generator,
+            objective=self.loss,
+            parameters=parameters,
+        )
+        return model, stats
+
+    def _encode(self, delta: np.ndarray, prefix: str) -> tuple[dict[str, torch.Tensor], float]:
+        started = time.perf_counter()
+        settings = compression_settings(self.run, self.context.device)
+        arrays = pm.encode_update(delta, prefix, self.options.compression, **settings)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return tensors, time.perf_counter() - started
+
+    def shared_phase(self, state: State) -> LocalUpdate:
+        """Train x with z frozen; upload x's pseudo-gradient and the (shared) buffers."""
+        split = self.split
+        model, stats = self._train(state, split.shared, "shared")
+        after = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        delta = split.flatten(state, split.shared) - split.flatten(after, split.shared)
+        upload, seconds = self._encode(delta, "shared.")
+        upload.update({f"buffer.{k}": after[k] for k in split.buffers})
+        return LocalUpdate(
+            upload,
+            stats.loss,
+            stats.num_examples,
+            stats.seconds,
+            stats.steps,
+            metrics={"train_compress_seconds": seconds},
+            info={"phase": "shared"},
+        )
+
+    def personal_phase(self, state: State, own: bool) -> LocalUpdate:
+        """Train z with x frozen; upload ``G_n = z(before) - z(after)``."""
+        split = self.split
+        model, stats = self._train(state, split.personal, "personal")
+        after = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if not own:  # no server column comes back: keep the local result (FedPer-like)
+            self.context.site.save(PERSONAL_STATE, {k: after[k] for k in split.personal})
+        delta = split.flatten(state, split.personal) - split.flatten(after, split.personal)
+        upload, seconds = self._encode(delta, "personal.")
+        return LocalUpdate(
+            upload,
+            stats.loss,
+            stats.num_examples,
+            stats.seconds,
+            stats.steps,
+            metrics={"train_compress_seconds": seconds},
+            info={"phase": "personal", "in_graph": str(own).lower()},
+        )
+
+    def respond(self, content: RecordDict, train: bool) -> RecordDict:
+        """The shared-phase message evaluates then trains; the personal-phase one only trains."""
+        if self.context.server_config.get(PHASE_KEY) != "personal" or not train:
+            return super().respond(content, train)
+        state, own = self.resolve(record_to_state(content["arrays"]))
+        torch.manual_seed(int(self.generator().initial_seed() % (2**31)))
+        update = self.personal_phase(state, own)
+        metrics = {
+            "train_loss": update.loss,
+            "num-examples": update.num_examples,
+            "num_train": len(self.context.data.train),
+            "train_seconds": update.seconds,
+            "train_steps": update.steps,
+            **update.metrics,
+        }
+        info = {
+            "hospital": self.context.hospital.hospital,
+            "device": str(self.context.device),
+            "deployed": self.deployed_kind,
+            **update.info,
+        }
+        return RecordDict(
+            {
+                "arrays": state_to_record(update.state),
+                "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
+                "info": ConfigRecord(info),
+            }
+        )
+
+
+# ------------------------------------------------------------------------------------ server
+
+
+class PFedNetStrategy(FedClinicStrategy):
+    """Server half: the graph, the shared average, the ADMM step, the per-hospital columns."""
+
+    has_global_model = False  # each hospital deploys its own x + z_n
+
+    def __init__(self, run: RunConfig, results: Any = None) -> None:
+        super().__init__(run, results)
+        self.options = options_of(run)
+        self.grid: Grid | None = None
+        resolve_sketch(run)  # a bad option fails before any hospital is contacted
+        self.split: LayerSplit = split_of(run)
+        self.state: dict[str, np.ndarray] = {}  # x and buffers (personal entries: a template)
+        self.graph: pm.Graph | None = None
+        self.columns = np.zeros((self.split.size(self.split.personal), 0))
+        self.round = 0
+        self.traffic: dict[int, dict[str, dict[str, float]]] = {}
+        self.fedavg_bytes: dict[int, tuple[int, int]] = {}
+        self.warned: set[str] = set()
+        self.admm_log: list[dict[str, Any]] = []
+
+    # -- setup: the similarity graph (PF-1)
+    def setup(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
+        self.grid = grid
+        self.state = record_to_numpy(initial_arrays)
+        kind = resolve_sketch(self.run)
+        replies = self.query_hospitals(grid, {SKETCH_KEY: True})
+        names = [r.hospital for r in replies]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"hospital config: key 'hospital' = {duplicates[0]!r} is used by more than one "
+                "node; every hospital needs a unique name"
+            )
+        replies = sorted(replies, key=lambda r: r.hospital)
+        sketches = [self._sketch(r) for r in replies]
+        lengths = {len(s) for s in sketches}
+        if len(lengths) != 1:
+            detail = ", ".join(
+                f"{r.hospital}: {len(s)}" for r, s in zip(replies, sketches, strict=True)
+            )
+            raise ConfigError(
+                f"hospital sketches differ in length ({detail}); the run config must match"
+            )
+        matrix = np.array(sketches, dtype=np.float64)
+        if kind == "label-ratio":
+            matrix = matrix / max(float(matrix.sum()), 1e-12)  # share of all samples (convex code)
+            distances = pm.pairwise_distances(matrix, "l2")
+        elif kind == "covariance":
+            distances = pm.pairwise_distances(matrix, "l1", pm.triangle_weights(matrix.shape[1]))
+        else:
+            distances = pm.pairwise_distances(matrix, "l2")
+        self.graph = pm.Graph.build([r.hospital for r in replies], distances, self.options.knn_k)
+        z0 = self.split.flatten(self.state, self.split.personal)
+        self.columns = np.repeat(z0[:, None], len(replies), axis=1)
+        sketch_bytes = [pm.record_bytes(MetricRecord(self._sketch_only(r)))[0] for r in replies]
+        log(
+            INFO,
+            "pFedNet graph (%s sketch, k = %d): %d hospitals, edges %s",
+            kind,
+            self.options.knn_k,
+            len(replies),
+            self.graph.named_edges(),
+        )
+        if self.results:
+            self.results.append(
+                [
+                    {
+                        "round": 0,
+                        "kind": "pfednet-graph",
+                        "sketch": kind,
+                        "knn_k": self.options.knn_k,
+                        "hospitals": list(self.graph.hospitals),
+                        "edges": self.graph.named_edges(),
+                        "sketch_bytes": sketch_bytes,
+                        "personal_entries": self.split.size(self.split.personal),
+                        "shared_entries": self.split.size(self.split.shared),
+                    }
+                ]
+            )
+
+    @staticmethod
+    def _sketch(reply: Reply) -> list[float]:
+        sketch = reply.metrics.get("sketch")
+        if not isinstance(sketch, list) or not sketch:
+            raise DataError(f"hospital {reply.hospital} sent no data sketch in its setup reply")
+        return [float(v) for v in sketch]
+
+    @staticmethod
+    def _sketch_only(reply: Reply) -> dict[str, list[float]]:
+        return {"sketch": [float(v) for v in reply.metrics["sketch"]]}
+
+    # -- what each hospital receives
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        self.round = server_round
+        phase = "shared" if self.split.shared else "personal"
+        return {"server-round": server_round, PHASE_KEY: phase}
+
+    def arrays_for(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The shared x plus this hospital's personalised column, found by hospital name."""
+        name = self._name_of(node_id)
+        personal = self._column(name)
+        state = {**self.state, **self.split.unflatten(personal, self.split.personal, self.state)}
+        if self.graph is not None and name in self.graph.hospitals:
+            state[MARKER] = np.frombuffer(name.encode(), dtype=np.uint8).copy()
+        record = numpy_to_record(state)
+        size, _ = pm.record_bytes(record)
+        self._count(name, "download_bytes", size)
+        return record
+
+    def _column(self, name: str) -> np.ndarray:
+        if self.graph is not None and name in self.graph.hospitals:
+            return self.columns[:, self.graph.hospitals.index(name)]
+        if self.graph is not None and name not in self.warned:
+            self.warned.add(name)
+            log(WARNING, "pFedNet: %s is not in the similarity graph; it keeps its own z", name)
+        return self.columns.mean(axis=1) if self.columns.shape[1] else self._template()
+
+    def _template(self) -> np.ndarray:
+        return self.split.flatten(self.state, self.split.personal)
+
+    def _name_of(self, node_id: int) -> str:
+        """Hospital name of a node; a node id never seen (a restarted SuperNode) is asked."""
+        if node_id not in self.hospital_names and self.grid is not None:
+            content = RecordDict({"config": ConfigRecord({"server-round": 0, SKETCH_KEY: False})})
+            message = Message(content=content, message_type=MessageType.QUERY, dst_node_id=node_id)
+            for reply in self.grid.send_and_receive([message], timeout=self.run.round_timeout):
+                if not reply.has_error() and "info" in reply.content.config_records:
+                    name = reply.content["info"].get("hospital")
+                    if isinstance(name, str) and name:
+                        self.hospital_names[node_id] = name
+        return self.hospital_of(node_id)
+
+    # -- aggregation: shared average, personal exchange, ADMM
+    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
+        if self.split.shared:
+            usable = self._apply_shared(server_round, replies)
+            replies = self._personal_exchange(server_round, [r.node_id for r in usable])
+        self._apply_personal(server_round, replies)
+        return numpy_to_record(self.global_state())
+
+    def _uploads(
+        self, server_round: int, replies: list[Reply], prefix: str, names: Sequence[str]
+    ) -> list[tuple[Reply, np.ndarray, dict[str, np.ndarray]]]:
+        """Decoded updates; a malformed one drops that hospital (an error row), not the run."""
+        size = self.split.size(names)
+        decoded = []
+        for reply in replies:
+            assert reply.arrays is not None
+            arrays = record_to_numpy(reply.arrays)
+            try:
+                delta = pm.decode_update(arrays, prefix, size)
+                if prefix == "shared.":
+                    missing = [b for b in self.split.buffers if f"buffer.{b}" not in arrays]
+                    if missing:
+                        raise DataError(f"the shared update lacks buffer '{missing[0]}'")
+            except DataError as err:
+                reason = f"{reply.hospital}: unusable {prefix[:-1]} update: {err}"
+                log(WARNING, "round %d: %s", server_round, reason)
+                if self.results:
+                    self.results.append([self._error_row(server_round, reply.node_id, reason)])
+                continue
+            upload, deflated = pm.record_bytes(reply.arrays)
+            self._count(reply.hospital, f"{prefix[:-1]}_upload_bytes", upload)
+            self._count(reply.hospital, "upload_bytes", upload)
+            self._count(reply.hospital, "upload_deflate_bytes", deflated)
+            decoded.append((reply, delta, arrays))
+        if len(decoded) < self.run.min_hospitals:
+            raise FedClinicError(
+                f"round {server_round}: {len(decoded)} usable {prefix[:-1]} updates, fewer than "
+                f"min-hospitals = {self.run.min_hospitals}"
+            )
+        return decoded
+
+    def _apply_shared(self, server_round: int, replies: list[Reply]) -> list[Reply]:
+        """x <- x - sum_n (n_n / n) g_n: FedAvg of the shared layers (section 2.4 step 1)."""
+        decoded = self._uploads(server_round, replies, "shared.", self.split.shared)
+        weights = np.array(
+            [float(r.metrics.get("num_train", r.num_examples)) for r, _, _ in decoded]
+        )
+        step = sum(w * d for w, (_, d, _) in zip(weights / weights.sum(), decoded, strict=True))
+        x = self.split.flatten(self.state, self.split.shared) - step
+        self.state.update(self.split.unflatten(x, self.split.shared, self.state))
+        if self.split.buffers:
+            buffers = [
+                {b: arrays[f"buffer.{b}"] for b in self.split.buffers} for _, _, arrays in decoded
+            ]
+            self.state.update(weighted_average(buffers, list(weights)))
+        return [reply for reply, _, _ in decoded]
+
+    def _personal_exchange(self, server_round: int, nodes: list[int]) -> list[Reply]:
+        """Second message of the round: the personal phase, from the new x."""
+        assert self.grid is not None
+        config = ConfigRecord({"server-round": server_round, PHASE_KEY: "personal"})
+        messages = [
+            Message(
+                content=RecordDict(
+                    {"arrays": self.arrays_for(node, ArrayRecord()), "config": config}
+                ),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+            )
+            for node in nodes
+        ]
+        replies = self.grid.send_and_receive(messages, timeout=self.run.round_timeout)
+        good = self.accept(server_round, replies, trained=True, record=False)
+        if self.results:
+            self.results.append(
+                [
+                    {
+                        "round": server_round,
+                        "hospital": r.hospital,
+                        "node_id": r.node_id,
+                        "kind": "train",
+                        "phase": "personal",
+                        "train_loss": r.metrics.get("train_loss"),
+                        "num_examples": r.num_examples,
+                        "num_train": r.metrics.get("num_train"),
+                        "seconds": r.metrics.get("train_seconds"),
+                        "steps": r.metrics.get("train_steps"),
+                        "device": r.info.get("device"),
+                        "train_compress_seconds": r.metrics.get("train_compress_seconds"),
+                    }
+                    for r in good
+                ]
+            )
+        return good
+
+    def server_step_size(self) -> float:
+        """PF-2: eta; 0 means N (the number of graph hospitals): the full local step."""
+        n = len(self.graph.hospitals) if self.graph else 1
+        return self.options.server_step_size or float(n)
+
+    def _apply_personal(self, server_round: int, replies: list[Reply]) -> None:
+        """The coupled proximal step over every graph hospital's column (section 2.4 step 3)."""
+        assert self.graph is not None
+        decoded = self._uploads(server_round, replies, "personal.", self.split.personal)
+        g = np.zeros_like(self.columns)
+        updated = []
+        for reply, delta, _ in decoded:
+            if reply.hospital in self.graph.hospitals:
+                g[:, self.graph.hospitals.index(reply.hospital)] = delta
+                updated.append(reply.hospital)
+        eta = self.server_step_size()
+        previous = self.columns
+        started = time.perf_counter()
+        self.columns = pm.admm_personal_step(
+            previous,
+            g,
+            self.graph.q,
+            self.options.fusion_lambda,
+            eta,
+            self.options.admm_rho,
+            self.options.admm_iterations,
+            self.graph.inverse,
+        )
+        differences = np.linalg.norm(self.columns @ self.graph.q, axis=0)
+        scale = max(float(np.abs(self.columns).max(initial=0.0)), 1.0)
+        row = {
+            "round": server_round,
+            "kind": "pfednet-admm",
+            "eta": eta,
+            "fusion_lambda": self.options.fusion_lambda,
+            "objective": pm.personal_objective(
+                self.columns, previous, g, self.graph.q, self.options.fusion_lambda, eta
+            ),
+            "fused_edges": int((differences <= 1e-6 * scale).sum()),
+            "edges": len(self.graph.edges),
+            "hospitals_updated": updated,
+            "seconds": time.perf_counter() - started,
+        }
+        self.admm_log.append(row)
+        if self.results:
+            self.results.append([row])
+
+    def global_state(self) -> dict[str, np.ndarray]:
+        """x with the mean personalised column: what Flower's loop carries between rounds."""
+        mean = self.columns.mean(axis=1) if self.columns.shape[1] else self._template()
+        return {**self.state, **self.split.unflatten(mean, self.split.personal, self.state)}
+
+    # -- byte accounting (section 2.5): rows per round per hospital, beside FedAvg's
+    def _count(self, hospital: str, key: str, value: float) -> None:
+        slot = self.traffic.setdefault(self.round, {}).setdefault(hospital, {})
+        slot[key] = slot.get(key, 0) + value
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        self._write_traffic(server_round)
+
+    def _fedavg_bytes(self, server_round: int) -> tuple[int, int]:
+        """What FedAvg sends per hospital each way: the full float model, raw and DEFLATEd."""
+        if server_round not in self.fedavg_bytes:
+            self.fedavg_bytes[server_round] = pm.record_bytes(numpy_to_record(self.global_state()))
+        return self.fedavg_bytes[server_round]
+
+    def _write_traffic(self, server_round: int) -> None:
+        full, deflated = self._fedavg_bytes(server_round)
+        rows = []
+        for hospital, counts in sorted(self.traffic.get(server_round, {}).items()):
+            trained = "upload_bytes" in counts
+            rows.append(
+                {
+                    "round": server_round,
+                    "hospital": hospital,
+                    "kind": "communication",
+                    "compression": self.options.compression,
+                    "upload_bytes": int(counts.get("upload_bytes", 0)),
+                    "upload_deflate_bytes": int(counts.get("upload_deflate_bytes", 0)),
+                    "shared_upload_bytes": int(counts.get("shared_upload_bytes", 0)),
+                    "personal_upload_bytes": int(counts.get("personal_upload_bytes", 0)),
+                    "download_bytes": int(counts.get("download_bytes", 0)),
+                    "fedavg_upload_bytes": full if trained else 0,
+                    "fedavg_upload_deflate_bytes": deflated if trained else 0,
+                    "fedavg_download_bytes": full,
+                }
+            )
+        if self.results and rows:
+            self.results.append(rows)
+
+    def finish(self, rounds: int, arrays: ArrayRecord) -> None:
+        self._write_traffic(rounds + 1)  # the final evaluation's downloads
+        super().finish(rounds, arrays)
+
+    def _rows(self, server_round: int, reply: Reply, trained: bool) -> list[dict[str, Any]]:
+        rows = super()._rows(server_round, reply, trained)
+        for row in rows:
+            if row["kind"] == "train":
+                row["phase"] = reply.info.get("phase", "")
+        return rows
+
+    def summary_extra(self) -> dict[str, Any]:
+        totals: dict[str, dict[str, int]] = {}
+        for server_round, hospitals in self.traffic.items():
+            full, deflated = self._fedavg_bytes(server_round)
+            for hospital, counts in hospitals.items():
+                slot = totals.setdefault(hospital, {})
+                trained = "upload_bytes" in counts
+                for key, value in (
+                    ("upload_bytes", counts.get("upload_bytes", 0)),
+                    ("upload_deflate_bytes", counts.get("upload_deflate_bytes", 0)),
+                    ("download_bytes", counts.get("download_bytes", 0)),
+                    ("fedavg_upload_bytes", full if trained else 0),
+                    ("fedavg_upload_deflate_bytes", deflated if trained else 0),
+                    ("fedavg_download_bytes", full),
+                ):
+                    slot[key] = slot.get(key, 0) + int(value)
+        graph = self.graph
+        return {
+            "pfednet": {
+                "hospitals": list(graph.hospitals) if graph else [],
+                "edges": graph.named_edges() if graph else [],
+                "sketch": resolve_sketch(self.run),
+                "personal_parameters": list(self.split.personal),
+                "server_step_size": self.server_step_size(),
+                "fusion_lambda": self.options.fusion_lambda,
+                "compression": self.options.compression,
+                "communication": totals,
+            }
+        }
+
+
+ALGORITHM = Algorithm(
+    name="pfednet",
+    strategy=PFedNetStrategy,
+    objective=PFedNetObjective,
+    options=PFedNetOptions,
+    description="pFedNet: shared layers averaged; personalised layers coupled by a data graph",
+)

@@ -1,0 +1,105 @@
+"""Fed-MAS end to end: a 2-round federation on real processes via ``fedclinic local``.
+
+Two imbalanced synthetic hospitals (class priors 0.9/0.1 and 0.3/0.7) share a prior made by
+``fedclinic prior train``; a third holds a different prior file and must be refused with the
+hash mismatch as its error reason, while the run completes with the other two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedclinic.prior import add_parser
+from fedclinic.serialization import file_sha256
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_prior(path: Path, seed: int) -> str:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["prior", "train", "--synthetic-samples", "64", "--output", str(path), "--steps", "2",
+         "--batch-size", "8", "--seed", str(seed), "--device", "cpu"]
+    )  # fmt: skip
+    assert args.handler(args) == 0
+    return file_sha256(path)
+
+
+def hospital_file(tmp_path: Path, name: str, priors: str, prior: Path, seed: int) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'hospital = "{name}"\n'
+        'data-source = "synthetic"\n'
+        "num-samples = 120\n"
+        f'class-priors = "{priors}"\n'
+        f"data-seed = {seed}\n"
+        'device = "cpu"\n'
+        f'state-dir = "{tmp_path / "state" / name}"\n'
+        f'prior-path = "{prior}"\n'
+    )
+    return path
+
+
+@pytest.mark.e2e
+def test_fedmas_two_rounds_on_real_processes(tmp_path: Path) -> None:
+    shared, rogue = tmp_path / "prior.pt", tmp_path / "rogue-prior.pt"
+    digest = make_prior(shared, seed=0)
+    make_prior(rogue, seed=1)
+    hospitals = [
+        hospital_file(tmp_path, "hospital-a", "0.9,0.1", shared, 1),
+        hospital_file(tmp_path, "hospital-b", "0.3,0.7", shared, 2),
+        hospital_file(tmp_path, "hospital-c", "0.5,0.5", rogue, 3),
+    ]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fedclinic.cli", "local"]
+    for path in hospitals:
+        command += ["--hospital", str(path)]
+    for setting in (
+        "algorithm=fedmas",
+        "rounds=2",
+        "model=cnn",
+        "batch-size=16",
+        "optimizer=adam",
+        "learning-rate=0.001",
+        "min-hospitals=2",
+        "fedmas.prior-arch=cnn",
+        f'fedmas.prior-sha256="{digest}"',
+    ):
+        command += ["--set", setting]
+    command += ["--output-dir", str(out), "--timeout", "600"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    aggregation = [r for r in rows if r["kind"] == "aggregation"]
+    for server_round in (1, 2):
+        entries = [r for r in aggregation if r["round"] == server_round]
+        assert sorted(r["hospital"] for r in entries) == ["hospital-a", "hospital-b"]
+        assert sum(r["weight"] for r in entries) == pytest.approx(1.0)
+        total_rf = sum(r["rf"] for r in entries)
+        for r in entries:
+            assert r["rule"] == "mas" and r["rf"] > 0
+            assert r["weight"] == pytest.approx(r["rf"] / total_rf)
+            assert len(r["w"]) == len(r["w_hat"]) == 2 and min(r["w"]) > 0
+    errors = [r for r in rows if r["kind"] == "error" and r["hospital"] == "hospital-c"]
+    assert len(errors) == 2  # refused in both training rounds
+    assert all("SHA-256" in r["reason"] and digest in r["reason"] for r in errors)
+    evaluated = [r for r in rows if r["kind"] == "evaluate" and r["hospital"] == "hospital-a"]
+    assert {r["model_round"] for r in evaluated} == {0, 1, 2}
+    assert all("val_balanced_accuracy" in r for r in evaluated)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["algorithm"] == "fedmas"
+    assert summary["selection_note"] == "chosen on validation data"
+    fedmas = summary["fedmas"]
+    assert fedmas["aggregation"] == "mas" and fedmas["prior"]["sha256"] == digest
+    assert fedmas["prior"]["degraded"] is False and fedmas["prior"]["content_sha256"]
+    assert set(fedmas["rounds"]) == {"1", "2"}
+    assert {"final", "selected"} <= set(summary["hospitals"]["hospital-a"])

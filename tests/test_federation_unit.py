@@ -1,0 +1,507 @@
+"""The local federation's parts, without starting Flower: ports, process cleanup, the flwr
+CLI wrapper, progress display, work-dir layout and daemon command lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fedclinic.local.configs import app_defaults, find_app_dir, synthetic_hospitals
+from fedclinic.local.federation import (
+    FederationError,
+    FederationOptions,
+    Interrupted,
+    LocalFederation,
+    flower_environment,
+    health_check,
+    log_name,
+    signals_as_exceptions,
+)
+from fedclinic.local.flwr_cli import (
+    FlowerCli,
+    FlowerCliError,
+    RunStatus,
+    connection_toml,
+    parse_json_output,
+)
+from fedclinic.local.ports import is_port_free, pick_free_ports
+from fedclinic.local.progress import MetricsTail, format_row, rounds_completed, summary_table
+from fedclinic.local.supervisor import (
+    MARKER_VARIABLE,
+    ProcessSupervisor,
+    pids_with_cmdline,
+    pids_with_marker,
+    tail_file,
+)
+from fedclinic.pki import Provisioned, provision
+
+SUMMARY = {
+    "status": "completed",
+    "algorithm": "fedavg",
+    "rounds": 2,
+    "selection_metric": "val_balanced_accuracy",
+    "selected_round": 2,
+    "hospitals": {
+        "hospital-a": {
+            "final": {"test_accuracy": 0.8125, "test_auc": None},
+            "selected": {"test_accuracy": 0.8},
+            "num_train": 630,
+        }
+    },
+    "model": {"path": "model_final.pt", "sha256": "ab" * 32},
+}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+# ---------------------------------------------------------------------------- ports
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = pick_free_ports(6)
+    assert len(set(ports)) == 6
+    assert all(1024 <= p <= 65535 and is_port_free(p) for p in ports)
+    with pytest.raises(ValueError):
+        pick_free_ports(0)
+
+
+# ---------------------------------------------------------------------------- processes
+
+TREE = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    from pathlib import Path
+    role = sys.argv[1]
+    if role == "root":
+        # like a SuperLink: a helper in its own group, and one in a new session that
+        # ignores SIGTERM (Flower starts its SuperExec with start_new_session=True)
+        subprocess.Popen([sys.executable, __file__, "child"])
+        subprocess.Popen([sys.executable, __file__, "stubborn"], start_new_session=True)
+    if role in ("stubborn", "stubborn-root"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    (Path(__file__).parent / f"ready-{role}-{os.getpid()}").touch()
+    time.sleep(300)
+    """
+)
+
+
+@pytest.fixture
+def tree_script(tmp_path: Path) -> Path:
+    path = tmp_path / "tree.py"
+    path.write_text(TREE)
+    return path
+
+
+def test_stop_all_kills_the_whole_tree(tmp_path: Path, tree_script: Path) -> None:
+    supervisor = ProcessSupervisor(grace_seconds=1.0)
+    supervisor.start("link", [sys.executable, str(tree_script), "root"], tmp_path / "a.log")
+    supervisor.start(
+        "node", [sys.executable, str(tree_script), "stubborn-root"], tmp_path / "b.log", tier=1
+    )
+    wait_until(lambda: len(list(tmp_path.glob("ready-*"))) == 4)  # signal handlers set
+    assert len(pids_with_cmdline(str(tree_script))) == 4
+    assert len(pids_with_marker(supervisor.token)) == 4
+
+    supervisor.stop_all()
+
+    assert pids_with_marker(supervisor.token) == []
+    assert pids_with_cmdline(str(tree_script)) == []
+    assert pids_with_cmdline(supervisor.token, environ=True) == []
+    assert all(p.exit_code() is not None for p in supervisor.processes)
+    node = supervisor.processes[1]
+    assert node.forced  # ignored SIGTERM: needed SIGKILL
+    assert any("stubborn" in cmd for cmd in supervisor.swept.values())  # new-session helper
+
+
+def test_context_manager_stops_on_exception(tmp_path: Path, tree_script: Path) -> None:
+    with pytest.raises(RuntimeError), ProcessSupervisor(grace_seconds=1.0) as supervisor:
+        supervisor.start("link", [sys.executable, str(tree_script), "root"], tmp_path / "a.log")
+        wait_until(lambda: len(list(tmp_path.glob("ready-*"))) == 3)
+        raise RuntimeError("boom")
+    assert supervisor.remaining() == []
+    assert pids_with_cmdline(str(tree_script)) == []
+
+
+def test_daemons_die_with_a_killed_runner(tmp_path: Path) -> None:
+    """``kill -9`` of the runner leaves no daemon behind (PR_SET_PDEATHSIG)."""
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, time
+            from pathlib import Path
+            from fedclinic.local.supervisor import ProcessSupervisor
+            sup = ProcessSupervisor()
+            p = sup.start("d", [sys.executable, "-c", "import time; time.sleep(300)"],
+                          Path({str(tmp_path / "d.log")!r}))
+            print(sup.token, flush=True)
+            time.sleep(300)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(runner)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    token = proc.stdout.readline().strip()
+    wait_until(lambda: len(pids_with_marker(token)) == 1)
+    proc.kill()
+    proc.wait(10)
+    wait_until(lambda: pids_with_marker(token) == [])
+
+
+def test_children_carry_the_marker_and_log(tmp_path: Path) -> None:
+    supervisor = ProcessSupervisor()
+    done = supervisor.run(
+        [sys.executable, "-c", f"import os; print(os.environ['{MARKER_VARIABLE}'])"]
+    )
+    assert done.stdout.strip() == supervisor.token
+    process = supervisor.start(
+        "echo", [sys.executable, "-c", "print('\\x1b[92mINFO\\x1b[0m hello'); raise SystemExit(3)"],
+        tmp_path / "echo.log",
+    )  # fmt: skip
+    assert process.popen.wait(10) == 3
+    assert process.log_tail() == "INFO hello"  # colour codes stripped
+    supervisor.stop_all()
+
+
+def test_tail_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.log"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert tail_file(path, 2) == "line 98\nline 99"
+    assert tail_file(tmp_path / "missing.log") == ""
+
+
+def test_signals_become_interrupted() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as caught, signals_as_exceptions():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert caught.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ---------------------------------------------------------------------------- flwr CLI
+
+
+def test_connection_toml_is_what_flower_parses(tmp_path: Path) -> None:
+    from flwr.cli.flower_config import parse_superlink_connection
+
+    ca = tmp_path / "ca.crt"
+    data = tomllib.loads(connection_toml("127.0.0.1:1234", ca))
+    assert data["superlink"]["default"] == "fedclinic"
+    conn = parse_superlink_connection(data["superlink"]["fedclinic"], "fedclinic")
+    assert conn.address == "127.0.0.1:1234"
+    assert conn.root_certificates == str(ca.resolve())
+    plain = tomllib.loads(connection_toml("127.0.0.1:1234", None))["superlink"]["fedclinic"]
+    assert plain["insecure"] is True and "root-certificates" not in plain
+
+
+def test_parse_json_output() -> None:
+    text = 'Using SuperLink: x\n{\n  "success": false,\n  "error-message": "no {way}"\n}\n'
+    assert parse_json_output(text) == {"success": False, "error-message": "no {way}"}
+    with pytest.raises(FlowerCliError):
+        parse_json_output("Traceback: boom")
+
+
+FAKE_FLWR = textwrap.dedent(
+    """
+    import json, sys, time
+    args = sys.argv[1:]
+    if args[:2] == ["supernode", "register"]:
+        out = {"success": True, "node-id": 42}
+    elif args[0] == "run":
+        out = {"success": False, "error-message": "Connection to the SuperLink is unavailable"}
+    elif args[0] == "ls":
+        out = {"success": True, "runs": [{"run-id": args[3], "status": "finished:failed",
+               "status-details": "ServerApp failed with exception: x", "elapsed": 3.5}]}
+    elif args[0] == "stop":
+        time.sleep(30)
+        out = {}
+    elif args[0] == "log":
+        print("\\x1b[91mERROR\\x1b[0m : boom")
+        raise SystemExit(0)
+    else:
+        print("Traceback: crashed")
+        raise SystemExit(1)
+    print("Using SuperLink: fedclinic")
+    print(json.dumps(out, indent=2))
+    """
+)
+
+
+@pytest.fixture
+def fake_cli(tmp_path: Path) -> FlowerCli:
+    script = tmp_path / "flwr"
+    script.write_text(f"#!{sys.executable}\n{FAKE_FLWR}")
+    script.chmod(0o755)
+    return FlowerCli(script, tmp_path / "home", ProcessSupervisor(), dict(os.environ), timeout=10)
+
+
+def test_flower_cli_wrapper(fake_cli: FlowerCli, tmp_path: Path) -> None:
+    assert fake_cli.register_supernode(tmp_path / "a.pub", "a") == 42
+    status = fake_cli.status(7)
+    assert status == RunStatus(7, "finished:failed", "ServerApp failed with exception: x", 3.5)
+    assert status.finished and not status.completed
+    with pytest.raises(FlowerCliError, match="SuperLink is unavailable"):
+        fake_cli.submit(tmp_path, tmp_path / "run.toml")
+    with pytest.raises(FlowerCliError, match="exit 1"):
+        fake_cli.call("supernode", "list")
+    assert fake_cli.logs(7) == "ERROR : boom"
+    fake_cli.timeout = 1
+    with pytest.raises(FlowerCliError, match="did not answer"):
+        fake_cli.stop(7)
+    assert fake_cli.supervisor.remaining() == []
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def test_metrics_tail_reads_complete_lines_only(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(path)
+    assert tail.read_new() == []  # not there yet
+    path.write_text('{"round": 1, "hospital": "a", "kind": "train"}\n{"round": 1, "hosp')
+    assert [r["hospital"] for r in tail.read_new()] == ["a"]
+    with path.open("a") as handle:
+        handle.write('ital": "b", "kind": "train"}\nnot json\n')
+    rows = tail.read_new()
+    assert rows[0]["hospital"] == "b" and rows[1]["kind"] == "unreadable"
+    assert tail.read_new() == []
+    assert len(tail.rows) == 3
+
+
+def test_rounds_completed_and_rows() -> None:
+    rows = [
+        {"round": 1, "hospital": "a", "kind": "evaluate", "model_round": 0, "val_auc": None},
+        {"round": 1, "hospital": "a", "kind": "train", "train_loss": 0.5, "num_examples": 9},
+        {"round": 2, "hospital": "a", "kind": "error", "reason": "data missing"},
+    ]
+    assert rounds_completed(rows) == 1
+    assert "eval model r0" in format_row(rows[0]) and "AUC -" in format_row(rows[0])
+    assert "loss 0.5000" in format_row(rows[1])
+    assert "data missing" in format_row(rows[2])
+    other = format_row({"round": 1, "hospital": "a", "kind": "aggregation", "weight": 0.25})
+    assert "aggregation" in other and "weight=0.250" in other
+
+
+def test_summary_table_renders() -> None:
+    console = Console(record=True, width=200)
+    console.print(summary_table(SUMMARY))
+    text = console.export_text()
+    assert "hospital-a" in text and "0.812" in text and "630" in text and "selected" in text
+
+
+# ---------------------------------------------------------------------------- federation
+
+
+@pytest.fixture
+def options(tmp_path: Path) -> FederationOptions:
+    app_dir = find_app_dir()
+    out = tmp_path / "out"
+    config = {**app_defaults(app_dir), "rounds": 2, "output-dir": str(out)}
+    return FederationOptions(
+        app_dir=app_dir,
+        output_dir=out,
+        run_config=config,
+        hospitals=synthetic_hospitals(2, out / "federation" / "hospital-state"),
+        poll_interval=0.1,
+    )
+
+
+def test_prepare_lays_out_the_work_dir(options: FederationOptions) -> None:
+    federation = LocalFederation(options, Console(quiet=True))
+    federation.prepare()
+    work = options.output_dir / "federation"
+    assert federation.work == work.resolve()
+    assert (work / ".fedclinic-federation").is_file()
+    assert tomllib.loads((work / "run.toml").read_text())["rounds"] == 2
+    node = tomllib.loads((work / "hospitals" / "hospital-b.toml").read_text())
+    assert node["hospital"] == "hospital-b"
+    assert federation.pki is not None
+    assert set(federation.pki.hospitals) == {"hospital-a", "hospital-b"}
+    # a second prepare (a retried run in the same output dir) starts from scratch
+    LocalFederation(options, Console(quiet=True)).prepare()
+
+
+def test_prepare_refuses_a_foreign_work_dir(options: FederationOptions) -> None:
+    work = options.output_dir / "federation"
+    work.mkdir(parents=True)
+    (work / "precious.txt").write_text("mine")
+    with pytest.raises(FederationError, match="not made by fedclinic"):
+        LocalFederation(options, Console(quiet=True)).prepare()
+    assert (work / "precious.txt").exists()
+
+
+def test_daemon_command_lines(options: FederationOptions) -> None:
+    federation = LocalFederation(options, Console(quiet=True))
+    federation.prepare()
+    federation.fleet_port, federation.control_port = 40001, 40002
+    link = " ".join(federation.superlink_command())
+    assert "--fleet-api-address 127.0.0.1:40001" in link
+    assert "--host 127.0.0.1 --port 40002" in link
+    assert "--enable-supernode-auth" in link and "--ssl-certfile" in link
+    assert "--disable-runtime-dependency-installation" in link
+    assert f"--database {federation.work / 'state.db'}" in link
+    node = " ".join(federation.supernode_command(options.hospitals[0], 40003))
+    assert "--superlink 127.0.0.1:40001" in node and "--port 40003" in node
+    assert "--auth-supernode-private-key" in node and "hospital-a.key" in node
+    assert "--root-certificates" in node and "--max-retries" in node
+    assert str(federation.work / "hospitals" / "hospital-a.toml") in node
+
+
+def test_insecure_command_lines(options: FederationOptions) -> None:
+    plain = FederationOptions(**{**options.__dict__, "tls": False, "node_auth": False})
+    federation = LocalFederation(plain, Console(quiet=True))
+    federation.prepare()
+    assert federation.pki is None
+    assert "--insecure" in federation.superlink_command()
+    assert "--enable-supernode-auth" not in federation.superlink_command()
+    node = federation.supernode_command(plain.hospitals[0], 40003)
+    assert "--insecure" in node and "--auth-supernode-private-key" not in node
+
+
+def test_environment(tmp_path: Path) -> None:
+    env = flower_environment(tmp_path, {"PATH": "/usr/bin"})
+    assert env["PATH"].split(os.pathsep) == [str(tmp_path), "/usr/bin"]
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_log_names() -> None:
+    assert log_name("hospital-a") == "hospital-a.log"
+    assert log_name("st-mary") == "hospital-st-mary.log"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Provisioned:
+    return provision(tmp_path_factory.mktemp("pki"), [])
+
+
+@pytest.fixture
+def https_health(pki: Provisioned) -> Iterator[int]:
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_check_verifies_with_the_ca(
+    https_health: int, pki: Provisioned, tmp_path: Path
+) -> None:
+    assert health_check(f"https://127.0.0.1:{https_health}/health", pki.ca_cert)
+    other = provision(tmp_path / "other", [])
+    assert not health_check(f"https://127.0.0.1:{https_health}/health", other.ca_cert)
+    assert not health_check(f"https://127.0.0.1:{pick_free_ports(1)[0]}/health", pki.ca_cert)
+
+
+def test_dead_supernode_is_reported_with_its_log(options: FederationOptions) -> None:
+    federation = LocalFederation(options, Console(quiet=True))
+    federation.work.mkdir(parents=True)
+    process = federation.supervisor.start(
+        "hospital-a",
+        [sys.executable, "-c", "print('[code: 2004] Failed to activate'); raise SystemExit(1)"],
+        federation.work / "hospital-a.log",
+    )
+    federation.supernodes["hospital-a"] = process
+    process.popen.wait(10)
+    with pytest.raises(FederationError, match="2004") as caught:
+        federation._check_processes()
+    assert "hospital-a exited with status 1" in str(caught.value)
+    federation.supervisor.stop_all()
+
+
+class ScriptedCli:
+    """Stands in for :class:`FlowerCli` in :meth:`LocalFederation.follow` / ``report``."""
+
+    def __init__(self, statuses: list[str], metrics: Path, rows: list[dict[str, object]]) -> None:
+        self.statuses, self.metrics, self.rows = statuses, metrics, rows
+
+    def status(self, run_id: int) -> RunStatus:
+        if self.rows:  # the ServerApp writes a row between two polls
+            with self.metrics.open("a") as handle:
+                handle.write(json.dumps(self.rows.pop(0)) + "\n")
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return RunStatus(run_id, status, "reason here" if "failed" in status else "", 1.0)
+
+    def logs(self, run_id: int) -> str:
+        return "ERROR : ServerApp raised an exception"
+
+    def stop(self, run_id: int) -> None:
+        pass
+
+
+def test_follow_and_report_success(options: FederationOptions) -> None:
+    console = Console(record=True, width=200)
+    federation = LocalFederation(options, console)
+    options.output_dir.mkdir(parents=True)
+    rows = [
+        {"round": 1, "hospital": "hospital-a", "kind": "train", "train_loss": 0.4},
+        {"round": 2, "hospital": "hospital-a", "kind": "train", "train_loss": 0.3},
+    ]
+    federation.cli = ScriptedCli(  # type: ignore[assignment]
+        ["pending", "running", "running", "finished:completed"],
+        options.output_dir / "metrics.jsonl",
+        rows,
+    )
+    status = federation.follow(5)
+    assert status.completed
+    (options.output_dir / "summary.json").write_text(json.dumps(SUMMARY))
+    outcome = federation.report(status)
+    assert outcome.exit_code == 0 and outcome.summary == SUMMARY
+    text = console.export_text()
+    assert "loss 0.4000" in text and "hospital-a" in text and "completed" in text
+
+
+def test_report_failure_shows_reason_and_log(options: FederationOptions) -> None:
+    console = Console(record=True, width=200)
+    federation = LocalFederation(options, console)
+    federation.cli = ScriptedCli(["finished:failed"], options.output_dir / "m.jsonl", [])  # type: ignore[assignment]
+    outcome = federation.report(RunStatus(5, "finished:failed", "reason here", 1.0))
+    assert outcome.exit_code == 1
+    text = console.export_text()
+    assert "reason here" in text and "ServerApp raised an exception" in text
+    # completed but no summary.json: still a failure, with the log
+    outcome = federation.report(RunStatus(5, "finished:completed", "", 1.0))
+    assert outcome.exit_code == 1 and "summary.json" in console.export_text()
+
+
+def test_follow_times_out(options: FederationOptions) -> None:
+    quick = FederationOptions(**{**options.__dict__, "timeout": 0.5})
+    federation = LocalFederation(quick, Console(quiet=True))
+    quick.output_dir.mkdir(parents=True)
+    federation.cli = ScriptedCli(["running"], quick.output_dir / "metrics.jsonl", [])  # type: ignore[assignment]
+    with pytest.raises(FederationError, match="did not finish within"):
+        federation.follow(5)
