@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedclinic local --hospitals 3 --set rounds=3
+	$(BIN)/fedclinic local --hospitals 3 --run-config examples/demo.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

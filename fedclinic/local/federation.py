@@ -511,10 +511,14 @@ class LocalFederation:
             node_ids=dict(self.node_ids),
         )
         if not status.completed:
+            # soft_wrap: the reason stays one line (paths in it must not be broken up).
             self.console.print(
-                f"[red]run {status.run_id} {status.status}: {escape(status.details)}[/red]"
+                f"[red]run {status.run_id} {status.status}: {escape(status.details)}[/red]",
+                soft_wrap=True,
             )
-            self.console.print(escape(self._serverapp_log(status.run_id)), highlight=False)
+            self.console.print(
+                escape(self._serverapp_log(status.run_id)), highlight=False, soft_wrap=True
+            )
             return outcome
         summary_path = self.options.output_dir / "summary.json"
         try:

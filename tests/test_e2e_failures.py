@@ -1,0 +1,83 @@
+"""What an operator sees when things go wrong, on real processes (TLS + node auth, loopback).
+
+- Ctrl-C during a run: the runner exits 130 and leaves no SuperLink, SuperNode, SuperExec
+  or app process behind.
+- A hospital with a corrupt image file: the run fails (non-zero exit) and the operator is
+  told which hospital and which file, in one line.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fedclinic.local.supervisor import pids_with_cmdline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fedclinic(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedclinic.cli", *args]
+
+
+@pytest.mark.e2e
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = fedclinic("local", "--hospitals", "2", "--set", "rounds=20", "--output-dir", str(out))
+    runner = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        metrics = out / "metrics.jsonl"
+        # Interrupt once hospitals are training (the first rows have arrived).
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert runner.poll() is None, runner.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "no metrics within 300 s"
+            time.sleep(1)
+        assert pids_with_cmdline(str(out), environ=True), "the federation should be running"
+        runner.send_signal(signal.SIGINT)
+        output, _ = runner.communicate(timeout=120)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 130, output[-3000:]
+    time.sleep(1)
+    assert pids_with_cmdline(str(out), environ=True) == []
+
+
+@pytest.mark.e2e
+def test_corrupt_image_at_a_hospital_is_named_in_one_line(tmp_path: Path) -> None:
+    images = tmp_path / "st-mary-export"
+    rng = np.random.default_rng(0)
+    for label in ("benign", "malignant"):
+        (images / label).mkdir(parents=True)
+        for index in range(12):
+            pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(images / label / f"{index:03d}.png")
+    corrupt = images / "malignant" / "007.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a PNG file")
+
+    good = tmp_path / "county.toml"
+    good.write_text('hospital = "county"\ndata-source = "synthetic"\nnum-samples = 120\n')
+    bad = tmp_path / "st-mary.toml"
+    bad.write_text(f'hospital = "st-mary"\ndata-source = "image-folder"\ndata-path = "{images}"\n')
+    out = tmp_path / "out"
+    command = fedclinic(
+        "local", "--hospital", str(good), "--hospital", str(bad),
+        "--set", "rounds=1", "--set", "round-timeout=120", "--output-dir", str(out),
+    )
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-4000:]
+    lines = [line for line in output.splitlines() if str(corrupt) in line]
+    assert lines, output[-4000:]
+    assert any("st-mary" in line and "not a readable image" in line for line in lines), lines
+    assert pids_with_cmdline(str(out), environ=True) == []
