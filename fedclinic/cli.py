@@ -299,11 +299,17 @@ register(Subcommand("certs", "create CA, coordinator certificate, hospital keys"
 
 @register_parser_hook
 def _prior_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``fedclinic prior ...`` (Fed-MAS); absent while that module is not importable."""
-    try:
-        from fedclinic.prior import add_parser
-    except ImportError:  # pragma: no cover - only in a checkout without it
-        return
+    """``fedclinic prior ...``: Fed-MAS's shared frozen prior (train once, hash)."""
+    from fedclinic.prior import add_parser
+
+    add_parser(subparsers)
+
+
+@register_parser_hook
+def _knowledge_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedclinic knowledge ...``: FedHelp's one-time foundation-model knowledge file."""
+    from fedclinic.knowledge import add_parser
+
     add_parser(subparsers)
 
 

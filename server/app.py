@@ -13,7 +13,6 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedclinic.models import build_model
 from fedclinic.results import ResultsWriter
 from fedclinic.serialization import state_to_record
 from strategies import get_algorithm, load_run_config
@@ -36,7 +35,6 @@ def main(grid: Grid, context: Context) -> None:
     results.write_config({**run.to_flat(), "flower-run-id": context.run_id})
     log(INFO, "fedclinic: %s, %d rounds, results in %s", algorithm.name, run.rounds,
         results.directory)
-    initial = build_model(run, seed=run.seed).state_dict()
     strategy = algorithm.strategy(run, results)
-    strategy.start(grid=grid, initial_arrays=state_to_record(initial))
+    strategy.start(grid=grid, initial_arrays=state_to_record(strategy.initial_state()))
     log(INFO, "fedclinic: run finished; summary in %s", results.directory / "summary.json")

@@ -254,6 +254,10 @@ class FedClinicStrategy(Strategy):
         log(INFO, "\t└──> %s(algorithm=%s)", type(self).__name__, self.run.algorithm)
 
     # ---------------------------------------------------------------- hooks
+    def initial_state(self) -> State:
+        """The model every hospital starts from, reproducible from the run seed."""
+        return build_model(self.run, seed=self.run.seed).state_dict()
+
     def round_config(self, server_round: int) -> dict[str, Any]:
         """Values sent to every hospital with the model in this round."""
         return {"server-round": server_round}

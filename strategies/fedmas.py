@@ -60,8 +60,6 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord
 from flwr.common import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
 from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -77,7 +75,7 @@ from fedclinic.prior import (
     prior_content_sha256,
     random_prior,
 )
-from fedclinic.serialization import State, file_sha256, numpy_to_record, state_to_record
+from fedclinic.serialization import State, file_sha256, numpy_to_record
 from fedclinic.training import make_loader, make_optimizer
 from strategies.base import (
     Algorithm,
@@ -453,19 +451,10 @@ class FedMASStrategy(FedClinicStrategy):
         self.history: dict[str, Any] = {}
         self.prior_seen: dict[str, str] = {}
 
-    def start(  # type: ignore[override]
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int | None = None,
-        timeout: float | None = None,
-        **kwargs: Any,
-    ) -> Result:
-        """Start from the Fed-MAS model (backbone + heads + projector) built from the run seed;
-        the ServerApp's ``initial_arrays`` (the plain run model) lack the projector and heads."""
+    def initial_state(self) -> State:
+        """The Fed-MAS model (backbone + heads + projector) built from the run seed."""
         check_run(self.run)
-        initial = state_to_record(build_fedmas_model(self.run, seed=self.run.seed).state_dict())
-        return super().start(grid, initial, num_rounds, timeout, **kwargs)
+        return build_fedmas_model(self.run, seed=self.run.seed).state_dict()
 
     def _check_priors(self, server_round: int, replies: list[Reply]) -> None:
         """Refuse to mix updates measured against different priors (MAS-2)."""
