@@ -306,6 +306,14 @@ def _prior_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 @register_parser_hook
+def _operator_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedclinic register`` / ``fedclinic submit``: a real coordinator's operator."""
+    from fedclinic.operate import add_parser
+
+    add_parser(subparsers)
+
+
+@register_parser_hook
 def _knowledge_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic knowledge ...``: FedHelp's one-time foundation-model knowledge file."""
     from fedclinic.knowledge import add_parser

@@ -38,6 +38,7 @@ from fedclinic.local.flwr_cli import (
     connection_toml,
     parse_json_output,
 )
+from fedclinic.local.follow import RunError
 from fedclinic.local.ports import is_port_free, pick_free_ports
 from fedclinic.local.progress import MetricsTail, format_row, rounds_completed, summary_table
 from fedclinic.local.supervisor import (
@@ -503,5 +504,5 @@ def test_follow_times_out(options: FederationOptions) -> None:
     federation = LocalFederation(quick, Console(quiet=True))
     quick.output_dir.mkdir(parents=True)
     federation.cli = ScriptedCli(["running"], quick.output_dir / "metrics.jsonl", [])  # type: ignore[assignment]
-    with pytest.raises(FederationError, match="did not finish within"):
+    with pytest.raises(RunError, match="did not finish within"):
         federation.follow(5)

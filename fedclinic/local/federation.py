@@ -16,7 +16,6 @@ local`` exercises the real code paths: certificates, key registration, FAB uploa
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -27,20 +26,18 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from fedclinic.config import Scalar
-from fedclinic.errors import FedClinicError
 from fedclinic.local.configs import HospitalSpec, write_flat_toml
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError, RunStatus
+from fedclinic.local.follow import RunError, RunFollower, RunOutcome
 from fedclinic.local.ports import LOOPBACK, pick_free_ports
-from fedclinic.local.progress import MetricsTail, ProgressView, summary_table
 from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor, tail_file
 from fedclinic.pki import Provisioned, provision
 
@@ -49,7 +46,7 @@ EXECUTABLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr
 PORT_IN_USE_HINTS = ("address already in use", "failed to bind", "errno 98")
 
 
-class FederationError(FedClinicError):
+class FederationError(RunError):
     """The local federation could not start or the run did not complete."""
 
 
@@ -85,18 +82,6 @@ class FederationOptions:
     def rounds(self) -> int:
         value = self.run_config.get("rounds", 1)
         return int(value) if isinstance(value, int | float) else 1
-
-
-@dataclass
-class RunOutcome:
-    """How the run ended; ``exit_code`` is what ``fedclinic local`` returns."""
-
-    exit_code: int
-    status: str
-    run_id: int | None = None
-    details: str = ""
-    summary: dict[str, Any] | None = None
-    node_ids: dict[str, int] = field(default_factory=dict)
 
 
 def flower_environment(bin_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -456,90 +441,24 @@ class LocalFederation:
         )
         return run_id
 
+    def follower(self) -> RunFollower:
+        """Follows the run while checking that every SuperNode process is still alive."""
+        return RunFollower(
+            self.cli,
+            self.console,
+            self.options.output_dir,
+            rounds=self.options.rounds,
+            timeout=self.options.timeout,
+            poll_interval=self.options.poll_interval,
+            check=self._check_processes,
+        )
+
     def follow(self, run_id: int) -> RunStatus:
-        """Show progress until the run reaches a final status, a process dies, or time runs out."""
-        tail = MetricsTail(self.options.output_dir / "metrics.jsonl")
-        deadline = time.monotonic() + self.options.timeout
-        next_poll = 0.0
-        failures = 0
-        status = RunStatus(run_id, "pending", "", None)
-        with ProgressView(self.console, self.options.rounds) as view:
-            while True:
-                view.rows(tail.read_new(), tail.rows)
-                self._check_processes()
-                now = time.monotonic()
-                if now >= next_poll:
-                    try:
-                        status = self.cli.status(run_id)
-                        failures = 0
-                    except FlowerCliError as err:
-                        failures += 1
-                        if failures >= 5:
-                            raise FederationError(f"cannot read the run status: {err}") from None
-                    view.status(status.status)
-                    if status.finished:
-                        break
-                    next_poll = time.monotonic() + self.options.poll_interval
-                if now >= deadline:
-                    self._stop_run(run_id)
-                    raise FederationError(
-                        f"run {run_id} did not finish within {self.options.timeout:.0f} s "
-                        f"(status {status.status}); stopped it\n{self._serverapp_log(run_id)}"
-                    )
-                time.sleep(0.5)
-            view.rows(tail.read_new(), tail.rows)
-        return status
-
-    def _stop_run(self, run_id: int) -> None:
-        with contextlib.suppress(FlowerCliError):
-            self.cli.stop(run_id)
-
-    def _serverapp_log(self, run_id: int, lines: int = 40) -> str:
-        text = self.cli.logs(run_id)
-        body = "\n".join(text.splitlines()[-lines:]) or "(no ServerApp log)"
-        return f"--- ServerApp log (last {lines} lines, `flwr log {run_id} --show`):\n{body}"
+        return self.follower().follow(run_id)
 
     # ------------------------------------------------------------------ 5. outcome
 
     def report(self, status: RunStatus) -> RunOutcome:
-        """Final table on success; Flower's reason and the ServerApp log tail otherwise."""
-        outcome = RunOutcome(
-            exit_code=1,
-            status=status.status,
-            run_id=status.run_id,
-            details=status.details,
-            node_ids=dict(self.node_ids),
-        )
-        if not status.completed:
-            # soft_wrap: the reason stays one line (paths in it must not be broken up).
-            self.console.print(
-                f"[red]run {status.run_id} {status.status}: {escape(status.details)}[/red]",
-                soft_wrap=True,
-            )
-            self.console.print(
-                escape(self._serverapp_log(status.run_id)), highlight=False, soft_wrap=True
-            )
-            return outcome
-        summary_path = self.options.output_dir / "summary.json"
-        try:
-            outcome.summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            self.console.print(
-                f"[red]run {status.run_id} completed but {summary_path} is missing or "
-                f"unreadable ({err})[/red]"
-            )
-            self.console.print(escape(self._serverapp_log(status.run_id)), highlight=False)
-            return outcome
-        if not isinstance(outcome.summary, dict):
-            self.console.print(f"[red]{summary_path} is not a JSON object[/red]")
-            return outcome
-        self.console.print(summary_table(outcome.summary))
-        model = outcome.summary.get("model") or {}
-        if model:
-            path = self.options.output_dir / str(model.get("path", "?"))  # absolute stays
-            self.console.print(f"model: {path}\n  sha256 {model.get('sha256')}", highlight=False)
-        self.console.print(
-            f"[green]run {status.run_id} completed[/green]; results in {self.options.output_dir}"
-        )
-        outcome.exit_code = 0
+        outcome = self.follower().report(status)
+        outcome.node_ids = dict(self.node_ids)
         return outcome

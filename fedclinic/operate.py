@@ -1,0 +1,142 @@
+"""Operator commands against a running coordinator (a real deployment, or the compose one).
+
+- ``fedclinic register``: register hospitals' public keys with the SuperLink, so their
+  SuperNodes are accepted (node authentication). Run by the coordinator operator once per
+  hospital, with the ``.pub`` file the hospital sent; the private key never leaves the site.
+- ``fedclinic submit``: submit a run over the Control API (TLS, verified with the consortium
+  CA), follow it, print the per-hospital table, and exit non-zero unless it completed
+  (``flwr run`` alone exits 0 even when the run failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from fedclinic.config import load_toml
+from fedclinic.errors import ConfigError, FedClinicError
+from fedclinic.local.configs import (
+    app_defaults,
+    check_keys_known,
+    find_app_dir,
+    merge_run_config,
+    validate_run_config,
+    write_flat_toml,
+)
+from fedclinic.local.federation import flower_bin_dir, flower_environment
+from fedclinic.local.flwr_cli import FlowerCli
+from fedclinic.local.follow import RunFollower
+from fedclinic.local.supervisor import ProcessSupervisor
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _cli(args: argparse.Namespace, supervisor: ProcessSupervisor, home: Path) -> FlowerCli:
+    """A ``flwr`` CLI configured for the coordinator's Control API (TLS unless --insecure)."""
+    if not args.insecure and not args.ca.is_file():
+        raise ConfigError(f"--ca '{args.ca}' does not exist: pass the consortium CA certificate")
+    bin_dir = flower_bin_dir()
+    cli = FlowerCli(bin_dir / "flwr", home, supervisor, flower_environment(bin_dir))
+    cli.configure(args.superlink, None if args.insecure else args.ca)
+    return cli
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--superlink",
+        default=os.environ.get("FEDCLINIC_SUPERLINK", "127.0.0.1:8000"),
+        metavar="HOST:PORT",
+        help="the coordinator's Control API (default $FEDCLINIC_SUPERLINK or 127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--ca", type=Path, default=Path("certs/ca.crt"), help="consortium CA certificate"
+    )
+    parser.add_argument("--insecure", action="store_true", help="plaintext (tests only)")
+
+
+def run_register(args: argparse.Namespace) -> int:
+    """Register each ``--key NAME=FILE.pub``; an already registered key is not an error."""
+    console = Console(soft_wrap=True)
+    with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
+        try:
+            cli = _cli(args, supervisor, Path(home))
+            known = {str(n.get("name", "")) for n in cli.supernodes()}
+            for assignment in args.key:
+                name, _, path = assignment.partition("=")
+                public_key = Path(path)
+                if not name or not public_key.is_file():
+                    raise ConfigError(
+                        f"--key {assignment!r}: expected NAME=FILE.pub with an existing file"
+                    )
+                if name in known:
+                    console.print(f"{name}: already registered")
+                    continue
+                node_id = cli.register_supernode(public_key, name)
+                console.print(f"{name}: registered as node {node_id}")
+        except FedClinicError as err:
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILED
+    return EXIT_OK
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    """Validate the run config, submit it, follow it to its final status."""
+    console = Console()
+    try:
+        app_dir = find_app_dir(args.app_dir)
+        defaults = app_defaults(app_dir)
+        file_values = load_toml(args.run_config, "run config") if args.run_config else None
+        merged = merge_run_config(defaults, file_values, args.set)
+        run = validate_run_config(merged)
+        check_keys_known(merged, defaults)
+    except FedClinicError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_CONFIG
+    output_dir = Path(run.output_dir or "runs")
+    with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
+        try:
+            cli = _cli(args, supervisor, Path(home))
+            run_toml = Path(home) / "run.toml"
+            write_flat_toml(run_toml, merged)
+            run_id = cli.submit(app_dir, run_toml)
+            console.print(f"run {run_id} submitted: {run.algorithm}, {run.rounds} rounds")
+            # The metrics and summary are visible when the output dir is shared with the
+            # coordinator (the compose volume); otherwise only the status is followed.
+            follower = RunFollower(
+                cli, console, output_dir, run.rounds, args.timeout, summary_required=False
+            )
+            outcome = follower.report(follower.follow(run_id))
+        except FedClinicError as err:
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILED
+    return outcome.exit_code
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Declare ``fedclinic register`` and ``fedclinic submit``."""
+    register = subparsers.add_parser(
+        "register", help="register hospitals' public keys with the coordinator"
+    )
+    _connection_arguments(register)
+    register.add_argument(
+        "--key", action="append", required=True, metavar="NAME=FILE.pub",
+        help="a hospital's name and OpenSSH public key (repeatable)",
+    )  # fmt: skip
+    register.set_defaults(handler=run_register)
+
+    submit = subparsers.add_parser(
+        "submit", help="submit a run to a coordinator and exit with its real status"
+    )
+    _connection_arguments(submit)
+    submit.add_argument("--run-config", type=Path, metavar="FILE.toml", help="run settings")
+    submit.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting"
+    )
+    submit.add_argument("--app-dir", type=Path, default=None, help="the Flower app project")
+    submit.add_argument("--timeout", type=float, default=24 * 3600.0, metavar="S")
+    submit.set_defaults(handler=run_submit)
