@@ -29,7 +29,7 @@ from fedclinic.local.configs import (
     write_flat_toml,
 )
 from fedclinic.local.federation import flower_bin_dir, flower_environment
-from fedclinic.local.flwr_cli import FlowerCli
+from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError
 from fedclinic.local.follow import RunFollower
 from fedclinic.local.supervisor import ProcessSupervisor
 
@@ -65,7 +65,6 @@ def run_register(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
         try:
             cli = _cli(args, supervisor, Path(home))
-            known = {str(n.get("name", "")) for n in cli.supernodes()}
             for assignment in args.key:
                 name, _, path = assignment.partition("=")
                 public_key = Path(path)
@@ -73,10 +72,13 @@ def run_register(args: argparse.Namespace) -> int:
                     raise ConfigError(
                         f"--key {assignment!r}: expected NAME=FILE.pub with an existing file"
                     )
-                if name in known:
+                try:
+                    node_id = cli.register_supernode(public_key, name)
+                except FlowerCliError as err:
+                    if "already in use" not in str(err):  # Flower's [code: 23]
+                        raise
                     console.print(f"{name}: already registered")
                     continue
-                node_id = cli.register_supernode(public_key, name)
                 console.print(f"{name}: registered as node {node_id}")
         except FedClinicError as err:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
