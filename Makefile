@@ -19,10 +19,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# End-to-end tests mostly wait on Flower's 3 s polling: three workers overlap them.
+# End-to-end tests mostly wait on Flower's 3 s polling: four workers overlap them.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -n 3 --dist load
+	$(BIN)/pytest -n 4 --dist load --durations=20
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
