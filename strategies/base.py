@@ -464,6 +464,8 @@ class FedClinicStrategy(Strategy):
                     "seconds": reply.metrics.get("train_seconds"),
                     "steps": reply.metrics.get("train_steps"),
                     "device": reply.info.get("device"),
+                    # hashes of models kept at the site (local-only, personalised, large)
+                    **{k: v for k, v in reply.info.items() if k.endswith("sha256")},
                     **{
                         k: v
                         for k, v in reply.metrics.items()
@@ -516,11 +518,14 @@ class FedClinicStrategy(Strategy):
         for name in sorted({h for e in self.evaluations.values() for h in e}):
             final = self.evaluations.get(rounds, {}).get(name, {})
             selected = self.evaluations.get(selected_round, {}).get(name, {})
+            trained = self._last_train_row(name)
             hospitals[name] = {
                 "final": _metric_view(final),
                 "selected": _metric_view(selected),
-                "num_train": self._num_train(name),
+                "num_train": trained.get("num_train"),
                 "model": final.get("model"),
+                # models that stay at the site: where and which (hash), never the weights
+                "site_models": {k: v for k, v in trained.items() if k.endswith("sha256")},
             }
         self.results.write_summary(
             {
@@ -545,13 +550,12 @@ class FedClinicStrategy(Strategy):
         """Algorithm-specific entries for ``summary.json``."""
         return {}
 
-    def _num_train(self, hospital: str) -> int | None:
-        if not self.results:
-            return None
-        for row in reversed(self.results.rows):
-            if row.get("hospital") == hospital and row.get("kind") == "train":
-                return int(row.get("num_train") or 0)
-        return None
+    def _last_train_row(self, hospital: str) -> dict[str, Any]:
+        if self.results:
+            for row in reversed(self.results.rows):
+                if row.get("hospital") == hospital and row.get("kind") == "train":
+                    return row
+        return {}
 
 
 def _metric_view(row: dict[str, Any]) -> dict[str, Any]:
