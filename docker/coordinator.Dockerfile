@@ -5,7 +5,13 @@
 # job to one image, one volume and two ports; the ServerApp needs the same pinned stack as
 # the SuperLink anyway (it builds the model with torch), so a separate SuperExec container
 # (process isolation) would add moving parts without separating anything that matters.
-ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+#
+# Base image: pinned by exact tag and digest. The digest is the one public multi-arch
+# Dockerfiles pin for python:3.11.7-slim-bookworm; it could not be checked against Docker
+# Hub from where this file was written (no registry access). Check it with
+#   docker buildx imagetools inspect python:3.11.7-slim-bookworm
+# and, if it differs, update it here (or build with --build-arg PYTHON_IMAGE=<tag@digest>).
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:110609b2b904da7fb1226a92b6c02af5d6d599c5993f6194d1366d0d6a8a8295
 FROM ${PYTHON_IMAGE}
 
 # CPU wheels of torch for the coordinator: it aggregates, it does not train.

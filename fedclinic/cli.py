@@ -3,7 +3,9 @@
 - ``fedclinic local``: a real federation on this machine (SuperLink + one SuperNode per
   hospital, TLS and node authentication) running one training run to completion;
 - ``fedclinic certs``: provisioning for a real deployment (CA, coordinator certificate,
-  hospital key pairs).
+  hospital key pairs);
+- ``fedclinic hospital``: one hospital's node joining a coordinator (the hospital image's
+  entrypoint); ``fedclinic register`` / ``submit``: the coordinator operator's commands.
 
 Exit codes: 0 success; 1 the run or the federation failed; 2 a configuration error (one
 line ``error: ...``, nothing started); 130/143 interrupted by Ctrl-C/SIGTERM (every process
@@ -24,16 +26,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedclinic.config import load_toml
+from fedclinic import hospital
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.local.configs import (
-    app_defaults,
-    check_keys_known,
-    find_app_dir,
     load_hospital_files,
-    merge_run_config,
+    resolve_run_config,
     synthetic_hospitals,
-    validate_run_config,
 )
 from fedclinic.local.federation import (
     FederationError,
@@ -42,7 +40,15 @@ from fedclinic.local.federation import (
     LocalFederation,
     check_output_dir,
 )
-from fedclinic.pki import DEFAULT_DNS_NAMES, DEFAULT_IP_ADDRESSES, fingerprint, provision
+from fedclinic.pki import (
+    DEFAULT_DNS_NAMES,
+    DEFAULT_IP_ADDRESSES,
+    check_hospital_names,
+    create_hospital_keys,
+    fingerprint,
+    provision,
+    public_key_fingerprint,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -140,12 +146,7 @@ def build_local_options(args: argparse.Namespace) -> FederationOptions:
 
     Runs before any file is written or process started, so a wrong key costs one line.
     """
-    app_dir = find_app_dir(args.app_dir)
-    defaults = app_defaults(app_dir)
-    file_values = load_toml(args.run_config, "run config") if args.run_config else None
-    merged = merge_run_config(defaults, file_values, args.set)
-    run = validate_run_config(merged)
-    check_keys_known(merged, defaults)
+    app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
 
     if args.output_dir is not None:
         output_dir = args.output_dir.expanduser().resolve()
@@ -233,6 +234,12 @@ def _configure_certs(parser: argparse.ArgumentParser) -> None:
         help="DNS name or IP hospitals use to reach the coordinator (repeatable; "
         "localhost, 127.0.0.1 and ::1 are always included)",
     )
+    parser.add_argument(
+        "--keys-only",
+        action="store_true",
+        help="only the hospitals' key pairs, no CA (run at the hospital: the private key "
+        "never leaves it; send the .pub to the coordinator operator)",
+    )
 
 
 def split_sans(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -250,8 +257,34 @@ def split_sans(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
     return dns, ips
 
 
+def run_hospital_keys(args: argparse.Namespace) -> int:
+    """``fedclinic certs --keys-only``: a site makes its own key pair (no CA, no server)."""
+    if args.san:
+        _error("--san names the coordinator certificate, which --keys-only does not make")
+        return EXIT_CONFIG
+    try:
+        names = check_hospital_names(args.hospital)
+        made = [create_hospital_keys(args.out.resolve() / "hospitals", n) for n in names]
+    except FedClinicError as err:
+        _error(str(err))
+        return EXIT_CONFIG
+    table = Table(title=f"hospital keys in {args.out.resolve() / 'hospitals'}")
+    table.add_column("file")
+    table.add_column("goes to")
+    for keys in made:
+        table.add_row(keys.public_key.name, "the coordinator operator (fedclinic register)")
+        table.add_row(keys.private_key.name, "nowhere: it stays on this site (secret)")
+    console = Console(soft_wrap=True)
+    console.print(table)
+    for keys in made:  # read it to the operator on another channel; register prints it too
+        console.print(f"{keys.public_key.name}: {public_key_fingerprint(keys.public_key)}")
+    return EXIT_OK
+
+
 def run_certs(args: argparse.Namespace) -> int:
     """``fedclinic certs``: write CA, server certificate and hospital keys; say what goes where."""
+    if args.keys_only:
+        return run_hospital_keys(args)
     dns, ips = split_sans(args.san)
     try:
         done = provision(args.out, args.hospital, dns, ips)
@@ -295,6 +328,8 @@ def run_certs(args: argparse.Namespace) -> int:
 register(Subcommand("local", "run a real federation on this machine", _configure_local, run_local))
 register(Subcommand("certs", "create CA, coordinator certificate, hospital keys",
                     _configure_certs, run_certs))  # fmt: skip
+register(Subcommand("hospital", "run this hospital's node: join a coordinator (SuperNode)",
+                    hospital.configure, hospital.run_hospital))  # fmt: skip
 
 
 @register_parser_hook

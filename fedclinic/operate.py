@@ -18,20 +18,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedclinic.config import load_toml
 from fedclinic.errors import ConfigError, FedClinicError
-from fedclinic.local.configs import (
-    app_defaults,
-    check_keys_known,
-    find_app_dir,
-    merge_run_config,
-    validate_run_config,
-    write_flat_toml,
-)
+from fedclinic.local.configs import resolve_run_config, write_flat_toml
 from fedclinic.local.federation import flower_bin_dir, flower_environment
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError
 from fedclinic.local.follow import RunFollower
 from fedclinic.local.supervisor import ProcessSupervisor
+from fedclinic.pki import public_key_fingerprint
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -77,9 +70,14 @@ def run_register(args: argparse.Namespace) -> int:
                 except FlowerCliError as err:
                     if "already in use" not in str(err):  # Flower's [code: 23]
                         raise
-                    console.print(f"{name}: already registered")
+                    console.print(
+                        f"{name}: already registered (key {public_key_fingerprint(public_key)})"
+                    )
                     continue
-                console.print(f"{name}: registered as node {node_id}")
+                console.print(
+                    f"{name}: registered as node {node_id} "
+                    f"(key {public_key_fingerprint(public_key)})"
+                )
         except FedClinicError as err:
             print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
             return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILED
@@ -90,12 +88,7 @@ def run_submit(args: argparse.Namespace) -> int:
     """Validate the run config, submit it, follow it to its final status."""
     console = Console()
     try:
-        app_dir = find_app_dir(args.app_dir)
-        defaults = app_defaults(app_dir)
-        file_values = load_toml(args.run_config, "run config") if args.run_config else None
-        merged = merge_run_config(defaults, file_values, args.set)
-        run = validate_run_config(merged)
-        check_keys_known(merged, defaults)
+        app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
     except FedClinicError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_CONFIG

@@ -18,6 +18,7 @@ never a ``chmod`` afterwards, so there is no window in which another user can re
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ipaddress
@@ -255,6 +256,18 @@ def create_hospital_keys(directory: Path, name: str) -> HospitalKeys:
     return HospitalKeys(name=name, private_key=private_path, public_key=public_path)
 
 
+def check_hospital_names(hospitals: Iterable[str]) -> list[str]:
+    """The names, if each is unique and usable as a key file name; else one error line."""
+    names = list(hospitals)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ProvisioningError(f"hospital names must be unique; repeated: {', '.join(duplicates)}")
+    for name in names:
+        if not name or "/" in name or name.startswith("."):
+            raise ProvisioningError(f"'{name}' is not a usable hospital name for a key file")
+    return names
+
+
 def provision(
     directory: Path,
     hospitals: Iterable[str],
@@ -267,14 +280,8 @@ def provision(
     ``hospitals/<name>.key|.pub``. Every input is checked before the first file is written,
     so a bad SAN or duplicate name leaves nothing half-provisioned.
     """
-    names = list(hospitals)
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ProvisioningError(f"hospital names must be unique; repeated: {', '.join(duplicates)}")
+    names = check_hospital_names(hospitals)
     _parse_ips(ip_addresses)
-    for name in names:
-        if not name or "/" in name or name.startswith("."):
-            raise ProvisioningError(f"'{name}' is not a usable hospital name for a key file")
     directory = directory.resolve()
     ca_cert, ca_key = create_ca(directory)
     server_cert, server_key = create_server_certificate(
@@ -292,3 +299,18 @@ def fingerprint(cert_path: Path | str) -> str:
     """
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def public_key_fingerprint(public_key: Path | str) -> str:
+    """``SHA256:<base64>`` of an OpenSSH public key, as ``ssh-keygen -lf`` prints it.
+
+    The hospital reads it to the coordinator operator over another channel (phone), and
+    ``fedclinic register`` prints it: the key registered is the key the hospital made.
+    """
+    fields = Path(public_key).read_text(encoding="utf-8").split()
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except (IndexError, ValueError):
+        raise ProvisioningError(f"'{public_key}' is not an OpenSSH public key") from None
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"

@@ -2,8 +2,8 @@
 
 a coordinator (SuperLink) is up; ``fedclinic register`` registers the hospitals' public
 keys; their SuperNodes join; ``fedclinic submit`` runs a federation and exits with the
-run's real status. A hospital whose key was not registered is refused, and one that trusts
-the wrong CA cannot connect — each with Flower's reason in its log.
+run's real status, also when the run fails. (Hospitals refused for an unregistered key or
+the wrong CA: tests/test_docker_hospital.py.)
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from rich.console import Console
 from fedclinic.local.configs import synthetic_hospitals
 from fedclinic.local.federation import FederationOptions, LocalFederation, flower_environment
 from fedclinic.local.ports import pick_free_ports
-from fedclinic.pki import provision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,18 +27,8 @@ def fedclinic(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedclinic.cli", *args]
 
 
-def wait_for_exit(process: object, seconds: float) -> int | None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        code = process.exit_code()  # type: ignore[attr-defined]
-        if code is not None:
-            return code
-        time.sleep(0.5)
-    return None
-
-
 @pytest.mark.e2e
-def test_register_submit_and_refusals(tmp_path: Path) -> None:
+def test_register_submit_and_a_failed_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     hospitals = synthetic_hospitals(2, tmp_path / "state")
     names = [h.name for h in hospitals]
@@ -66,32 +54,9 @@ def test_register_submit_and_refusals(tmp_path: Path) -> None:
             assert done.returncode == 0, done.stdout + done.stderr
         assert "already registered" in done.stdout
 
-        # 2. a hospital with an unregistered key, and one trusting another CA, are refused
-        rogue_keys = provision(tmp_path / "rogue", ["rogue"])
-        port_a, port_b, port_c, port_d = pick_free_ports(4)
-        rogue = federation.supernode_command(hospitals[0], port_a)
-        rogue[rogue.index("--auth-supernode-private-key") + 1] = str(
-            rogue_keys.hospitals["rogue"].private_key
-        )
-        wrong_ca = federation.supernode_command(hospitals[1], port_b)
-        wrong_ca[wrong_ca.index("--root-certificates") + 1] = str(rogue_keys.ca_cert)
-        wrong_ca[wrong_ca.index("--max-retries") + 1] = "2"
+        # 2. the registered hospitals join, and the operator submits a run
         env = flower_environment(federation.bin_dir)
-        refused = supervisor.start(
-            "rogue", rogue, tmp_path / "rogue.log", env={**env, "FLWR_HOME": str(tmp_path / "h1")}
-        )
-        untrusted = supervisor.start(
-            "wrong-ca", wrong_ca, tmp_path / "wrong-ca.log",
-            env={**env, "FLWR_HOME": str(tmp_path / "h2")},
-        )  # fmt: skip
-        assert wait_for_exit(refused, 60) not in (None, 0)
-        assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
-        assert wait_for_exit(untrusted, 120) not in (None, 0)
-        log = (tmp_path / "wrong-ca.log").read_text()
-        assert "Failed to connect" in log or "failed to connect" in log, log[-2000:]
-
-        # 3. the registered hospitals join, and the operator submits a run
-        for spec, port in zip(hospitals, (port_c, port_d), strict=True):
+        for spec, port in zip(hospitals, pick_free_ports(len(hospitals)), strict=True):
             supervisor.start(
                 spec.name, federation.supernode_command(spec, port), tmp_path / f"{spec.name}.log",
                 env={**env, "FLWR_HOME": str(tmp_path / f"home-{spec.name}")},
@@ -107,7 +72,7 @@ def test_register_submit_and_refusals(tmp_path: Path) -> None:
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "completed" and set(names) <= set(summary["hospitals"])
 
-        # 4. a run that fails is reported as failed (flwr run itself would exit 0)
+        # 3. a run that fails is reported as failed (flwr run itself would exit 0)
         done = subprocess.run(
             fedclinic(
                 "submit", f"--superlink={control}", f"--ca={pki.ca_cert}",

@@ -160,6 +160,23 @@ def check_keys_known(flat: Mapping[str, Any], defaults: Mapping[str, Any]) -> No
         )
 
 
+def resolve_run_config(
+    app_dir: Path | None, run_config: Path | None, assignments: Sequence[str]
+) -> tuple[Path, dict[str, Scalar], RunConfig]:
+    """The app project, the merged flat run config and its validated form.
+
+    Defaults from the app's ``pyproject.toml`` < the ``--run-config`` file < ``--set``; what
+    ``fedclinic local`` and ``fedclinic submit`` both check before anything starts.
+    """
+    app = find_app_dir(app_dir)
+    defaults = app_defaults(app)
+    file_values = load_toml(run_config, "run config") if run_config else None
+    merged = merge_run_config(defaults, file_values, assignments)
+    run = validate_run_config(merged)
+    check_keys_known(merged, defaults)
+    return app, merged, run
+
+
 # ---------------------------------------------------------------------------- hospitals
 
 

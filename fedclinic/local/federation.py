@@ -38,6 +38,7 @@ from fedclinic.local.configs import HospitalSpec, write_flat_toml
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError, RunStatus
 from fedclinic.local.follow import RunError, RunFollower, RunOutcome
 from fedclinic.local.ports import LOOPBACK, pick_free_ports
+from fedclinic.local.supernode import diagnose, supernode_command
 from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor, tail_file
 from fedclinic.pki import Provisioned, provision
 
@@ -346,23 +347,17 @@ class LocalFederation:
     # ------------------------------------------------------------------ 3. hospitals
 
     def supernode_command(self, spec: HospitalSpec, port: int) -> list[str]:
-        command = [
-            str(self.bin_dir / "flower-supernode"),
-            "--superlink", f"{LOOPBACK}:{self.fleet_port}",
-            "--host", LOOPBACK,
-            "--port", str(port),
-            "--node-config", str(self.paths()["hospital_configs"] / f"{spec.name}.toml"),
-            "--max-retries", "20",
-            "--max-wait-time", "120",
-        ]  # fmt: skip
-        if self.pki is None:
-            command.append("--insecure")
-        else:
-            command += ["--root-certificates", str(self.pki.ca_cert)]
-            if self.options.node_auth:
-                keys = self.pki.hospitals[spec.name]
-                command += ["--auth-supernode-private-key", str(keys.private_key)]
-        return command
+        keys = self.pki.hospitals[spec.name] if self.pki and self.options.node_auth else None
+        return supernode_command(
+            self.bin_dir,
+            f"{LOOPBACK}:{self.fleet_port}",
+            self.paths()["hospital_configs"] / f"{spec.name}.toml",
+            port,
+            root_certificates=self.pki.ca_cert if self.pki else None,
+            private_key=keys.private_key if keys else None,
+            max_retries=20,
+            max_wait_time=120,
+        )
 
     def start_hospitals(self) -> None:
         """Register each hospital's key, start its SuperNode, wait until all are online."""
@@ -422,9 +417,12 @@ class LocalFederation:
             )
         for name, process in self.supernodes.items():
             if process.exit_code() is not None:
+                tail = process.log_tail(25)
+                found = diagnose(tail, f"{LOOPBACK}:{self.fleet_port}", None)
+                reason = f": {found.message}" if found else ""
                 raise FederationError(
-                    f"the SuperNode of {name} exited with status {process.exit_code()}; "
-                    f"see {process.log_path}:\n{process.log_tail(25)}"
+                    f"the SuperNode of {name} exited with status {process.exit_code()}"
+                    f"{reason}; see {process.log_path}:\n{tail}"
                 )
 
     # ------------------------------------------------------------------ 4. the run

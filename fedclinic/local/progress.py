@@ -19,12 +19,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
-    ("test_accuracy", "test acc"),
-    ("test_balanced_accuracy", "test bacc"),
-    ("test_auc", "test AUC"),
-    ("val_balanced_accuracy", "val bacc"),
-)
+from fedclinic.tasks import TASKS
+
+SUMMARY_METRICS: tuple[tuple[str, str], ...] = TASKS["classification"].summary_metrics
+
+
+def summary_metrics(summary: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The final table's metric columns for the run's task (classification when unknown)."""
+    task = TASKS.get(str(summary.get("task", "classification")), TASKS["classification"])
+    return task.summary_metrics
 
 
 class MetricsTail:
@@ -85,6 +88,12 @@ def format_row(row: Mapping[str, Any]) -> str:
     """One metrics row as one console line (rich markup)."""
     kind = row.get("kind", "?")
     head = f"round {row.get('round', '?'):>2} [bold]{row.get('hospital', '?')}[/bold]"
+    if kind == "evaluate" and "val_dice" in row:
+        return (
+            f"{head} eval model r{row.get('model_round', '?')}: "
+            f"val Dice {_number(row.get('val_dice'))} IoU {_number(row.get('val_iou'))} | "
+            f"test Dice {_number(row.get('test_dice'))} IoU {_number(row.get('test_iou'))}"
+        )
     if kind == "evaluate":
         return (
             f"{head} eval model r{row.get('model_round', '?')}: "
@@ -145,6 +154,7 @@ class ProgressView:
 def summary_table(summary: Mapping[str, Any]) -> Table:
     """Per hospital: training size, the final model's metrics, the selected model's."""
     selected = summary.get("selected_round", "?")
+    metrics = summary_metrics(summary)
     table = Table(
         title=(
             f"{summary.get('algorithm', '?')}: {summary.get('rounds', '?')} rounds; "
@@ -154,9 +164,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     )
     table.add_column("hospital", style="bold", no_wrap=True)
     table.add_column("train n", justify="right")
-    for _, label in SUMMARY_METRICS:
+    for _, label in metrics:
         table.add_column(f"final\n{label}", justify="right")
-    for _, label in SUMMARY_METRICS[:2]:
+    for _, label in metrics[:2]:
         table.add_column(f"sel\n{label}", justify="right")
     hospitals = summary.get("hospitals") or {}
     for name in sorted(hospitals):
@@ -166,7 +176,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         table.add_row(
             name,
             _number(info.get("num_train")),
-            *(_number(final.get(key)) for key, _ in SUMMARY_METRICS),
-            *(_number(chosen.get(key)) for key, _ in SUMMARY_METRICS[:2]),
+            *(_number(final.get(key)) for key, _ in metrics),
+            *(_number(chosen.get(key)) for key, _ in metrics[:2]),
         )
     return table

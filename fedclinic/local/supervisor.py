@@ -77,12 +77,12 @@ def tail_file(path: Path, lines: int = 40, max_bytes: int = 256 * 1024) -> str:
 
 
 def pids_with_marker(token: str) -> list[int]:
-    """PIDs of live processes whose environment carries ``FEDCLINIC_SUPERVISOR=<token>``.
+    """PIDs of live processes whose ``FEDCLINIC_SUPERVISOR`` list holds ``token``.
 
     Zombies have an empty environ and are skipped (they hold no resources but a PID slot,
     and their parent reaps them).
     """
-    needle = f"{MARKER_VARIABLE}={token}".encode()
+    prefix, wanted = f"{MARKER_VARIABLE}=".encode(), token.encode()
     found = []
     own = os.getpid()
     for entry in Path("/proc").iterdir():
@@ -92,8 +92,10 @@ def pids_with_marker(token: str) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:  # exited meanwhile, or not ours
             continue
-        if needle in environ.split(b"\0"):
-            found.append(int(entry.name))
+        for variable in environ.split(b"\0"):
+            if variable.startswith(prefix) and wanted in variable[len(prefix) :].split(b","):
+                found.append(int(entry.name))
+                break
     return found
 
 
@@ -169,9 +171,14 @@ class ProcessSupervisor:
         self.stop_all()
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        """``base`` (default: ours) plus the marker every descendant will inherit."""
+        """``base`` (default: ours) plus the marker every descendant will inherit.
+
+        A marker already there (a supervisor running under another, like ``fedclinic
+        hospital`` in a test) is kept in front: the outer sweep still finds everything.
+        """
         env = dict(os.environ if base is None else base)
-        env[MARKER_VARIABLE] = self.token
+        outer = [t for t in env.get(MARKER_VARIABLE, "").split(",") if t and t != self.token]
+        env[MARKER_VARIABLE] = ",".join([*outer, self.token])
         return env
 
     def start(
