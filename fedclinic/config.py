@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedclinic.errors import ConfigError
 
@@ -84,14 +92,14 @@ def validate_schema(
 
 
 Algorithm = str
-ModelName = Literal["logreg", "cnn", "resnet18", "densenet121"]
+ModelName = Literal["logreg", "cnn", "resnet18", "densenet121", "unet", "unet-large"]
 
 
 class RunConfig(Schema):
     """Everything the coordinator needs to drive one federated run."""
 
     algorithm: Algorithm = "fedavg"
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation"] = "classification"
     model: ModelName = "cnn"
     num_classes: int = Field(2, ge=2, le=1000)
     in_channels: int = Field(1, ge=1, le=16)
@@ -110,14 +118,36 @@ class RunConfig(Schema):
     min_hospitals: int = Field(2, ge=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
     seed: int = Field(42, ge=0)
-    selection_metric: Literal["val_balanced_accuracy", "val_accuracy", "val_auc", "val_loss"] = (
-        "val_balanced_accuracy"
+    selection_metric: str = Field(
+        "auto", description="validation metric; auto = the task's (fedclinic.tasks)"
     )
     output_dir: str = ""
     run_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    # fedclinic.tasks imports the model registry, which imports this module: imported late.
+    @field_validator("selection_metric")
+    @classmethod
+    def _selection_fits_task(cls, value: str, info: ValidationInfo) -> str:
+        from fedclinic.tasks import check_selection_metric
+
+        return check_selection_metric(info.data.get("task", "classification"), value)
+
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> RunConfig:
+        from fedclinic.tasks import check_model_fits_task
+
+        check_model_fits_task(self)  # a ConfigError passes through pydantic unchanged
+        return self
+
+    @property
+    def selection_key(self) -> str:
+        """The metric models are selected on, ``auto`` resolved for the run's task."""
+        from fedclinic.tasks import selection_metric
+
+        return selection_metric(self)
 
     def algorithm_options(self) -> Any:
         """The validated options model of the selected algorithm."""

@@ -5,8 +5,8 @@ foundation model on a **public** data set, computed **once** before federated tr
 never updated. This module produces that file and checks it where it is used.
 
 ``fedclinic knowledge build`` writes a *knowledge file* (``.npz``: ``probabilities``
-``(N_pub, C_pub)`` float32 plus a JSON ``meta`` entry) and its SHA-256, from one of three
-sources:
+``(N_pub, C_pub)`` float32, or ``(N_pub, C_pub, H, W)`` per pixel for segmentation, plus a
+JSON ``meta`` entry) and its SHA-256, from one of three sources:
 
 (a) ``--model-file``: a model the operator supplies as a file, run once over the public
     images: TorchScript (``torch.jit.save``) or a ``torch.export`` program (``.pt2``), or a
@@ -27,7 +27,9 @@ the SHA-256 of the public data file it was computed on.
 Public data: an ``.npz`` with ``images`` (and optional ``labels``) or the MedMNIST layout
 ``<split>_images`` / ``<split>_labels`` (``--split``, default ``train``); images ``(N, H, W)``,
 ``(N, H, W, C)`` or ``(N, C, H, W)``, uint8 (scaled to [0, 1]) or float; tabular data
-``(N, F)``. Labels are optional (they enable the teacher and FedHelp's public CE, FH-5).
+``(N, F)``. Labels are optional (they enable the teacher and FedHelp's public CE, FH-5):
+``(N,)`` classes, or ``(N, H, W)`` per-pixel masks for segmentation (the teacher is then a
+UNet trained with Dice + CE, and the stored probabilities are per pixel).
 
 Chain of trust at a small hospital (:func:`load_shared_knowledge`): the knowledge file must
 have the SHA-256 the run config pins (``fedhelp.knowledge-sha256``), and the public data file
@@ -46,7 +48,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,9 @@ from fedclinic.serialization import file_sha256
 
 KNOWLEDGE_FORMAT = "fedclinic-knowledge/1"
 #: architectures FedHelp can build for a teacher (source b) or a large hospital's private model
-NETWORKS = ("resnet18", "densenet121", "wide-cnn", "cnn", "mlp")
+NETWORKS = ("resnet18", "densenet121", "wide-cnn", "cnn", "mlp", "unet", "unet-large")
+#: the segmentation networks among them (per-pixel outputs, trained on masks)
+SEGMENTATION_NETWORKS = ("unet", "unet-large")
 #: row sums of stored probabilities may deviate this much from 1 (float32 rounding)
 SUM_TOLERANCE = 1e-3
 
@@ -126,10 +130,11 @@ def read_public_data(path: str | Path, split: str = "train") -> PublicData:
 def _public_labels(file: Path, key: str, labels: np.ndarray, count: int) -> np.ndarray:
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    if labels.ndim not in (1, 3) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
             f"public data file '{file}': '{key}' has shape {labels.shape} and dtype "
-            f"{labels.dtype}; expected (N,) or (N, 1) integer class labels"
+            f"{labels.dtype}; expected (N,) or (N, 1) integer class labels, or (N, H, W) "
+            "integer masks"
         )
     if len(labels) != count:
         raise DataError(
@@ -207,25 +212,34 @@ def write_synthetic_public(
     image_size: int = 28,
     in_channels: int = 1,
     seed: int = 1000,
+    task: str = "classification",
 ) -> Path:
     """A labelled public set from the synthetic generator, MedMNIST layout (``train_*``).
 
     For demos and tests: use a ``seed`` different from the hospitals' so the public images
-    are new draws of the same lesion types, not copies of any hospital's data.
+    are new draws of the same lesion types, not copies of any hospital's data. With
+    ``task = "segmentation"`` the labels are the images' masks ``(N, H, W)`` (as the
+    synthetic segmentation source draws them, ``num_classes`` including background).
     """
-    from fedclinic.data.synthetic import Acquisition, class_counts, generate_images
+    from fedclinic.data.synthetic import Acquisition, class_counts, generate_lesions
+    from fedclinic.data.synthetic_segmentation import lesion_kinds, masks_from_extent
 
-    counts = class_counts(num_samples, [], num_classes)
-    labels = torch.repeat_interleave(torch.arange(num_classes), torch.as_tensor(counts))
+    kinds = lesion_kinds(num_classes) if task == "segmentation" else num_classes
+    counts = class_counts(num_samples, [], kinds)
+    labels = torch.repeat_interleave(torch.arange(kinds), torch.as_tensor(counts))
     labels = labels[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
-    images = generate_images(labels, image_size, in_channels, Acquisition(), seed)
+    images, extent = generate_lesions(labels, image_size, in_channels, Acquisition(), seed)
     pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     pixels = pixels[:, 0] if in_channels == 1 else pixels.transpose(0, 2, 3, 1)
+    if task == "segmentation":
+        stored = masks_from_extent(extent, labels, num_classes).to(torch.uint8).numpy()
+    else:
+        stored = labels.numpy()[:, None]
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
     with temporary.open("wb") as handle:
-        np.savez(handle, train_images=pixels, train_labels=labels.numpy()[:, None])
+        np.savez(handle, train_images=pixels, train_labels=stored)
     os.replace(temporary, target)
     return target
 
@@ -237,7 +251,8 @@ def build_network(name: str, num_classes: int, input_shape: Sequence[int]) -> nn
     """A teacher or large-model architecture for inputs of ``input_shape`` (``(C,H,W)``/``(F,)``).
 
     ``wide-cnn`` is the run's small CNN three times as wide (48 instead of 16 channels):
-    a CPU-sized "large" model; ``mlp`` is a two-hidden-layer perceptron (tabular data).
+    a CPU-sized "large" model; ``mlp`` is a two-hidden-layer perceptron (tabular data);
+    ``unet`` / ``unet-large`` are the segmentation networks of :mod:`fedclinic.models`.
     """
     from fedclinic.config import RunConfig
     from fedclinic.models import SmallCNN, build_model
@@ -262,7 +277,10 @@ def build_network(name: str, num_classes: int, input_shape: Sequence[int]) -> nn
         )
     if name == "wide-cnn":
         return SmallCNN(shape[0], num_classes, width=48)
-    run = RunConfig(model=name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
+    task = "segmentation" if name in SEGMENTATION_NETWORKS else "classification"
+    run = RunConfig(
+        task=task, model=name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1]
+    )
     return build_model(run)
 
 
@@ -383,7 +401,21 @@ def train_teacher(
     seed: int,
     device: torch.device,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """Source (b), the FH-2 substitute: train a teacher once on the labelled public data (Adam)."""
+    """Source (b), the FH-2 substitute: train a teacher once on the labelled public data (Adam).
+
+    Class labels ``(N,)``: cross-entropy; masks ``(N, H, W)``: a segmentation network trained
+    with the segmentation task's Dice + CE.
+    """
+    from fedclinic.tasks import get_task
+
+    dense = labels.ndim == 3
+    if dense != (network in SEGMENTATION_NETWORKS):
+        expected = ", ".join(SEGMENTATION_NETWORKS) if dense else "a classification network"
+        raise ConfigError(
+            f"--train-teacher {network}: the public labels are "
+            f"{'masks' if dense else 'class labels'}; expected {expected}"
+        )
+    loss_of = get_task("segmentation" if dense else "classification").loss
     num_classes = int(labels.max()) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -400,7 +432,7 @@ def train_teacher(
             index = order[start : start + batch_size]
             x, y = inputs[index].to(device), targets[index].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_of(model(x), y)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(index)
@@ -446,7 +478,8 @@ def read_logits_file(
 
 
 def logits_to_probabilities(logits: np.ndarray, num_public: int, what: str) -> np.ndarray:
-    """Softmax over classes (sigmoid for one binary logit) after shape and finiteness checks."""
+    """Softmax over classes (sigmoid for one binary logit) after shape and finiteness checks;
+    per pixel for ``(N, C, H, W)`` segmentation logits."""
     values = _check_matrix(logits, num_public, what)
     tensor = torch.from_numpy(values.astype(np.float64))
     if tensor.shape[1] == 1:
@@ -458,7 +491,8 @@ def logits_to_probabilities(logits: np.ndarray, num_public: int, what: str) -> n
 
 
 def check_probabilities(values: np.ndarray, num_public: int, what: str) -> np.ndarray:
-    """Probabilities as given: in [0, 1], rows summing to 1; renormalised in float32."""
+    """Probabilities as given: in [0, 1], summing to 1 over classes (axis 1, per pixel for
+    ``(N, C, H, W)``); renormalised in float32."""
     matrix = _check_matrix(values, num_public, what).astype(np.float64)
     if matrix.shape[1] < 2:
         raise DataError(f"{what}: probabilities need at least 2 columns (classes); found 1")
@@ -466,20 +500,20 @@ def check_probabilities(values: np.ndarray, num_public: int, what: str) -> np.nd
         raise DataError(
             f"{what}: values outside [0, 1] are not probabilities (drop the flag for logits)"
         )
-    sums = matrix.sum(axis=1)
-    worst = int(np.argmax(np.abs(sums - 1)))
+    sums = matrix.sum(axis=1, keepdims=True)
+    worst = np.unravel_index(int(np.argmax(np.abs(sums - 1))), sums.shape)
     if abs(sums[worst] - 1) > SUM_TOLERANCE:
         raise DataError(
-            f"{what}: row {worst} sums to {sums[worst]:.6f}; probabilities must sum to 1"
+            f"{what}: row {worst[0]} sums to {sums[worst]:.6f}; probabilities must sum to 1"
         )
-    return (matrix / sums[:, None]).astype(np.float32)
+    return (matrix / sums).astype(np.float32)
 
 
 def _check_matrix(values: np.ndarray, num_public: int, what: str) -> np.ndarray:
-    if values.ndim != 2:
+    if values.ndim not in (2, 4):
         raise DataError(
             f"{what} has shape {values.shape}; expected (N, C) = ({num_public}, classes), "
-            "one row per public sample"
+            "one row per public sample, or (N, C, H, W) per pixel"
         )
     if values.shape[0] != num_public:
         raise DataError(
@@ -504,7 +538,8 @@ def _check_matrix(values: np.ndarray, num_public: int, what: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Knowledge:
-    """A verified knowledge file: probabilities ``(N_pub, C_pub)``, its meta and SHA-256."""
+    """A verified knowledge file: probabilities ``(N_pub, C_pub)`` (or ``(N_pub, C_pub, H, W)``
+    per pixel), its meta and SHA-256."""
 
     probabilities: torch.Tensor
     meta: dict[str, Any]
@@ -599,16 +634,34 @@ def load_shared_knowledge(
             f"'{knowledge_path}' has {len(knowledge.probabilities)} rows"
         )
     inputs = public_inputs(public, in_channels, image_size, num_features)
+    if knowledge.probabilities.ndim == 4 and image_size is not None:
+        knowledge = replace(
+            knowledge, probabilities=resize_dense(knowledge.probabilities, image_size, "bilinear")
+        )
     labels, note = None, ""
     if public.labels is not None:
         if int(public.labels.max()) < knowledge.num_classes:
             labels = torch.from_numpy(public.labels)
+            if labels.ndim == 3 and image_size is not None:
+                labels = resize_dense(labels, image_size, "nearest")
         else:  # e.g. a foundation model with its own label space: no CE on public labels
             note = (
                 f"public label {int(public.labels.max())} is outside the knowledge file's "
                 f"{knowledge.num_classes} classes; the public labels are not used"
             )
     return SharedKnowledge(inputs, labels, knowledge, note)
+
+
+def resize_dense(values: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Per-pixel probabilities ``(N, C, H, W)`` (bilinear, renormalised) or masks ``(N, H, W)``
+    (nearest) at ``size`` x ``size``, when the public images were resized for the run."""
+    if tuple(values.shape[-2:]) == (size, size):
+        return values
+    if mode == "nearest":
+        resized = F.interpolate(values[:, None].float(), (size, size), mode="nearest-exact")
+        return resized[:, 0].round().long()
+    resized = F.interpolate(values.float(), (size, size), mode="bilinear", align_corners=False)
+    return resized / resized.sum(dim=1, keepdim=True)
 
 
 # ------------------------------------------------------------------------------ producing
@@ -804,6 +857,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synthetic.add_argument("--image-size", type=int, default=28)
     synthetic.add_argument("--in-channels", type=int, default=1)
     synthetic.add_argument("--seed", type=int, default=1000, help="differ from the hospitals'")
+    synthetic.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="segmentation: per-pixel masks as labels (num-classes includes background)",
+    )
     synthetic.set_defaults(handler=knowledge_synthetic_command)
 
 
@@ -894,8 +953,11 @@ def knowledge_check_command(args: argparse.Namespace) -> int:
 def knowledge_synthetic_command(args: argparse.Namespace) -> int:
     """Handler of ``fedclinic knowledge synthetic-public``."""
     try:
-        if not 2 <= args.num_classes <= 6 or args.num_samples < args.num_classes:
-            raise ConfigError("--num-classes must be 2..6 and --num-samples at least --num-classes")
+        most = 7 if args.task == "segmentation" else 6  # background + the six lesion types
+        if not 2 <= args.num_classes <= most or args.num_samples < args.num_classes:
+            raise ConfigError(
+                f"--num-classes must be 2..{most} and --num-samples at least --num-classes"
+            )
         path = write_synthetic_public(
             args.output,
             args.num_samples,
@@ -903,6 +965,7 @@ def knowledge_synthetic_command(args: argparse.Namespace) -> int:
             args.image_size,
             args.in_channels,
             args.seed,
+            args.task,
         )
     except FedClinicError as err:
         print(f"fedclinic knowledge synthetic-public: {err}", file=sys.stderr)

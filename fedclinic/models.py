@@ -3,7 +3,13 @@
 Each entry names the parameter prefix of its classification head, so algorithms that treat
 the head differently (FedHelp's heads, pFedNet's personalised classifier) find it without
 knowing the architecture. A binary logistic regression has one output logit (FLamby's
-``Linear(13, 1)`` + sigmoid); every other model has one logit per class.
+``Linear(13, 1)`` + sigmoid); every other classification model has one logit per class.
+
+Segmentation models (``task = "segmentation"``) are MONAI ``BasicUNet`` s: ``unet`` (features
+16-16-32-64-128, about 0.5 M parameters, CPU-sized) and ``unet-large`` (twice as wide, about
+2 M; FedHelp's private large model). Their head is the final 1x1 convolution (``final_conv``,
+the reference's ``outconv``): one foreground channel for two classes, else one per class.
+Their decoder (the up-sampling blocks and the head) is the default personalised component.
 """
 
 from __future__ import annotations
@@ -79,13 +85,45 @@ def _densenet121(run: RunConfig) -> nn.Module:
     return model
 
 
+UNET_DECODER = ("upcat_4.", "upcat_3.", "upcat_2.", "upcat_1.", "final_conv.")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build one architecture and where its classification head lives."""
+    """How to build one architecture, its task, and where its head (and decoder) live."""
 
     build: Callable[[RunConfig], nn.Module]
     head_prefix: str
     tabular: bool = False
+    task: str = "classification"
+    #: smallest image side the network accepts (four 2x poolings need 32 for a UNet)
+    min_image_size: int = 8
+    #: default personalised component (pFedNet); empty = the head
+    personal_prefixes: tuple[str, ...] = ()
+
+
+def _unet(features: tuple[int, int, int, int, int, int]) -> ModelSpec:
+    """A MONAI BasicUNet of the given widths: head ``final_conv``, decoder personalised."""
+
+    def build(run: RunConfig) -> nn.Module:
+        from monai.networks.nets import BasicUNet
+
+        from fedclinic.segmentation import output_channels
+
+        return BasicUNet(
+            spatial_dims=2,
+            in_channels=run.in_channels,
+            out_channels=output_channels(run.num_classes),
+            features=features,
+        )
+
+    return ModelSpec(
+        build,
+        "final_conv.",
+        task="segmentation",
+        min_image_size=32,
+        personal_prefixes=UNET_DECODER,
+    )
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -95,6 +133,8 @@ MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(lambda run: SmallCNN(run.in_channels, run.num_classes), "classifier."),
     "resnet18": ModelSpec(_resnet18, "fc."),
     "densenet121": ModelSpec(_densenet121, "class_layers."),
+    "unet": _unet((16, 16, 32, 64, 128, 16)),
+    "unet-large": _unet((32, 32, 64, 128, 256, 32)),
 }
 
 
@@ -113,3 +153,9 @@ def build_model(run: RunConfig, seed: int | None = None) -> nn.Module:
 def head_prefix(run: RunConfig) -> str:
     """Parameter-name prefix of the model's classification head."""
     return MODELS[run.model].head_prefix
+
+
+def personal_prefixes(run: RunConfig) -> tuple[str, ...]:
+    """The model's default personalised component: its decoder for a UNet, else its head."""
+    spec = MODELS[run.model]
+    return spec.personal_prefixes or (spec.head_prefix,)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedclinic.config import RunConfig
 from fedclinic.data.base import Split
-from fedclinic.metrics import class_probabilities, classification_loss, classification_metrics
+from fedclinic.tasks import get_task, task_of
 
 # (model, inputs, labels, logits) -> scalar loss. The default is the plain task loss.
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -89,7 +89,8 @@ def train_local(
     ``parameters`` restricts what the optimiser updates (personalised/shared phases);
     mixed precision is used on CUDA when the run asks for ``amp``.
     """
-    objective = objective or (lambda _m, _x, y, logits: classification_loss(logits, y))
+    task_loss = task_of(run).loss
+    objective = objective or (lambda _m, _x, y, logits: task_loss(logits, y))
     model.to(device).train()
     optimizer = make_optimizer(parameters or list(model.parameters()), run)
     use_amp = run.amp and device.type == "cuda"
@@ -121,24 +122,33 @@ def predict(
     model: nn.Module, split: Split, device: torch.device, batch_size: int = 256
 ) -> torch.Tensor:
     """Logits of ``model`` on a whole split, on the CPU."""
+    return torch.cat([logits for logits, _ in predict_batches(model, split, device, batch_size)])
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module, split: Split, device: torch.device, batch_size: int = 256
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits on the CPU, labels)`` of ``model`` on a split, batch by batch."""
     model.to(device).eval()
-    outputs = [
-        model(inputs.to(device)).float().cpu()
-        for inputs, _ in make_loader(split, batch_size, shuffle=False)
-    ]
-    return torch.cat(outputs)
+    for inputs, labels in make_loader(split, batch_size, shuffle=False):
+        yield model(inputs.to(device)).float().cpu(), labels
 
 
 def evaluate(
-    model: nn.Module, split: Split, device: torch.device, num_classes: int, prefix: str
+    model: nn.Module,
+    split: Split,
+    device: torch.device,
+    num_classes: int,
+    prefix: str,
+    task: str = "classification",
 ) -> dict[str, float | list[float]]:
     """Task loss and metrics of ``model`` on ``split``, keys prefixed (``val_``, ``test_``)."""
     if len(split) == 0:
         return {}
-    logits = predict(model, split, device)
-    loss = float(classification_loss(logits, split.labels))
-    probabilities = class_probabilities(logits).numpy()
-    metrics = classification_metrics(probabilities, split.labels.numpy(), num_classes, loss)
+    scoring = get_task(task)
+    batches = predict_batches(model, split, device, scoring.eval_batch_size)
+    metrics = scoring.score(batches, num_classes)
     return {f"{prefix}{name}": value for name, value in metrics.items()}
 
 

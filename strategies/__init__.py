@@ -34,7 +34,14 @@ def get_algorithm(name: str) -> Algorithm:
 
 def load_run_config(flat: Mapping[str, Any]) -> RunConfig:
     """Validate a flat run config, with every registered algorithm's options section."""
-    return parse_run_config(flat, {name: a.options for name, a in REGISTRY.items()})
+    run = parse_run_config(flat, {name: a.options for name, a in REGISTRY.items()})
+    algorithm = get_algorithm(run.algorithm)
+    if run.task not in algorithm.tasks:
+        raise ConfigError(
+            f"run config: key 'task' = {run.task!r} is not allowed with algorithm = "
+            f"{run.algorithm!r}: expected {' or '.join(algorithm.tasks)}"
+        )
+    return run
 
 
 __all__ = ["REGISTRY", "Algorithm", "get_algorithm", "load_run_config"]

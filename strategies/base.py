@@ -39,11 +39,11 @@ from torch import nn
 from fedclinic.config import HospitalConfig, NoOptions, RunConfig, Schema
 from fedclinic.data.base import HospitalData
 from fedclinic.errors import FedClinicError
-from fedclinic.metrics import classification_loss
 from fedclinic.models import build_model
 from fedclinic.results import ResultsWriter
 from fedclinic.serialization import State, record_to_numpy, record_to_state, state_to_record
 from fedclinic.site import SiteState
+from fedclinic.tasks import task_of
 from fedclinic.training import evaluate, mean_or_nan, seeded_generator, train_local
 
 # ------------------------------------------------------------------------------------ client
@@ -102,7 +102,7 @@ class ClientObjective:
         self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
     ) -> torch.Tensor:
         """The local objective; by default the task loss."""
-        return classification_loss(logits, labels)
+        return task_of(self.run).loss(logits, labels)
 
     def fit(self, received: State) -> LocalUpdate:
         """Train from the received model on the local training split."""
@@ -132,8 +132,8 @@ class ClientObjective:
     def evaluate_model(self, model: nn.Module) -> dict[str, float | list[float]]:
         data, device, classes = self.context.data, self.context.device, self.run.num_classes
         metrics = {
-            **evaluate(model, data.val, device, classes, "val_"),
-            **evaluate(model, data.test, device, classes, "test_"),
+            **evaluate(model, data.val, device, classes, "val_", self.run.task),
+            **evaluate(model, data.test, device, classes, "test_", self.run.task),
         }
         metrics.update({"num_val": len(data.val), "num_test": len(data.test)})
         return metrics
@@ -478,7 +478,7 @@ class FedClinicStrategy(Strategy):
 
     def _select(self, model_round: int, good: list[Reply]) -> None:
         """Track the round whose model scores best on the hospitals' VALIDATION splits."""
-        metric = self.run.selection_metric
+        metric = self.run.selection_key
         score = mean_or_nan([float(r.metrics.get(metric, float("nan"))) for r in good])
         if not np.isfinite(score):
             return
@@ -531,8 +531,9 @@ class FedClinicStrategy(Strategy):
             {
                 "status": "completed",
                 "algorithm": self.run.algorithm,
+                "task": self.run.task,
                 "rounds": rounds,
-                "selection_metric": self.run.selection_metric,
+                "selection_metric": self.run.selection_key,
                 "selected_round": selected_round,
                 "selection_note": (
                     "chosen on validation data"
@@ -582,3 +583,5 @@ class Algorithm:
     objective: type[ClientObjective]
     options: type[Schema] = NoOptions
     description: str = ""
+    #: tasks the algorithm implements (fedclinic.tasks); others are refused at validation
+    tasks: tuple[str, ...] = ("classification",)

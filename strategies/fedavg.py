@@ -47,7 +47,7 @@ class FedAvgStrategy(FedClinicStrategy):
 
 
 class FedAvgObjective(ClientObjective):
-    """Plain task loss (cross-entropy) from the received global model."""
+    """Plain task loss (cross-entropy, or Dice + CE for segmentation) from the global model."""
 
 
 ALGORITHM = Algorithm(
@@ -55,4 +55,5 @@ ALGORITHM = Algorithm(
     strategy=FedAvgStrategy,
     objective=FedAvgObjective,
     description="FedAvg: sample-weighted averaging of local SGD updates",
+    tasks=("classification", "segmentation"),
 )

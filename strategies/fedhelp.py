@@ -59,8 +59,23 @@ Design decisions (ALGORITHMS.md section 6) implemented here, with what the refer
   the reference trains one shared object for all large clients.
 - FH-10: unweighted mean as in the reference by default; ``fedhelp.aggregation =
   "weighted"`` weights by training-set size.
-- FH-11/FH-12 (segmentation) do not apply: this module is classification only.
+- FH-11: segmentation (``task = "segmentation"``) distils per pixel: one-channel (binary)
+  outputs as the Bernoulli KL between ``sigmoid(z^L/T)`` and ``sigmoid(z/T)`` (a logit z is
+  the two classes ``[0, z]``), multi-class outputs as the softmax KL per pixel; KL and
+  ranking are averaged over each image's pixels. The reference's softmax over one channel
+  is identically 1, so its KL is zero and its top-1 ranking over one channel empty.
+- FH-12: every KL here takes the teacher as log-probabilities and computes
+  ``sum p (log p - log q)`` itself, so the target is never misread (the reference's 3-D
+  code passes log-probabilities to ``KLDivLoss`` without ``log_target=True``). Segmentation
+  here is 2-D.
 - FH-13 (baselines) is a matter for experiments; FedAvg/FedProx/local-only are registered.
+
+Segmentation: small = ``unet``, large = ``unet-large`` (``fedhelp.large-model``; the
+reference's ``largeUnet`` of 128..2048 channels is not CPU-sized); the task loss is Dice + CE
+(the reference: BCE + soft Dice); the surrogate's private head is the UNet's final 1x1
+convolution (the reference's ``outconv``) and its public head a 1x1 convolution with one
+channel per public class (one for two classes); the knowledge file holds per-pixel
+probabilities ``(N_pub, C_pub, H, W)`` and the public labels, when present, are masks.
 
 Project choices beyond the IDs: KL is the per-sample KL (``fedhelp.kl-reduction =
 "batchmean"``; ``"mean"`` reproduces the reference's B*C division); no T^2 factor (T = 1 in
@@ -86,12 +101,19 @@ from torch import nn
 
 from fedclinic.config import RunConfig, Schema
 from fedclinic.data.base import Split
-from fedclinic.errors import ConfigError
-from fedclinic.knowledge import NETWORKS, SharedKnowledge, build_network, load_shared_knowledge
-from fedclinic.metrics import classification_loss
+from fedclinic.errors import ConfigError, DataError
+from fedclinic.knowledge import (
+    NETWORKS,
+    SEGMENTATION_NETWORKS,
+    SharedKnowledge,
+    build_network,
+    load_shared_knowledge,
+)
 from fedclinic.models import MODELS, head_prefix
 from fedclinic.results import ResultsWriter
+from fedclinic.segmentation import output_channels
 from fedclinic.serialization import State, numpy_to_record
+from fedclinic.tasks import task_of
 from fedclinic.training import make_loader, make_optimizer, seeded_generator
 from strategies.base import (
     Algorithm,
@@ -109,7 +131,9 @@ from strategies.fedhelp_math import (
     class_log_probs,
     find_head,
     get_module,
+    head_outputs,
     kl_divergence,
+    new_head,
     probabilities_log,
     ranking_loss,
     set_module,
@@ -125,9 +149,9 @@ class FedHelpOptions(Schema):
     num_large: int = Field(
         1, ge=0, description="large hospitals when configs set no role: the N largest by size"
     )
-    large_model: Literal["resnet18", "densenet121", "wide-cnn", "cnn", "mlp"] = Field(
-        "resnet18", description="architecture of each large hospital's private model"
-    )
+    large_model: Literal[
+        "resnet18", "densenet121", "wide-cnn", "cnn", "mlp", "unet", "unet-large"
+    ] = Field("resnet18", description="architecture of each large hospital's private model")
     aggregation: Literal["mean", "weighted"] = Field(
         "mean", description="FH-10: unweighted mean (reference) or weighted by training size"
     )
@@ -165,6 +189,17 @@ def check_options(run: RunConfig, options: FedHelpOptions) -> None:
         raise ConfigError(
             f"run config: key 'fedhelp.large-model' = {options.large_model!r} is not allowed "
             f"with model = {run.model!r} (tabular inputs): expected 'mlp'"
+        )
+    segmentation = run.task == "segmentation"
+    if segmentation != (options.large_model in SEGMENTATION_NETWORKS):
+        expected = (
+            " or ".join(repr(n) for n in SEGMENTATION_NETWORKS)
+            if segmentation
+            else "a classification network"
+        )
+        raise ConfigError(
+            f"run config: key 'fedhelp.large-model' = {options.large_model!r} is not allowed "
+            f"with task = {run.task!r}: expected {expected}"
         )
 
 
@@ -402,6 +437,7 @@ class FedHelpObjective(ClientObjective):
     def fit_large(self, received: State) -> LocalUpdate:
         """Asymmetric dual KD (3a forward KL, 3b CE + KL + beta * ranking); upload the proxy."""
         opts, run, device = self.options, self.run, self.context.device
+        task_loss = task_of(run).loss
         temperature, amp = opts.temperature, self.use_amp()
         proxy = self.build(received).to(device)
         large = self.large_model().to(device)
@@ -419,7 +455,7 @@ class FedHelpObjective(ClientObjective):
                 teacher = class_log_probs(large(x), temperature)
             with torch.autocast(device.type, enabled=amp):
                 proxy_logits = proxy(x)
-                proxy_ce = classification_loss(proxy_logits, y)
+                proxy_ce = task_loss(proxy_logits, y)
                 forward_kl = kl_divergence(
                     teacher, class_log_probs(proxy_logits, temperature), opts.kl_reduction
                 )
@@ -433,7 +469,7 @@ class FedHelpObjective(ClientObjective):
                 proxy_logits = proxy(x)
             with torch.autocast(device.type, enabled=amp):
                 large_logits = large(x)
-                large_ce = classification_loss(large_logits, y)
+                large_ce = task_loss(large_logits, y)
                 backward_kl = kl_divergence(
                     class_log_probs(large_logits, temperature),
                     class_log_probs(proxy_logits, temperature),
@@ -507,6 +543,14 @@ class FedHelpObjective(ClientObjective):
             None if tabular else run.image_size,
             run.num_features if tabular else None,
         )
+        dense = shared.knowledge.probabilities.ndim == 4
+        if dense != (run.task == "segmentation"):
+            raise DataError(
+                f"knowledge file '{hospital.knowledge_path}' holds "
+                f"{'per-pixel' if dense else 'per-image'} probabilities; a {run.task} run "
+                f"needs {'per-image' if not dense else 'per-pixel'} ones (build it from public "
+                f"data with {'masks' if run.task == 'segmentation' else 'class labels'})"
+            )
         if shared.note:
             log(WARNING, "fedhelp %s: %s", hospital.hospital, shared.note)
         if shared.knowledge.meta.get("substitute"):
@@ -519,7 +563,7 @@ class FedHelpObjective(ClientObjective):
             )
         return shared
 
-    def heads(self, global_head: nn.Linear, public_classes: int) -> tuple[nn.Linear, nn.Linear]:
+    def heads(self, global_head: nn.Module, public_classes: int) -> tuple[nn.Module, nn.Module]:
         """The private and public heads this round (FH-3, ``fedhelp.head-init``).
 
         ``fresh``: both newly initialised, as in the reference; ``kept``: both as this
@@ -527,8 +571,11 @@ class FedHelpObjective(ClientObjective):
         the received global classifier (the mean of last round's private heads and proxy
         heads), the public head is kept. Round 1, or stored heads of another shape: fresh.
         """
-        features, outputs = global_head.in_features, global_head.out_features
-        private, public = nn.Linear(features, outputs), nn.Linear(features, public_classes)
+        public_outputs = (  # segmentation: one channel for two public classes (FH-11)
+            output_channels(public_classes) if self.run.task == "segmentation" else public_classes
+        )
+        private = new_head(global_head, head_outputs(global_head))
+        public = new_head(global_head, public_outputs)
         mode, site = self.options.head_init, self.context.site
         if mode == "global":
             private.load_state_dict(global_head.state_dict())
@@ -552,12 +599,11 @@ class FedHelpObjective(ClientObjective):
     def fit_small(self, received: State) -> LocalUpdate:
         """Surrogate training: alternating private CE and public KD steps on a shared phi."""
         opts, run, device = self.options, self.run, self.context.device
+        task_loss = task_of(run).loss
         shared = self.shared_knowledge()
         model = self.build(received)
         head_name = find_head(model, head_prefix(run))
-        global_head = get_module(model, head_name)
-        assert isinstance(global_head, nn.Linear)
-        private, public = self.heads(global_head, shared.knowledge.num_classes)
+        private, public = self.heads(get_module(model, head_name), shared.knowledge.num_classes)
         set_module(model, head_name, nn.Identity())  # model is now the feature extractor phi
         phi = model.to(device).train()
         private.to(device).train()
@@ -585,7 +631,7 @@ class FedHelpObjective(ClientObjective):
             index = index.cpu()
             # (i) private step on (phi, private head).
             with torch.autocast(device.type, enabled=amp):
-                private_loss = classification_loss(private(phi(x)), y)
+                private_loss = task_loss(private(phi(x)), y)
             private_step.step(private_loss)
             # (ii) public step on (phi, public head): KL to the stored probabilities (+ CE, FH-5).
             with torch.autocast(device.type, enabled=amp):
@@ -596,7 +642,7 @@ class FedHelpObjective(ClientObjective):
                     opts.kl_reduction,
                 )
                 public_ce = (
-                    classification_loss(public_logits.float(), labels[index].to(device))
+                    task_loss(public_logits.float(), labels[index].to(device))
                     if use_public_ce and labels is not None
                     else torch.zeros((), device=device)
                 )
@@ -652,6 +698,7 @@ ALGORITHM = Algorithm(
     strategy=FedHelpStrategy,
     objective=FedHelpObjective,
     options=FedHelpOptions,
+    tasks=("classification", "segmentation"),
     description=(
         "FedHelp: foundation-model knowledge for small hospitals, asymmetric dual distillation "
         "with private large models at large hospitals"

@@ -1,7 +1,9 @@
 """FedHelp's mathematics, kept apart so that tests can check each term by hand.
 
 - :func:`class_log_probs`: log-probabilities at temperature ``T`` (one binary logit z is
-  the two classes ``[0, z]``, so every model speaks the same C-class language);
+  the two classes ``[0, z]``, so every model speaks the same C-class language); per pixel for
+  segmentation outputs ``(B, C, H, W)``, where ``[0, z]`` makes the KL between two one-channel
+  models the Bernoulli KL between ``sigmoid(z^L / T)`` and ``sigmoid(z / T)`` (FH-11);
 - :func:`temper_probabilities`: a stored probability vector at temperature ``T``:
   ``softmax(s / T) = p^(1/T) / sum p^(1/T)`` for ``p = softmax(s)``, so storing probabilities
   (FH-4) loses nothing;
@@ -10,7 +12,11 @@
 - :func:`ranking_loss`: the backward (proxy -> large) ranking distillation with the corrected
   hinge of FH-8;
 - :func:`assign_roles`: large/small from the hospital configs, else by training-set size;
-- head surgery helpers for the surrogate (FH-6).
+- head surgery helpers for the surrogate (FH-6): a ``Linear`` classifier, or a UNet's final
+  1x1 convolution (the reference's ``outconv``).
+
+Dense (segmentation) outputs: every per-sample term is computed per pixel and averaged over
+the pixels of each image, so one image weighs as much as one classified sample.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from fedclinic.errors import ConfigError
 
 
 def as_class_logits(logits: torch.Tensor) -> torch.Tensor:
-    """``(B, C)`` logits; a single binary logit z becomes ``[0, z]`` (same softmax as sigmoid)."""
+    """``(B, C, ...)`` logits; a single binary logit z becomes ``[0, z]`` (same softmax as
+    sigmoid)."""
     if logits.shape[1] == 1:
         return torch.cat([torch.zeros_like(logits), logits], dim=1)
     return logits
@@ -56,16 +63,18 @@ def kl_divergence(
 ) -> torch.Tensor:
     """``KL(p || q)`` with ``p = exp(teacher_log_probs)``, ``q = exp(student_log_probs)``.
 
-    ``batchmean``: the sum over classes, averaged over the batch (the true per-sample KL);
-    ``mean``: divided by B*C, as PyTorch's default ``nn.KLDivLoss()`` in the reference code.
+    ``batchmean``: the sum over classes, averaged over the batch (the true per-sample KL;
+    for ``(B, C, H, W)`` the per-pixel KL averaged over pixels and batch); ``mean``: divided
+    by every element (B*C, or B*C*H*W), as PyTorch's default ``nn.KLDivLoss()`` in the
+    reference code.
     """
     p = teacher_log_probs.exp()
     terms = p * (teacher_log_probs - student_log_probs)
-    batch, classes = terms.shape
+    classes = terms.shape[1]
     if reduction == "batchmean":
-        return terms.sum() / batch
+        return terms.sum() / (terms.numel() // classes)
     if reduction == "mean":
-        return terms.sum() / (batch * classes)
+        return terms.sum() / terms.numel()
     raise ValueError(f"unknown KL reduction {reduction!r}")
 
 
@@ -83,11 +92,14 @@ def ranking_loss(
     model's logits. Minimising it *raises* the large model's logits on the proxy's top-k
     classes (the reference code's ``max(0, zL_a - zL_b)`` lowers them). ``reduction="sum"``
     sums over the batch as the reference does; ``"mean"`` divides by the batch size.
-    No gradient reaches the proxy.
+    Segmentation outputs ``(B, C, H, W)``: the hinge per pixel, averaged over each image's
+    pixels (then summed or averaged over the batch as above). No gradient reaches the proxy.
     """
-    large = as_class_logits(large_logits).float()
-    proxy = as_class_logits(proxy_logits).detach()
-    batch, classes = large.shape
+    batch = large_logits.shape[0]
+    large = _positions(as_class_logits(large_logits).float())
+    proxy = _positions(as_class_logits(proxy_logits).detach())
+    classes = large.shape[1]
+    per_image = large.shape[0] // batch  # pixels per image; 1 for classification
     if not 1 <= k < classes:
         raise ConfigError(
             f"run config: key 'fedhelp.rank-k' = {k} is not allowed: expected 1..{classes - 1} "
@@ -98,12 +110,20 @@ def ranking_loss(
     top_logits = large.gather(1, top)  # (B, k)
     gaps = top_logits[:, :, None] - large[:, None, :]  # (B, k, C): zL_a - zL_b
     hinge = F.relu(margin - gaps) * (~in_top)[:, None, :].float()
-    total = hinge.sum() / (2 * k)
+    total = hinge.sum() / (2 * k * per_image)
     if reduction == "sum":
         return total
     if reduction == "mean":
         return total / batch
     raise ValueError(f"unknown ranking reduction {reduction!r}")
+
+
+def _positions(logits: torch.Tensor) -> torch.Tensor:
+    """``(B, C)`` as it is; ``(B, C, H, W)`` as ``(B*H*W, C)``, one row per pixel."""
+    if logits.ndim == 2:
+        return logits
+    classes = logits.shape[1]
+    return logits.movedim(1, -1).reshape(-1, classes)
 
 
 # ------------------------------------------------------------------------------ roles
@@ -149,20 +169,46 @@ def assign_roles(entries: Sequence[RoleEntry], num_large: int) -> dict[int, Assi
 # ------------------------------------------------------------------------------ heads
 
 
+def _is_head(module: nn.Module) -> bool:
+    """A ``Linear`` classifier or a 1x1 convolution (a segmentation network's ``outconv``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
 def find_head(model: nn.Module, prefix: str) -> str:
-    """Qualified name of the model's final classification ``Linear`` (under ``prefix``)."""
+    """Qualified name of the model's final head (``Linear`` or 1x1 conv, under ``prefix``)."""
     stem = prefix.rstrip(".")
     names = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and (name == stem or name.startswith(stem + "."))
+        if _is_head(module) and (name == stem or name.startswith(stem + "."))
     ]
     if not names:
         raise ConfigError(
-            f"FedHelp: the model has no Linear classification head under '{stem}'; "
+            f"FedHelp: the model has no Linear classification head (nor a 1x1-convolution "
+            f"head) under '{stem}'; "
             "the surrogate needs one"
         )
     return names[-1]
+
+
+def new_head(like: nn.Module, outputs: int) -> nn.Module:
+    """A freshly initialised head of ``like``'s kind and inputs with ``outputs`` outputs."""
+    if isinstance(like, nn.Linear):
+        return nn.Linear(like.in_features, outputs)
+    if isinstance(like, nn.Conv2d):
+        return nn.Conv2d(like.in_channels, outputs, kernel_size=1)
+    raise ConfigError(f"FedHelp: a head of type {type(like).__name__} cannot be re-created")
+
+
+def head_outputs(head: nn.Module) -> int:
+    """Number of outputs (classes, or channels) of a head made by :func:`new_head`."""
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    if isinstance(head, nn.Conv2d):
+        return head.out_channels
+    raise ConfigError(f"FedHelp: a head of type {type(head).__name__} is not supported")
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -55,4 +55,5 @@ ALGORITHM = Algorithm(
     objective=FedProxObjective,
     options=FedProxOptions,
     description="FedProx: FedAvg with a proximal term (mu/2)||w_k - w||^2 in the local loss",
+    tasks=("classification", "segmentation"),
 )

@@ -52,4 +52,5 @@ ALGORITHM = Algorithm(
     strategy=LocalOnlyStrategy,
     objective=LocalOnlyObjective,
     description="Local-only: each hospital trains alone on its own data",
+    tasks=("classification", "segmentation"),
 )

@@ -2,8 +2,10 @@
 
 Each hospital's model is ``w_n = M x + N z_n``: the shared part ``x`` (the feature layers)
 is averaged FedAvg-style; the personalised parts ``Z = [z_1 .. z_N]`` (by default the
-classifier; every parameter of logistic regression) stay different per hospital but are
-pulled together along a similarity graph by the server's coupled proximal step
+classifier; every parameter of logistic regression; for segmentation the UNet's decoder, its
+up-sampling blocks and final convolution, the reference's commented UNet option) stay
+different per hospital but are pulled together along a similarity graph by the server's
+coupled proximal step
 ``min_Z (1/N)<G, Z> + lambda sum_(i,j) ||z_i - z_j||_2 + (1/2 eta)||Z - Z_t||^2``.
 
 Protocol (the deep version, section 2.4), one fedclinic round = two exchanges:
@@ -26,7 +28,8 @@ Design decisions (ALGORITHMS.md section 6):
 - PF-1: the sketch is sent once, in the setup query, and only then. Label-ratio sketch
   (class counts; the server divides by the federation's total as the convex code does) for
   tabular models, the deep code's pixel covariance for images (pooled to at most
-  ``sketch-image-size`` per side; upper triangle only, distances unchanged). Optional
+  ``sketch-image-size`` per side; upper triangle only, distances unchanged), the mean
+  training image for segmentation (the deep code's segmentation sketch, pooled alike). Optional
   DP-noised sketch: ``sketch-epsilon`` > 0 adds Laplace(2/epsilon) noise to the class
   counts (epsilon-DP per record; label-ratio sketch only). The reference sends exact
   sketches and has no noise option.
@@ -64,7 +67,7 @@ from torch import nn
 
 from fedclinic.config import RunConfig, Schema
 from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
-from fedclinic.models import MODELS, build_model, head_prefix
+from fedclinic.models import MODELS, build_model, personal_prefixes
 from fedclinic.serialization import (
     State,
     numpy_to_record,
@@ -89,7 +92,7 @@ class PFedNetOptions(Schema):
     personal_layers: str = Field(
         "",
         description="comma-separated parameter-name prefixes or globs of the personalised "
-        "component; empty = the model's classification head (all of logreg)",
+        "component; empty = the model's head (all of logreg), or a UNet's decoder",
     )
     sketch: Literal["auto", "label-ratio", "covariance", "feature-mean"] = "auto"
     sketch_image_size: int = Field(32, ge=1, le=256)
@@ -112,10 +115,13 @@ def options_of(run: RunConfig) -> PFedNetOptions:
 
 
 def resolve_sketch(run: RunConfig) -> SketchKind:
-    """The sketch kind: label ratios for tabular models, pixel covariance for images."""
+    """The sketch kind: label ratios for tabular models, pixel covariance for images, the
+    mean image for segmentation (the deep code's ``cov`` for segmentation, section 2.3)."""
     options = options_of(run)
     kind: SketchKind
-    if options.sketch == "auto":
+    if options.sketch == "auto" and run.task == "segmentation":
+        kind = "feature-mean"
+    elif options.sketch == "auto":
         kind = "label-ratio" if MODELS[run.model].tabular else "covariance"
     else:
         kind = options.sketch
@@ -167,7 +173,9 @@ class LayerSplit:
     @classmethod
     def of(cls, model: nn.Module, run: RunConfig) -> LayerSplit:
         option = options_of(run).personal_layers
-        patterns = [p.strip() for p in option.split(",") if p.strip()] or [head_prefix(run)]
+        patterns = [p.strip() for p in option.split(",") if p.strip()] or list(
+            personal_prefixes(run)
+        )
         parameters = [name for name, _ in model.named_parameters()]
         for pattern in patterns:
             if not any(_matches(name, pattern) for name in parameters):
@@ -770,4 +778,5 @@ ALGORITHM = Algorithm(
     objective=PFedNetObjective,
     options=PFedNetOptions,
     description="pFedNet: shared layers averaged; personalised layers coupled by a data graph",
+    tasks=("classification", "segmentation"),
 )

@@ -15,11 +15,13 @@ import torch
 
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.errors import DataError
+from fedclinic.tasks import task_of
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split: float32 inputs ``(N, C, H, W)`` or ``(N, F)`` and int64 labels ``(N,)``."""
+    """One split: float32 inputs ``(N, C, H, W)`` or ``(N, F)`` and int64 labels: ``(N,)``
+    (classification) or per-pixel label maps ``(N, H, W)`` (segmentation)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
@@ -28,7 +30,8 @@ class Split:
         return int(self.labels.shape[0])
 
     def class_counts(self, num_classes: int) -> list[int]:
-        return torch.bincount(self.labels, minlength=num_classes).tolist()
+        """Samples per class (classification) or pixels per class (segmentation)."""
+        return torch.bincount(self.labels.reshape(-1), minlength=num_classes).tolist()
 
 
 @dataclass(frozen=True)
@@ -76,20 +79,15 @@ def check_split(split: Split, request: DataRequest, origin: str, name: str) -> N
             f"{origin}: {name} samples have shape {tuple(split.inputs.shape[1:])}; "
             f"the run expects {expected} (run config in-channels/image-size/num-features)"
         )
-    if split.labels.dtype != torch.int64 or split.labels.ndim != 1:
-        raise DataError(f"{origin}: {name} labels must be a 1-D int64 tensor")
-    if split.inputs.shape[0] != split.labels.shape[0]:
+    if split.labels.ndim == 0 or split.inputs.shape[0] != split.labels.shape[0]:
         raise DataError(
             f"{origin}: {name} has {split.inputs.shape[0]} samples "
-            f"but {split.labels.shape[0]} labels"
+            f"but {split.labels.shape[0] if split.labels.ndim else 0} labels"
         )
-    if len(split) and (split.labels.min() < 0 or split.labels.max() >= request.run.num_classes):
-        bad = int(split.labels[(split.labels < 0) | (split.labels >= request.run.num_classes)][0])
-        raise DataError(
-            f"{origin}: {name} contains label {bad}; "
-            f"expected labels 0..{request.run.num_classes - 1} "
-            f"(run config num-classes = {request.run.num_classes})"
-        )
+    spatial = tuple(split.inputs.shape[2:])
+    task_of(request.run).check_labels(
+        split.labels, spatial, request.run.num_classes, f"{origin}: {name}"
+    )
     if not torch.isfinite(split.inputs).all():
         raise DataError(f"{origin}: {name} inputs contain NaN or infinite values")
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from fedclinic.data.base import DataRequest, Split
+from fedclinic.data.splits import DEFAULT_TEST_FRACTION, stratified_split, train_val_test_split
 from fedclinic.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+Item = TypeVar("Item")
 
 
 def require_image_model(request: DataRequest, source: str) -> None:
@@ -18,6 +24,15 @@ def require_image_model(request: DataRequest, source: str) -> None:
         raise ConfigError(
             f"run config: key 'model' = 'logreg' is not allowed with data source '{source}': "
             "it produces images; use an image model (cnn, resnet18, densenet121)"
+        )
+
+
+def require_grey_or_colour(request: DataRequest, source: str) -> None:
+    """Image files are grey or RGB: the run must ask for 1 or 3 channels."""
+    if request.run.in_channels not in (1, 3):
+        raise ConfigError(
+            f"run config: key 'in-channels' = {request.run.in_channels} is not allowed with "
+            f"data source '{source}': expected 1 (grey) or 3 (RGB)"
         )
 
 
@@ -38,6 +53,13 @@ def make_split(inputs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndar
     return Split(x.to(torch.float32).contiguous(), y.to(torch.int64).reshape(-1).contiguous())
 
 
+def make_mask_split(inputs: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarray) -> Split:
+    """A segmentation :class:`Split`: float32 images ``(N, C, H, W)``, int64 masks ``(N, H, W)``."""
+    x = torch.as_tensor(np.asarray(inputs) if isinstance(inputs, np.ndarray) else inputs)
+    y = torch.as_tensor(np.asarray(masks) if isinstance(masks, np.ndarray) else masks)
+    return Split(x.to(torch.float32).contiguous(), y.to(torch.int64).contiguous())
+
+
 def empty_split(sample_shape: tuple[int, ...]) -> Split:
     return Split(torch.zeros((0, *sample_shape)), torch.zeros(0, dtype=torch.int64))
 
@@ -45,6 +67,31 @@ def empty_split(sample_shape: tuple[int, ...]) -> Split:
 def subset(split: Split, indices: np.ndarray) -> Split:
     index = torch.as_tensor(indices, dtype=torch.int64)
     return Split(split.inputs[index].contiguous(), split.labels[index].contiguous())
+
+
+def split_here(
+    whole: Split, items: Sequence[Item], strata: np.ndarray, val_fraction: float, seed: int
+) -> tuple[dict[str, Split], dict[str, list[Item]]]:
+    """Train/val/test (test 15 %, val ``val_fraction``) stratified by ``strata``, with the
+    items (files, cases) that went where, in the order of each split."""
+    split = train_val_test_split(strata, val_fraction, DEFAULT_TEST_FRACTION, seed)
+    parts = dict(zip(SPLITS, split, strict=True))
+    splits = {name: subset(whole, part) for name, part in parts.items()}
+    return splits, {name: [items[i] for i in part] for name, part in parts.items()}
+
+
+def carve_validation(
+    splits: dict[str, Split],
+    items: dict[str, list[Item]],
+    strata: np.ndarray,
+    val_fraction: float,
+    seed: int,
+) -> None:
+    """Move a stratified ``val_fraction`` of the train split (and its items) into ``val``."""
+    keep, val = stratified_split(strata, [1.0 - val_fraction, val_fraction], seed)
+    train, train_items = splits["train"], items["train"]
+    splits["train"], items["train"] = subset(train, keep), [train_items[i] for i in keep]
+    splits["val"], items["val"] = subset(train, val), [train_items[i] for i in val]
 
 
 def stable_seed(*parts: int | str) -> int:

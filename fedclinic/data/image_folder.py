@@ -32,23 +32,20 @@ from PIL import Image, UnidentifiedImageError
 
 from fedclinic.data.base import DataRequest, HospitalData, Split
 from fedclinic.data.common import (
+    SPLITS,
+    carve_validation,
     counts_text,
     empty_split,
     make_split,
     require_data_path,
+    require_grey_or_colour,
     require_image_model,
-    subset,
+    split_here,
 )
-from fedclinic.data.splits import (
-    DEFAULT_TEST_FRACTION,
-    resolve_val_fraction,
-    stratified_split,
-    train_val_test_split,
-)
-from fedclinic.errors import ConfigError, DataError
+from fedclinic.data.splits import DEFAULT_TEST_FRACTION, resolve_val_fraction
+from fedclinic.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-SPLITS = ("train", "val", "test")
 DEFAULT_VAL_FRACTION = 0.15
 
 
@@ -141,11 +138,7 @@ def load(request: DataRequest) -> HospitalData:
     """This hospital's splits from its image folder (its own split, or split here)."""
     require_image_model(request, "image-folder")
     run, hospital = request.run, request.hospital
-    if run.in_channels not in (1, 3):
-        raise ConfigError(
-            f"run config: key 'in-channels' = {run.in_channels} is not allowed with data source "
-            "'image-folder': expected 1 (grey) or 3 (RGB)"
-        )
+    require_grey_or_colour(request, "image-folder")
     root = require_data_path(request, "a folder of class folders of PNG/JPEG images")
     size, channels = run.image_size, run.in_channels
     val_fraction = resolve_val_fraction(hospital, DEFAULT_VAL_FRACTION)
@@ -161,23 +154,15 @@ def load(request: DataRequest) -> HospitalData:
             splits[split], files[split] = _read_split(classes, names, size, channels)
         layout = "given split"
         if "val" not in splits:
-            keep, val = stratified_split(
-                splits["train"].labels.numpy(), [1.0 - val_fraction, val_fraction], seed
-            )
-            train, train_files = splits["train"], files["train"]
-            splits["train"], files["train"] = subset(train, keep), [train_files[i] for i in keep]
-            splits["val"], files["val"] = subset(train, val), [train_files[i] for i in val]
+            strata = splits["train"].labels.numpy()
+            carve_validation(splits, files, strata, val_fraction, seed)
             layout = f"given train/test split, val carved from train ({val_fraction})"
     else:
         classes = scan(root)
         names = sorted(classes)
         _check_classes(root, names, run.num_classes)
         whole, all_files = _read_split(classes, names, size, channels)
-        parts = train_val_test_split(
-            whole.labels.numpy(), val_fraction, DEFAULT_TEST_FRACTION, seed
-        )
-        for split, part in zip(SPLITS, parts, strict=True):
-            splits[split], files[split] = subset(whole, part), [all_files[i] for i in part]
+        splits, files = split_here(whole, all_files, whole.labels.numpy(), val_fraction, seed)
         layout = f"split here (val {val_fraction}, test {DEFAULT_TEST_FRACTION})"
     description = f"image-folder {root} ({layout}); classes {', '.join(names)}; " + ", ".join(
         f"{s} {len(splits[s])} ({counts_text(splits[s], run.num_classes)})" for s in SPLITS

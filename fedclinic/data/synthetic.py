@@ -95,8 +95,9 @@ def _smooth_noise(g: torch.Generator, n: int, size: int, cells: int) -> torch.Te
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[:, 0]
 
 
-def _lesions(kind: str, n: int, size: int, g: torch.Generator) -> torch.Tensor:
-    """``n`` lesion intensity maps of one class, shape (n, size, size), roughly in [0, 0.6]."""
+def _lesions(kind: str, n: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` lesions of one class: intensity maps (n, size, size), roughly in [0, 0.6], and
+    their extent in [0, 1] (the soft outline without texture; > 0.5 is the lesion's mask)."""
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     px = 2.0 / size  # one pixel in grid units
@@ -114,7 +115,8 @@ def _lesions(kind: str, n: int, size: int, g: torch.Generator) -> torch.Tensor:
     if kind == "round":
         aspect = _uniform(g, n, 0.75, 1.0)[:, None, None]
         rho_e = torch.sqrt(u**2 + (v / aspect) ** 2)
-        return amp * torch.sigmoid((r - rho_e) / (0.6 * px))
+        extent = torch.sigmoid((r - rho_e) / (0.6 * px))
+        return amp * extent, extent
     if kind == "spiculated":
         k1 = torch.randint(5, 9, (n, 1, 1), generator=g)
         k2 = torch.randint(9, 14, (n, 1, 1), generator=g)
@@ -124,13 +126,14 @@ def _lesions(kind: str, n: int, size: int, g: torch.Generator) -> torch.Tensor:
         spikes = 0.8 * r * torch.relu(torch.cos(m * phi + p3)) ** 10
         mask = torch.sigmoid((outline + spikes - rho) / (0.4 * px))
         speckle = (1.0 + 0.6 * torch.randn(n, size, size, generator=g)).clamp_min(0)
-        return amp * mask * speckle
+        return amp * mask * speckle, mask
     if kind == "ring":
         outer = r * 1.05
         inner = outer * _uniform(g, n, 0.45, 0.62)[:, None, None]
         inside_outer = torch.sigmoid((outer - rho) / (0.6 * px))
         inside_inner = torch.sigmoid((inner - rho) / (0.6 * px))
-        return amp * (inside_outer - inside_inner) - 0.15 * amp * inside_inner
+        # the extent includes the darker centre, as a ring-enhancing lesion's outline does
+        return amp * (inside_outer - inside_inner) - 0.15 * amp * inside_inner, inside_outer
     if kind == "nodules":
         count = torch.randint(3, 6, (n, 1), generator=g)
         active = (torch.arange(5)[None, :] < count).float()[:, :, None, None]
@@ -141,18 +144,18 @@ def _lesions(kind: str, n: int, size: int, g: torch.Generator) -> torch.Tensor:
         sigma = (0.07 + 0.04 * torch.rand(n, 5, generator=g))[:, :, None, None]
         d2 = (xx - nx) ** 2 + (yy - ny) ** 2
         blobs = (active * torch.exp(-d2 / (2 * sigma**2))).sum(dim=1)
-        return amp * blobs.clamp_max(1.2)
+        return amp * blobs.clamp_max(1.2), blobs.clamp_max(1.0)
     if kind == "streak":
         rho_e = torch.sqrt((u / (1.5 * r)) ** 2 + (v / (0.3 * r)) ** 2)
         mask = torch.sigmoid((1.0 - rho_e) / 0.12)
         freq = _uniform(g, n, 12.0, 20.0)[:, None, None]
         stripes = 1.0 + 0.35 * torch.sin(freq * u / r.clamp_min(0.1))
-        return amp * mask * stripes
+        return amp * mask * stripes, mask
     if kind == "diffuse":
         sigma = 1.3 * r
         haze = torch.exp(-(rho**2) / (2 * sigma**2))
         mottle = (0.6 + 0.4 * _smooth_noise(g, n, size, 8)).clamp_min(0)
-        return 0.8 * amp * haze * mottle
+        return 0.8 * amp * haze * mottle, haze
     raise ValueError(f"unknown lesion kind {kind!r}")
 
 
@@ -181,21 +184,34 @@ def generate_images(
     acquisition: Acquisition,
     seed: int,
 ) -> torch.Tensor:
-    """Images ``(N, in_channels, image_size, image_size)`` in [0, 1] for the given labels.
+    """Images ``(N, in_channels, image_size, image_size)`` in [0, 1] for the given labels."""
+    return generate_lesions(labels, image_size, in_channels, acquisition, seed)[0]
+
+
+def generate_lesions(
+    labels: torch.Tensor,
+    image_size: int,
+    in_channels: int,
+    acquisition: Acquisition,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as :func:`generate_images` plus each lesion's extent ``(N, size, size)`` in [0, 1]
+    (before the acquisition chain: a scanner changes the image, not the lesion).
 
     Generated in chunks of about 4 M pixels (each with its own derived seed), so memory stays
     bounded for large hospitals or images.
     """
     n = int(labels.shape[0])
     out = torch.empty(n, in_channels, image_size, image_size)
+    extent = torch.empty(n, image_size, image_size)
     chunk = max(1, CHUNK_PIXELS // (image_size * image_size))
     for index, start in enumerate(range(0, n, chunk)):
         g = torch.Generator().manual_seed(stable_seed(seed, "chunk", index))
         part = labels[start : start + chunk]
-        out[start : start + len(part)] = _generate_chunk(
-            part, image_size, in_channels, acquisition, g
-        )
-    return out
+        images, shapes = _generate_chunk(part, image_size, in_channels, acquisition, g)
+        out[start : start + len(part)] = images
+        extent[start : start + len(part)] = shapes
+    return out, extent
 
 
 def _generate_chunk(
@@ -204,7 +220,7 @@ def _generate_chunk(
     in_channels: int,
     acquisition: Acquisition,
     g: torch.Generator,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     n = int(labels.shape[0])
     background = (
         0.3
@@ -213,10 +229,11 @@ def _generate_chunk(
         + 0.01 * torch.randn(n, size, size, generator=g)
     )
     lesion = torch.zeros(n, size, size)
+    extent = torch.zeros(n, size, size)
     for cls, kind in enumerate(LESIONS):
         members = torch.nonzero(labels == cls).flatten()
         if len(members):
-            lesion[members] = _lesions(kind, len(members), size, g)
+            lesion[members], extent[members] = _lesions(kind, len(members), size, g)
     if in_channels == 1:
         images = (background + lesion)[:, None]
     else:  # a per-image tint for tissue and lesion (as in dermoscopy or stained slides)
@@ -227,7 +244,7 @@ def _generate_chunk(
     images = images.clamp(0, 1) ** acquisition.gamma
     images = (images - 0.5) * acquisition.contrast + 0.5 + acquisition.brightness
     images = images + acquisition.noise * torch.randn(images.shape, generator=g)
-    return images.clamp(0, 1).to(torch.float32)
+    return images.clamp(0, 1).to(torch.float32), extent
 
 
 def load(request: DataRequest) -> HospitalData:

@@ -1,0 +1,89 @@
+"""Whole segmentation rounds of pFedNet, FedProx and local-only through the real ClientApp
+handler with an in-process grid (FedAvg's real-process run: tests/test_e2e_segmentation.py;
+FedHelp's hospitals: tests/test_segmentation_fedhelp.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+# the in-process grid and Flower task identity of the pFedNet tests (same harness)
+from test_pfednet import InProcessGrid, task_identity  # noqa: F401
+
+from fedclinic.results import ResultsWriter
+from fedclinic.serialization import state_to_record
+from strategies import get_algorithm, load_run_config
+from strategies.pfednet import PFedNetStrategy
+
+SEGMENTATION = {"task": "segmentation", "model": "unet", "image-size": 32}
+
+
+# ------------------------------------------------------------------------------ whole rounds
+
+
+def segmentation_nodes(tmp_path: Path, count: int = 2) -> dict[int, dict[str, Any]]:
+    return {
+        100 + i: {
+            "hospital": f"hospital-{'ab'[i]}",
+            "num-samples": 24 + 8 * i,
+            "acquisition-shift": 0.5 * i,
+            "data-seed": i,
+            "device": "cpu",
+            "state-dir": str(tmp_path / "state" / f"hospital-{'ab'[i]}"),
+        }
+        for i in range(count)
+    }
+
+
+def run_in_process(tmp_path: Path, flat: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+    run = load_run_config(flat)
+    strategy = get_algorithm(run.algorithm).strategy(run, ResultsWriter(tmp_path / "out"))
+    grid = InProcessGrid(segmentation_nodes(tmp_path), flat)
+    initial = state_to_record(strategy.initial_state())
+    strategy.start(grid=grid, initial_arrays=initial)  # type: ignore[arg-type]
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    return strategy, [json.loads(line) for line in lines]
+
+
+def common(**extra: Any) -> dict[str, Any]:
+    return {**SEGMENTATION, "rounds": 1, "local-steps": 1, "batch-size": 8, "seed": 1, **extra}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_pfednet_personalises_the_decoder_on_a_mean_image_graph(tmp_path: Path) -> None:
+    flat = common(
+        **{"algorithm": "pfednet", "run-name": "seg-pfednet", "pfednet.admm-iterations": 20}
+    )
+    strategy, rows = run_in_process(tmp_path, flat)
+    assert isinstance(strategy, PFedNetStrategy)
+    assert strategy.split.personal and all(
+        name.startswith(("upcat_", "final_conv.")) for name in strategy.split.personal
+    )
+    assert any(name.startswith("down_") for name in strategy.split.shared)
+    graph = next(r for r in rows if r["kind"] == "pfednet-graph")
+    assert graph["sketch"] == "feature-mean"
+    evaluations = [r for r in rows if r["kind"] == "evaluate"]
+    assert {r["model"] for r in evaluations} == {"personal"}
+    assert all(math.isfinite(r["val_dice"]) for r in evaluations)
+    assert not np.allclose(strategy.columns[:, 0], strategy.columns[:, 1])  # personalised
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["task"] == "segmentation" and summary["selection_metric"] == "val_dice"
+    assert all("test_dice" in h["final"] for h in summary["hospitals"].values())
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("algorithm", ["fedprox", "local-only"])
+def test_fedprox_and_local_only_run_segmentation_rounds(tmp_path: Path, algorithm: str) -> None:
+    flat = common(**{"algorithm": algorithm, "run-name": f"seg-{algorithm}"})
+    _, rows = run_in_process(tmp_path, flat)
+    trained = [r for r in rows if r["kind"] == "train"]
+    assert len(trained) == 2 and all(math.isfinite(r["train_loss"]) for r in trained)
+    evaluations = [r for r in rows if r["kind"] == "evaluate"]
+    assert {r["model_round"] for r in evaluations} == {0, 1}
+    assert all({"val_dice", "val_iou", "test_dice", "test_dice_c1"} <= set(r) for r in evaluations)
+    assert not [r for r in rows if r["kind"] == "error"]
