@@ -1,6 +1,6 @@
-"""Whole segmentation rounds of pFedNet, FedProx and local-only through the real ClientApp
-handler with an in-process grid (FedAvg's real-process run: tests/test_e2e_segmentation.py;
-FedHelp's hospitals: tests/test_segmentation_fedhelp.py)."""
+"""Whole segmentation rounds of pFedNet, FedProx, local-only and FedHelp through the real
+ClientApp handler with an in-process grid (FedAvg's real-process run:
+tests/test_e2e_segmentation.py; FedHelp's per-pixel terms: tests/test_segmentation_fedhelp.py)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,55 @@ def test_fedprox_and_local_only_run_segmentation_rounds(tmp_path: Path, algorith
     assert {r["model_round"] for r in evaluations} == {0, 1}
     assert all({"val_dice", "val_iou", "test_dice", "test_dice_c1"} <= set(r) for r in evaluations)
     assert not [r for r in rows if r["kind"] == "error"]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fedhelp_runs_segmentation_rounds_with_a_large_and_a_small_hospital(
+    tmp_path: Path,
+) -> None:
+    from fedclinic.knowledge import build_knowledge, write_synthetic_public
+
+    public = write_synthetic_public(
+        tmp_path / "public.npz", 12, 2, image_size=32, seed=1000, task="segmentation"
+    )
+    logits = np.random.default_rng(0).normal(size=(12, 1, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "api.npy", logits)
+    digest, _ = build_knowledge(public, tmp_path / "k.npz", logits_file=tmp_path / "api.npy")
+    flat = common(
+        **{
+            "algorithm": "fedhelp",
+            "run-name": "seg-fedhelp",
+            "rounds": 2,
+            "fedhelp.large-model": "unet-large",
+            "fedhelp.knowledge-sha256": digest,
+        }
+    )
+    run = load_run_config(flat)
+    strategy = get_algorithm("fedhelp").strategy(run, ResultsWriter(tmp_path / "out"))
+    nodes = segmentation_nodes(tmp_path)
+    for node, role in zip(nodes.values(), ("large", "small"), strict=True):
+        node.update(
+            {
+                "role": role,
+                "public-data-path": str(public),
+                "knowledge-path": str(tmp_path / "k.npz"),
+            }
+        )
+    grid = InProcessGrid(nodes, flat)
+    strategy.start(grid=grid, initial_arrays=state_to_record(strategy.initial_state()))  # type: ignore[arg-type]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["kind"] == "error"]
+    trained = [r for r in rows if r["kind"] == "train"]
+    assert sorted((r["round"], r["hospital"]) for r in trained) == [
+        (1, "hospital-a"),
+        (1, "hospital-b"),
+        (2, "hospital-a"),
+        (2, "hospital-b"),
+    ]
+    evaluations = [r for r in rows if r["kind"] == "evaluate"]
+    assert {r["model_round"] for r in evaluations} == {0, 1, 2}
+    assert all(math.isfinite(r["test_dice_c1"]) for r in evaluations)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["hospitals"]["hospital-a"]["model"] == "large"  # the large site deploys it
+    assert summary["hospitals"]["hospital-b"]["model"] == "global"
+    assert all("test_dice" in h["final"] for h in summary["hospitals"].values())

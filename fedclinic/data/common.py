@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-from fedclinic.data.base import DataRequest, Split
+from fedclinic.data.base import DataRequest, HospitalData, Split
 from fedclinic.data.splits import DEFAULT_TEST_FRACTION, stratified_split, train_val_test_split
 from fedclinic.errors import ConfigError
 
@@ -102,3 +102,16 @@ def stable_seed(*parts: int | str) -> int:
 
 def counts_text(split: Split, num_classes: int) -> str:
     return "/".join(str(c) for c in split.class_counts(num_classes))
+
+
+def hospital_data(
+    splits: Mapping[str, Split], what: str, num_classes: int, extra: dict[str, object]
+) -> HospitalData:
+    """The sites' data with the one description every source gives: what was read, then
+    each split's size and class counts (so hospital logs read the same whatever the source)."""
+    sizes = ", ".join(
+        f"{s} {len(splits[s])} ({counts_text(splits[s], num_classes)})" for s in SPLITS
+    )
+    return HospitalData(
+        splits["train"], splits["val"], splits["test"], description=f"{what}; {sizes}", extra=extra
+    )

@@ -34,8 +34,8 @@ from fedclinic.data.base import DataRequest, HospitalData, Split
 from fedclinic.data.common import (
     SPLITS,
     carve_validation,
-    counts_text,
     empty_split,
+    hospital_data,
     make_split,
     require_data_path,
     require_grey_or_colour,
@@ -164,15 +164,11 @@ def load(request: DataRequest) -> HospitalData:
         whole, all_files = _read_split(classes, names, size, channels)
         splits, files = split_here(whole, all_files, whole.labels.numpy(), val_fraction, seed)
         layout = f"split here (val {val_fraction}, test {DEFAULT_TEST_FRACTION})"
-    description = f"image-folder {root} ({layout}); classes {', '.join(names)}; " + ", ".join(
-        f"{s} {len(splits[s])} ({counts_text(splits[s], run.num_classes)})" for s in SPLITS
-    )
-    return HospitalData(
-        splits["train"],
-        splits["val"],
-        splits["test"],
-        description=description,
-        extra={
+    return hospital_data(
+        splits,
+        f"image-folder {root} ({layout}); classes {', '.join(names)}",
+        run.num_classes,
+        {
             "source": "image-folder",
             "folder": str(root),
             "classes": names,

@@ -34,7 +34,8 @@ import numpy as np
 
 from fedclinic.data.base import DataRequest, HospitalData
 from fedclinic.data.common import (
-    counts_text,
+    SPLITS,
+    hospital_data,
     make_split,
     require_data_path,
     require_image_model,
@@ -48,7 +49,6 @@ from fedclinic.data.splits import (
 )
 from fedclinic.errors import ConfigError, DataError
 
-SPLITS = ("train", "val", "test")
 KEYS = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -174,15 +174,11 @@ def load(request: DataRequest) -> HospitalData:
             f"medmnist {path.name}: partition {hospital.partition_id} of "
             f"{hospital.num_partitions} (label-skew-alpha {hospital.label_skew_alpha})"
         )
-    description = f"{what}; " + ", ".join(
-        f"{s} {len(splits[s])} ({counts_text(splits[s], run.num_classes)})" for s in SPLITS
-    )
-    return HospitalData(
-        splits["train"],
-        splits["val"],
-        splits["test"],
-        description=description,
-        extra={
+    return hospital_data(
+        splits,
+        what,
+        run.num_classes,
+        {
             "source": "medmnist",
             "file": str(path),
             # Row numbers in the file: train and val index the official train split (val

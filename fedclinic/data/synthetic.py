@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from fedclinic.data.base import DataRequest, HospitalData
-from fedclinic.data.common import counts_text, make_split, require_image_model, stable_seed
+from fedclinic.data.common import hospital_data, make_split, require_image_model, stable_seed
 from fedclinic.data.splits import (
     DEFAULT_TEST_FRACTION,
     allocate,
@@ -279,21 +279,14 @@ def load(request: DataRequest) -> HospitalData:
         name: make_split(images[idx], labels[idx])
         for name, idx in (("train", train), ("val", val), ("test", test))
     }
-    description = (
+    what = (
         f"synthetic '{hospital.hospital}': {hospital.num_samples} images "
         f"{run.in_channels}x{run.image_size}x{run.image_size}, classes "
-        f"{'/'.join(LESIONS[: run.num_classes])}; train {len(train)} "
-        f"({counts_text(splits['train'], run.num_classes)}), val {len(val)}, test {len(test)}; "
-        f"acquisition-shift {hospital.acquisition_shift}"
+        f"{'/'.join(LESIONS[: run.num_classes])}, acquisition-shift {hospital.acquisition_shift}"
     )
-    return HospitalData(
-        splits["train"],
-        splits["val"],
-        splits["test"],
-        description=description,
-        extra={
-            "source": "synthetic",
-            "class_counts": counts.tolist(),
-            "acquisition": asdict(acquisition),
-        },
-    )
+    extra = {
+        "source": "synthetic",
+        "class_counts": counts.tolist(),
+        "acquisition": asdict(acquisition),
+    }
+    return hospital_data(splits, what, run.num_classes, extra)
