@@ -117,6 +117,9 @@ class RunConfig(Schema):
     amp: bool = False
     min_hospitals: int = Field(2, ge=1)
     round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies")
+    max_update_norm_ratio: float = Field(
+        10.0, ge=0, description="refuse updates this many times the round's median norm; 0 = off"
+    )
     seed: int = Field(42, ge=0)
     selection_metric: str = Field(
         "auto", description="validation metric; auto = the task's (fedclinic.tasks)"

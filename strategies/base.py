@@ -36,15 +36,23 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
+from fedclinic.audit import AuditLog, code_version, config_sha256
 from fedclinic.config import HospitalConfig, NoOptions, RunConfig, Schema
 from fedclinic.data.base import HospitalData
 from fedclinic.errors import FedClinicError
 from fedclinic.models import build_model
 from fedclinic.results import ResultsWriter
-from fedclinic.serialization import State, record_to_numpy, record_to_state, state_to_record
+from fedclinic.serialization import (
+    State,
+    content_sha256,
+    record_to_numpy,
+    record_to_state,
+    state_to_record,
+)
 from fedclinic.site import SiteState
 from fedclinic.tasks import task_of
 from fedclinic.training import evaluate, mean_or_nan, seeded_generator, train_local
+from fedclinic.validation import UpdateSpec, norm_outliers, spec_of, structure_problem, update_norm
 
 # ------------------------------------------------------------------------------------ client
 
@@ -218,6 +226,8 @@ class FedClinicStrategy(Strategy):
 
     #: whether the algorithm produces one global model worth saving
     has_global_model: ClassVar[bool] = True
+    #: whether updates are compared by norm (off where nothing is averaged: local-only)
+    checks_update_norms: ClassVar[bool] = True
 
     def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:
         self.run = run
@@ -227,6 +237,9 @@ class FedClinicStrategy(Strategy):
         self.sent_arrays: dict[int, ArrayRecord] = {}
         self.best: tuple[int, float] | None = None
         self.best_arrays: ArrayRecord | None = None
+        self.model_spec: UpdateSpec | None = None
+        self.outcome: dict[str, Any] = {}
+        self.audit = AuditLog(results.directory) if results else None
 
     # ---------------------------------------------------------------- Flower Strategy API
     def configure_train(
@@ -306,27 +319,62 @@ class FedClinicStrategy(Strategy):
         self.summary()
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
-        self.setup(grid, initial_arrays)
-        for server_round in range(1, rounds + 1):
-            log(INFO, "[ROUND %d/%d]", server_round, rounds)
-            self.sent_arrays = {server_round - 1: arrays}
-            config = ConfigRecord(self.round_config(server_round))
-            messages = list(self.configure_train(server_round, arrays, config, grid))
+        self.model_spec = spec_of(record_to_numpy(initial_arrays))
+        flat = self.run.to_flat()
+        self._audit(
+            "run_start",
+            algorithm=self.run.algorithm,
+            config=flat,
+            config_sha256=config_sha256(flat),
+            code=code_version(),
+            initial_model_sha256=content_sha256(record_to_numpy(initial_arrays)),
+        )
+        try:
+            self.setup(grid, initial_arrays)
+            for server_round in range(1, rounds + 1):
+                log(INFO, "[ROUND %d/%d]", server_round, rounds)
+                self.sent_arrays = {server_round - 1: arrays}
+                config = ConfigRecord(self.round_config(server_round))
+                messages = list(self.configure_train(server_round, arrays, config, grid))
+                replies = grid.send_and_receive(messages, timeout=timeout)
+                self.outcome = {}
+                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    arrays = new_arrays
+                if train_metrics is not None:
+                    result.train_metrics_clientapp[server_round] = train_metrics
+                self._audit_round("round", server_round, messages, arrays)
+                self.after_round(server_round, arrays)
+            self.sent_arrays = {rounds: arrays}
+            config = ConfigRecord({**self.round_config(rounds + 1), "final": True})
+            messages = list(self.configure_evaluate(rounds + 1, arrays, config, grid))
             replies = grid.send_and_receive(messages, timeout=timeout)
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            self.after_round(server_round, arrays)
-        self.sent_arrays = {rounds: arrays}
-        config = ConfigRecord({**self.round_config(rounds + 1), "final": True})
-        messages = list(self.configure_evaluate(rounds + 1, arrays, config, grid))
-        replies = grid.send_and_receive(messages, timeout=timeout)
-        result.evaluate_metrics_clientapp[rounds] = self.aggregate_evaluate(rounds + 1, replies)
-        result.arrays = arrays
-        self.finish(rounds, arrays)
+            self.outcome = {}
+            result.evaluate_metrics_clientapp[rounds] = self.aggregate_evaluate(rounds + 1, replies)
+            self._audit_round("final_evaluation", rounds + 1, messages, arrays)
+            result.arrays = arrays
+            self.finish(rounds, arrays)
+        except BaseException as error:
+            self._audit("run_end", status="failed", reason=f"{type(error).__name__}: {error}")
+            raise
+        self._audit("run_end", status="completed", rounds=rounds)
         return result
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, **fields)
+
+    def _audit_round(
+        self, event: str, server_round: int, messages: list[Message], arrays: ArrayRecord
+    ) -> None:
+        """Who was asked, who answered, who was accepted or refused (and why), which model."""
+        self._audit(
+            event,
+            round=server_round,
+            asked=sorted(self.hospital_of(m.metadata.dst_node_id) for m in messages),
+            **self.outcome,
+            model_sha256=content_sha256(record_to_numpy(arrays)),
+        )
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Hook after aggregation (checkpoints, strategy state)."""
@@ -376,26 +424,30 @@ class FedClinicStrategy(Strategy):
     def accept(
         self, server_round: int, replies: Iterable[Message], trained: bool, record: bool = True
     ) -> list[Reply]:
-        """Unpack replies, record their rows, and keep the good ones (enough or fail).
+        """Unpack replies, refuse bad updates, record rows, and keep the good ones (enough or fail).
 
-        ``record=False`` (setup queries) logs failures but writes no evaluation rows.
+        A trained reply whose update fails :mod:`fedclinic.validation` (layout, NaN/Inf, norm
+        outlier) is written as a ``rejected`` row and never aggregated. ``record=False`` (setup
+        queries) logs failures but writes no evaluation rows.
         """
-        good: list[Reply] = []
-        failures: list[str] = []
+        candidates: list[Reply] = []
+        failures: dict[str, str] = {}
+        rejected: dict[str, str] = {}
         rows: list[dict[str, Any]] = []
         replies = list(replies)
+        spec = self.update_spec() if trained else None
         for message in replies:
             node = message.metadata.src_node_id
             if message.has_error():
                 reason = f"{message.error.reason} (code {message.error.code})"
-                failures.append(f"{self.hospital_of(node)}: {reason}")
+                failures[self.hospital_of(node)] = reason
                 rows.append(self._error_row(server_round, node, reason))
                 continue
             content = message.content
             info = dict(content["info"]) if "info" in content.config_records else {}
             if "error" in info:
                 self.hospital_names.setdefault(node, str(info.get("hospital") or node))
-                failures.append(f"{self.hospital_of(node)}: {info['error']}")
+                failures[self.hospital_of(node)] = str(info["error"])
                 rows.append(self._error_row(server_round, node, str(info["error"])))
                 continue
             self.hospital_names[node] = str(info.get("hospital", node))
@@ -407,32 +459,82 @@ class FedClinicStrategy(Strategy):
                 info=info,
             )
             if trained and reply.arrays is None:
-                failures.append(f"{reply.hospital}: the reply carries no model update")
+                failures[reply.hospital] = "the reply carries no model update"
                 rows.append(self._error_row(server_round, node, "no model update in reply"))
                 continue
-            good.append(reply)
-            if record:
+            if trained and reply.arrays is not None:
+                problem = structure_problem(record_to_numpy(reply.arrays), spec)
+                if problem:
+                    rejected[reply.hospital] = problem
+                    rows.append(self._error_row(server_round, node, problem, kind="rejected"))
+                    continue
+            candidates.append(reply)
+        good = candidates
+        if trained and spec is not None and self.checks_update_norms:
+            outliers = self._norm_outliers(server_round, candidates)
+            for reply in candidates:
+                if reply.hospital in outliers:
+                    rejected[reply.hospital] = outliers[reply.hospital]
+                    rows.append(
+                        self._error_row(
+                            server_round, reply.node_id, outliers[reply.hospital], kind="rejected"
+                        )
+                    )
+            good = [r for r in candidates if r.hospital not in outliers]
+        if record:
+            for reply in good:
                 rows.extend(self._rows(server_round, reply, trained))
-        for failure in failures:
-            log(WARNING, "round %d: hospital reply failed: %s", server_round, failure)
+        for name, failure in failures.items():
+            log(WARNING, "round %d: hospital reply failed: %s: %s", server_round, name, failure)
+        for name, reason in rejected.items():
+            log(WARNING, "round %d: update of %s REJECTED: %s", server_round, name, reason)
         if self.results and rows:
             self.results.append(rows)
+        self.outcome = {
+            "answered": sorted(self.hospital_of(m.metadata.src_node_id) for m in replies),
+            "accepted": sorted(r.hospital for r in good),
+            "rejected": rejected,
+            "failed": failures,
+        }
         if record:
             self._select(server_round - 1, good)
         if len(good) < self.run.min_hospitals:
+            problems = [f"{n}: {r}" for n, r in {**failures, **rejected}.items()]
             raise FedClinicError(
                 f"round {server_round}: {len(good)} of {len(replies)} hospitals replied "
                 f"successfully, fewer than min-hospitals = {self.run.min_hospitals}. "
-                + ("Failures: " + "; ".join(failures) if failures else "No replies arrived.")
+                + ("Failures: " + "; ".join(problems) if problems else "No replies arrived.")
             )
         return good
 
-    def _error_row(self, server_round: int, node: int, reason: str) -> dict[str, Any]:
+    def update_spec(self) -> UpdateSpec | None:
+        """Keys, shapes and dtypes every trained reply must carry: the model's, by default.
+
+        Algorithms whose uploads have another layout (compressed, partial) return ``None``:
+        their updates are then checked for NaN/Inf only.
+        """
+        return self.model_spec
+
+    def _norm_outliers(self, server_round: int, replies: list[Reply]) -> dict[str, str]:
+        sent = self.sent_arrays.get(server_round - 1)
+        if sent is None:
+            return {}
+        reference = record_to_numpy(sent)
+        norms = {
+            r.hospital: update_norm(record_to_numpy(r.arrays), reference)
+            for r in replies
+            if r.arrays is not None
+        }
+        return norm_outliers(norms, self.run.max_update_norm_ratio)
+
+    def _error_row(
+        self, server_round: int, node: int, reason: str, kind: str = "error"
+    ) -> dict[str, Any]:
         return {
             "round": server_round,
             "hospital": self.hospital_of(node),
             "node_id": node,
-            "kind": "error",
+            "kind": kind,
             "reason": reason,
         }
 
@@ -494,9 +596,7 @@ class FedClinicStrategy(Strategy):
         for key in keys:
             values = [(r.metrics.get(key), max(r.num_examples, 1)) for r in replies]
             pairs = [
-                (float(v), w)
-                for v, w in values
-                if isinstance(v, int | float) and np.isfinite(v)
+                (float(v), w) for v, w in values if isinstance(v, int | float) and np.isfinite(v)
             ]
             if pairs:
                 out[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)

@@ -22,6 +22,11 @@ class LocalOnlyStrategy(FedClinicStrategy):
     """Keeps the initial model: there is no global model to aggregate or save."""
 
     has_global_model = False
+    checks_update_norms = False  # nothing is averaged: each site's model stays its own
+
+    def update_spec(self) -> None:
+        """Hospitals upload no weights (their models stay at the site): nothing to compare."""
+        return None
 
     def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
         return None

@@ -178,3 +178,24 @@ def test_unregistered_and_untrusted_hospitals_are_refused_with_one_line(tmp_path
         assert f"not signed by the CA in '{rogue.ca_cert}'" in last, last
         assert "attempt 2/" not in done.stderr
     assert federation.supervisor.remaining() == []
+
+
+@pytest.mark.e2e
+def test_unreachable_coordinator_gives_up_after_bounded_retries(
+    site: dict[str, Path], tmp_path: Path
+) -> None:
+    """A real SuperNode dialling a port nobody listens on: Flower retries for
+    ``--connect-timeout`` seconds (the bound), then the launcher stops with one line (another
+    attempt would only wait as long again; the container's restart policy takes over)."""
+    (closed,) = pick_free_ports(1)
+    runtime, health = pick_free_ports(2)
+    args = hospital_args(site, superlink=f"127.0.0.1:{closed}")
+    args += [f"--runtime-port={runtime}", f"--health-server-address=127.0.0.1:{health}"]
+    args += ["--connect-timeout=3", "--attempts=2", "--retry-wait=1"]
+    done = run_hospital(args, tmp_path / "home")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: hospital st-mary:"), last
+    assert f"could not reach the coordinator at 127.0.0.1:{closed}" in last, last
+    assert "Giving up reconnection after" in done.stdout  # Flower's bounded retry, streamed
+    assert "attempt 2/" not in done.stderr
