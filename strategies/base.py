@@ -239,6 +239,7 @@ class FedClinicStrategy(Strategy):
         self.best_arrays: ArrayRecord | None = None
         self.model_spec: UpdateSpec | None = None
         self.outcome: dict[str, Any] = {}
+        self.destinations: dict[str, int] = {}  # message ID -> node it was sent to
         self.audit = AuditLog(results.directory) if results else None
 
     # ---------------------------------------------------------------- Flower Strategy API
@@ -301,7 +302,7 @@ class FedClinicStrategy(Strategy):
             Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
             for node in self.wait_for_hospitals(grid)
         ]
-        replies = grid.send_and_receive(messages, timeout=self.run.round_timeout)
+        replies = self.exchange(grid, messages, self.run.round_timeout)
         return self.accept(0, replies, trained=False, record=False)
 
     # ---------------------------------------------------------------- the round loop
@@ -336,7 +337,7 @@ class FedClinicStrategy(Strategy):
                 self.sent_arrays = {server_round - 1: arrays}
                 config = ConfigRecord(self.round_config(server_round))
                 messages = list(self.configure_train(server_round, arrays, config, grid))
-                replies = grid.send_and_receive(messages, timeout=timeout)
+                replies = self.exchange(grid, messages, timeout)
                 self.outcome = {}
                 new_arrays, train_metrics = self.aggregate_train(server_round, replies)
                 if new_arrays is not None:
@@ -348,7 +349,7 @@ class FedClinicStrategy(Strategy):
             self.sent_arrays = {rounds: arrays}
             config = ConfigRecord({**self.round_config(rounds + 1), "final": True})
             messages = list(self.configure_evaluate(rounds + 1, arrays, config, grid))
-            replies = grid.send_and_receive(messages, timeout=timeout)
+            replies = self.exchange(grid, messages, timeout)
             self.outcome = {}
             result.evaluate_metrics_clientapp[rounds] = self.aggregate_evaluate(rounds + 1, replies)
             self._audit_round("final_evaluation", rounds + 1, messages, arrays)
@@ -359,6 +360,27 @@ class FedClinicStrategy(Strategy):
             raise
         self._audit("run_end", status="completed", rounds=rounds)
         return result
+
+    def exchange(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        """Send and wait; remember who each message went to, because Flower's error reply for
+        a hospital that went silent comes from the SuperLink, not from that hospital."""
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        self.destinations.update(
+            {
+                m.metadata.message_id: m.metadata.dst_node_id
+                for m in messages
+                if m.metadata.message_id
+            }
+        )
+        return replies
+
+    def _sender(self, message: Message) -> int:
+        """The hospital a reply is about (for a SuperLink error: the one asked)."""
+        if message.has_error():
+            return self.destinations.get(
+                message.metadata.reply_to_message_id, message.metadata.src_node_id
+            )
+        return message.metadata.src_node_id
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
@@ -437,7 +459,7 @@ class FedClinicStrategy(Strategy):
         replies = list(replies)
         spec = self.update_spec() if trained else None
         for message in replies:
-            node = message.metadata.src_node_id
+            node = self._sender(message)
             if message.has_error():
                 reason = f"{message.error.reason} (code {message.error.code})"
                 failures[self.hospital_of(node)] = reason
@@ -491,7 +513,9 @@ class FedClinicStrategy(Strategy):
         if self.results and rows:
             self.results.append(rows)
         self.outcome = {
-            "answered": sorted(self.hospital_of(m.metadata.src_node_id) for m in replies),
+            "answered": sorted(
+                self.hospital_of(self._sender(m)) for m in replies if not m.has_error()
+            ),
             "accepted": sorted(r.hospital for r in good),
             "rejected": rejected,
             "failed": failures,

@@ -621,7 +621,7 @@ class PFedNetStrategy(FedClinicStrategy):
             )
             for node in nodes
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.run.round_timeout)
+        replies = self.exchange(self.grid, list(messages), self.run.round_timeout)
         good = self.accept(server_round, replies, trained=True, record=False)
         if self.results:
             self.results.append(

@@ -107,8 +107,7 @@ def test_pfednet_cnn_synthetic_on_real_processes(tmp_path: Path) -> None:
 @pytest.mark.e2e
 @pytest.mark.skipif(not HEART.is_dir(), reason="heart-disease files not present")
 def test_pfednet_logreg_heart_disease_on_real_processes(tmp_path: Path) -> None:
-    centres = sorted(p.name.split(".")[1] for p in HEART.glob("processed.*.data"))
-    assert len(centres) >= 2
+    centres = ["cleveland", "hungarian"]  # two centres keep the run short on 2 CPU cores
     hospitals = [
         hospital_file(tmp_path, centre, [f'data-path = "{HEART / f"processed.{centre}.data"}"'])
         for centre in centres

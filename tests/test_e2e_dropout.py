@@ -1,0 +1,97 @@
+"""Hospital dropout on real processes (TLS + node auth): a hospital whose whole process group
+is SIGKILLed during round 1 does not stall the federation. The round finishes with the two
+hospitals that answered (min-hospitals = 2), the missing one is written as an error row and
+listed as failed in the audit log, and after a restart with the same key it rejoins a later
+round. Flower 1.39 declares a silent node offline only after its heartbeat patience (up to
+60 s): that wait is most of this test's time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from fedclinic.audit import AuditLog
+from fedclinic.local.configs import synthetic_hospitals
+from fedclinic.local.federation import FederationOptions, LocalFederation, log_name
+from fedclinic.local.ports import pick_free_ports
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows_of(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.mark.e2e
+def test_a_killed_hospital_is_skipped_then_rejoins(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hospitals = synthetic_hospitals(3, tmp_path / "state")
+    victim = hospitals[2]
+    options = FederationOptions(
+        app_dir=ROOT,
+        output_dir=out,
+        run_config={
+            "rounds": 4,
+            "min-hospitals": 2,
+            "round-timeout": 200.0,
+            "output-dir": str(out),
+        },
+        hospitals=hospitals,
+        work_dir=tmp_path / "w",
+        timeout=600,
+    )
+    federation = LocalFederation(options, Console(quiet=True))
+    with federation.supervisor:
+        federation.prepare()
+        federation.start_superlink()
+        federation.start_hospitals()
+        run_id = federation.submit()
+
+        # The site crashes: SuperNode, SuperExec and any ClientApp, all at once.
+        time.sleep(2)
+        os.killpg(federation.supernodes[victim.name].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 240
+        # Never heard from before, the hospital is named by its node ID in round 1.
+        victim_node = federation.node_ids[victim.name]
+        while not any(r["kind"] == "error" and r["node_id"] == victim_node for r in rows_of(out)):
+            assert time.monotonic() < deadline, "round 1 never reported the missing hospital"
+            time.sleep(1)
+
+        # Restarted with the same key and state directory: it joins a later round.
+        (port,) = pick_free_ports(1)
+        federation.supernodes[victim.name] = federation.supervisor.start(
+            victim.name,
+            federation.supernode_command(victim, port),
+            federation.work / log_name(f"{victim.name}-restarted"),
+            env={**federation.env, "FLWR_HOME": str(federation.paths()["homes"] / victim.name)},
+            tier=1,
+        )
+        outcome = federation.report(federation.follow(run_id))
+        assert outcome.exit_code == 0, outcome.details
+
+    rows = rows_of(out)
+    errors = [r for r in rows if r["kind"] == "error"]
+    assert [(r["round"], r["node_id"]) for r in errors] == [(1, victim_node)]
+    trained = {(r["round"], r["hospital"]) for r in rows if r["kind"] == "train"}
+    others = [h.name for h in hospitals[:2]]
+    assert {(n, h) for n in range(1, 5) for h in others} <= trained  # never stalled
+    assert any(h == victim.name and n > 1 for n, h in trained)  # rejoined
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    audit = AuditLog(out).read()
+    first = next(e for e in audit if e["event"] == "round" and e["round"] == 1)
+    label = f"node-{victim_node}"
+    assert label in first["asked"] and label in first["failed"]
+    assert first["accepted"] == sorted(others)
+    assert audit[-1]["event"] == "run_end" and audit[-1]["status"] == "completed"
