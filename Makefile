@@ -22,7 +22,7 @@ lint: $(STAMP)
 # End-to-end tests mostly wait on Flower's 3 s polling: four workers overlap them.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -n 4 --dist load --durations=20
+	$(BIN)/pytest -n 4 --dist load --maxschedchunk 1 --durations=20
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
