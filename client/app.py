@@ -35,13 +35,20 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         run = load_run_config(context.run_config)
         hospital = parse_hospital_config(context.node_config)
         config = dict(message.content["config"]) if "config" in message.content else {}
+        server_round = int(config.get("server-round", 0))
         client_context = ClientContext(
             run=run,
             hospital=hospital,
             data=load_hospital_data(DataRequest(run, hospital)),
             device=select_device(hospital.device),
-            site=SiteState.for_run(hospital, run, context.run_id),
-            server_round=int(config.get("server-round", 0)),
+            site=SiteState.for_run(
+                hospital,
+                run,
+                context.run_id,
+                server_round=server_round,
+                site_key=str(config.get("site-key", "")),
+            ),
+            server_round=server_round,
             server_config=config,
         )
         objective = get_algorithm(run.algorithm).objective(client_context)

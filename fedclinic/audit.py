@@ -50,6 +50,28 @@ def code_version() -> dict[str, str]:
     return {"fedclinic": version, "git_commit": commit}
 
 
+#: PEM certificate files (separated by ``:``) whose SHA-256 fingerprints ``run_start`` records.
+#: The SuperLink terminates TLS, so the ServerApp learns which certificates the coordinator
+#: serves from this variable, set where the SuperLink is started (the coordinator image,
+#: ``fedclinic local``); the SuperExec passes it on to the ServerApp.
+CERTIFICATES_VARIABLE = "FEDCLINIC_CERTIFICATES"
+
+
+def certificate_fingerprints() -> dict[str, str]:
+    """File -> SHA-256 of the certificate's DER (what ``openssl x509 -fingerprint -sha256``
+    prints); an unreadable file is recorded as such rather than failing the run."""
+    from fedclinic.pki import fingerprint
+
+    found: dict[str, str] = {}
+    for item in os.environ.get(CERTIFICATES_VARIABLE, "").split(os.pathsep):
+        if item:
+            try:
+                found[item] = fingerprint(item)
+            except (OSError, ValueError) as err:
+                found[item] = f"unreadable: {err}"
+    return found
+
+
 class AuditLog:
     """Appends one event per line; each write is flushed and fsynced before it returns."""
 

@@ -17,21 +17,29 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr.common.typing import Scalar
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedclinic import hospital
+from fedclinic import checkpoint, hospital
+from fedclinic.config import RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.local.configs import (
+    app_defaults,
+    check_keys_known,
+    find_app_dir,
     load_hospital_files,
+    merge_run_config,
     resolve_run_config,
     synthetic_hospitals,
+    validate_run_config,
 )
 from fedclinic.local.federation import (
     FederationError,
@@ -115,6 +123,12 @@ def _configure_local(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", type=Path, help="default: runs/<timestamp>-<algorithm>")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the interrupted run in --output-dir from its last completed round "
+        "(its config.json is the run config; --set may change rounds or round-timeout)",
+    )
+    parser.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC/HTTP (implies --no-node-auth)"
     )
     parser.add_argument(
@@ -141,12 +155,42 @@ def default_output_dir(algorithm: str, root: Path | None = None) -> Path:
     return candidate.resolve()
 
 
+def resumed_run_config(args: argparse.Namespace) -> tuple[Path, dict[str, Scalar], RunConfig]:
+    """``local --resume``: the interrupted run's own config (its ``config.json``), then
+    ``--set``, with ``resume = true``."""
+    if args.output_dir is None:
+        raise ConfigError("--resume needs --output-dir: the directory of the run to resume")
+    if args.run_config is not None:
+        raise ConfigError("--resume takes the run config from --output-dir; drop --run-config")
+    output_dir = args.output_dir.expanduser().resolve()
+    saved = output_dir / "config.json"
+    try:
+        original = json.loads(saved.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"--resume: '{saved}' does not exist (is it a run's output dir?)"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume: '{saved}' is unreadable: {err}") from None
+    original.pop("flower-run-id", None)
+    app = find_app_dir(args.app_dir)
+    defaults = app_defaults(app)
+    merged = merge_run_config(defaults, original, [*args.set, "resume=true"])
+    merged["output-dir"] = str(output_dir)
+    run = validate_run_config(merged)
+    check_keys_known(merged, defaults)
+    return app, merged, run
+
+
 def build_local_options(args: argparse.Namespace) -> FederationOptions:
     """Resolve and validate everything ``local`` needs; raises :class:`ConfigError`.
 
     Runs before any file is written or process started, so a wrong key costs one line.
     """
-    app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
+    if getattr(args, "resume", False):
+        app_dir, merged, run = resumed_run_config(args)
+    else:
+        app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
 
     if args.output_dir is not None:
         output_dir = args.output_dir.expanduser().resolve()
@@ -156,10 +200,13 @@ def build_local_options(args: argparse.Namespace) -> FederationOptions:
         output_dir = default_output_dir(run.algorithm)
     merged["output-dir"] = str(output_dir)
     work_dir = output_dir / "federation"
-    try:
-        check_output_dir(output_dir)
-    except FederationError as err:
-        raise ConfigError(str(err)) from None
+    if run.resume:
+        checkpoint.load(output_dir)  # one clear line when there is nothing to resume
+    else:
+        try:
+            check_output_dir(output_dir)
+        except FederationError as err:
+            raise ConfigError(str(err)) from None
 
     if args.hospital:
         if args.hospitals is not None:
@@ -172,7 +219,8 @@ def build_local_options(args: argparse.Namespace) -> FederationOptions:
                 "are synthetic; pass --hospital FILE.toml (with data-path) per hospital"
             )
         count = 3 if args.hospitals is None else args.hospitals
-        hospitals = synthetic_hospitals(count, work_dir / "hospital-state")
+        # beside the work dir (remade at every start), so a resumed run finds the site state
+        hospitals = synthetic_hospitals(count, output_dir / "hospital-state")
     if run.min_hospitals > len(hospitals):
         raise ConfigError(
             f"run config: key 'min-hospitals' = {run.min_hospitals} is not allowed: this "
@@ -352,6 +400,14 @@ def _operator_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 def _knowledge_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic knowledge ...``: FedHelp's one-time foundation-model knowledge file."""
     from fedclinic.knowledge import add_parser
+
+    add_parser(subparsers)
+
+
+@register_parser_hook
+def _bench_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedclinic bench quality|report``: quality benchmarks and BENCHMARKS.md."""
+    from fedclinic.bench import add_parser
 
     add_parser(subparsers)
 

@@ -126,6 +126,9 @@ class RunConfig(Schema):
     )
     output_dir: str = ""
     run_name: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")
+    resume: bool = Field(
+        False, description="go on from the checkpoint in output-dir (fedclinic.checkpoint)"
+    )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -137,6 +140,15 @@ class RunConfig(Schema):
         from fedclinic.tasks import check_selection_metric
 
         return check_selection_metric(info.data.get("task", "classification"), value)
+
+    @model_validator(mode="after")
+    def _resume_names_its_run(self) -> RunConfig:
+        if self.resume and not self.output_dir:
+            raise ConfigError(
+                "run config: resume = true needs output-dir: the directory of the run to "
+                "resume, where its checkpoint.pkl is"
+            )
+        return self
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> RunConfig:

@@ -66,6 +66,25 @@ class ResultsWriter:
         self.rows.extend(stamped)
         self._write_csv()
 
+    def keep_rows(self, count: int) -> int:
+        """Resume: keep the first ``count`` rows of ``metrics.jsonl`` (those of completed
+        rounds) and move the rest to ``metrics.discarded.jsonl``; returns how many moved."""
+        lines = (
+            self.metrics_path.read_text(encoding="utf-8").splitlines()
+            if self.metrics_path.is_file()
+            else []
+        )
+        kept, discarded = lines[:count], lines[count:]
+        if discarded:
+            with (self.directory / "metrics.discarded.jsonl").open("a", encoding="utf-8") as out:
+                out.write("".join(line + "\n" for line in discarded))
+        temporary = self.metrics_path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.metrics_path)
+        self.rows = [json.loads(line) for line in kept]
+        self._write_csv()
+        return len(discarded)
+
     def _write_csv(self) -> None:
         columns: list[str] = []
         for row in self.rows:

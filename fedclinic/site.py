@@ -1,12 +1,20 @@
 """State a hospital keeps on its own disk across rounds and restarts (never sent anywhere).
 
 Personalised parameters, local-only models and FedHelp's private large models live here,
-under ``<state-dir>/<run key>/``. The run key is the run's ``run-name`` when set (so a
-resumed run finds its state again), else Flower's run id.
+under ``<state-dir>/<site key>/``. The site key comes from the coordinator (``site-key`` in
+every round's config: the run's ``run-name``, or the id of the Flower run that started it),
+so a run resumed under a new Flower run id finds the same state again.
+
+Every save is versioned by the round that wrote it (``<name>.round-<r>.pt``, the newest
+three kept). A message of round ``r`` reads the newest version from a round before ``r``:
+when a coordinator crash makes a hospital train round ``r`` a second time, it starts from
+the same site state as the first time, so a resumed run equals an uninterrupted one. What a
+message saved itself it reads back as saved.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -14,24 +22,64 @@ import torch
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.serialization import State, load_checkpoint, save_checkpoint
 
+#: versions of each entry kept on disk (a retried round needs the one before it)
+KEPT_VERSIONS = 3
+_VERSION = re.compile(r"^(?P<name>.+)\.round-(?P<round>\d+)\.pt$")
+
 
 def default_state_dir(hospital: HospitalConfig) -> Path:
     return Path.home() / ".fedclinic" / "state" / hospital.hospital
 
 
 class SiteState:
-    """Named tensor dictionaries persisted atomically at one hospital for one run."""
+    """Named tensor dictionaries persisted atomically at one hospital for one run.
 
-    def __init__(self, directory: Path) -> None:
+    ``server_round`` is the round of the message being answered; 0 (outside rounds, and in
+    unit tests) reads the newest version of an entry, whichever round wrote it.
+    """
+
+    def __init__(self, directory: Path, server_round: int = 0) -> None:
         self.directory = directory
+        self.server_round = server_round
+        self.written: set[str] = set()
 
     @classmethod
-    def for_run(cls, hospital: HospitalConfig, run: RunConfig, run_id: int) -> SiteState:
+    def for_run(
+        cls,
+        hospital: HospitalConfig,
+        run: RunConfig,
+        run_id: int,
+        server_round: int = 0,
+        site_key: str = "",
+    ) -> SiteState:
         root = Path(hospital.state_dir) if hospital.state_dir else default_state_dir(hospital)
-        return cls(root / (run.run_name or f"run-{run_id}"))
+        key = site_key or run.run_name or f"run-{run_id}"
+        if Path(key).name != key or key in (".", ".."):
+            from fedclinic.errors import ConfigError
+
+            raise ConfigError(f"site key '{key}' from the coordinator is not a plain name")
+        return cls(root / key, server_round)
+
+    def versions(self, name: str) -> dict[int, Path]:
+        """Every stored version of ``name``: round -> file."""
+        found: dict[int, Path] = {}
+        if self.directory.is_dir():
+            for file in self.directory.glob(f"{glob_escape(name)}.round-*.pt"):
+                match = _VERSION.match(file.name)
+                if match and match["name"] == name:
+                    found[int(match["round"])] = file
+        return found
 
     def path(self, name: str) -> Path:
-        return self.directory / f"{name}.pt"
+        """The version this message reads (or would write, when there is none to read)."""
+        versions = self.versions(name)
+        if name in self.written or self.server_round == 0:
+            readable = versions
+        else:
+            readable = {r: p for r, p in versions.items() if r < self.server_round}
+        if readable:
+            return readable[max(readable)]
+        return self.directory / f"{name}.round-{self.server_round}.pt"
 
     def has(self, name: str) -> bool:
         return self.path(name).is_file()
@@ -40,5 +88,16 @@ class SiteState:
         return load_checkpoint(self.path(name))
 
     def save(self, name: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
-        """Save and return the file and content hashes (reported to the coordinator)."""
-        return save_checkpoint(self.path(name), state)
+        """Save this round's version and return the file and content hashes (reported to the
+        coordinator); versions beyond the newest :data:`KEPT_VERSIONS` are removed."""
+        saved = save_checkpoint(self.directory / f"{name}.round-{self.server_round}.pt", state)
+        self.written.add(name)
+        versions = self.versions(name)
+        for old in sorted(versions)[:-KEPT_VERSIONS]:
+            versions[old].unlink(missing_ok=True)
+        return saved
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob metacharacters escaped."""
+    return re.sub(r"([*?\[])", r"[\1]", text)

@@ -36,5 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedclinic: %s, %d rounds, results in %s", algorithm.name, run.rounds,
         results.directory)
     strategy = algorithm.strategy(run, results)
+    # hospitals file site state under this key; a resumed run keeps the checkpoint's
+    strategy.site_key = run.run_name or f"run-{context.run_id}"
     strategy.start(grid=grid, initial_arrays=state_to_record(strategy.initial_state()))
     log(INFO, "fedclinic: run finished; summary in %s", results.directory / "summary.json")

@@ -36,7 +36,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
-from fedclinic.audit import AuditLog, code_version, config_sha256
+from fedclinic import checkpoint
+from fedclinic.audit import AuditLog, certificate_fingerprints, code_version, config_sha256
 from fedclinic.config import HospitalConfig, NoOptions, RunConfig, Schema
 from fedclinic.data.base import HospitalData
 from fedclinic.errors import FedClinicError
@@ -45,6 +46,8 @@ from fedclinic.results import ResultsWriter
 from fedclinic.serialization import (
     State,
     content_sha256,
+    file_sha256,
+    numpy_to_record,
     record_to_numpy,
     record_to_state,
     state_to_record,
@@ -168,7 +171,9 @@ class ClientObjective:
     def respond(self, content: RecordDict, train: bool) -> RecordDict:
         """Evaluate the received model, then (when asked) train; one reply carries both."""
         received = record_to_state(content["arrays"])
+        started = time.perf_counter()
         metrics = self.evaluate_model(self.deployed_model(received))
+        metrics["eval_seconds"] = time.perf_counter() - started  # for round-overhead benchmarks
         info = {
             "hospital": self.context.hospital.hospital,
             "device": str(self.context.device),
@@ -228,6 +233,9 @@ class FedClinicStrategy(Strategy):
     has_global_model: ClassVar[bool] = True
     #: whether updates are compared by norm (off where nothing is averaged: local-only)
     checks_update_norms: ClassVar[bool] = True
+    #: the algorithm's own attributes that carry state from round to round; the coordinator
+    #: checkpoints them after every round (with the model and model selection) for resume
+    state_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:
         self.run = run
@@ -241,6 +249,10 @@ class FedClinicStrategy(Strategy):
         self.outcome: dict[str, Any] = {}
         self.destinations: dict[str, int] = {}  # message ID -> node it was sent to
         self.audit = AuditLog(results.directory) if results else None
+        #: the key hospitals file their site state under; the ServerApp sets it from the
+        #: run name or the Flower run id, and a resumed run takes it from the checkpoint
+        self.site_key = run.run_name
+        self.grid: Grid | None = None
 
     # ---------------------------------------------------------------- Flower Strategy API
     def configure_train(
@@ -297,13 +309,97 @@ class FedClinicStrategy(Strategy):
 
     def query_hospitals(self, grid: Grid, config: dict[str, Any] | None = None) -> list[Reply]:
         """Send a QUERY to every connected hospital and return the accepted replies."""
-        content = RecordDict({"config": ConfigRecord({"server-round": 0, **(config or {})})})
+        content = RecordDict(
+            {"config": ConfigRecord({"server-round": 0, **self.site_config(), **(config or {})})}
+        )
         messages = [
             Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
             for node in self.wait_for_hospitals(grid)
         ]
         replies = self.exchange(grid, messages, self.run.round_timeout)
         return self.accept(0, replies, trained=False, record=False)
+
+    def site_config(self) -> dict[str, str]:
+        """Config entries every message carries: where the hospital keeps its site state."""
+        return {"site-key": self.site_key} if self.site_key else {}
+
+    # ---------------------------------------------------------------- checkpoint / resume
+    def state_dict(self) -> dict[str, Any]:
+        """Round-to-round state besides the model: model selection plus the algorithm's
+        :attr:`state_attributes` (all picklable)."""
+        state = {name: getattr(self, name) for name in self.state_attributes}
+        state["fedclinic.base"] = {
+            "hospital_names": self.hospital_names,
+            "evaluations": self.evaluations,
+            "best": self.best,
+            "best_arrays": None
+            if self.best_arrays is None
+            else record_to_numpy(self.best_arrays),
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        base = state.get("fedclinic.base", {})
+        self.hospital_names = dict(base.get("hospital_names", {}))
+        self.evaluations = dict(base.get("evaluations", {}))
+        self.best = base.get("best")
+        best = base.get("best_arrays")
+        self.best_arrays = None if best is None else numpy_to_record(best)
+        for name in self.state_attributes:
+            if name in state:
+                setattr(self, name, state[name])
+
+    def reconnect(self, grid: Grid) -> None:
+        """After a resume: ask every hospital its name, since a restarted coordinator (or
+        SuperNode) may know a hospital under a new node ID, and re-key what is kept by node."""
+        replies = self.query_hospitals(grid)
+        now = {r.hospital: r.node_id for r in replies}
+        moved = {
+            old: now[name]
+            for old, name in self.hospital_names.items()
+            if name in now and now[name] != old
+        }
+        for old in moved:
+            self.hospital_names.pop(old, None)
+        self.hospital_names.update({node: name for name, node in now.items()})
+        if moved:
+            log(INFO, "resume: %d hospital(s) reconnected under new node IDs", len(moved))
+            self.nodes_moved(moved)
+
+    def nodes_moved(self, moved: dict[int, int]) -> None:
+        """Re-key state kept by node ID (old -> new); nothing by default."""
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> dict[str, str]:
+        """After round ``server_round``: everything :meth:`resume` needs, atomically; returns
+        the file's name and SHA-256 for the audit log."""
+        if not self.results:
+            return {}
+        saved = checkpoint.Checkpoint(
+            round=server_round,
+            arrays=record_to_numpy(arrays),
+            config=self.run.to_flat(),
+            site_key=self.site_key,
+            rows=len(self.results.rows),
+            strategy=self.state_dict(),
+            rng=checkpoint.rng_states(),
+        )
+        path = checkpoint.save(self.results.directory, saved)
+        return {"checkpoint": path.name, "checkpoint_sha256": file_sha256(path)}
+
+    def resume(self) -> tuple[int, ArrayRecord]:
+        """Load the output directory's checkpoint: (last completed round, global model)."""
+        if not self.results:
+            raise FedClinicError("resume needs the run's output directory")
+        saved = checkpoint.load(self.results.directory)
+        checkpoint.check_same_run(saved.config, self.run.to_flat())
+        self.load_state_dict(saved.strategy)
+        checkpoint.restore_rng(saved.rng)
+        self.site_key = saved.site_key
+        discarded = self.results.keep_rows(saved.rows)
+        log(INFO, "resuming after round %d from %s (%d rows of the unfinished round set "
+            "aside)", saved.round, self.results.directory / checkpoint.CHECKPOINT_FILE,
+            discarded)
+        return saved.round, numpy_to_record(saved.arrays)
 
     # ---------------------------------------------------------------- the round loop
     def start(  # type: ignore[override]
@@ -321,21 +417,31 @@ class FedClinicStrategy(Strategy):
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
         self.model_spec = spec_of(record_to_numpy(initial_arrays))
+        self.grid = grid
         flat = self.run.to_flat()
+        completed = 0
+        if self.run.resume:
+            completed, arrays = self.resume()
+            result.arrays = arrays
         self._audit(
-            "run_start",
+            "run_resumed" if self.run.resume else "run_start",
+            from_round=completed + 1,
             algorithm=self.run.algorithm,
             config=flat,
             config_sha256=config_sha256(flat),
             code=code_version(),
-            initial_model_sha256=content_sha256(record_to_numpy(initial_arrays)),
+            certificates=certificate_fingerprints(),
+            initial_model_sha256=content_sha256(record_to_numpy(arrays)),
         )
         try:
-            self.setup(grid, initial_arrays)
-            for server_round in range(1, rounds + 1):
+            if self.run.resume:  # setup's decisions were restored; node IDs may be new
+                self.reconnect(grid)
+            else:
+                self.setup(grid, initial_arrays)
+            for server_round in range(completed + 1, rounds + 1):
                 log(INFO, "[ROUND %d/%d]", server_round, rounds)
                 self.sent_arrays = {server_round - 1: arrays}
-                config = ConfigRecord(self.round_config(server_round))
+                config = ConfigRecord({**self.round_config(server_round), **self.site_config()})
                 messages = list(self.configure_train(server_round, arrays, config, grid))
                 replies = self.exchange(grid, messages, timeout)
                 self.outcome = {}
@@ -344,10 +450,13 @@ class FedClinicStrategy(Strategy):
                     arrays = new_arrays
                 if train_metrics is not None:
                     result.train_metrics_clientapp[server_round] = train_metrics
-                self._audit_round("round", server_round, messages, arrays)
                 self.after_round(server_round, arrays)
+                saved = self.save_checkpoint(server_round, arrays)
+                self._audit_round("round", server_round, messages, arrays, **saved)
             self.sent_arrays = {rounds: arrays}
-            config = ConfigRecord({**self.round_config(rounds + 1), "final": True})
+            config = ConfigRecord(
+                {**self.round_config(rounds + 1), **self.site_config(), "final": True}
+            )
             messages = list(self.configure_evaluate(rounds + 1, arrays, config, grid))
             replies = self.exchange(grid, messages, timeout)
             self.outcome = {}
@@ -364,7 +473,10 @@ class FedClinicStrategy(Strategy):
     def exchange(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
         """Send and wait; remember who each message went to, because Flower's error reply for
         a hospital that went silent comes from the SuperLink, not from that hospital."""
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        if isinstance(grid, Grid):
+            replies = poll_replies(grid, messages, timeout)
+        else:  # an in-process grid (tests, benchmarks) answers at once
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
         self.destinations.update(
             {
                 m.metadata.message_id: m.metadata.dst_node_id
@@ -387,7 +499,12 @@ class FedClinicStrategy(Strategy):
             self.audit.record(event, **fields)
 
     def _audit_round(
-        self, event: str, server_round: int, messages: list[Message], arrays: ArrayRecord
+        self,
+        event: str,
+        server_round: int,
+        messages: list[Message],
+        arrays: ArrayRecord,
+        **extra: str,
     ) -> None:
         """Who was asked, who answered, who was accepted or refused (and why), which model."""
         self._audit(
@@ -396,6 +513,7 @@ class FedClinicStrategy(Strategy):
             asked=sorted(self.hospital_of(m.metadata.dst_node_id) for m in messages),
             **self.outcome,
             model_sha256=content_sha256(record_to_numpy(arrays)),
+            **extra,
         )
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
@@ -567,7 +685,7 @@ class FedClinicStrategy(Strategy):
         evaluated = {
             k: v
             for k, v in reply.metrics.items()
-            if k.startswith(("val_", "test_")) or k in ("num_val", "num_test")
+            if k.startswith(("val_", "test_")) or k in ("num_val", "num_test", "eval_seconds")
         }
         rows = [
             {
@@ -681,6 +799,26 @@ class FedClinicStrategy(Strategy):
                 if row.get("hospital") == hospital and row.get("kind") == "train":
                     return row
         return {}
+
+
+#: seconds between asks for replies (Flower's own send_and_receive waits 3 s between asks,
+#: which adds 1.5 s to every exchange on average)
+REPLY_POLL_SECONDS = 0.5
+
+
+def poll_replies(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push, then pull every :data:`REPLY_POLL_SECONDS` until all replied or ``timeout``."""
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        arrived = list(grid.pull_messages(waiting))
+        replies.extend(arrived)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_SECONDS)
+    return replies
 
 
 def _metric_view(row: dict[str, Any]) -> dict[str, Any]:

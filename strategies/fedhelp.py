@@ -215,6 +215,8 @@ def input_shape(run: RunConfig) -> tuple[int, ...]:
 class FedHelpStrategy(FedClinicStrategy):
     """Roles once before round 1, each hospital's role in its round config, mean aggregation."""
 
+    state_attributes = ("roles", "role_table")
+
     def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:
         super().__init__(run, results)
         self.options: FedHelpOptions = run.algorithm_options()
@@ -278,6 +280,10 @@ class FedHelpStrategy(FedClinicStrategy):
                 "run config: key 'fedhelp.knowledge-sha256' is empty; small hospitals need the "
                 "SHA-256 of the knowledge file printed by 'fedclinic knowledge build'"
             )
+
+    def nodes_moved(self, moved: dict[int, int]) -> None:
+        """A resumed run: the roles follow the hospitals to their new node IDs."""
+        self.roles = {moved.get(node, node): role for node, role in self.roles.items()}
 
     def config_for(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
         """Each hospital's round config carries its own role."""

@@ -445,6 +445,8 @@ class FedMASObjective(ClientObjective):
 class FedMASStrategy(FedClinicStrategy):
     """Averages full states with the weights ``RF_k / Σ RF`` (or the configured variant)."""
 
+    state_attributes = ("history", "prior_seen")
+
     def __init__(self, run: RunConfig, results: Any = None) -> None:
         super().__init__(run, results)
         self.options = options_of(run)

@@ -416,6 +416,10 @@ class PFedNetObjective(ClientObjective):
 class PFedNetStrategy(FedClinicStrategy):
     """Server half: the graph, the shared average, the ADMM step, the per-hospital columns."""
 
+    state_attributes = (
+        "state", "graph", "columns", "round", "traffic", "fedavg_bytes", "warned", "admm_log"
+    )  # fmt: skip
+
     has_global_model = False  # each hospital deploys its own x + z_n
 
     def update_spec(self) -> None:
@@ -426,7 +430,6 @@ class PFedNetStrategy(FedClinicStrategy):
     def __init__(self, run: RunConfig, results: Any = None) -> None:
         super().__init__(run, results)
         self.options = options_of(run)
-        self.grid: Grid | None = None
         resolve_sketch(run)  # a bad option fails before any hospital is contacted
         self.split: LayerSplit = split_of(run)
         self.state: dict[str, np.ndarray] = {}  # x and buffers (personal entries: a template)
@@ -610,7 +613,9 @@ class PFedNetStrategy(FedClinicStrategy):
     def _personal_exchange(self, server_round: int, nodes: list[int]) -> list[Reply]:
         """Second message of the round: the personal phase, from the new x."""
         assert self.grid is not None
-        config = ConfigRecord({"server-round": server_round, PHASE_KEY: "personal"})
+        config = ConfigRecord(
+            {"server-round": server_round, PHASE_KEY: "personal", **self.site_config()}
+        )
         messages = [
             Message(
                 content=RecordDict(

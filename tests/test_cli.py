@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import tomllib
 from pathlib import Path
 
@@ -185,7 +186,8 @@ def test_generated_hospitals_validate_and_differ(tmp_path: Path) -> None:
     assert len({s.config.acquisition_shift for s in specs}) == 4
     state_dirs = {s.config.state_dir for s in specs}
     assert len(state_dirs) == 4
-    assert all(Path(d).is_relative_to(tmp_path.resolve() / "federation") for d in state_dirs)
+    # beside the work dir (remade at each start), so that --resume finds the site state
+    assert all(Path(d).is_relative_to(tmp_path.resolve() / "hospital-state") for d in state_dirs)
 
 
 def test_generated_hospital_tomls_validate_as_flower_reads_them(tmp_path: Path) -> None:
@@ -236,3 +238,16 @@ def test_split_sans() -> None:
     dns, ips = split_sans(["a.example", "10.0.0.1", "localhost", "::1"])
     assert dns == ["localhost", "a.example"]
     assert ips == ["127.0.0.1", "::1", "10.0.0.1"]
+
+
+def test_resume_says_what_is_missing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert "does not exist (is it a run's output dir?)" in run_failing(capsys, tmp_path, "--resume")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"rounds": 2, "output-dir": str(out)}))
+    line = run_failing(capsys, tmp_path, "--resume")
+    assert "checkpoint.pkl' does not exist" in line
+    (out / "config.json").write_text("{not json")
+    assert "is unreadable" in run_failing(capsys, tmp_path, "--resume")
+    code = main(["local", "--resume"])
+    assert code == 2 and "--resume needs --output-dir" in capsys.readouterr().err

@@ -13,6 +13,11 @@ carries the ``coordinator`` DNS name hospitals dial inside compose.
 Services start in ``depends_on`` order and wait for the condition compose would wait for
 (completed successfully / healthy via the image's HEALTHCHECK / started). The federation is
 cut to 2 hospitals and a 2-round synthetic run. TLS and node authentication stay on.
+
+Network faults ride along: hospital-a's link is slowed for the whole run (tc netem delay, or
+a tbf token bucket on kernels without netem, like this CI machine's), and hospital-b's link
+goes down for 20 s once round 1 is in (a partition), then comes back. The run must complete
+with every hospital in every round and no error rows.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import uuid
@@ -36,6 +42,7 @@ from cryptography import x509
 
 from fedclinic.local.configs import write_flat_toml
 from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor
+from fedclinic.pki import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,6 +51,8 @@ DROPPED = "hospital-c"  # 2 hospitals keep the run short
 RUN = {"rounds": 2, "min-hospitals": 2, "local-epochs": 1, "optimizer": "adam",
        "learning-rate": 0.003, "round-timeout": 300.0}  # fmt: skip
 NUM_SAMPLES = 200
+RUN_METRICS = "volumes/runs/compose/metrics.jsonl"
+PARTITION_SECONDS = 20.0  # under Flower's heartbeat patience (2 x 30 s): the node stays
 
 
 def sh(*args: str) -> None:
@@ -82,6 +91,7 @@ class Topology:
         self.bridge = f"fcbr{self.tag}"
         self.namespaces: dict[str, str] = {}
         self.addresses: dict[str, str] = {}
+        self.interfaces: dict[str, str] = {}  # service -> its interface inside its namespace
         self.veths: list[str] = []
 
     def __enter__(self) -> Topology:
@@ -99,6 +109,7 @@ class Topology:
                                  f"fcp{self.tag}{index}")  # fmt: skip
         sh("ip", "netns", "add", namespace)
         self.namespaces[service] = namespace
+        self.interfaces[service] = peer
         self.addresses[service] = f"{SUBNET}.{10 + index}"
         self.veths.append(veth)
         sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
@@ -111,6 +122,23 @@ class Topology:
 
     def exec(self, service: str, command: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[service], *command]
+
+    def slow_link(self, service: str) -> str:
+        """Added latency on the service's link: netem where the kernel has it, else a token
+        bucket (tbf), which delays every packet beyond a small burst (this machine's kernel
+        has no sch_netem). Returns the qdisc used."""
+        device = self.interfaces[service]
+        for qdisc in (["netem", "delay", "80ms", "20ms"],
+                      ["tbf", "rate", "2mbit", "burst", "16kb", "latency", "500ms"]):  # fmt: skip
+            command = self.exec(service, ["tc", "qdisc", "add", "dev", device, "root", *qdisc])
+            if subprocess.run(command, capture_output=True).returncode == 0:
+                return " ".join(qdisc)
+        raise AssertionError("neither netem nor tbf is available for the latency fault")
+
+    def link(self, service: str, up: bool) -> None:
+        """Cut or restore the service's only link: a network partition."""
+        device = self.interfaces[service]
+        sh(*self.exec(service, ["ip", "link", "set", device, "up" if up else "down"]))
 
     def __exit__(self, *_: object) -> None:
         """Remove everything made, also after a failure half-way (errors are ignored)."""
@@ -221,6 +249,31 @@ def start_order(services: dict[str, Any]) -> list[str]:
     return order
 
 
+class Partition(threading.Thread):
+    """Once round 1's replies are in, cut one hospital off for ``seconds``, then restore it."""
+
+    def __init__(self, topology: Topology, service: str, metrics: Path, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.topology, self.service, self.metrics, self.seconds = (
+            topology, service, metrics, seconds)  # fmt: skip
+        self.cut_at: float | None = None
+        self.restored_at: float | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.metrics.exists() and '"kind": "train"' in self.metrics.read_text():
+                break
+            time.sleep(0.2)
+        else:
+            return
+        self.topology.link(self.service, up=False)
+        self.cut_at = time.time()
+        time.sleep(self.seconds)
+        self.topology.link(self.service, up=True)
+        self.restored_at = time.time()
+
+
 def wait_for(what: str, check: Any, process: ManagedProcess | None, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not check():
@@ -256,6 +309,12 @@ def test_compose_services_as_processes_across_namespaces(tmp_path: Path) -> None
             if name == "submit":  # the run's output dir is on the shared runs volume
                 write_flat_toml(run_path, json.loads(translate(json.dumps(run_config),
                                                                service.paths)))  # fmt: skip
+                # network faults: a slow link to hospital-a all run long, and hospital-b cut
+                # off for a while once round 1 is in
+                qdisc = topology.slow_link("hospital-a")
+                partition = Partition(topology, "hospital-b", tmp_path / RUN_METRICS,
+                                      PARTITION_SECONDS)  # fmt: skip
+                partition.start()
             for dependency, condition in spec.get("depends_on", {}).items():
                 if condition["condition"] == "service_healthy":
                     probe = Service(dependency, services[dependency], tmp_path, run_path)
@@ -301,6 +360,19 @@ def test_compose_services_as_processes_across_namespaces(tmp_path: Path) -> None
     summary = json.loads((tmp_path / "volumes/runs/compose/summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert {"hospital-a", "hospital-b"} <= set(summary["hospitals"])
+    # ... in spite of the faults: the partition fell inside the run, and nothing was lost
+    assert qdisc
+    assert partition.cut_at is not None and partition.restored_at is not None
+    rows = [json.loads(x) for x in (tmp_path / RUN_METRICS).read_text().splitlines()]
+    assert partition.restored_at < max(r["time"] for r in rows)
+    assert not [r for r in rows if r["kind"] in ("error", "rejected")]
+    trained = {(r["round"], r["hospital"]) for r in rows if r["kind"] == "train"}
+    assert trained == {(n, h) for n in (1, 2) for h in ("hospital-a", "hospital-b")}
+    # the audit log names the certificates the coordinator served (from the image's ENV)
+    start = json.loads((tmp_path / "volumes/runs/compose/audit.jsonl").read_text().splitlines()[0])
+    served = {Path(f).name: v for f, v in start["certificates"].items()}
+    assert served == {name: fingerprint(tmp_path / "volumes/certs" / name)
+                      for name in ("ca.crt", "server.pem")}  # fmt: skip
     link_log = (tmp_path / "coordinator.log").read_text()
     assert "SuperNode authentication is disabled" not in link_log
     for hospital in ("hospital-a", "hospital-b"):

@@ -19,9 +19,10 @@ import pytest
 from rich.console import Console
 
 from fedclinic.audit import AuditLog
-from fedclinic.local.configs import synthetic_hospitals
+from fedclinic.local.configs import HospitalSpec, synthetic_hospitals
 from fedclinic.local.federation import FederationOptions, LocalFederation, log_name
 from fedclinic.local.ports import pick_free_ports
+from fedclinic.local.supervisor import pids_with_cmdline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,34 +34,46 @@ def rows_of(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def local_federation(
+    tmp_path: Path, hospitals: list[HospitalSpec], run_config: dict[str, Any]
+) -> LocalFederation:
+    """A quiet local federation (TLS, node auth) writing to ``tmp_path/out``."""
+    out = tmp_path / "out"
+    options = FederationOptions(
+        app_dir=ROOT,
+        output_dir=out,
+        run_config={**run_config, "output-dir": str(out)},
+        hospitals=hospitals,
+        work_dir=tmp_path / "w",
+        timeout=600,
+    )
+    return LocalFederation(options, Console(quiet=True))
+
+
+def start_and_submit(federation: LocalFederation) -> int:
+    """SuperLink, hospitals, the run: its Flower run id."""
+    federation.prepare()
+    federation.start_superlink()
+    federation.start_hospitals()
+    return federation.submit()
+
+
 @pytest.mark.e2e
 def test_a_killed_hospital_is_skipped_then_rejoins(tmp_path: Path) -> None:
     out = tmp_path / "out"
     hospitals = synthetic_hospitals(3, tmp_path / "state")
     victim = hospitals[2]
-    options = FederationOptions(
-        app_dir=ROOT,
-        output_dir=out,
-        run_config={
-            "rounds": 4,
-            "min-hospitals": 2,
-            "round-timeout": 200.0,
-            "output-dir": str(out),
-        },
-        hospitals=hospitals,
-        work_dir=tmp_path / "w",
-        timeout=600,
-    )
-    federation = LocalFederation(options, Console(quiet=True))
+    run_config = {"rounds": 4, "min-hospitals": 2, "round-timeout": 200.0}
+    federation = local_federation(tmp_path, hospitals, run_config)
     with federation.supervisor:
-        federation.prepare()
-        federation.start_superlink()
-        federation.start_hospitals()
-        run_id = federation.submit()
+        run_id = start_and_submit(federation)
 
         # The site crashes: SuperNode, SuperExec and any ClientApp, all at once.
         time.sleep(2)
-        os.killpg(federation.supernodes[victim.name].pid, signal.SIGKILL)
+        # (each in its own process group; all carry the hospital's FLWR_HOME)
+        site = pids_with_cmdline(str(federation.paths()["homes"] / victim.name), environ=True)
+        for pid in site:
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 240
         # Never heard from before, the hospital is named by its node ID in round 1.
         victim_node = federation.node_ids[victim.name]

@@ -128,8 +128,8 @@ def test_fedhelp_two_rounds_on_real_processes(tmp_path: Path) -> None:
     )
 
     # FH-9: the large model lives (only) in the large hospital's own state directory
-    assert list((tmp_path / "state" / "hospital-a").rglob("fedhelp_large_model.pt"))
-    assert not list((tmp_path / "state" / "hospital-b").rglob("fedhelp_large_model.pt"))
+    assert list((tmp_path / "state" / "hospital-a").rglob("fedhelp_large_model.round-*.pt"))
+    assert not list((tmp_path / "state" / "hospital-b").rglob("fedhelp_large_model.round-*.pt"))
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["algorithm"] == "fedhelp"

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+
+from fedclinic.site import SiteState
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART = Path("/work/shared/data/heart_disease")
@@ -99,9 +100,9 @@ def test_pfednet_cnn_synthetic_on_real_processes(tmp_path: Path) -> None:
         assert row["upload_bytes"] < row["fedavg_upload_bytes"] / 4  # ternary codes + DEFLATE
     for name in names:  # each hospital kept its personalised head and its final model
         site = tmp_path / "state" / name / "e2e"
-        personal = torch.load(site / "pfednet_personal.pt", weights_only=True)
+        personal = SiteState(site).load("pfednet_personal")  # the newest version
         assert set(personal) == {"classifier.weight", "classifier.bias"}
-        assert (site / "pfednet_model.pt").is_file()
+        assert SiteState(site).has("pfednet_model")
 
 
 @pytest.mark.e2e

@@ -32,8 +32,8 @@ def respond(tmp_path: Path, server_round: int, received: dict[str, torch.Tensor]
     run = RunConfig(algorithm="local-only", run_name="study")
     hospital = HospitalConfig(hospital="st-mary", state_dir=str(tmp_path))
     context = ClientContext(
-        run, hospital, data(), torch.device("cpu"), SiteState.for_run(hospital, run, 1),
-        server_round,
+        run, hospital, data(), torch.device("cpu"),
+        SiteState.for_run(hospital, run, 1, server_round=server_round), server_round,
     )  # fmt: skip
     objective = get_algorithm("local-only").objective(context)
     content = RecordDict(
@@ -45,7 +45,7 @@ def respond(tmp_path: Path, server_round: int, received: dict[str, torch.Tensor]
 def test_local_model_persists_and_never_leaves_the_site(tmp_path: Path) -> None:
     initial = build_model(RunConfig(), seed=1).state_dict()
     first = respond(tmp_path, 1, initial)
-    saved = tmp_path / "study" / f"{LOCAL_MODEL}.pt"
+    saved = tmp_path / "study" / f"{LOCAL_MODEL}.round-1.pt"  # versioned by round
     assert saved.is_file()
     assert dict(first["info"])["model_sha256"] == file_sha256(saved)
     assert len(first.array_records["arrays"]) == 0  # nothing uploaded
@@ -57,7 +57,7 @@ def test_local_model_persists_and_never_leaves_the_site(tmp_path: Path) -> None:
     # it evaluated its stored model, not the zeros it received
     zero_model_loss = respond(tmp_path / "fresh", 2, other)
     assert dict(second["metrics"])["val_loss"] != dict(zero_model_loss["metrics"])["val_loss"]
-    after = torch.load(saved, weights_only=True)
+    after = torch.load(tmp_path / "study" / f"{LOCAL_MODEL}.round-2.pt", weights_only=True)
     assert any(not torch.equal(stored[k], after[k]) for k in stored)  # trained further
 
 

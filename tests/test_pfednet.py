@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import answer
+from fedclinic.bench.grid import InProcessGrid as ClientAppGrid
 from fedclinic.config import parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import ConfigError
@@ -165,11 +165,10 @@ def test_personal_state_persists_and_is_used_without_a_column(tmp_path: Path) ->
 # ---------------------------------------------------------------- rounds with an in-process grid
 
 
-class InProcessGrid:
-    """Delivers each message to ``client.app.answer`` with that node's config.
-
-    ``renumber`` = (after how many exchanges, old node id, new node id) simulates a
-    SuperNode restart: the hospital comes back under a new node id.
+class InProcessGrid(ClientAppGrid):
+    """The benchmarks' in-process grid (real ClientApp handler), plus a log of what each node
+    was sent and ``renumber`` = (after how many exchanges, old node id, new node id), which
+    simulates a SuperNode restart: the hospital comes back under a new node id.
     """
 
     def __init__(
@@ -178,30 +177,17 @@ class InProcessGrid:
         run: dict[str, Any],
         renumber: tuple[int, int, int] | None = None,
     ) -> None:
-        self.nodes, self.run, self.renumber = dict(nodes), run, renumber
+        super().__init__(nodes, run)
+        self.renumber = renumber
         self.exchanges = 0
         self.log: list[tuple[str, int]] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
     def send_and_receive(
         self, messages: Iterable[Message], timeout: float | None = None
     ) -> list[Message]:
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            kind = message.metadata.message_type
-            self.log.append((kind, node))
-            context = Context(
-                run_id=1,
-                node_id=node,
-                node_config=self.nodes[node],
-                state=RecordDict(),
-                run_config=self.run,
-            )
-            train = {MessageType.TRAIN: True, MessageType.EVALUATE: False}.get(kind)
-            replies.append(answer(message, context, train))
+        messages = list(messages)
+        self.log += [(m.metadata.message_type, m.metadata.dst_node_id) for m in messages]
+        replies = super().send_and_receive(messages, timeout)
         self.exchanges += 1
         if self.renumber and self.exchanges == self.renumber[0]:
             _, old, new = self.renumber
@@ -298,10 +284,10 @@ def test_cnn_rounds_restart_and_compression(tmp_path: Path, task_identity: None)
 
 def _site_personal(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     """The hospital's stored personalised parameters (the state dir is shared in the test)."""
-    matches = list((tmp_path / "state").rglob(f"{PERSONAL_STATE}.pt"))
+    matches = list((tmp_path / "state").rglob(f"{PERSONAL_STATE}.round-*.pt"))
     for path in matches:
         if name in path.parts:
-            return torch.load(path, weights_only=True)
+            return SiteState(path.parent).load(PERSONAL_STATE)  # the newest version
     raise AssertionError(f"no personal state for {name} among {matches}")
 
 

@@ -33,6 +33,7 @@ from types import FrameType
 from rich.console import Console
 from rich.markup import escape
 
+from fedclinic.audit import CERTIFICATES_VARIABLE
 from fedclinic.config import Scalar
 from fedclinic.local.configs import HospitalSpec, write_flat_toml
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError, RunStatus
@@ -72,7 +73,7 @@ class FederationOptions:
     node_auth: bool = True
     timeout: float = 3600.0  # whole run, from submission to final status
     startup_timeout: float = 90.0  # SuperLink health, SuperNodes online
-    poll_interval: float = 2.0  # flwr ls
+    poll_interval: float = 10.0  # flwr ls (a CPU-second each); faster once the run ends
     grace_seconds: float = 10.0  # SIGTERM -> SIGKILL
 
     @property
@@ -298,12 +299,21 @@ class LocalFederation:
         ]  # fmt: skip
         return command
 
-    def start_superlink(self, attempts: int = 3) -> None:
-        """Start the SuperLink and wait for ``/health``; new ports if one was taken meanwhile."""
+    def start_superlink(self, attempts: int = 3, same_ports: bool = False) -> None:
+        """Start the SuperLink and wait for ``/health``; new ports if one was taken meanwhile.
+
+        ``same_ports`` restarts a coordinator where its hospitals expect it (after a crash;
+        its state database keeps the registered hospital keys).
+        """
         log_path = self.paths()["superlink_log"]
         for attempt in range(1, attempts + 1):
-            self.fleet_port, self.control_port = pick_free_ports(2)
+            if not same_ports:
+                self.fleet_port, self.control_port = pick_free_ports(2)
             env = {**self.env, "FLWR_HOME": str(self.paths()["homes"] / "superlink")}
+            if self.pki is not None:  # the audit log records what the coordinator serves
+                env[CERTIFICATES_VARIABLE] = os.pathsep.join(
+                    [str(self.pki.ca_cert), str(self.pki.server_cert)]
+                )
             self.superlink = self.supervisor.start(
                 "superlink", self.superlink_command(), log_path, env=env, tier=0
             )
@@ -311,7 +321,11 @@ class LocalFederation:
                 self._wait_healthy(self.superlink)
             except FederationError:
                 tail = tail_file(log_path, 30).lower()
-                if attempt < attempts and any(hint in tail for hint in PORT_IN_USE_HINTS):
+                if (
+                    attempt < attempts
+                    and not same_ports
+                    and any(hint in tail for hint in PORT_IN_USE_HINTS)
+                ):
                     self.supervisor.stop(self.superlink)
                     continue
                 raise
@@ -401,7 +415,7 @@ class LocalFederation:
             online = sum(1 for n in nodes if n.get("status") == "online")
             if online >= expected:
                 return
-            time.sleep(0.5)
+            time.sleep(1.5)  # each check is a `flwr` process: about a CPU-second
         tails = "\n".join(f"--- {p.log_path}:\n{p.log_tail(10)}" for p in self.supernodes.values())
         raise FederationError(
             f"only {online} of {expected} hospitals came online within "

@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from fedclinic.audit import AUDIT_FILE
 from fedclinic.errors import FedClinicError
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError, RunStatus
 from fedclinic.local.progress import MetricsTail, ProgressView, summary_table
@@ -39,8 +40,17 @@ class RunOutcome:
     node_ids: dict[str, int] = field(default_factory=dict)
 
 
+#: status polls once the ServerApp has written its run_end (the final status is seconds away)
+ENDING_POLL_SECONDS = 1.0
+
+
 class RunFollower:
-    """Polls a run's status, shows metric rows as they arrive, reports the outcome."""
+    """Polls a run's status, shows metric rows as they arrive, reports the outcome.
+
+    Each status poll is a ``flwr ls`` process (about a CPU-second), so the status is asked
+    every ``poll_interval`` seconds, and every :data:`ENDING_POLL_SECONDS` once the run's
+    audit log says the ServerApp has finished (when the output directory is visible here).
+    """
 
     def __init__(
         self,
@@ -49,7 +59,7 @@ class RunFollower:
         output_dir: Path,
         rounds: int,
         timeout: float,
-        poll_interval: float = 2.0,
+        poll_interval: float = 10.0,
         check: Callable[[], None] = lambda: None,
         summary_required: bool = True,
     ) -> None:
@@ -63,12 +73,13 @@ class RunFollower:
         # False when the coordinator's output directory is not visible from here (a remote
         # submit): a completed status is then the whole answer.
         self.summary_required = summary_required
+        self._audit_size, self._audit_ended = -1, False
 
     def follow(self, run_id: int) -> RunStatus:
         """Show progress until the run reaches a final status, a process dies, or time runs out."""
         tail = MetricsTail(self.output_dir / "metrics.jsonl")
         deadline = time.monotonic() + self.timeout
-        next_poll = 0.0
+        next_poll = last_poll = 0.0
         failures = 0
         status = RunStatus(run_id, "pending", "", None)
         with ProgressView(self.console, self.rounds) as view:
@@ -76,7 +87,10 @@ class RunFollower:
                 view.rows(tail.read_new(), tail.rows)
                 self.check()
                 now = time.monotonic()
+                if self._serverapp_ended():
+                    next_poll = min(next_poll, last_poll + ENDING_POLL_SECONDS)
                 if now >= next_poll:
+                    last_poll = now
                     try:
                         status = self.cli.status(run_id)
                         failures = 0
@@ -97,6 +111,19 @@ class RunFollower:
                 time.sleep(0.5)
             view.rows(tail.read_new(), tail.rows)
         return status
+
+    def _serverapp_ended(self) -> bool:
+        """Whether the audit log holds the ServerApp's ``run_end`` (completed or failed)."""
+        path = self.output_dir / AUDIT_FILE
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return False
+        if size != self._audit_size:
+            self._audit_size = size
+            tail = path.read_bytes()[-4096:]
+            self._audit_ended = b'"event": "run_end"' in tail.splitlines()[-1] if tail else False
+        return self._audit_ended
 
     def _stop_run(self, run_id: int) -> None:
         with contextlib.suppress(FlowerCliError):

@@ -1,0 +1,1 @@
+"""Plain Flower FedAvg app: the baseline of ``fedclinic bench system``."""

@@ -1,0 +1,477 @@
+"""``fedclinic bench report``: results directory -> ``BENCHMARKS.md`` tables and PNG plots.
+
+Why: the numbers a person reads must be the numbers the documented commands produced, with
+the published anchors beside them; the report only reads ``<results>/<suite>/results.json``
+(written by ``fedclinic bench quality``) and never recomputes or edits a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: FLamby's published Fed-Heart-Disease accuracies (../shared/REFERENCE-RESULTS.md 2.6:
+#: mean over the 5 seeds of the client average, sd over seeds, pooled test set), anchors only.
+FLAMBY_HEART: tuple[tuple[str, float, float, float, tuple[float, ...]], ...] = (
+    # (method, client-avg mean, sd over seeds, pooled test, per centre 0..3)
+    ("Pooled training", 0.7353, 0.0025, 0.7953, (0.7827, 0.7640, 0.7500, 0.6444)),
+    ("Local 0 (Cleveland)", 0.7221, 0.0189, 0.7843, (0.7462, 0.7596, 0.7250, 0.6578)),
+    ("FedAvg", 0.6850, 0.0253, 0.7480, (0.7308, 0.7191, 0.6500, 0.6400)),
+    ("FedProx", 0.6850, 0.0253, 0.7480, (0.7308, 0.7191, 0.6500, 0.6400)),
+    ("SCAFFOLD", 0.6840, 0.0250, 0.7480, (0.7269, 0.7191, 0.6500, 0.6400)),
+    ("FedAdam", 0.7255, 0.0124, 0.7787, (0.7519, 0.7461, 0.7375, 0.6667)),
+    ("FedYogi", 0.7314, 0.0112, 0.7787, (0.7596, 0.7528, 0.7375, 0.6756)),
+    ("FedAdagrad", 0.7314, 0.0112, 0.7787, (0.7596, 0.7528, 0.7375, 0.6756)),
+    ("Cyclic", 0.7180, 0.0257, 0.7850, (0.7577, 0.7618, 0.7125, 0.6400)),
+)
+#: the per-centre-majority rule as REFERENCE-RESULTS.md 2.7 states it
+REFERENCE_MAJORITY = 0.721
+CENTRE_NAMES = {
+    "cleveland": "Cleveland",
+    "hungarian": "Hungary",
+    "switzerland": "Switzerland",
+    "va": "VA",
+}
+LABELS = {
+    "local-only": "Local-only",
+    "pooled": "Pooled (centralised)",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedhelp": "FedHelp",
+    "pfednet": "pFedNet",
+    "fedmas": "Fed-MAS",
+}
+
+
+def label(algorithm: str) -> str:
+    return LABELS.get(algorithm, algorithm)
+
+
+def interval(cell: dict[str, Any] | None, digits: int = 3) -> str:
+    """``mean [low, high]`` (95 % t-interval over seeds), or the mean alone with one seed."""
+    if not cell or cell.get("mean") is None:
+        return "n/a"
+    mean = f"{cell['mean']:.{digits}f}"
+    if cell.get("low") is None:
+        return mean
+    return f"{mean} [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
+
+
+def signed(cell: dict[str, Any] | None, digits: int = 3) -> str:
+    if not cell or cell.get("mean") is None:
+        return "n/a"
+    text = f"{cell['mean']:+.{digits}f}"
+    if cell.get("low") is None:
+        return text
+    return f"{text} [{cell['low']:+.{digits}f}, {cell['high']:+.{digits}f}]"
+
+
+def table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return lines
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(results: dict[str, Any], metric: str, path: Path) -> None:
+    """Per-round test curves, one panel per hospital, one line per method (mean over seeds).
+
+    Test curves are shown for reading only; no round is chosen on them.
+    """
+    plt = _pyplot()
+    hospitals = results["hospitals"]
+    columns = min(3, len(hospitals))
+    rows = math.ceil(len(hospitals) / columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False, sharey=True
+    )
+    for index, hospital in enumerate(hospitals):
+        axis = axes[index // columns][index % columns]
+        for algorithm in results["algorithms"]:
+            points: dict[int, list[float]] = {}
+            for row in results["curves"]:
+                if row["algorithm"] == algorithm and row["hospital"] == hospital:
+                    value = row.get(metric)
+                    if value is not None and math.isfinite(value):
+                        points.setdefault(int(row["model_round"]), []).append(value)
+            if points:
+                rounds = sorted(points)
+                means = [np.mean(points[r]) for r in rounds]
+                axis.plot(rounds, means, marker=".", markersize=3, label=label(algorithm))
+        share = results["shares"].get(hospital)
+        axis.set_title(hospital + (f" ({share:.0%} of data)" if share else ""), fontsize=9)
+        axis.set_xlabel("round (pooled/local: epoch)", fontsize=8)
+        axis.set_ylabel(metric.replace("_", " "), fontsize=8)
+        axis.grid(alpha=0.3)
+    for index in range(len(hospitals), rows * columns):
+        axes[index // columns][index % columns].axis("off")
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(
+        f"{results['suite']}: per-round {metric.replace('_', ' ')} per hospital "
+        f"(mean over {len(results['seeds'])} seed(s))",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_bars(results: dict[str, Any], metric: str, path: Path) -> None:
+    """Per-hospital bars of the reported model, one bar per method, 95 % interval whiskers."""
+    plt = _pyplot()
+    hospitals = results["hospitals"]
+    algorithms = results["algorithms"]
+    summary = {row["algorithm"]: row for row in results["summary"]}
+    width = 0.8 / max(len(algorithms), 1)
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(hospitals) + 2), 4.0))
+    positions = np.arange(len(hospitals))
+    for index, algorithm in enumerate(algorithms):
+        cells = [summary[algorithm].get(f"{h}:{metric}") or {} for h in hospitals]
+        means = [c.get("mean") if c.get("mean") is not None else np.nan for c in cells]
+        errors = [(c["high"] - c["mean"]) if c.get("high") is not None else 0.0 for c in cells]
+        axis.bar(
+            positions + (index - (len(algorithms) - 1) / 2) * width,
+            means,
+            width,
+            yerr=errors,
+            capsize=2,
+            label=label(algorithm),
+        )
+    axis.set_xticks(positions)
+    axis.set_xticklabels(hospitals, fontsize=8)
+    axis.set_ylabel(metric.replace("_", " "), fontsize=8)
+    axis.set_ylim(0, 1)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=7, ncol=len(algorithms), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    axis.set_title(f"{results['suite']}: {metric.replace('_', ' ')} per hospital", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def _protocol(results: dict[str, Any]) -> list[str]:
+    lines = [f"- {item}" for item in results["protocol"]]
+    lines.append(
+        f"- Seeds: {', '.join(str(s) for s in results['seeds'])}; intervals are 95 % Student-t "
+        "intervals over seeds (none with a single seed), not clipped to [0, 1]: with few seeds "
+        "and a method that varies between seeds they can extend past 1."
+    )
+    lines.append(
+        "- Runtime: quality sweeps run the same ServerApp strategy and ClientApp code in one "
+        "process (an in-process grid hands each message to the real ClientApp handler) "
+        "instead of over gRPC; the transport is benchmarked separately."
+    )
+    for algorithm, reason in results["not_run"].items():
+        lines.append(f"- **{label(algorithm)}: {reason}.**")
+    return lines
+
+
+def _runtime(results: dict[str, Any]) -> list[str]:
+    per_algorithm: dict[str, float] = {}
+    for run in results["runs"]:
+        per_algorithm[run["algorithm"]] = per_algorithm.get(run["algorithm"], 0.0) + run["seconds"]
+    env = results.get("environment", {})
+    parts = ", ".join(f"{label(a)} {minutes(s)}" for a, s in per_algorithm.items())
+    return [
+        f"Command: `{results['command']}`",
+        "",
+        f"Measured wall time: **{minutes(results['seconds'])}** for {len(results['runs'])} runs "
+        f"(setup {minutes(results.get('setup_seconds', 0.0))}; {parts}) on "
+        f"{env.get('cpus', '?')} shared CPU cores, torch {env.get('torch', '?')}, "
+        f"{env.get('torch_threads', '?')} torch thread"
+        + (
+            f"; 1-minute load average {load[0]} at the start and {load[1]} at the end (other "
+            "work shared the cores, so read these as upper bounds)."
+            if (load := env.get("load_average_1min"))
+            else "."
+        ),
+    ]
+
+
+def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[str]:
+    summary = {row["algorithm"]: row for row in results["summary"]}
+    hospitals = results["hospitals"]
+    majority = results.get("majority_rule", {})
+    lines = [f"## Fed-Heart-Disease ({results['mode']} mode)", ""]
+    lines += [*_protocol(results), ""]
+    header = [
+        "Method",
+        "Client-avg accuracy",
+        "Pooled-test accuracy",
+        "Client-avg ROC-AUC",
+        "Client-avg balanced acc.",
+        *[CENTRE_NAMES.get(h, h) for h in hospitals],
+    ]
+    rows = []
+    for algorithm in results["algorithms"]:
+        row = summary[algorithm]
+        rows.append(
+            [
+                f"**{label(algorithm)}** (ours)",
+                interval(row.get("client_avg_test_accuracy")),
+                interval(row.get("pooled_test_accuracy")),
+                interval(row.get("client_avg_test_auc")),
+                interval(row.get("client_avg_test_balanced_accuracy")),
+                *[interval(row.get(f"{h}:test_accuracy"), 2) for h in hospitals],
+            ]
+        )
+    if majority:
+        rows.append(
+            [
+                "Per-centre majority rule (computed on this split)",
+                f"{majority['client_avg_accuracy']:.3f} (reference: {REFERENCE_MAJORITY})",
+                f"{majority['pooled_accuracy']:.3f}",
+                "0.5 (constant score)",
+                "0.500",
+                *[f"{majority['per_centre'].get(h, math.nan):.2f}" for h in hospitals],
+            ]
+        )
+    for name, mean, sd, pooled, centres in FLAMBY_HEART:
+        rows.append(
+            [f"FLamby {name} (published)", f"{mean:.4f} ± {sd:.4f} sd", f"{pooled:.4f}",
+             "not published", "not published", *[f"{c:.2f}" for c in centres]]
+        )  # fmt: skip
+    lines += table(header, rows)
+    lines += [
+        "",
+        "Ours: mean [95 % interval] over seeds of the final model (FLamby protocol: no "
+        "validation split). Client-avg = unweighted mean over the 4 centres' test sets "
+        "(FLamby's metric); pooled-test accuracy = accuracy on the 4 test sets concatenated "
+        "(each centre evaluated with the model it deploys). ROC-AUC and balanced accuracy are "
+        "client-averaged. FLamby rows: mean ± standard deviation over seeds (not an interval), "
+        "from REFERENCE-RESULTS.md section 2.6.",
+        "",
+        "Reading notes: FedProx with mu = 0.01 is indistinguishable from FedAvg here, as in "
+        "FLamby (their lines coincide in the plot). Local-only is each centre's own model on its "
+        "own test set, unlike FLamby's 'Local i' rows (one centre's model on every centre). "
+        "pFedNet with logistic regression has no shared part, so its round is the personal "
+        "phase alone, which trains without evaluating: only its final model is scored (one "
+        "point in the curves). Our pooled model matches FLamby's pooled-test accuracy but "
+        "scores higher client-averaged; a plausible cause (assessment, not checked against "
+        "FLamby's code) is that FLamby scores the pooled model on per-centre test sets "
+        "normalised with each centre's own statistics, while ours uses the pooled statistics "
+        "it was trained with.",
+        "",
+    ]
+    for metric in ("test_accuracy",):
+        curves, bars = f"heart_curves_{metric}.png", f"heart_bars_{metric}.png"
+        plot_curves(results, metric, plots / curves)
+        plot_bars(results, metric, plots / bars)
+        lines += [
+            f"![per-round curves]({relative}/{curves})",
+            "",
+            f"![per-centre bars]({relative}/{bars})",
+            "",
+        ]
+    lines += [*_runtime(results), ""]
+    return lines
+
+
+def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> list[str]:
+    summary = {row["algorithm"]: row for row in results["summary"]}
+    hospitals = results["hospitals"]
+    lines = [f"## PneumoniaMNIST hospitals ({results['mode']} mode)", ""]
+    lines += [*_protocol(results), ""]
+    targets = results.get("targets", {})
+    shares = ", ".join(
+        f"{h} {results['shares'][h]:.1%}" + (f" (target {targets[h]:.0%})" if h in targets else "")
+        for h in hospitals
+    )
+    lines += [
+        f"Realised share of the official train split per hospital: {shares}. The partitioner "
+        "draws the Dirichlet shares per class, so with two very unequal classes the realised "
+        "sizes depart from the targets. Small hospitals (under 10 % of the data): "
+        f"{', '.join(results['small_hospitals'])}.",
+        "",
+    ]
+    header = [
+        "Method",
+        "Client-avg balanced acc.",
+        "Worst-hospital balanced acc.",
+        "Client-avg AUC",
+        "Worst-hospital AUC",
+        "Small hospitals: balanced acc.",
+        "Small: gain over local-only (bal. acc.)",
+        "Small: gain over local-only (AUC)",
+    ]
+    rows = []
+    for algorithm in results["algorithms"]:
+        row = summary[algorithm]
+        rows.append(
+            [
+                f"**{label(algorithm)}**",
+                interval(row.get("client_avg_test_balanced_accuracy")),
+                interval(row.get("worst_test_balanced_accuracy")),
+                interval(row.get("client_avg_test_auc")),
+                interval(row.get("worst_test_auc")),
+                interval(row.get("small_mean_test_balanced_accuracy")),
+                signed(row.get("small_gain_test_balanced_accuracy")),
+                signed(row.get("small_gain_test_auc")),
+            ]
+        )
+    lines += table(header, rows)
+    lines += ["", "Per-hospital test balanced accuracy / ROC-AUC (mean over seeds):", ""]
+    per_rows = []
+    for algorithm in results["algorithms"]:
+        row = summary[algorithm]
+        per_rows.append(
+            [label(algorithm)]
+            + [
+                f"{interval(row.get(f'{h}:test_balanced_accuracy'), 2).split(' [')[0]} / "
+                f"{interval(row.get(f'{h}:test_auc'), 2).split(' [')[0]}"
+                for h in hospitals
+            ]
+        )
+    lines += table(["Method", *hospitals], per_rows)
+    constant = constant_predictors(results)
+    if constant:
+        parts = ", ".join(f"{label(a)} {n} of {total}" for a, (n, total) in constant.items())
+        lines += [
+            "",
+            "Reported models that predict one class for a whole test split (balanced accuracy "
+            f"exactly 0.5; hospital x seed pairs): {parts}. At the selected round these "
+            "hospitals' models are no better than always predicting one class.",
+        ]
+    lines += [
+        "",
+        "Each hospital's model chosen on validation data (the round with the best mean "
+        "validation balanced accuracy over hospitals), then scored on the hospital's test share. "
+        "Gain = the method's minus local-only's score on the same hospital and seed, averaged "
+        "over the small hospitals. No published federated numbers exist for this split; the "
+        "MedMNIST v2 paper reports centralised results on the official test split (best "
+        "accuracy 0.946, Google AutoML Vision); that is a different setting (all training data "
+        "in one place, larger models), so it is context, not an anchor.",
+        "",
+    ]
+    for metric in ("test_balanced_accuracy", "test_auc"):
+        bars = f"pneumonia_bars_{metric}.png"
+        plot_bars(results, metric, plots / bars)
+        lines += [f"![per-hospital bars]({relative}/{bars})", ""]
+    curves = "pneumonia_curves_test_balanced_accuracy.png"
+    plot_curves(results, "test_balanced_accuracy", plots / curves)
+    lines += [f"![per-round curves]({relative}/{curves})", ""]
+    lines += [*_runtime(results), ""]
+    return lines
+
+
+def constant_predictors(results: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Per method, how many (hospital, seed) results are a one-class predictor."""
+    counts: dict[str, tuple[int, int]] = {}
+    for row in results["per_hospital"]:
+        hits, total = counts.get(row["algorithm"], (0, 0))
+        counts[row["algorithm"]] = (hits + (row["test_balanced_accuracy"] == 0.5), total + 1)
+    return {a: c for a, c in counts.items() if c[0]}
+
+
+def render(results_dir: Path, out: Path, plots: Path) -> str:
+    """Write the plots and return the Markdown text."""
+    plots.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(plots, out.resolve().parent)
+    found = {}
+    for suite in ("heart", "pneumonia"):
+        path = results_dir / suite / "results.json"
+        if path.is_file():
+            found[suite] = json.loads(path.read_text())
+    if not found:
+        from fedclinic.errors import ConfigError
+
+        raise ConfigError(
+            f"no results in '{results_dir}': expected heart/results.json or "
+            "pneumonia/results.json (written by 'fedclinic bench quality')"
+        )
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `fedclinic bench report` from the results of `fedclinic bench quality`; "
+        "every number below comes from those files (nothing is typed in by hand except the "
+        "published anchors, which are labelled).",
+        "",
+    ]
+    for suite, results in found.items():
+        if results.get("reduced"):
+            lines += [
+                f"**REDUCED run ({suite}): {results['reduced']}; every other setting is the "
+                "full mode's.**",
+                "",
+            ]
+    reduced = [s for s, r in found.items() if r["mode"] != "full"]
+    if reduced:
+        lines += [
+            f"**Quick mode ({', '.join(reduced)}): a smoke test, not a benchmark; the numbers "
+            "below are not comparable with the anchors.**",
+            "",
+        ]
+    if "heart" in found:
+        lines += heart_section(found["heart"], plots, relative)
+    if "pneumonia" in found:
+        lines += pneumonia_section(found["pneumonia"], plots, relative)
+    lines += runtime_sections(results_dir, plots)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+#: runtime benchmarks (real processes over gRPC) write a Markdown section of their own
+RUNTIME_SECTIONS = (
+    ("system", "Runtime cost on the real deployment runtime (gRPC + TLS)"),
+    ("load", "Load: many hospitals on one machine"),
+)
+
+
+def runtime_sections(results_dir: Path, plots: Path) -> list[str]:
+    """The sections ``bench system`` and ``bench load`` wrote (``<results>/<name>/<name>.md``,
+    kept beside the plots so a later report without those results still shows them)."""
+    lines: list[str] = []
+    for name, title in RUNTIME_SECTIONS:
+        fresh, kept = results_dir / name / f"{name}.md", plots / f"{name}.md"
+        if fresh.is_file() and fresh.resolve() != kept.resolve():
+            shutil.copyfile(fresh, kept)
+        if kept.is_file():
+            body = kept.read_text(encoding="utf-8").strip()
+            lines += [f"## {title}", "", body, ""]
+    return lines
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """Handler of ``fedclinic bench report``: 0 done, 2 no results."""
+    from fedclinic.errors import FedClinicError
+
+    plots = args.plots or args.out.resolve().parent / "docs" / "bench"
+    try:
+        text = render(args.results, args.out, plots)
+    except FedClinicError as err:
+        print(f"fedclinic bench report: {err}", file=sys.stderr)
+        return 2
+    args.out.write_text(text, encoding="utf-8")
+    for suite in ("heart", "pneumonia"):  # the small tables travel with the plots
+        for name in ("summary.csv", "per_hospital.csv"):
+            source = args.results / suite / name
+            if source.is_file():
+                shutil.copyfile(source, plots / f"{suite}_{name}")
+    print(f"wrote {args.out} and plots in {plots}")
+    return 0

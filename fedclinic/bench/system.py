@@ -1,0 +1,558 @@
+"""``fedclinic bench system``: what the federation runtime costs, side by side in one run.
+
+Everything runs on the real deployment runtime (a SuperLink and one SuperNode per hospital,
+separate processes, gRPC with TLS and node authentication, one ClientApp process per
+message), through :class:`fedclinic.local.federation.LocalFederation`:
+
+- **scale and overhead**: for 2, 4, 8 hospitals, fedclinic (``fedclinic bench load``'s
+  :func:`~fedclinic.bench.load.run_size`) and a *plain Flower app* (``plain_flower/``: Flower's
+  own ``FedAvg.start``, one TRAIN then one EVALUATE message per hospital and round) on the
+  same model, hospitals, local steps and batch size. Round overhead = round wall time minus
+  the slowest hospital's compute. fedclinic sends one TRAIN message that evaluates the
+  received model and then trains, so its critical path is ``max_h(eval_h + train_h)``; the
+  plain app waits for every TRAIN reply before it sends EVALUATE, so its critical path is
+  ``max_h(train_h) + max_h(eval_h)``. Round 1 (ServerApp start-up) is left out for both.
+  Peak RSS per process kind comes from :class:`~fedclinic.bench.load.MemorySampler`.
+- **transfer**: 2 hospitals, models of about 0.15 MB (``cnn``), 45 MB (``resnet18``) and
+  170 MB (torchvision ResNet-101, plain app only: fedclinic's registry has no 100+ MB model),
+  each with the plain app, fedclinic FedAvg, and pFedNet without and with STC compression.
+  Bytes per round: the payload (model bytes times messages; pFedNet's own ``communication``
+  rows) and the bytes on the wire, read from the kernel's per-socket TCP counters
+  (``ss -ti``, TLS and gRPC framing included) of the SuperLink's Fleet API port. Seconds per
+  round: the round overhead at that model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import re
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedclinic.audit import AuditLog
+from fedclinic.bench.load import (
+    LOAD_RUN,
+    MemorySampler,
+    bench_options,
+    lost,
+    round_overheads,
+    run_size,
+)
+from fedclinic.local.configs import HospitalSpec, app_defaults, find_app_dir, synthetic_hospitals
+from fedclinic.local.federation import LocalFederation
+
+PLAIN_APP_DIR = Path(__file__).resolve().parent / "plain_flower"
+#: keys of the plain app's [tool.flwr.app.config]; the shared run settings are LOAD_RUN's
+PLAIN_KEYS = ("model", "num-classes", "in-channels", "image-size", "data-source", "rounds",
+              "local-steps", "batch-size", "optimizer", "learning-rate", "seed",
+              "min-hospitals", "round-timeout", "output-dir")  # fmt: skip
+#: hospital size for the transfer runs: small, so ResNet evaluation does not swamp a 2-core box
+TRANSFER_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much a mode runs: hospital counts, rounds, transfer cases."""
+
+    sizes: tuple[int, ...]
+    rounds: int
+    transfer: tuple[tuple[str, str, str], ...]  # (model, app, compression)
+
+
+MODES: dict[str, Mode] = {
+    "quick": Mode(sizes=(2,), rounds=2, transfer=(("cnn", "pfednet", "stc"),)),
+    "full": Mode(
+        sizes=(2, 4, 8),
+        rounds=3,
+        transfer=(
+            ("cnn", "pfednet", "none"),
+            ("cnn", "pfednet", "stc"),
+            ("resnet18", "plain", "none"),
+            ("resnet18", "fedavg", "none"),
+            ("resnet18", "pfednet", "none"),
+            ("resnet18", "pfednet", "stc"),
+            ("resnet101", "plain", "none"),
+        ),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- arithmetic
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def plain_round_overheads(record: Mapping[str, Any], first: int = 2) -> list[float]:
+    """Plain app: round wall time minus ``max_h(train) + max_h(eval)``, rounds ``first``..R.
+
+    The two exchanges run one after the other, each waiting for its slowest hospital.
+    """
+    ends = {0: record.get("round_0_end")} | {r["round"]: r["end"] for r in record["rounds"]}
+    overheads = []
+    for r in record["rounds"]:
+        n = r["round"]
+        if n < first or ends.get(n - 1) is None or not r["train_seconds"] or not r["eval_seconds"]:
+            continue
+        compute = max(r["train_seconds"].values()) + max(r["eval_seconds"].values())
+        overheads.append(r["end"] - float(ends[n - 1]) - compute)
+    return overheads
+
+
+def plain_round_ends(record: Mapping[str, Any]) -> dict[int, float]:
+    ends = {r["round"]: float(r["end"]) for r in record["rounds"]}
+    if record.get("round_0_end") is not None:
+        ends[0] = float(record["round_0_end"])
+    return ends
+
+
+def fedclinic_round_ends(audit: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    return {int(e["round"]): float(e["time"]) for e in audit if e.get("event") == "round"}
+
+
+SOCKET_LINE = re.compile(r"^\S+\s+\S+\s+(\S+)\s+(\S+)")
+COUNTER = re.compile(r"\b(bytes_sent|bytes_received):(\d+)")
+
+
+def parse_ss(text: str) -> dict[str, tuple[int, int]]:
+    """``ss -tinH`` output -> ``{"local peer": (bytes_sent, bytes_received)}`` per socket."""
+    sockets: dict[str, tuple[int, int]] = {}
+    key = None
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            match = SOCKET_LINE.match(line)
+            key = f"{match.group(1)} {match.group(2)}" if match else None
+            continue
+        if key is None:
+            continue
+        counters = dict(COUNTER.findall(line))
+        sockets[key] = (int(counters.get("bytes_sent", 0)), int(counters.get("bytes_received", 0)))
+        key = None
+    return sockets
+
+
+def value_at(series: Sequence[tuple[float, int, int]], t: float) -> tuple[float, float]:
+    """(sent, received) at time ``t``, linearly between the samples around it."""
+    if not series:
+        return 0.0, 0.0
+    if t <= series[0][0]:
+        return float(series[0][1]), float(series[0][2])
+    for (t0, s0, r0), (t1, s1, r1) in itertools.pairwise(series):
+        if t0 <= t <= t1:
+            f = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+            return s0 + f * (s1 - s0), r0 + f * (r1 - r0)
+    return float(series[-1][1]), float(series[-1][2])
+
+
+def wire_per_round(
+    series: Sequence[tuple[float, int, int]], ends: Mapping[int, float], first: int = 2
+) -> list[dict[str, float]]:
+    """Bytes the coordinator sent (down) and received (up) on the Fleet API per round."""
+    rows = []
+    for n in sorted(ends):
+        if n < first or n - 1 not in ends:
+            continue
+        s0, r0 = value_at(series, ends[n - 1])
+        s1, r1 = value_at(series, ends[n])
+        rows.append({"round": n, "down_bytes": s1 - s0, "up_bytes": r1 - r0})
+    return rows
+
+
+def payload_per_round(rows: Sequence[Mapping[str, Any]], rounds: int) -> dict[str, float] | None:
+    """pFedNet's ``communication`` rows: mean upload and download bytes per training round."""
+    up: dict[int, int] = {}
+    down: dict[int, int] = {}
+    for row in rows:
+        if row.get("kind") == "communication" and 1 <= int(row["round"]) <= rounds:
+            up[row["round"]] = up.get(row["round"], 0) + int(row.get("upload_bytes", 0))
+            down[row["round"]] = down.get(row["round"], 0) + int(row.get("download_bytes", 0))
+    if not up and not down:
+        return None
+    counted = sorted(set(up) | set(down))
+    return {
+        "up_bytes": sum(up.values()) / len(counted),
+        "down_bytes": sum(down.values()) / len(counted),
+    }
+
+
+def mean_wire(per_round: Sequence[Mapping[str, float]]) -> dict[str, float] | None:
+    if not per_round:
+        return None
+    return {key: statistics.fmean(r[key] for r in per_round) for key in ("down_bytes", "up_bytes")}
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+@dataclass(eq=False)  # a thread: hashable by identity
+class WireSampler(threading.Thread):
+    """Cumulative TCP bytes of the sockets on one local port, sampled with ``ss``.
+
+    Each socket's counters only grow, so the total is the sum of every socket's last value
+    (closed sockets keep theirs).
+    """
+
+    port: int
+    interval: float = 0.5
+    series: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stopped = threading.Event()
+        self.last: dict[str, tuple[int, int]] = {}
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            self.sample()
+            self.stopped.wait(self.interval)
+        self.sample()
+
+    def sample(self) -> None:
+        try:
+            text = subprocess.run(
+                ["ss", "-tinH", "state", "established", f"( sport = :{self.port} )"],
+                capture_output=True, text=True, timeout=10, check=False,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return
+        self.last.update(parse_ss(text))
+        sent = sum(s for s, _ in self.last.values())
+        received = sum(r for _, r in self.last.values())
+        self.series.append((time.time(), sent, received))
+
+
+def run_federation(
+    app_dir: Path,
+    run_config: dict[str, Any],
+    hospitals: list[HospitalSpec],
+    out: Path,
+    plain: bool,
+) -> dict[str, Any]:
+    """One federation on real processes; its status, memory peaks and wire-byte series."""
+    federation = LocalFederation(
+        bench_options(app_dir, out, run_config, hospitals), Console(quiet=True)
+    )
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    with federation.supervisor:
+        sampler = MemorySampler(federation.supervisor.token)
+        sampler.start()
+        wire: WireSampler | None = None
+        try:
+            federation.prepare()
+            federation.start_superlink()
+            wire = WireSampler(federation.fleet_port)
+            wire.start()
+            federation.start_hospitals()
+            status = federation.follow(federation.submit())
+            completed = status.completed if plain else federation.report(status).exit_code == 0
+        finally:
+            sampler.stopped.set()
+            if wire is not None:
+                wire.stopped.set()
+                wire.join(timeout=15)
+    return {
+        "completed": completed,
+        "peak_rss_mib": {k: round(v, 1) for k, v in sorted(sampler.peaks.items())},
+        "wire_series": wire.series if wire else [],
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def plain_config(model: str, count: int, rounds: int, out: Path) -> dict[str, Any]:
+    """The plain app's run config: the same settings as fedclinic's load run."""
+    merged = {**app_defaults(find_app_dir()), **LOAD_RUN, "model": model, "rounds": rounds,
+              "min-hospitals": count, "output-dir": str(out)}  # fmt: skip
+    return {key: merged[key] for key in PLAIN_KEYS}
+
+
+def run_plain(model: str, hospitals: list[HospitalSpec], rounds: int, out: Path) -> dict[str, Any]:
+    """The plain Flower app on real processes; overheads, memory, bytes per round."""
+    config = plain_config(model, len(hospitals), rounds, out)
+    outcome = run_federation(PLAIN_APP_DIR, config, hospitals, out, plain=True)
+    record_path = out / "plain.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    overheads = plain_round_overheads(record) if record else []
+    wire = wire_per_round(outcome.pop("wire_series"), plain_round_ends(record)) if record else []
+    completed = bool(outcome.pop("completed") and record and len(record["rounds"]) == rounds)
+    return {
+        "app": "plain-flower",
+        "hospitals": len(hospitals),
+        "model": model,
+        "rounds": rounds,
+        "completed": completed,
+        "round_overhead_seconds": overheads,
+        "median_round_overhead_seconds": median_or_none(overheads),
+        "model_bytes": record["model_bytes"] if record else None,
+        "payload_bytes_per_round": (
+            {
+                "down_bytes": 2 * len(hospitals) * record["model_bytes"],
+                "up_bytes": len(hospitals) * record["model_bytes"],
+            }
+            if record
+            else None
+        ),
+        "wire_bytes_per_round": mean_wire(wire),
+        "wire_rounds": wire,
+        **outcome,
+    }
+
+
+def run_fedclinic(
+    model: str,
+    algorithm: str,
+    compression: str,
+    hospitals: list[HospitalSpec],
+    rounds: int,
+    out: Path,
+) -> dict[str, Any]:
+    """fedclinic (FedAvg or pFedNet) on real processes; overheads, memory, bytes per round."""
+    app_dir = find_app_dir()
+    config = {
+        **app_defaults(app_dir),
+        **LOAD_RUN,
+        "algorithm": algorithm,
+        "model": model,
+        "rounds": rounds,
+        "min-hospitals": len(hospitals),
+        "output-dir": str(out),
+    }
+    if algorithm == "pfednet":
+        config["pfednet.compression"] = compression
+    outcome = run_federation(app_dir, config, hospitals, out, plain=False)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    rows = [json.loads(x) for x in lines if x]
+    audit = AuditLog(out).read() if (out / "audit.jsonl").exists() else []
+    overheads = round_overheads(audit, rows)
+    wire = wire_per_round(outcome.pop("wire_series"), fedclinic_round_ends(audit))
+    problems = lost(rows, [h.name for h in hospitals], rounds)
+    model_bytes = model_size_bytes(config)
+    payload = payload_per_round(rows, rounds)
+    if payload is None and model_bytes:  # FedAvg: one TRAIN down and its reply up
+        payload = {"down_bytes": len(hospitals) * model_bytes,
+                   "up_bytes": len(hospitals) * model_bytes}  # fmt: skip
+    return {
+        "app": f"fedclinic-{algorithm}",
+        "compression": compression if algorithm == "pfednet" else "none",
+        "hospitals": len(hospitals),
+        "model": model,
+        "rounds": rounds,
+        "completed": bool(outcome.pop("completed")) and not problems,
+        "problems": problems,
+        "round_overhead_seconds": overheads,
+        "median_round_overhead_seconds": median_or_none(overheads),
+        "model_bytes": model_bytes,
+        "payload_bytes_per_round": payload,
+        "wire_bytes_per_round": mean_wire(wire),
+        "wire_rounds": wire,
+        **outcome,
+    }
+
+
+def model_size_bytes(config: Mapping[str, Any]) -> int | None:
+    """Float bytes of the run's model (what one full-model message carries)."""
+    from fedclinic.config import RunConfig, validate_schema
+    from fedclinic.models import build_model
+
+    core = {k: v for k, v in config.items() if "." not in k}
+    try:
+        run = validate_schema(RunConfig, core, "run config")
+        state = build_model(run).state_dict()
+    except Exception:  # a schema change elsewhere must not lose the measured run
+        return None
+    return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def resized(hospitals: list[HospitalSpec], samples: int) -> list[HospitalSpec]:
+    """The same hospitals with ``num-samples`` capped (keeps ResNet evaluation short)."""
+    from fedclinic.config import parse_hospital_config
+
+    specs = []
+    for spec in hospitals:
+        flat = {**spec.flat, "num-samples": min(samples, int(spec.flat["num-samples"]))}
+        specs.append(HospitalSpec(parse_hospital_config(flat), flat))
+    return specs
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def system_command(args: argparse.Namespace) -> int:
+    """Run the mode's federations one after another; write system.json/CSV after each."""
+    console = Console()
+    mode = MODES[args.mode]
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": args.mode,
+        "rounds": mode.rounds,
+        "settings": {k: LOAD_RUN[k] for k in ("model", "local-steps", "batch-size")},
+        "cpu_count": os.cpu_count(),
+        "scale": [],
+        "transfer": [],
+    }
+
+    def save() -> None:
+        results["wall_seconds"] = round(time.monotonic() - started, 1)
+        (out / "system.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_csv(out / "system.csv", results)
+
+    for count in mode.sizes:
+        console.print(f"[bold]scale[/]: fedclinic, {count} hospitals, {mode.rounds} rounds ...")
+        fed = run_size(count, mode.rounds, out / "scale", Console(quiet=True))
+        fed.update(app="fedclinic-fedavg", model=LOAD_RUN["model"])
+        results["scale"].append(fed)
+        save()
+        console.print(f"[bold]scale[/]: plain Flower, {count} hospitals ...")
+        hospitals = synthetic_hospitals(count, out / "scale" / f"plain-{count}" / "state")
+        results["scale"].append(
+            run_plain(LOAD_RUN["model"], hospitals, mode.rounds, out / "scale" / f"plain-{count}")
+        )
+        save()
+    for model, app, compression in mode.transfer:
+        name = f"{model}-{app}-{compression}"
+        console.print(f"[bold]transfer[/]: {name}, 2 hospitals ...")
+        where = out / "transfer" / name
+        hospitals = resized(synthetic_hospitals(2, where / "state"), TRANSFER_SAMPLES)
+        if app == "plain":
+            entry = run_plain(model, hospitals, mode.rounds, where)
+        else:
+            entry = run_fedclinic(model, app, compression, hospitals, mode.rounds, where)
+        results["transfer"].append(entry)
+        save()
+    save()
+    console.print(scale_table(results["scale"]))
+    console.print(transfer_table(results["transfer"]))
+    every = results["scale"] + results["transfer"]
+    return 0 if all(r["completed"] for r in every) else 1
+
+
+CSV_FIELDS = ("section", "app", "model", "compression", "hospitals", "rounds", "completed",
+              "median_round_overhead_seconds", "model_bytes", "payload_down_bytes",
+              "payload_up_bytes", "wire_down_bytes", "wire_up_bytes", "peak_rss_clientapp_mib",
+              "peak_rss_supernode_mib", "peak_rss_superlink_mib", "peak_rss_serverapp_mib",
+              "wall_seconds")  # fmt: skip
+
+
+def flat_row(section: str, r: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row of a scale or transfer entry."""
+    payload = r.get("payload_bytes_per_round") or {}
+    wire = r.get("wire_bytes_per_round") or {}
+    peaks = r.get("peak_rss_mib") or {}
+    return {
+        "section": section,
+        "app": r.get("app"),
+        "model": r.get("model"),
+        "compression": r.get("compression", "none"),
+        "hospitals": r.get("hospitals"),
+        "rounds": r.get("rounds"),
+        "completed": r.get("completed"),
+        "median_round_overhead_seconds": r.get("median_round_overhead_seconds"),
+        "model_bytes": r.get("model_bytes"),
+        "payload_down_bytes": payload.get("down_bytes"),
+        "payload_up_bytes": payload.get("up_bytes"),
+        "wire_down_bytes": wire.get("down_bytes"),
+        "wire_up_bytes": wire.get("up_bytes"),
+        "peak_rss_clientapp_mib": peaks.get("flwr-clientapp"),
+        "peak_rss_supernode_mib": peaks.get("flower-supernode"),
+        "peak_rss_superlink_mib": peaks.get("flower-superlink"),
+        "peak_rss_serverapp_mib": peaks.get("flwr-serverapp"),
+        "wall_seconds": r.get("wall_seconds"),
+    }
+
+
+def write_csv(path: Path, results: Mapping[str, Any]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for section in ("scale", "transfer"):
+            for entry in results[section]:
+                writer.writerow(flat_row(section, entry))
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}"
+
+
+def scale_table(entries: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="round overhead and peak memory, fedclinic vs plain Flower (cnn)")
+    for column in ("hospitals", "app", "complete", "round overhead s (median)",
+                   "peak RSS MiB: ClientApp / SuperNode / SuperLink / ServerApp"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in entries:
+        peaks = r.get("peak_rss_mib") or {}
+        table.add_row(
+            str(r["hospitals"]),
+            str(r.get("app")),
+            "yes" if r["completed"] else "NO",
+            _num(r.get("median_round_overhead_seconds")),
+            " / ".join(
+                f"{peaks.get(k, 0):.0f}"
+                for k in (
+                    "flwr-clientapp",
+                    "flower-supernode",
+                    "flower-superlink",
+                    "flwr-serverapp",
+                )
+            ),
+        )
+    return table
+
+
+def transfer_table(entries: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="transfer per round, 2 hospitals")
+    for column in ("model", "MB", "app", "compression", "round overhead s",
+                   "payload MB down / up", "wire MB down / up"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for r in entries:
+        payload = r.get("payload_bytes_per_round") or {}
+        wire = r.get("wire_bytes_per_round") or {}
+        table.add_row(
+            str(r["model"]),
+            _mb(r.get("model_bytes")),
+            str(r["app"]),
+            str(r.get("compression", "none")),
+            _num(r.get("median_round_overhead_seconds")),
+            f"{_mb(payload.get('down_bytes'))} / {_mb(payload.get('up_bytes'))}",
+            f"{_mb(wire.get('down_bytes'))} / {_mb(wire.get('up_bytes'))}",
+        )
+    return table
+
+
+def add_system_parser(commands: argparse._SubParsersAction) -> None:
+    """``fedclinic bench system``."""
+    system = commands.add_parser(
+        "system",
+        help="runtime cost on real processes: round overhead vs plain Flower, transfer, scale",
+    )
+    system.add_argument("--out", type=Path, required=True, help="results directory")
+    system.add_argument(
+        "--mode",
+        choices=tuple(MODES),
+        default="quick",
+        help="quick: 2 hospitals, 2 rounds, cnn; full: 2/4/8 hospitals and 3 model sizes",
+    )
+    system.set_defaults(handler=system_command)

@@ -1,0 +1,111 @@
+"""The coordinator's checkpoint: everything a run needs to go on after a crash.
+
+After every completed round the coordinator replaces ``checkpoint.pkl`` in the run's output
+directory (temporary file + rename, so a crash mid-write leaves the previous checkpoint): the
+round number, the global model, the strategy's own state (pFedNet's personalised columns and
+graph, Fed-MAS's weight history, FedHelp's roles, ...), model selection so far, how many
+metric rows were written, the RNG states, and the site key hospitals file their state under.
+
+A run started with ``resume = true`` and the same ``output-dir`` loads it and goes on from the
+next round. Only settings that cannot change the arithmetic may differ from the checkpointed
+run (:data:`MAY_CHANGE_ON_RESUME`); anything else is refused with the key named.
+
+The file is a Python pickle written by the coordinator for itself, in its own output
+directory; it is never received from a hospital. Loading runs pickle, so protect the output
+directory like the coordinator's code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedclinic.errors import ConfigError, IntegrityError
+
+CHECKPOINT_FILE = "checkpoint.pkl"
+FORMAT = 1
+#: run-config keys a resumed run may set differently (more rounds, patience, where to resume)
+MAY_CHANGE_ON_RESUME = frozenset({"rounds", "resume", "round-timeout", "min-hospitals"})
+
+
+@dataclass
+class Checkpoint:
+    """The coordinator's state after ``round`` completed rounds."""
+
+    round: int
+    arrays: dict[str, np.ndarray]
+    config: dict[str, Any]
+    site_key: str
+    rows: int
+    strategy: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    format: int = FORMAT
+
+
+def rng_states() -> dict[str, Any]:
+    """Python's, NumPy's and torch's global generators."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.random.get_rng_state(),
+    }
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    if "python" in states:
+        random.setstate(states["python"])
+    if "numpy" in states:
+        np.random.set_state(states["numpy"])
+    if "torch" in states:
+        torch.random.set_rng_state(states["torch"])
+
+
+def save(directory: Path, checkpoint: Checkpoint) -> Path:
+    """Atomically replace ``<directory>/checkpoint.pkl``."""
+    target = Path(directory) / CHECKPOINT_FILE
+    temporary = target.with_suffix(".pkl.tmp")
+    with temporary.open("wb") as handle:
+        pickle.dump(checkpoint, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    return target
+
+
+def load(directory: Path) -> Checkpoint:
+    """The checkpoint in ``directory``, or one clear error naming the file."""
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"run config: resume = true, but '{path}' does not exist; set output-dir to the "
+            "directory of the run to resume (it writes a checkpoint after every round)"
+        )
+    try:
+        with path.open("rb") as handle:
+            checkpoint = pickle.load(handle)
+    except Exception as err:  # pickle raises many types for a damaged file
+        raise IntegrityError(f"checkpoint '{path}' is unreadable or corrupt: {err}") from None
+    if not isinstance(checkpoint, Checkpoint) or checkpoint.format != FORMAT:
+        raise IntegrityError(f"checkpoint '{path}' is not a fedclinic checkpoint (format {FORMAT})")
+    return checkpoint
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume under a config that would compute something else."""
+    for key in sorted(set(saved) | set(current)):
+        if key in MAY_CHANGE_ON_RESUME:
+            continue
+        before, now = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if before != now:
+            raise ConfigError(
+                f"run config: key '{key}' is {now!r}, but the checkpointed run used {before!r}; "
+                f"resume with the run's own config (only {', '.join(sorted(MAY_CHANGE_ON_RESUME))}"
+                " may change)"
+            )

@@ -1,0 +1,106 @@
+"""Resume on real processes: the coordinator (SuperLink, SuperExec and ServerApp, the whole
+process group) is SIGKILLed once round 1's checkpoint is on disk, while round 2 is under way.
+It is restarted on the same ports and state database (so the hospitals' registered keys stay
+valid and the SuperNodes reconnect by themselves), the run is resubmitted with
+``resume = true``, and it finishes round 2 and the final evaluation.
+
+Its final model must equal, bit for bit, the model of the same run computed without a crash
+(the same ServerApp strategy and ClientApp code, driven in this process: on CPU with fixed
+seeds the arithmetic is the same; tests/test_resume.py does this comparison for every
+algorithm with both runs in process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+# the local federation of the dropout test, the in-process grid of the pFedNet tests
+from test_e2e_dropout import local_federation, start_and_submit
+from test_pfednet import InProcessGrid, task_identity  # noqa: F401
+
+from fedclinic import checkpoint
+from fedclinic.audit import AuditLog
+from fedclinic.local.configs import synthetic_hospitals, write_flat_toml
+from fedclinic.local.supervisor import pids_with_cmdline
+from fedclinic.pki import fingerprint
+from fedclinic.results import ResultsWriter
+from fedclinic.serialization import record_to_numpy, state_to_record
+from strategies import get_algorithm, load_run_config
+
+RUN = {"rounds": 2, "min-hospitals": 2, "local-steps": 3, "batch-size": 16, "seed": 7}
+
+
+def reference_model(tmp_path: Path, hospitals: list[Any]) -> dict[str, np.ndarray]:
+    """The uninterrupted run, in process, with hospitals of the same configs."""
+    flat = {**RUN, "output-dir": str(tmp_path / "reference")}
+    nodes = {
+        100 + i: {**spec.flat, "state-dir": str(tmp_path / "reference-state" / spec.name)}
+        for i, spec in enumerate(hospitals)
+    }
+    run = load_run_config(flat)
+    strategy = get_algorithm(run.algorithm).strategy(run, ResultsWriter(run.output_dir))
+    result = strategy.start(
+        grid=InProcessGrid(nodes, flat),  # type: ignore[arg-type]
+        initial_arrays=state_to_record(strategy.initial_state()),
+    )
+    return record_to_numpy(result.arrays)
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("task_identity")
+def test_a_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hospitals = synthetic_hospitals(2, tmp_path / "state")
+    federation = local_federation(tmp_path, hospitals, RUN)
+    options = federation.options
+    with federation.supervisor:
+        start_and_submit(federation)
+        deadline = time.monotonic() + 300
+        while not (out / checkpoint.CHECKPOINT_FILE).exists():
+            assert time.monotonic() < deadline, "no checkpoint after round 1"
+            time.sleep(0.2)
+        # power cut at the coordinator: the SuperLink, its SuperExec and the ServerApp (each
+        # in its own process group; all carry the SuperLink's FLWR_HOME)
+        coordinator = pids_with_cmdline(str(federation.paths()["homes"] / "superlink"), True)
+        assert len(coordinator) >= 3, coordinator
+        for pid in coordinator:
+            os.kill(pid, signal.SIGKILL)
+        assert checkpoint.load(out).round == 1
+
+        federation.start_superlink(same_ports=True)
+        federation.options = replace(options, run_config={**options.run_config, "resume": True})
+        write_flat_toml(federation.paths()["run_config"], federation.options.run_config)
+        resumed = federation.submit()
+        outcome = federation.report(federation.follow(resumed))
+        assert outcome.exit_code == 0, outcome.details
+
+    final = torch.load(out / "model_final.pt", weights_only=True)
+    reference = reference_model(tmp_path, hospitals)
+    assert final.keys() == reference.keys()
+    for key, value in reference.items():
+        np.testing.assert_array_equal(final[key].numpy(), value, err_msg=key)
+
+    events = AuditLog(out).read()
+    kinds = [e["event"] for e in events]
+    assert kinds.count("run_start") == 1 and kinds.count("run_resumed") == 1
+    assert federation.pki is not None  # the run_start event names the served certificates
+    assert set(events[0]["certificates"].values()) == {
+        fingerprint(federation.pki.ca_cert), fingerprint(federation.pki.server_cert)
+    }
+    resumed_at = kinds.index("run_resumed")
+    assert events[resumed_at]["from_round"] == 2
+    assert [e["round"] for e in events[resumed_at:] if e["event"] == "round"] == [2]
+    assert events[-1]["event"] == "run_end" and events[-1]["status"] == "completed"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = sorted((r["round"], r["hospital"]) for r in rows if r["kind"] == "train")
+    assert trained == sorted((n, h.name) for n in (1, 2) for h in hospitals)
