@@ -16,7 +16,7 @@ the wall time). After the last round, one evaluate-only exchange scores the fina
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -806,13 +806,33 @@ class FedClinicStrategy(Strategy):
 REPLY_POLL_SECONDS = 0.5
 
 
+#: consecutive failed calls to the SuperLink a round survives (its state database can refuse
+#: a request under load: Flower 1.39 answers "database is locked" with an HTTP 500)
+SUPERLINK_RETRIES = 5
+
+
+def with_retries(what: str, call: Callable[[], Any]) -> Any:
+    """``call()``, retried with backoff when the SuperLink fails a request transiently; for
+    idempotent requests only (asking for replies)."""
+    for attempt in range(1, SUPERLINK_RETRIES + 1):
+        try:
+            return call()
+        except Exception as err:  # httpx/grpc raise many types for a failed request
+            if attempt == SUPERLINK_RETRIES:
+                raise
+            log(WARNING, "%s failed (%s: %s); retry %d of %d", what, type(err).__name__,
+                str(err).splitlines()[0][:200], attempt, SUPERLINK_RETRIES - 1)
+            time.sleep(min(2.0**attempt, 15.0))
+    raise AssertionError("unreachable")
+
+
 def poll_replies(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """Push, then pull every :data:`REPLY_POLL_SECONDS` until all replied or ``timeout``."""
-    waiting = set(grid.push_messages(messages))
+    waiting = set(grid.push_messages(messages))  # not retried: a retry could send twice
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     while waiting:
-        arrived = list(grid.pull_messages(waiting))
+        arrived = list(with_retries("asking for replies", lambda: grid.pull_messages(waiting)))
         replies.extend(arrived)
         waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
         if not waiting or time.monotonic() >= deadline:

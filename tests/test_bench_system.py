@@ -148,3 +148,26 @@ def test_parser_and_modes() -> None:
     args = parser.parse_args(["system", "--out", "x", "--mode", "full"])
     assert args.mode == "full" and args.out == Path("x")
     assert MODES["full"].sizes == (2, 4, 8) and MODES["full"].rounds >= 3
+
+
+def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> None:
+    from fedclinic.bench.system import system_section
+
+    results = {
+        "mode": "full", "rounds": 3, "cpu_count": 2, "wall_seconds": 120.0,
+        "settings": {"model": "cnn", "local-steps": 1, "batch-size": 16},
+        "scale": [
+            {"hospitals": 2, "app": "fedclinic-fedavg", "completed": True,
+             "median_round_overhead_seconds": 4.0, "round_overhead_seconds": [3.0, 5.0],
+             "peak_rss_mib": {"flwr-clientapp": 990.4}},
+            {"hospitals": 2, "app": "plain-flower", "completed": False,
+             "median_round_overhead_seconds": None, "round_overhead_seconds": [],
+             "peak_rss_mib": {}, "load_average_1min": [1.0, 2.0]},
+        ],
+        "transfer": [],
+    }  # fmt: skip
+    text = system_section(results, "fedclinic bench system --mode full --no-transfer")
+    assert "`fedclinic bench system --mode full --no-transfer --out DIR` (2 min here)" in text
+    assert "| 2 | fedclinic-fedavg | yes | 4.0 | 3.0, 5.0 | 990 / 0 / 0 / 0 / 0 | - |" in text
+    assert "| 2 | plain-flower | NO | - |  | 0 / 0 / 0 / 0 / 0 | 1.0 → 2.0 |" in text
+    assert "(not run: `--no-transfer`)" in text

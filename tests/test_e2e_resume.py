@@ -4,10 +4,11 @@ It is restarted on the same ports and state database (so the hospitals' register
 valid and the SuperNodes reconnect by themselves), the run is resubmitted with
 ``resume = true``, and it finishes round 2 and the final evaluation.
 
-Its final model must equal, bit for bit, the model of the same run computed without a crash
-(the same ServerApp strategy and ClientApp code, driven in this process: on CPU with fixed
-seeds the arithmetic is the same; tests/test_resume.py does this comparison for every
-algorithm with both runs in process).
+Its final model must equal the model of the same run computed without a crash (the same
+ServerApp strategy and ClientApp code, driven in this process) to within 1e-6: the reference
+is computed in another process than the hospitals' ClientApps, and CPU kernels may round the
+last float32 bit differently across processes (seen here: up to 3e-8). With both runs in one
+process the equality is exact, bit for bit: tests/test_resume.py, for every algorithm.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def test_a_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path)
     final = torch.load(out / "model_final.pt", weights_only=True)
     reference = reference_model(tmp_path, hospitals)
     assert final.keys() == reference.keys()
-    for key, value in reference.items():
-        np.testing.assert_array_equal(final[key].numpy(), value, err_msg=key)
+    for key, value in reference.items():  # float32 round-off between processes: < 1e-6
+        np.testing.assert_allclose(final[key].numpy(), value, rtol=0, atol=1e-6, err_msg=key)
 
     events = AuditLog(out).read()
     kinds = [e["event"] for e in events]

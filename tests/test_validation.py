@@ -205,3 +205,28 @@ def test_audit_model_hash_is_the_content_hash() -> None:
     record: ArrayRecord = numpy_to_record(MODEL)
     assert content_sha256(record_to_numpy(record)) == content_sha256(MODEL)
     assert isinstance(RecordDict({"arrays": record}), RecordDict)
+
+
+def test_a_transient_superlink_error_while_asking_for_replies_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower 1.39's SuperLink answers 'database is locked' with a 500 under load: the round
+    asks again instead of failing the run; a lasting failure still fails it."""
+    from strategies import base
+
+    monkeypatch.setattr(base.time, "sleep", lambda _: None)
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise RuntimeError("Server error '500 Internal Server Error'\nmore detail")
+        return "replies"
+
+    assert base.with_retries("asking for replies", flaky) == "replies" and calls["n"] == 3
+
+    def broken() -> str:
+        raise RuntimeError("database is locked")
+
+    with pytest.raises(RuntimeError, match="database is locked"):
+        base.with_retries("asking for replies", broken)

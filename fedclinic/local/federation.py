@@ -75,6 +75,9 @@ class FederationOptions:
     startup_timeout: float = 90.0  # SuperLink health, SuperNodes online
     poll_interval: float = 10.0  # flwr ls (a CPU-second each); faster once the run ends
     grace_seconds: float = 10.0  # SIGTERM -> SIGKILL
+    #: CPU priority of the hospitals' processes (``nice``; 0 = the coordinator's). Many
+    #: hospitals on one machine can starve the SuperLink otherwise (benchmarks use 10).
+    hospital_niceness: int = 0
 
     @property
     def work(self) -> Path:
@@ -388,9 +391,12 @@ class LocalFederation:
         ports = pick_free_ports(len(specs))
         for spec, port in zip(specs, ports, strict=True):
             env = {**self.env, "FLWR_HOME": str(self.paths()["homes"] / spec.name)}
+            command = self.supernode_command(spec, port)
+            if self.options.hospital_niceness:
+                command = ["nice", "-n", str(self.options.hospital_niceness), *command]
             self.supernodes[spec.name] = self.supervisor.start(
                 spec.name,
-                self.supernode_command(spec, port),
+                command,
                 self.work / log_name(spec.name),
                 env=env,
                 tier=1,
