@@ -32,14 +32,10 @@ from fedclinic import checkpoint, hospital
 from fedclinic.config import RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.local.configs import (
-    app_defaults,
-    check_keys_known,
-    find_app_dir,
     load_hospital_files,
-    merge_run_config,
     resolve_run_config,
+    resolve_run_values,
     synthetic_hospitals,
-    validate_run_config,
 )
 from fedclinic.local.federation import (
     FederationError,
@@ -173,13 +169,8 @@ def resumed_run_config(args: argparse.Namespace) -> tuple[Path, dict[str, Scalar
     except (OSError, ValueError) as err:
         raise ConfigError(f"--resume: '{saved}' is unreadable: {err}") from None
     original.pop("flower-run-id", None)
-    app = find_app_dir(args.app_dir)
-    defaults = app_defaults(app)
-    merged = merge_run_config(defaults, original, [*args.set, "resume=true"])
-    merged["output-dir"] = str(output_dir)
-    run = validate_run_config(merged)
-    check_keys_known(merged, defaults)
-    return app, merged, run
+    original["output-dir"] = str(output_dir)
+    return resolve_run_values(args.app_dir, original, [*args.set, "resume=true"])
 
 
 def build_local_options(args: argparse.Namespace) -> FederationOptions:

@@ -14,6 +14,7 @@ message saved itself it reads back as saved.
 
 from __future__ import annotations
 
+import glob
 import re
 from pathlib import Path
 
@@ -64,7 +65,7 @@ class SiteState:
         """Every stored version of ``name``: round -> file."""
         found: dict[int, Path] = {}
         if self.directory.is_dir():
-            for file in self.directory.glob(f"{glob_escape(name)}.round-*.pt"):
+            for file in self.directory.glob(f"{glob.escape(name)}.round-*.pt"):
                 match = _VERSION.match(file.name)
                 if match and match["name"] == name:
                     found[int(match["round"])] = file
@@ -97,7 +98,3 @@ class SiteState:
             versions[old].unlink(missing_ok=True)
         return saved
 
-
-def glob_escape(text: str) -> str:
-    """``text`` with glob metacharacters escaped."""
-    return re.sub(r"([*?\[])", r"[\1]", text)

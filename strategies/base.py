@@ -821,7 +821,7 @@ def with_retries(what: str, call: Callable[[], Any]) -> Any:
             if attempt == SUPERLINK_RETRIES:
                 raise
             log(WARNING, "%s failed (%s: %s); retry %d of %d", what, type(err).__name__,
-                str(err).splitlines()[0][:200], attempt, SUPERLINK_RETRIES - 1)
+                (str(err).splitlines() or [""])[0][:200], attempt, SUPERLINK_RETRIES - 1)
             time.sleep(min(2.0**attempt, 15.0))
     raise AssertionError("unreachable")
 

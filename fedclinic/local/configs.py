@@ -168,9 +168,16 @@ def resolve_run_config(
     Defaults from the app's ``pyproject.toml`` < the ``--run-config`` file < ``--set``; what
     ``fedclinic local`` and ``fedclinic submit`` both check before anything starts.
     """
+    file_values = load_toml(run_config, "run config") if run_config else None
+    return resolve_run_values(app_dir, file_values, assignments)
+
+
+def resolve_run_values(
+    app_dir: Path | None, file_values: Mapping[str, Any] | None, assignments: Sequence[str]
+) -> tuple[Path, dict[str, Scalar], RunConfig]:
+    """:func:`resolve_run_config` for values already read (a run's ``config.json``)."""
     app = find_app_dir(app_dir)
     defaults = app_defaults(app)
-    file_values = load_toml(run_config, "run config") if run_config else None
     merged = merge_run_config(defaults, file_values, assignments)
     run = validate_run_config(merged)
     check_keys_known(merged, defaults)
