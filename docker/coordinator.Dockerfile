@@ -50,7 +50,9 @@ EXPOSE 9092 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=6 \
     CMD ["python", "-m", "fedclinic.healthcheck", "127.0.0.1:9098"]
 
-ENTRYPOINT ["flower-superlink"]
+# Flower's own flower-superlink, through fedclinic's launcher: the same flags, a longer SQLite
+# busy timeout (many hospitals lose replies without it: docs/reliability.md, "Many hospitals").
+ENTRYPOINT ["python", "-m", "fedclinic.superlink"]
 CMD ["--ssl-ca-certfile", "/certs/ca.crt", \
      "--ssl-certfile", "/certs/server.pem", \
      "--ssl-keyfile", "/certs/server.key", \

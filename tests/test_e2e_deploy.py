@@ -49,7 +49,7 @@ def test_register_submit_and_a_failed_run(tmp_path: Path) -> None:
         for _ in range(2):
             done = subprocess.run(
                 fedclinic("register", f"--superlink={control}", f"--ca={pki.ca_cert}", *keys),
-                cwd=ROOT, capture_output=True, text=True, timeout=120,
+                cwd=ROOT, capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             assert done.returncode == 0, done.stdout + done.stderr
         assert "already registered" in done.stdout

@@ -9,6 +9,14 @@ ServerApp strategy and ClientApp code, driven in this process) to within 1e-6: t
 is computed in another process than the hospitals' ClientApps, and CPU kernels may round the
 last float32 bit differently across processes (seen here: up to 3e-8). With both runs in one
 process the equality is exact, bit for bit: tests/test_resume.py, for every algorithm.
+
+A third, deliberately corrupt hospital rides along (issue #9: update validation on real
+processes). It runs the same FAB as the others; only its processes' environment differs:
+``tests/corrupt_hospital`` first on its ``PYTHONPATH`` (``HospitalSpec.env``), whose
+``sitecustomize`` makes its ClientApp upload a NaN in round 1 (before the crash) and its weights
+x 1000 in round 2 (after the resume). The coordinator must refuse it both times with the reason
+in ``metrics.jsonl``, the audit log and the ServerApp log, and the final model must still equal
+the reference run of the two honest hospitals alone: it was never aggregated.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from test_pfednet import InProcessGrid, task_identity  # noqa: F401
 
 from fedclinic import checkpoint
 from fedclinic.audit import AuditLog
-from fedclinic.local.configs import synthetic_hospitals, write_flat_toml
+from fedclinic.config import parse_hospital_config
+from fedclinic.local.configs import HospitalSpec, synthetic_hospitals, write_flat_toml
+from fedclinic.local.federation import LocalFederation, log_name
 from fedclinic.local.supervisor import pids_with_cmdline
 from fedclinic.pki import fingerprint
 from fedclinic.results import ResultsWriter
@@ -39,6 +49,22 @@ from fedclinic.serialization import record_to_numpy, state_to_record
 from strategies import get_algorithm, load_run_config
 
 RUN = {"rounds": 2, "min-hospitals": 2, "local-steps": 3, "batch-size": 16, "seed": 7}
+CORRUPT_SITE = Path(__file__).resolve().parent / "corrupt_hospital"  # its sitecustomize.py
+
+
+def corrupt_hospital(state_root: Path, plan: str, name: str = "hospital-corrupt") -> HospitalSpec:
+    """A small synthetic hospital whose processes load ``tests/corrupt_hospital/sitecustomize.py``
+    and upload the corrupted updates of ``plan`` (``ROUND=nan|scale|shape,...``)."""
+    flat = {
+        "hospital": name,
+        "num-samples": 120,
+        "data-seed": 11,
+        "device": "auto",
+        "state-dir": str((state_root / name).resolve()),
+    }
+    path = os.pathsep.join(p for p in (str(CORRUPT_SITE), os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": path, "FEDCLINIC_CORRUPTION": plan}
+    return HospitalSpec(parse_hospital_config(flat), flat, env=env)
 
 
 def reference_model(tmp_path: Path, hospitals: list[Any]) -> dict[str, np.ndarray]:
@@ -57,12 +83,41 @@ def reference_model(tmp_path: Path, hospitals: list[Any]) -> dict[str, np.ndarra
     return record_to_numpy(result.arrays)
 
 
+def assert_corrupt_hospital_refused(
+    federation: LocalFederation, corrupt: HospitalSpec, honest: list[str], serverapp: str
+) -> None:
+    """Refused in both rounds, before and after the resume, and why: in the metric rows, the
+    audit log and the ServerApp log; and the corruption really happened at that site."""
+    out = federation.options.output_dir
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    reasons = {1: "NaN/Inf value(s)", 2: "more than max-update-norm-ratio = 10 x the round's"}
+    refused = [(r["round"], r["hospital"], r["reason"]) for r in rows if r["kind"] == "rejected"]
+    assert [(n, h) for n, h, _ in refused] == [(1, corrupt.name), (2, corrupt.name)], refused
+    assert all(reasons[n] in reason for n, _, reason in refused), refused
+    assert not [r for r in rows if r["kind"] == "error"]
+    assert not [r for r in rows if r["kind"] == "train" and r["hospital"] == corrupt.name]
+    audited = {e["round"]: e for e in AuditLog(out).read() if e["event"] == "round"}
+    assert sorted(audited) == [1, 2]
+    for n, event in audited.items():
+        assert event["asked"] == sorted([*honest, corrupt.name]), event
+        assert event["accepted"] == sorted(honest), event
+        assert list(event["rejected"]) == [corrupt.name] and not event["failed"], event
+        assert reasons[n] in event["rejected"][corrupt.name], event
+    line = f"round 2: update of {corrupt.name} REJECTED: update norm "
+    logged = [x for x in serverapp.splitlines() if line in x and reasons[2] in x]
+    assert len(logged) == 1 and logged[0].startswith("WARNING"), serverapp
+    site_log = (federation.work / log_name(corrupt.name)).read_text(errors="replace")
+    for n, kind in ((1, "nan"), (2, "scale")):  # written by its ClientApp processes
+        assert f"corrupt hospital: {corrupt.name} round {n}: {kind} update uploaded" in site_log
+
+
 @pytest.mark.e2e
 @pytest.mark.usefixtures("task_identity")
 def test_a_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    hospitals = synthetic_hospitals(2, tmp_path / "state")
-    federation = local_federation(tmp_path, hospitals, RUN)
+    hospitals = synthetic_hospitals(2, tmp_path / "state")  # the honest ones
+    corrupt = corrupt_hospital(tmp_path / "state", "1=nan,2=scale")
+    federation = local_federation(tmp_path, [*hospitals, corrupt], RUN)
     options = federation.options
     with federation.supervisor:
         start_and_submit(federation)
@@ -84,9 +139,15 @@ def test_a_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path)
         resumed = federation.submit()
         outcome = federation.report(federation.follow(resumed))
         assert outcome.exit_code == 0, outcome.details
+        # the ServerApp's log as `flwr log` shows it to the operator: the resumed run's only,
+        # since the killed ServerApp's last lines (round 1's) may die with it unsent (Flower
+        # uploads them in batches); round 1 is checked in the fsynced metrics and audit log
+        serverapp = federation.cli.logs(resumed)
 
+    assert_corrupt_hospital_refused(federation, corrupt, [h.name for h in hospitals], serverapp)
     final = torch.load(out / "model_final.pt", weights_only=True)
-    reference = reference_model(tmp_path, hospitals)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    reference = reference_model(tmp_path, hospitals)  # the honest hospitals alone
     assert final.keys() == reference.keys()
     for key, value in reference.items():  # float32 round-off between processes: < 1e-6
         np.testing.assert_allclose(final[key].numpy(), value, rtol=0, atol=1e-6, err_msg=key)

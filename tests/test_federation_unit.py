@@ -14,12 +14,14 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from fedclinic.errors import ConfigError
 from fedclinic.local.configs import app_defaults, find_app_dir, synthetic_hospitals
 from fedclinic.local.federation import (
     FederationError,
@@ -357,6 +359,8 @@ def test_daemon_command_lines(options: FederationOptions) -> None:
     federation = LocalFederation(options, Console(quiet=True))
     federation.prepare()
     federation.fleet_port, federation.control_port = 40001, 40002
+    # Flower's SuperLink through fedclinic's launcher (SQLite busy timeout: reliability.md)
+    assert federation.superlink_command()[:3] == [sys.executable, "-m", "fedclinic.superlink"]
     link = " ".join(federation.superlink_command())
     assert "--fleet-api-address 127.0.0.1:40001" in link
     assert "--host 127.0.0.1 --port 40002" in link
@@ -386,6 +390,52 @@ def test_environment(tmp_path: Path) -> None:
     assert env["PATH"].split(os.pathsep) == [str(tmp_path), "/usr/bin"]
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_each_hospital_gets_its_own_environment(
+    options: FederationOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``HospitalSpec.env`` reaches that hospital's SuperNode only (and so its SuperExec and
+    ClientApps, which inherit it), on top of ours; FLWR_HOME stays the federation's."""
+    first, second = options.hospitals
+    pinned = replace(first, env={"CUDA_VISIBLE_DEVICES": "1", "PATH": "/opt/site/bin"})
+    plain = FederationOptions(
+        **{**options.__dict__, "tls": False, "node_auth": False, "hospitals": [pinned, second]}
+    )
+    federation = LocalFederation(plain, Console(quiet=True))
+    federation.prepare()
+    started: dict[str, dict[str, str]] = {}
+
+    def start(name: str, command: list[str], log_path: Path, env: dict[str, str], tier: int):
+        started[name] = env  # instead of starting flower-supernode
+
+    monkeypatch.setattr(federation.supervisor, "start", start)
+    monkeypatch.setattr(federation, "_wait_online", lambda: None)
+    federation.start_hospitals()
+    homes = federation.paths()["homes"]
+    assert started["hospital-a"]["CUDA_VISIBLE_DEVICES"] == "1"
+    assert started["hospital-a"]["PATH"] == "/opt/site/bin"  # the hospital's own wins
+    assert started["hospital-a"]["FLWR_HOME"] == str(homes / "hospital-a")
+    other = started["hospital-b"]  # the runner's environment, nothing of hospital-a's
+    assert other.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert other["PATH"] == federation.env["PATH"]
+    assert other["FLWR_HOME"] == str(homes / "hospital-b")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FLWR_HOME": "/elsewhere"}, "set by the local federation itself"),
+        ({MARKER_VARIABLE: "x"}, "set by the local federation itself"),
+        ({"1BAD": "x"}, "name '1BAD' is not allowed"),
+        ({"A=B": "x"}, "name 'A=B' is not allowed"),
+        ({"OK": 1}, "must be a string"),
+    ],
+)
+def test_a_hospital_environment_is_checked(env: dict[str, object], message: str) -> None:
+    spec = synthetic_hospitals(1, Path("state"))[0]
+    with pytest.raises(ConfigError, match=message):
+        replace(spec, env=env)
 
 
 def test_log_names() -> None:

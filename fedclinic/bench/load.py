@@ -49,11 +49,20 @@ LOAD_RUN: dict[str, Any] = {
     "round-timeout": 240.0,  # a lost reply fails the size after 4 min, not 15
 }
 #: hospitals run at a lower CPU priority than the coordinator, standing in for hospitals on
-#: their own machines (the coordinator is not queued behind them for the cores). It does not
-#: prevent Flower 1.39's SQLite "database is locked" at 16 hospitals: docs/reliability.md
+#: their own machines (the coordinator is not queued behind them for the cores). On its own it
+#: did not prevent Flower 1.39's SQLite "database is locked" at 16 hospitals; the SuperLink's
+#: longer busy timeout (fedclinic.superlink) does: docs/reliability.md
 HOSPITAL_NICENESS = 10
 PROCESS_KINDS = ("flwr-clientapp", "flwr-serverapp", "flower-superexec", "flower-supernode",
                  "flower-superlink")  # fmt: skip
+#: launchers that run a kind in-process under another name (``python -m fedclinic.superlink``)
+LAUNCHERS = {"fedclinic.superlink": "flower-superlink"}
+
+
+def process_kind(cmdline: str) -> str | None:
+    """Which of :data:`PROCESS_KINDS` a command line runs, if any."""
+    kind = next((k for k in PROCESS_KINDS if k in cmdline), None)
+    return kind or next((k for m, k in LAUNCHERS.items() if m in cmdline.split()), None)
 
 
 @dataclass(eq=False)  # a thread: hashable by identity
@@ -80,7 +89,7 @@ class MemorySampler(threading.Thread):
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
-            kind = next((k for k in PROCESS_KINDS if k in cmdline), None)
+            kind = process_kind(cmdline)
             rss = next((line.split()[1] for line in status.splitlines()
                         if line.startswith("VmRSS:")), None)  # fmt: skip
             if kind and rss:

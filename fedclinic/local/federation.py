@@ -281,8 +281,10 @@ class LocalFederation:
     # ------------------------------------------------------------------ 2. SuperLink
 
     def superlink_command(self) -> list[str]:
+        """Flower's SuperLink through :mod:`fedclinic.superlink` (a longer SQLite busy
+        timeout: without it many hospitals lose replies; docs/reliability.md)."""
         paths = self.paths()
-        command = [str(self.bin_dir / "flower-superlink")]
+        command = [sys.executable, "-m", "fedclinic.superlink"]
         if self.pki is not None:
             command += [
                 "--ssl-ca-certfile", str(self.pki.ca_cert),
@@ -376,6 +378,11 @@ class LocalFederation:
             max_wait_time=120,
         )
 
+    def hospital_environment(self, spec: HospitalSpec) -> dict[str, str]:
+        """The environment of one hospital's SuperNode, inherited by its SuperExec and every
+        ``flwr-clientapp`` it starts: ours, the hospital's own ``env``, its ``FLWR_HOME``."""
+        return {**self.env, **spec.env, "FLWR_HOME": str(self.paths()["homes"] / spec.name)}
+
     def start_hospitals(self) -> None:
         """Register each hospital's key, start its SuperNode, wait until all are online."""
         specs = self.options.hospitals
@@ -390,7 +397,6 @@ class LocalFederation:
                     raise FederationError(f"registering {spec.name}: {err}") from None
         ports = pick_free_ports(len(specs))
         for spec, port in zip(specs, ports, strict=True):
-            env = {**self.env, "FLWR_HOME": str(self.paths()["homes"] / spec.name)}
             command = self.supernode_command(spec, port)
             if self.options.hospital_niceness:
                 command = ["nice", "-n", str(self.options.hospital_niceness), *command]
@@ -398,7 +404,7 @@ class LocalFederation:
                 spec.name,
                 command,
                 self.work / log_name(spec.name),
-                env=env,
+                env=self.hospital_environment(spec),
                 tier=1,
             )
         self._wait_online()

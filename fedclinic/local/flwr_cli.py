@@ -164,7 +164,7 @@ class FlowerCli:
         """Ask the SuperLink to stop the run (status becomes ``finished:stopped``)."""
         self.call("stop", str(run_id), CONNECTION)
 
-    def logs(self, run_id: int, timeout: float = 30.0) -> str:
+    def logs(self, run_id: int, timeout: float = 120.0) -> str:
         """The ServerApp's stored log (``flwr log --show``; this command has no JSON mode)."""
         command = [str(self.executable), "log", str(run_id), CONNECTION, "--show"]
         try:

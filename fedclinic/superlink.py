@@ -1,0 +1,117 @@
+"""``python -m fedclinic.superlink [flower-superlink flags]``: Flower's own SuperLink, with a
+longer SQLite busy timeout. Every coordinator fedclinic starts runs through it (``fedclinic
+local``, ``fedclinic bench``, the coordinator image and ``docker-compose.yml``).
+
+Why: the SuperLink keeps its state (messages, object-push sessions, run traffic, task tokens)
+in one SQLite database, and nearly every Fleet API request writes to it: a ``PullObject``
+expires task tokens and counts traffic, a ``PushMessages`` stores the reply and opens its
+object-push session, a ``PushObject`` claims a pending object. SQLite lets one writer in at a
+time; the others wait in SQLite's busy handler, which polls (sleeps of 1 to 100 ms) rather
+than queueing, for at most ``busy_timeout``, then fail with ``database is locked``. Flower
+1.39 sets that to 5 s (``flwr/supercore/constant.py`` ``SQLITE_PRAGMAS``). When many
+hospitals' requests arrive at once on a busy machine (16 hospitals on one 2-core machine),
+the writes queue for longer than 5 s, and a request that keeps losing the race fails.
+Flower answers it with gRPC ``INTERNAL`` (or ``stored=False`` for an object), which its
+SuperNode does not retry (it retries ``UNAVAILABLE`` only), so the hospital's reply, or the
+model it was fetching, is lost. docs/reliability.md ("Many hospitals") has the evidence.
+
+What this changes, in this process only (nothing on disk, no file of Flower's):
+
+- the ``busy_timeout`` pragma Flower sets on each new SQLite connection: 5000 ms ->
+  :data:`BUSY_TIMEOUT_MS`; every other pragma stays as Flower sets it;
+- Flower's own log lines get a timestamp (uvicorn's already have one), so the SuperLink's
+  log shows when a request waited.
+
+It relies on a module-level name of Flower's (``flwr.supercore.sql_mixin.SQLITE_PRAGMAS``,
+read each time a connection opens), so it refuses to start on any flwr but
+:data:`FLWR_VERSION`, or when that name is not what it expects: re-check the cause and this
+module before moving to another Flower release.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from types import ModuleType
+
+FLWR_VERSION = "1.39.0"
+#: Flower 1.39's value is 5000. The longest wait seen for the write lock was 28 s (16 hospitals
+#: on a 2-core machine at load average 40: docs/reliability.md); a request starved for longer
+#: than this still fails as before.
+BUSY_TIMEOUT_MS = 60_000
+EXIT_REFUSED = 2
+
+
+class LauncherError(RuntimeError):
+    """This Flower is not the one the launcher was written against; nothing was started."""
+
+
+def with_busy_timeout(
+    pragmas: Sequence[tuple[str, str]], milliseconds: int
+) -> tuple[tuple[str, str], ...]:
+    """Flower's pragma list with only ``busy_timeout`` replaced (it must be there)."""
+    if not any(name == "busy_timeout" for name, _ in pragmas):
+        raise LauncherError(f"no busy_timeout among Flower's SQLite pragmas {list(pragmas)}")
+    return tuple(
+        (name, str(milliseconds) if name == "busy_timeout" else value) for name, value in pragmas
+    )
+
+
+def check_flower_version(installed: str | None = None) -> None:
+    """Refuse any flwr but :data:`FLWR_VERSION` (``installed`` defaults to the real one)."""
+    version = metadata.version("flwr") if installed is None else installed
+    if version != FLWR_VERSION:
+        raise LauncherError(
+            f"fedclinic.superlink was written against flwr=={FLWR_VERSION}, found "
+            f"flwr=={version}: check Flower's SQLite settings (flwr/supercore/constant.py "
+            "SQLITE_PRAGMAS, flwr/supercore/sql_mixin.py) and update this launcher"
+        )
+
+
+def apply_sqlite_settings(
+    sql_mixin: ModuleType, constant: ModuleType, milliseconds: int = BUSY_TIMEOUT_MS
+) -> tuple[tuple[str, str], ...]:
+    """Set the pragmas Flower's SQL states apply to every new connection; returns them."""
+    pragmas = getattr(sql_mixin, "SQLITE_PRAGMAS", None)
+    if pragmas is None or not callable(getattr(sql_mixin, "_set_sqlite_pragmas", None)):
+        raise LauncherError(
+            f"{sql_mixin.__name__} has no SQLITE_PRAGMAS/_set_sqlite_pragmas: not the Flower "
+            "this launcher was written against"
+        )
+    patched = with_busy_timeout(pragmas, milliseconds)
+    sql_mixin.SQLITE_PRAGMAS = patched  # type: ignore[attr-defined]  # read per connection
+    constant.SQLITE_PRAGMAS = patched  # type: ignore[attr-defined]  # for anyone reading it
+    return patched
+
+
+def prepare() -> None:
+    """Check the Flower version and apply the settings (before any database is opened)."""
+    check_flower_version()
+    from flwr.supercore import constant, sql_mixin
+    from flwr.supercore.logger import update_console_handler
+
+    apply_sqlite_settings(sql_mixin, constant)
+    update_console_handler(timestamps=True)
+
+
+def main() -> int:
+    try:
+        prepare()
+    except LauncherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    from flwr.supercore.logger import log
+
+    log(logging.INFO, "fedclinic.superlink: SQLite busy_timeout %d ms (Flower's default 5000)",
+        BUSY_TIMEOUT_MS)  # fmt: skip
+    from flwr.superlink.cli import flower_superlink
+
+    sys.argv[0] = "flower-superlink"  # what its argparse names in messages
+    flower_superlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

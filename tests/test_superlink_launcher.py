@@ -1,0 +1,106 @@
+"""``fedclinic.superlink``: Flower's SuperLink with a longer SQLite busy timeout.
+
+The settings are checked on Flower's real SQL state (a SQLite file, Flower's own connection
+hook), and the refusals on other Flower releases; the 16-hospital runs that show why it is
+needed are in docs/reliability.md ("Many hospitals").
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from flwr.supercore import constant, sql_mixin
+
+from fedclinic import superlink
+from fedclinic.bench.load import process_kind
+from fedclinic.superlink import (
+    BUSY_TIMEOUT_MS,
+    FLWR_VERSION,
+    LauncherError,
+    apply_sqlite_settings,
+    check_flower_version,
+    with_busy_timeout,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_only_the_busy_timeout_changes() -> None:
+    flower = (("busy_timeout", "5000"), ("journal_mode", "WAL"), ("foreign_keys", "ON"))
+    assert with_busy_timeout(flower, 60_000) == (
+        ("busy_timeout", "60000"), ("journal_mode", "WAL"), ("foreign_keys", "ON"),
+    )  # fmt: skip
+    with pytest.raises(LauncherError, match="no busy_timeout"):
+        with_busy_timeout((("journal_mode", "WAL"),), 60_000)
+
+
+def test_flower_1_39_defaults_are_what_the_launcher_replaces() -> None:
+    """The installed Flower is the one it was written against, with the 5 s it raises."""
+    check_flower_version()
+    assert dict(constant.SQLITE_PRAGMAS)["busy_timeout"] == "5000"
+    assert sql_mixin.SQLITE_PRAGMAS is constant.SQLITE_PRAGMAS
+    assert BUSY_TIMEOUT_MS > 5000
+
+
+def test_other_flower_releases_are_refused() -> None:
+    check_flower_version(FLWR_VERSION)
+    with pytest.raises(LauncherError, match=r"flwr==1\.40\.0"):
+        check_flower_version("1.40.0")
+    renamed = types.ModuleType("flwr.supercore.sql_mixin")  # internals moved: refuse too
+    with pytest.raises(LauncherError, match="no SQLITE_PRAGMAS"):
+        apply_sqlite_settings(renamed, types.ModuleType("constant"))
+
+
+def test_flowers_sql_state_gets_the_longer_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite file state of Flower's (its own connection hook) answers the new pragma."""
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    monkeypatch.setattr(sql_mixin, "SQLITE_PRAGMAS", sql_mixin.SQLITE_PRAGMAS)
+    monkeypatch.setattr(constant, "SQLITE_PRAGMAS", constant.SQLITE_PRAGMAS)
+    before = dict(sql_mixin.SQLITE_PRAGMAS)
+    applied = apply_sqlite_settings(sql_mixin, constant)
+    assert dict(applied) == {**before, "busy_timeout": str(BUSY_TIMEOUT_MS)}
+    store = ObjectStoreFactory(str(tmp_path / "state.db")).store()
+    assert store.query("PRAGMA busy_timeout") == [{"timeout": BUSY_TIMEOUT_MS}]
+    assert store.query("PRAGMA journal_mode") == [{"journal_mode": "wal"}]  # Flower's own
+
+
+def test_launcher_refuses_another_flower_without_starting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(superlink.metadata, "version", lambda name: "1.42.0")
+    assert superlink.main() == superlink.EXIT_REFUSED
+    assert "written against flwr==1.39.0, found flwr==1.42.0" in capsys.readouterr().err
+
+
+def test_launcher_hands_every_flag_to_flowers_superlink() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedclinic.superlink", "--help"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: flower-superlink")
+    assert "--enable-supernode-auth" in done.stdout and "--database" in done.stdout
+
+
+def test_every_coordinator_starts_through_the_launcher() -> None:
+    """The coordinator image (so docker compose) and the benchmarks' view of it."""
+    image = (ROOT / "docker" / "coordinator.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["python", "-m", "fedclinic.superlink"]' in image
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert "entrypoint" not in compose["coordinator"]  # the image's, so the launcher
+    # LocalFederation.superlink_command: tests/test_federation_unit.py
+    # the benchmarks still see it as the SuperLink
+    assert process_kind(f"{sys.executable} -m fedclinic.superlink --insecure") == (
+        "flower-superlink"
+    )
+    assert process_kind("/venv/bin/flower-superlink --insecure") == "flower-superlink"
+    assert process_kind("/venv/bin/python /venv/bin/flwr-clientapp --x") == "flwr-clientapp"
+    assert process_kind("/usr/bin/python -m fedclinic.cli local") is None
