@@ -92,7 +92,7 @@ def validate_schema(
 
 
 Algorithm = str
-ModelName = Literal["logreg", "cnn", "resnet18", "densenet121", "unet", "unet-large"]
+ModelName = Literal["logreg", "cnn", "resnet18", "resnet101", "densenet121", "unet", "unet-large"]
 
 
 class RunConfig(Schema):

@@ -62,7 +62,7 @@ from fedclinic.serialization import file_sha256
 
 KNOWLEDGE_FORMAT = "fedclinic-knowledge/1"
 #: architectures FedHelp can build for a teacher (source b) or a large hospital's private model
-NETWORKS = ("resnet18", "densenet121", "wide-cnn", "cnn", "mlp", "unet", "unet-large")
+NETWORKS = ("resnet18", "resnet101", "densenet121", "wide-cnn", "cnn", "mlp", "unet", "unet-large")
 #: the segmentation networks among them (per-pixel outputs, trained on masks)
 SEGMENTATION_NETWORKS = ("unet", "unet-large")
 #: row sums of stored probabilities may deviate this much from 1 (float32 rounding)

@@ -4,6 +4,8 @@ Each entry names the parameter prefix of its classification head, so algorithms 
 the head differently (FedHelp's heads, pFedNet's personalised classifier) find it without
 knowing the architecture. A binary logistic regression has one output logit (FLamby's
 ``Linear(13, 1)`` + sigmoid); every other classification model has one logit per class.
+``resnet18`` (about 45 MB of float32 weights) and ``resnet101`` (about 170 MB: the large
+model, for sites with a GPU) are torchvision's ResNets with a small-image stem.
 
 Segmentation models (``task = "segmentation"``) are MONAI ``BasicUNet`` s: ``unet`` (features
 16-16-32-64-128, about 0.5 M parameters, CPU-sized) and ``unet-large`` (twice as wide, about
@@ -35,15 +37,30 @@ class LogisticRegression(nn.Module):
         return self.linear(x)
 
 
+class CentredFeatures(nn.Sequential):
+    """A layer stack fed [0, 1] images moved to about zero mean and unit spread.
+
+    ``(x - 0.5) / 0.25``, parameter-free and the same at every hospital. Without it the small
+    CNN, which has no normalisation layer, sits for a few hundred steps on the constant
+    predictor of imbalanced data before it learns features (PneumoniaMNIST, centralised: balanced
+    accuracy still 0.5 after 100 Adam steps, 0.90 with the centring). A subclass of
+    ``nn.Sequential`` so that parameter names stay ``features.<i>``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - 0.5) * 4.0)
+
+
 class SmallCNN(nn.Module):
     """Two conv blocks and a two-layer head: fast on a CPU, enough for 28x28 medical images.
 
-    No BatchNorm, so FedAvg has no running statistics to reconcile across hospitals.
+    No BatchNorm, so FedAvg has no running statistics to reconcile across hospitals; the
+    inputs are centred instead (:class:`CentredFeatures`).
     """
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16) -> None:
         super().__init__()
-        self.features = nn.Sequential(
+        self.features = CentredFeatures(
             nn.Conv2d(in_channels, width, 3, padding=1),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
@@ -61,16 +78,23 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _resnet18(run: RunConfig) -> nn.Module:
-    from torchvision.models import resnet18
+def _resnet(depth: int) -> Callable[[RunConfig], nn.Module]:
+    """A torchvision ResNet-``depth`` builder with the small-image stem (head ``fc``)."""
 
-    model = resnet18(weights=None, num_classes=run.num_classes)
-    # Small single-channel images: a 3x3 stride-1 stem and no max-pool keep spatial detail
-    # that the ImageNet stem (7x7 stride 2 + pool) would throw away at 28x28.
-    model.conv1 = nn.Conv2d(run.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    if run.image_size <= 64:
-        model.maxpool = nn.Identity()  # type: ignore[assignment]
-    return model
+    def build(run: RunConfig) -> nn.Module:
+        from torchvision import models
+
+        model: nn.Module = getattr(models, f"resnet{depth}")(
+            weights=None, num_classes=run.num_classes
+        )
+        # Small single-channel images: a 3x3 stride-1 stem and no max-pool keep spatial detail
+        # that the ImageNet stem (7x7 stride 2 + pool) would throw away at 28x28.
+        model.conv1 = nn.Conv2d(run.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if run.image_size <= 64:
+            model.maxpool = nn.Identity()
+        return model
+
+    return build
 
 
 def _densenet121(run: RunConfig) -> nn.Module:
@@ -131,7 +155,8 @@ MODELS: dict[str, ModelSpec] = {
         lambda run: LogisticRegression(run.num_features, run.num_classes), "linear.", tabular=True
     ),
     "cnn": ModelSpec(lambda run: SmallCNN(run.in_channels, run.num_classes), "classifier."),
-    "resnet18": ModelSpec(_resnet18, "fc."),
+    "resnet18": ModelSpec(_resnet(18), "fc."),
+    "resnet101": ModelSpec(_resnet(101), "fc."),
     "densenet121": ModelSpec(_densenet121, "class_layers."),
     "unet": _unet((16, 16, 32, 64, 128, 16)),
     "unet-large": _unet((32, 32, 64, 128, 256, 32)),

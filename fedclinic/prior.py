@@ -42,11 +42,21 @@ from fedclinic.errors import DataError, FedClinicError
 from fedclinic.serialization import content_sha256, file_sha256
 
 #: pooled-feature size of each prior architecture (the projector's output size)
-PRIOR_DIMS: dict[str, int] = {"resnet50": 2048, "resnet18": 512, "cnn": 64}
+PRIOR_DIMS: dict[str, int] = {"resnet50": 2048, "resnet18": 512, "cnn": 64, "mlp": 64}
+#: encoders of tabular rows ``(N, F)``; every other prior encodes images ``(N, C, H, W)``
+TABULAR_PRIORS = ("mlp",)
+IMAGE_PRIORS = tuple(arch for arch in PRIOR_DIMS if arch not in TABULAR_PRIORS)
+#: the priors MoCo-v2 can pretrain (image augmentations)
 #: key prefix of the query encoder in MoCo's checkpoints (DistributedDataParallel + MoCo)
 MOCO_PREFIX = "module.encoder_q."
 #: parameter name of the first convolution, from which the input channels are read
-FIRST_CONV = {"resnet50": "conv1.weight", "resnet18": "conv1.weight", "cnn": "features.0.weight"}
+#: (for ``mlp``: the first linear layer, whose in-features are the row's features)
+FIRST_CONV = {
+    "resnet50": "conv1.weight",
+    "resnet18": "conv1.weight",
+    "cnn": "features.0.weight",
+    "mlp": "features.0.weight",
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -84,14 +94,41 @@ class CNNEncoder(nn.Module):
         return self.fc(self.features(x))
 
 
+class TabularEncoder(nn.Module):
+    """A prior for tabular rows: two Linear-BatchNorm-ReLU blocks, 64-d (``prior-arch = mlp``).
+
+    No self-supervised pretraining is built for tables (MoCo's augmentations are image
+    crops), so it is used as MAS-2's last substitute, a seeded random frozen encoder
+    (``prior-source = random``, marked degraded), or loaded from a file someone trained.
+    """
+
+    def __init__(self, in_features: int, width: int = 64) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Linear(in_features, width, bias=False),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, width, bias=False),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+        )
+        self.fc: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
 def build_encoder(arch: str, in_channels: int) -> nn.Module:
     """An encoder whose ``fc`` is the identity: it returns the pooled ``PRIOR_DIMS[arch]`` feature.
 
     ResNets keep torchvision's ImageNet stem (7x7 stride 2 + max-pool), as MoCo-v2 does, so
     official checkpoints load unchanged; only ``conv1`` takes ``in_channels`` when it is not 3.
+    For ``mlp`` (tabular), ``in_channels`` is the number of features.
     """
     if arch == "cnn":
         return CNNEncoder(in_channels)
+    if arch == "mlp":
+        return TabularEncoder(in_channels)
     if arch in ("resnet18", "resnet50"):
         from torchvision.models import resnet18, resnet50
 
@@ -137,6 +174,13 @@ class FrozenPrior(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:  # tabular rows: nothing to repeat, resize or normalise
+            if x.shape[1] != self.in_channels:
+                raise DataError(
+                    f"the Fed-MAS prior expects rows of {self.in_channels} features; the data "
+                    f"have {x.shape[1]}"
+                )
+            return self.encoder(x).float()
         channels = x.shape[1]
         if channels != self.in_channels:
             if channels != 1:
@@ -553,7 +597,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--synthetic-samples", type=int, help="use this many images of the synthetic generator"
     )
     train.add_argument("--output", required=True, help="prior file to write (MoCo-v2 layout)")
-    train.add_argument("--arch", choices=sorted(PRIOR_DIMS), default="cnn")
+    train.add_argument("--arch", choices=sorted(IMAGE_PRIORS), default="cnn")
     train.add_argument("--steps", type=_positive_int, default=200)
     train.add_argument("--batch-size", type=_batch_size, default=64)
     train.add_argument("--learning-rate", type=float, default=0.06)

@@ -38,6 +38,11 @@ Design decisions (ALGORITHMS.md section 6) implemented here, with what the refer
 - FH-2: the knowledge file may come from a substitute (a teacher trained once on labelled
   public data, ``fedclinic knowledge build --train-teacher``); its meta says so and the
   small hospitals log it. Contract kept: computed once, never updated, outputs only.
+- FH-2, no public data at all (a project option beyond the spec): ``fedhelp.knowledge =
+  "none"`` drops the one-time knowledge and the public step; small hospitals train phi and
+  the private head on their own data only, large hospitals and the server are unchanged.
+  For consortia without a shareable public set (tabular clinical data); results are the dual
+  distillation alone and must be reported so.
 - FH-3: both heads are re-initialised every round, as in the reference, by default
   (``fedhelp.head-init = "fresh"``); ``"kept"`` keeps both in the site state across rounds;
   ``"global"`` starts the private head from the received global classifier and keeps the
@@ -150,7 +155,7 @@ class FedHelpOptions(Schema):
         1, ge=0, description="large hospitals when configs set no role: the N largest by size"
     )
     large_model: Literal[
-        "resnet18", "densenet121", "wide-cnn", "cnn", "mlp", "unet", "unet-large"
+        "resnet18", "resnet101", "densenet121", "wide-cnn", "cnn", "mlp", "unet", "unet-large"
     ] = Field("resnet18", description="architecture of each large hospital's private model")
     aggregation: Literal["mean", "weighted"] = Field(
         "mean", description="FH-10: unweighted mean (reference) or weighted by training size"
@@ -175,6 +180,11 @@ class FedHelpOptions(Schema):
     )
     knowledge_sha256: str = Field(
         "", pattern=r"^([0-9a-fA-F]{64})?$", description="SHA-256 of the agreed knowledge file"
+    )
+    knowledge: Literal["file", "none"] = Field(
+        "file",
+        description="file: small hospitals distil from the knowledge file on public data; "
+        "none: no public data exists, small hospitals train the surrogate on their own data only",
     )
 
 
@@ -265,7 +275,8 @@ class FedHelpStrategy(FedClinicStrategy):
                     "num_train": entry.num_train,
                 }
             )
-            if assignment.role == "small" and not reply.metrics.get("fedhelp_has_knowledge"):
+            needs_knowledge = self.options.knowledge == "file" and assignment.role == "small"
+            if needs_knowledge and not reply.metrics.get("fedhelp_has_knowledge"):
                 unequipped.append(entry.hospital)
         if self.results and rows:
             self.results.append(rows)
@@ -275,7 +286,8 @@ class FedHelpStrategy(FedClinicStrategy):
                 "'knowledge-path' or 'public-data-path' (the knowledge file and public data from "
                 "'fedclinic knowledge build')"
             )
-        if "small" in self.roles.values() and not self.options.knowledge_sha256:
+        small = "small" in self.roles.values()
+        if small and self.options.knowledge == "file" and not self.options.knowledge_sha256:
             raise ConfigError(
                 "run config: key 'fedhelp.knowledge-sha256' is empty; small hospitals need the "
                 "SHA-256 of the knowledge file printed by 'fedclinic knowledge build'"
@@ -343,6 +355,7 @@ class FedHelpStrategy(FedClinicStrategy):
                 "num_large_option": self.options.num_large,
                 "large_model": self.options.large_model,
                 "aggregation": self.options.aggregation,
+                "knowledge": self.options.knowledge,
                 "knowledge_sha256": self.options.knowledge_sha256,
                 "deployed": {"large": "private large model", "small": "global model"},
             }
@@ -594,6 +607,8 @@ class FedHelpObjective(ClientObjective):
                 state = {
                     k.partition(".")[2]: v for k, v in stored.items() if k.startswith(name + ".")
                 }
+                if not state:  # never stored (knowledge = "none" keeps no public head)
+                    continue
                 if {k: v.shape for k, v in state.items()} == {
                     k: v.shape for k, v in head.state_dict().items()
                 }:
@@ -604,6 +619,8 @@ class FedHelpObjective(ClientObjective):
 
     def fit_small(self, received: State) -> LocalUpdate:
         """Surrogate training: alternating private CE and public KD steps on a shared phi."""
+        if self.options.knowledge == "none":
+            return self.fit_small_private(received)
         opts, run, device = self.options, self.run, self.context.device
         task_loss = task_of(run).loss
         shared = self.shared_knowledge()
@@ -688,6 +705,46 @@ class FedHelpObjective(ClientObjective):
                 "knowledge_sha256": shared.knowledge.sha256,
                 "knowledge_source": str(shared.knowledge.meta.get("source", "")),
             },
+        )
+
+
+    def fit_small_private(self, received: State) -> LocalUpdate:
+        """``knowledge = "none"``: the surrogate's private step alone, no public head.
+
+        phi and the private head (FH-3 as for the public variant) train on the hospital's
+        own data with the task loss; nothing else changes: the upload is the surrogate in
+        the global architecture, the large hospitals still run the dual distillation.
+        """
+        run, device = self.run, self.context.device
+        task_loss = task_of(run).loss
+        model = self.build(received)
+        head_name = find_head(model, head_prefix(run))
+        private, _ = self.heads(get_module(model, head_name), run.num_classes)
+        set_module(model, head_name, private)
+        model.to(device).train()
+        amp = self.use_amp()
+        step = _Stepper(list(model.parameters()), run, amp)
+        batches = self.batches(self.context.data.train, run.batch_size, self.generator())
+        means, steps, started = _Means(), 0, _now()
+        for _ in range(self.budget()):
+            x, y = next(batches)
+            with torch.autocast(device.type, enabled=amp):
+                loss = task_loss(model(x), y)
+            step.step(loss)
+            means.add(len(y), total=loss.detach())
+            steps += 1
+        if self.options.head_init != "fresh":
+            self.context.site.save(
+                HEADS, {f"private.{k}": v for k, v in _cpu_state(private).items()}
+            )
+        return LocalUpdate(
+            _cpu_state(model),
+            means.mean("total"),
+            means.count,
+            _now() - started,
+            steps,
+            metrics={"train_private_loss": means.mean("total")},
+            info={"fedhelp_role": "small", "uploaded": "surrogate", "knowledge_source": "none"},
         )
 
 

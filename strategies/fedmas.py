@@ -18,9 +18,12 @@ weights ``RF_k / Σ RF`` (``mas``). Options: ``mas_inv`` (``ŵ`` → ``1/ŵ`` in
 written as ``kind = "aggregation"`` rows and in ``summary.json`` under ``fedmas``.
 
 Backbone: the run's ``model`` (``resnet18`` as in the reference: 512 → 512 → 2048 with the
-MoCo ResNet-50 prior; ``cnn`` for tests and CPU demos: 64 → 64 → prior dim; ``densenet121``
-also works). The backbone starts from the run's seeded random initialisation; the reference
-loads ImageNet-1K ResNet-18 weights into it (``--pre_trained_tv``), which this module does not.
+MoCo ResNet-50 prior; ``cnn`` for tests and CPU demos: 64 → 64 → prior dim; ``resnet101``
+and ``densenet121`` also work; ``logreg`` for tabular data: the rows are the features, the
+task head is a logistic regression with one logit per class, and the prior is a tabular
+encoder, ``prior-arch = "mlp"``). The backbone starts from the run's seeded random
+initialisation; the reference loads ImageNet-1K ResNet-18 weights into it
+(``--pre_trained_tv``), which this module does not.
 
 Design decisions (ALGORITHMS.md section 6):
 
@@ -67,9 +70,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedclinic.config import HospitalConfig, RunConfig, Schema
 from fedclinic.data.base import Split
 from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
-from fedclinic.models import build_model
+from fedclinic.models import MODELS, build_model
 from fedclinic.prior import (
+    IMAGE_PRIORS,
     PRIOR_DIMS,
+    TABULAR_PRIORS,
     FrozenPrior,
     load_prior,
     prior_content_sha256,
@@ -108,8 +113,9 @@ class FedMASOptions(Schema):
     prior_source: Literal["file", "random"] = Field(
         "file", description="file: a shared prior file; random: seeded random encoder (degraded)"
     )
-    prior_arch: Literal["resnet50", "resnet18", "cnn"] = Field(
-        "resnet50", description="prior encoder architecture (MoCo-v2 release: resnet50)"
+    prior_arch: Literal["resnet50", "resnet18", "cnn", "mlp"] = Field(
+        "resnet50",
+        description="prior encoder architecture (MoCo-v2 release: resnet50; mlp for tables)",
     )
     prior_path: str = Field("", description="prior file when a hospital config has no prior-path")
     prior_sha256: str = Field(
@@ -136,8 +142,17 @@ def check_run(run: RunConfig) -> None:
     options = options_of(run)
     if run.model not in BACKBONES:
         raise ConfigError(
-            f"run config: key 'model' = {run.model!r} is not allowed for fedmas: expected an "
-            f"image backbone ({', '.join(BACKBONES)})"
+            f"run config: key 'model' = {run.model!r} is not allowed for fedmas: expected one "
+            f"of {', '.join(BACKBONES)}"
+        )
+    tabular = MODELS[run.model].tabular
+    if tabular != (options.prior_arch in TABULAR_PRIORS):
+        expected = (
+            "'mlp' (tabular rows)" if tabular else f"an image encoder ({', '.join(IMAGE_PRIORS)})"
+        )
+        raise ConfigError(
+            f"run config: key 'fedmas.prior-arch' = {options.prior_arch!r} is not allowed with "
+            f"model = {run.model!r}: expected {expected}"
         )
     if run.batch_size < 2:
         raise ConfigError(
@@ -153,15 +168,17 @@ def check_run(run: RunConfig) -> None:
 
 # ------------------------------------------------------------------------------ the model
 
-BACKBONES = ("cnn", "resnet18", "densenet121")
+BACKBONES = ("cnn", "resnet18", "resnet101", "densenet121", "logreg")
 
 
 def build_backbone(run: RunConfig) -> tuple[nn.Module, int]:
     """The run's architecture without its classification layer, and its feature size."""
+    if run.model == "logreg":  # tabular: the rows themselves are the features
+        return nn.Identity(), run.num_features
     model: Any = build_model(run)
     if run.model == "cnn":
         return model.features, int(model.classifier.in_features)
-    if run.model == "resnet18":
+    if run.model in ("resnet18", "resnet101"):
         dim = int(model.fc.in_features)
         model.fc = nn.Identity()
         return model, dim
@@ -222,7 +239,7 @@ def hospital_prior(run: RunConfig, hospital: HospitalConfig) -> tuple[FrozenPrio
     if options.prior_source == "random":
         prior = random_prior(
             options.prior_arch,
-            run.in_channels,
+            run.num_features if options.prior_arch in TABULAR_PRIORS else run.in_channels,
             options.prior_seed,
             options.prior_image_size,
             options.prior_normalize == "imagenet",

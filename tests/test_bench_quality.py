@@ -31,11 +31,17 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
 
     heart = json.loads((out / "heart" / "results.json").read_text())
     assert heart["mode"] == "quick" and heart["seeds"] == [42]
-    assert set(heart["algorithms"]) == {"local-only", "pooled", "fedavg"}
+    assert set(heart["algorithms"]) == {"local-only", "pooled", "fedavg", "fedhelp", "fedmas"}
     assert heart["hospitals"] == ["cleveland", "hungarian", "switzerland", "va"]
-    assert len(heart["runs"]) == 3 and "in process" in heart["runtime"]
+    assert len(heart["runs"]) == 5 and "in process" in heart["runtime"]
+    assert heart["settings"]["fedhelp"]["fedhelp.knowledge"] == "none"  # no public table
+    assert heart["settings"]["fedmas"]["fedmas.prior-source"] == "random"  # degraded prior
     rows = heart["per_hospital"]
-    assert len(rows) == 3 * 4
+    assert len(rows) == 5 * 4
+    deployed = {(r["algorithm"], r["hospital"]): r["model"] for r in rows}
+    assert sorted(v for (a, _), v in deployed.items() if a == "fedhelp") == [
+        "global", "global", "large", "large"
+    ]  # fmt: skip
     assert all(_in_unit(r["test_accuracy"]) for r in rows)
     assert {r["num_test"] for r in rows} == {104, 89, 16, 45}  # FLamby's test sizes
     majority = heart["majority_rule"]["client_avg_accuracy"]
@@ -88,3 +94,89 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
 def test_report_without_results_is_a_config_error(tmp_path: Path) -> None:
     code = main(["bench", "report", "--results", str(tmp_path), "--out", str(tmp_path / "B.md")])
     assert code == 2
+
+
+def test_validation_score_is_the_best_rounds_mean_validation_balanced_accuracy(
+    tmp_path: Path,
+) -> None:
+    from fedclinic.bench.quality import validation_score
+
+    rows = [  # round 0: mean 0.6; round 1: mean 0.75 (the best); test values are ignored
+        {"kind": "evaluate", "model_round": 0, "val_balanced_accuracy": 0.5, "test_auc": 1.0},
+        {"kind": "evaluate", "model_round": 0, "val_balanced_accuracy": 0.7},
+        {"kind": "evaluate", "model_round": 1, "val_balanced_accuracy": 0.9},
+        {"kind": "evaluate", "model_round": 1, "val_balanced_accuracy": 0.6},
+        {"kind": "evaluate", "model_round": 2, "val_balanced_accuracy": None},
+        {"kind": "train", "model_round": 1, "val_balanced_accuracy": 1.0},
+    ]
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert validation_score(tmp_path) == pytest.approx(0.75)
+
+
+def test_options_are_chosen_on_validation_and_the_chosen_run_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two candidates of FedAvg on two synthetic hospitals: a learning rate too small to move
+    # the model and a working one; the working one must win on validation data, and the
+    # seed's run must be that candidate's run, not a new one.
+    from fedclinic.bench import quality
+
+    hospitals = [
+        {"hospital": f"h{i}", "data-source": "synthetic", "num-samples": 120, "data-seed": i,
+         "partition-id": i, "num-partitions": 2, "device": "cpu"}
+        for i in range(2)
+    ]  # fmt: skip
+    plan = quality.Plan(
+        suite="pneumonia",
+        mode="quick",
+        seeds=(7,),
+        algorithms=("fedavg",),
+        base={
+            "model": "cnn",
+            "data-source": "synthetic",
+            "num-classes": 3,
+            "rounds": 3,
+            "local-steps": 8,
+            "batch-size": 16,
+            "min-hospitals": 2,
+        },
+        per_algorithm={},
+        hospitals=hospitals,
+        shares={"h0": 0.5, "h1": 0.5},
+        candidates={"fedavg": [{"learning-rate": 1e-9}, {"learning-rate": 0.01}]},
+    )
+    monkeypatch.setattr(quality, "make_plan", lambda *args, **kwargs: plan)
+    results = quality.run_suite("pneumonia", "quick", tmp_path)
+    tried = results["tuning"]["fedavg"]
+    assert [t["options"] for t in tried] == [{"learning-rate": 1e-9}, {"learning-rate": 0.01}]
+    assert [t["chosen"] for t in tried] == [False, True]
+    assert tried[1]["validation_score"] > tried[0]["validation_score"]
+    assert results["settings"]["fedavg"]["learning-rate"] == 0.01
+    (run,) = results["runs"]
+    kept = (tmp_path / "pneumonia" / run["dir"] / "metrics.jsonl").read_text()
+    assert kept == (tmp_path / "pneumonia" / tried[1]["dir"] / "metrics.jsonl").read_text()
+
+
+def test_report_draws_the_cost_plots_from_system_json(tmp_path: Path) -> None:
+    from fedclinic.bench.report import runtime_sections
+
+    scale = [
+        {"app": app, "hospitals": n, "median_round_overhead_seconds": 5.0 * n,
+         "peak_rss_mib": {"flwr-clientapp": 900.0}}
+        for app in ("fedclinic-fedavg", "plain-flower") for n in (2, 4)
+    ]  # fmt: skip
+    transfer = [
+        {"app": "fedclinic-pfednet", "model": "cnn", "compression": "stc",
+         "wire_bytes_per_round": {"down_bytes": 6e5, "up_bytes": 1e5}}
+    ]  # fmt: skip
+    (tmp_path / "system").mkdir()
+    (tmp_path / "system" / "system.json").write_text(
+        json.dumps({"scale": scale, "transfer": transfer})
+    )
+    (tmp_path / "system" / "system.md").write_text("the system tables")
+    plots = tmp_path / "plots"
+    lines = runtime_sections(tmp_path, plots, "docs/bench")
+    assert "the system tables" in lines and "![runtime costs](docs/bench/system_costs.png)" in lines
+    assert (plots / "system_costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (plots / "system.json").is_file()  # kept beside the plots for later reports

@@ -1,7 +1,7 @@
 """Arithmetic of ``fedclinic bench system``: overheads, wire bytes, payload, CSV rows.
 
-No federation is started here (the command itself runs real processes; CI runs its quick
-mode separately).
+No federation is started here: ``test_e2e_bench_system.py`` runs the quick mode on real
+processes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fedclinic.bench.system import (
     flat_row,
     mean_wire,
     parse_ss,
+    parse_transfer,
     payload_per_round,
     plain_config,
     plain_round_ends,
@@ -148,6 +149,25 @@ def test_parser_and_modes() -> None:
     args = parser.parse_args(["system", "--out", "x", "--mode", "full"])
     assert args.mode == "full" and args.out == Path("x")
     assert MODES["full"].sizes == (2, 4, 8) and MODES["full"].rounds >= 3
+    assert args.transfer is None
+    # the 100+ MB point runs through fedclinic too, beside the plain app
+    for case in (("resnet101", "plain", "none"), ("resnet101", "fedavg", "none"),
+                 ("resnet101", "pfednet", "none"), ("resnet101", "pfednet", "stc")):  # fmt: skip
+        assert case in MODES["full"].transfer
+    args = parser.parse_args(["system", "--out", "x", "--transfer", "resnet101-pfednet-stc"])
+    assert args.transfer == (("resnet101", "pfednet", "stc"),)
+
+
+def test_transfer_cases_by_name() -> None:
+    assert parse_transfer("resnet101-fedavg-none, cnn-pfednet-fused-stc") == (
+        ("resnet101", "fedavg", "none"),
+        ("cnn", "pfednet", "fused-stc"),
+    )
+    assert parse_transfer("") == ()
+    for bad in ("resnet101-fedavg", "resnet999-fedavg-none", "logreg-fedavg-none",
+                "unet-large-fedavg-none", "cnn-fedprox-none", "resnet18-plain-stc"):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match="is not allowed"):
+            parse_transfer(bad)
 
 
 def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> None:
@@ -171,3 +191,6 @@ def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> 
     assert "| 2 | fedclinic-fedavg | yes | 4.0 | 3.0, 5.0 | 990 / 0 / 0 / 0 / 0 | - |" in text
     assert "| 2 | plain-flower | NO | - |  | 0 / 0 / 0 / 0 / 0 | 1.0 → 2.0 |" in text
     assert "(not run: `--no-transfer`)" in text
+    assert "smoke test" not in text and "no 100+ MB model" not in text
+    quick = system_section({**results, "mode": "quick"}, "fedclinic bench system --mode quick")
+    assert quick.startswith("**Quick mode: a smoke test, not a benchmark")

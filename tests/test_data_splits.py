@@ -77,7 +77,7 @@ def test_partitions_are_disjoint_and_cover(alpha: float) -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, size=1000)
     fractions = np.array([0.5, 0.3, 0.2])
-    proportions = label_skew_proportions(4, fractions, alpha, seed=1)
+    proportions = label_skew_proportions(np.bincount(labels), fractions, alpha, seed=1)
     assert proportions.shape == (4, 3)
     np.testing.assert_allclose(proportions.sum(axis=1), 1.0)
     parts = partition_by_proportions(labels, proportions, seed=2)
@@ -88,7 +88,7 @@ def test_partitions_are_disjoint_and_cover(alpha: float) -> None:
 
 def test_no_skew_keeps_sizes_and_class_shares() -> None:
     labels = np.repeat([0, 1], [600, 400])
-    proportions = label_skew_proportions(2, np.array([0.5, 0.3, 0.2]), 0.0, seed=0)
+    proportions = label_skew_proportions([600, 400], np.array([0.5, 0.3, 0.2]), 0.0, seed=0)
     parts = partition_by_proportions(labels, proportions, seed=0)
     assert [len(p) for p in parts] == [500, 300, 200]
     assert [np.bincount(labels[p]).tolist() for p in parts] == [[300, 200], [180, 120], [120, 80]]
@@ -97,8 +97,9 @@ def test_no_skew_keeps_sizes_and_class_shares() -> None:
 def test_small_alpha_skews_labels() -> None:
     labels = np.repeat(np.arange(4), 250)
     fractions = np.full(4, 0.25)
-    skewed = partition_by_proportions(labels, label_skew_proportions(4, fractions, 0.1, 3), 3)
-    flat = partition_by_proportions(labels, label_skew_proportions(4, fractions, 0.0, 3), 3)
+    counts = np.bincount(labels)
+    skewed = partition_by_proportions(labels, label_skew_proportions(counts, fractions, 0.1, 3), 3)
+    flat = partition_by_proportions(labels, label_skew_proportions(counts, fractions, 0.0, 3), 3)
 
     def majority_share(parts: list[np.ndarray]) -> float:
         shares = [np.bincount(labels[p], minlength=4).max() / max(len(p), 1) for p in parts]
@@ -106,3 +107,40 @@ def test_small_alpha_skews_labels() -> None:
 
     assert majority_share(flat) == pytest.approx(0.25)
     assert majority_share(skewed) > 0.6
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_skewed_partitions_keep_the_size_fractions(alpha: float, seed: int) -> None:
+    # Two very unequal classes (PneumoniaMNIST's train split: 1214 normal, 3494 pneumonia)
+    # and very unequal hospitals: every hospital still gets its fraction of the samples
+    # (within one sample per class), every sample is used, and the class mixes differ.
+    labels = np.repeat([0, 1], [1214, 3494])
+    fractions = np.array([0.40, 0.30, 0.12, 0.08, 0.06, 0.04])
+    proportions = label_skew_proportions(np.bincount(labels), fractions, alpha, seed=seed)
+    parts = partition_by_proportions(labels, proportions, seed=seed)
+    sizes = np.array([len(p) for p in parts])
+    assert np.abs(sizes - fractions * len(labels)).max() <= 2
+    assert sizes.sum() == len(labels)
+    normal_share = [float((labels[p] == 0).mean()) for p in parts]
+    assert max(normal_share) - min(normal_share) > 0.2
+
+
+def test_skew_fit_matches_a_hand_computed_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Iterative proportional fitting of a 2 x 2 draw to margins (rows 60/40, columns 50/50)
+    # keeps the draw's odds ratio: here the draw is symmetric, so the fitted table is
+    # [[a, 60 - a], [50 - a, a - 10]] with a / (60 - a) * (a - 10) / (50 - a) = 9 (the odds
+    # ratio 0.9 * 0.9 / (0.1 * 0.1) = 81 of the draw [[0.9, 0.1], [0.1, 0.9]] is kept as
+    # (a (a - 10)) / ((60 - a)(50 - a)) = 81): a = 40.43...
+    rng_draw = np.array([[0.9, 0.1], [0.1, 0.9]])
+    a = np.roots([1 - 81, -10 + 81 * 110, -81 * 3000])
+    a = float(a[(a > 10) & (a < 50)][0])
+
+    class FixedDraw:
+        def dirichlet(self, alpha: np.ndarray, size: int) -> np.ndarray:
+            return rng_draw
+
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: FixedDraw())
+    shares = label_skew_proportions([50, 50], np.array([0.6, 0.4]), 1.0, seed=0)
+    table = shares.T * 50  # hospitals x classes
+    np.testing.assert_allclose(table, [[a, 60 - a], [50 - a, a - 10]], atol=1e-4)

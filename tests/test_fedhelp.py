@@ -226,6 +226,51 @@ def test_head_init_global_starts_the_private_head_from_the_global_classifier(
     assert not torch.equal(fresh[0].weight.detach(), global_head.weight.detach())  # FH-3 default
 
 
+def test_without_public_data_the_small_hospital_trains_on_its_own_data_only(
+    shared: dict[str, Any], tmp_path: Path
+) -> None:
+    run = make_run(shared, **{"knowledge": "none", "knowledge-sha256": "", "head-init": "global"})
+    objective = make_objective(run, shared, tmp_path, "small")
+    objective.context.hospital = objective.context.hospital.model_copy(
+        update={"knowledge_path": "", "public_data_path": ""}  # nothing public to read
+    )
+    received = global_state(run)
+    reply = respond(objective, received)
+    uploaded = record_to_state(reply["arrays"])
+    assert {k: v.shape for k, v in uploaded.items()} == {k: v.shape for k, v in received.items()}
+    metrics, info = dict(reply["metrics"]), dict(reply["info"])
+    assert "train_public_kl" not in metrics and metrics["train_private_loss"] > 0
+    assert info["uploaded"] == "surrogate" and info["knowledge_source"] == "none"
+    # the same steps by hand: the received model, its classifier kept (head-init = global),
+    # trained with the task loss on the same batches with the run's optimiser
+    by_hand = build_model(run)
+    by_hand.load_state_dict(received)
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=run.learning_rate)
+    batches = objective.batches(objective.context.data.train, run.batch_size, objective.generator())
+    for _ in range(run.local_steps):
+        x, y = next(batches)
+        loss = nn.functional.cross_entropy(by_hand(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in by_hand.state_dict().items():
+        torch.testing.assert_close(uploaded[key], value)
+    # the private head is kept at the site; no public head exists
+    assert set(objective.context.site.load(HEADS)) == {"private.weight", "private.bias"}
+
+
+def test_without_public_data_the_coordinator_needs_no_knowledge_file(
+    shared: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = make_run(shared, **{"knowledge": "none", "knowledge-sha256": ""})
+    strategy = FedHelpStrategy(run)
+    queried = [reply(1, "a", {}, 10), reply(2, "b", {}, 20)]
+    monkeypatch.setattr(strategy, "query_hospitals", lambda grid, config=None: queried)
+    strategy.setup(grid=None, initial_arrays=numpy_to_record({}))  # type: ignore[arg-type]
+    assert strategy.roles == {1: "small", 2: "large"}
+    assert strategy.summary_extra()["fedhelp"]["knowledge"] == "none"
+
+
 def test_small_hospital_refuses_a_knowledge_file_with_another_hash(
     shared: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -171,13 +171,52 @@ def test_model_parts_and_shapes() -> None:
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in initial.items())
 
 
-def test_logreg_and_missing_hash_are_refused() -> None:
-    with pytest.raises(ConfigError, match="image backbone"):
-        check_run(fedmas_run(model="logreg"))
+def test_resnet101_backbone_feeds_its_2048_features_to_the_heads() -> None:
+    model = build_fedmas_model(fedmas_run(model="resnet101"), seed=0)
+    assert model.fc.weight.shape == (2, 2048) and model.p_free[0].weight.shape == (2048, 2048)
+    assert not any(k.startswith("backbone.fc.") for k in model.state_dict())
+
+
+def test_prior_must_fit_the_inputs_and_missing_hash_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'fedmas\.prior-arch' = 'cnn' is not allowed with"):
+        check_run(fedmas_run(model="logreg"))  # an image prior cannot read table rows
+    with pytest.raises(ConfigError, match=r"'fedmas\.prior-arch' = 'mlp' .* image encoder"):
+        check_run(fedmas_run(**{"fedmas.prior-arch": "mlp"}))
     with pytest.raises(ConfigError, match=r"fedmas\.prior-sha256"):
         check_run(fedmas_run(**{"fedmas.prior-source": "file"}))
     with pytest.raises(ConfigError, match=r"fedmas\.aggregation"):
         fedmas_run(**{"fedmas.aggregation": "MAS"})  # MAS-4: the lowercase name only
+
+
+def test_tabular_fedmas_is_a_logistic_regression_with_a_tabular_prior(tmp_path: Path) -> None:
+    # model = logreg: the 13 features are the backbone's output, the deployed head is a
+    # Linear(13, 2) (logistic regression with one logit per class), the projector maps the
+    # rows to the 64-d output of the frozen tabular prior.
+    run = fedmas_run(
+        model="logreg", **{"fedmas.prior-arch": "mlp", "num-features": 13, "batch-size": 4}
+    )
+    check_run(run)
+    model = build_fedmas_model(run, seed=0)
+    rows = torch.randn(5, 13)
+    logits, projection, aux = model.heads(rows)
+    assert logits.shape == (5, 2) and projection.shape == (5, 64) and aux.shape == (5, 2)
+    torch.testing.assert_close(model(rows), rows @ model.fc.weight.T + model.fc.bias)
+    generator = torch.Generator().manual_seed(3)
+    labels = (torch.rand(30, generator=generator) < 0.3).long()
+    table = Split(torch.randn(30, 13, generator=generator) + labels[:, None], labels)
+    context = ClientContext(
+        run=run,
+        hospital=HospitalConfig(hospital="clinic", state_dir=str(tmp_path)),
+        data=HospitalData(train=table, val=table, test=Trap()),  # type: ignore[arg-type]
+        device=torch.device("cpu"),
+        site=SiteState(tmp_path / "state"),
+        server_round=1,
+    )
+    update = FedMASObjective(context).fit(model.state_dict())
+    w, w_hat = update.metrics["mas_w"], update.metrics["mas_w_hat"]
+    assert update.steps == 3 and all(v > 0 for v in [*w, *w_hat])  # type: ignore[union-attr]
+    assert update.metrics["mas_rf"] == pytest.approx(robust_factor(w, w_hat))  # type: ignore[arg-type]
+    assert update.info["prior_origin"] == "random"
 
 
 class SplitTouchedError(Exception):

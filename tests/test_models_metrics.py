@@ -10,7 +10,7 @@ import torch
 
 from fedclinic.config import RunConfig
 from fedclinic.metrics import class_probabilities, classification_loss, classification_metrics
-from fedclinic.models import MODELS, build_model, head_prefix
+from fedclinic.models import MODELS, build_model, head_prefix, personal_prefixes
 from fedclinic.training import select_device
 
 
@@ -24,6 +24,24 @@ def test_every_model_builds_and_has_its_head(name: str) -> None:
     model.eval()
     assert model(inputs).shape == (2, 3)
     assert any(k.startswith(head_prefix(run)) for k in model.state_dict())
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def test_resnet101_is_the_100mb_model_with_resnet18s_stem_and_head() -> None:
+    run = RunConfig(model="resnet101", num_classes=2, in_channels=1, image_size=28)
+    model = build_model(run, seed=0)
+    assert model_bytes(model) > 1e8  # float32 parameters + buffers: about 170 MB
+    assert model_bytes(model) > 3 * model_bytes(build_model(RunConfig(model="resnet18")))
+    assert head_prefix(run) == "fc." and personal_prefixes(run) == ("fc.",)
+    assert model.state_dict()["fc.weight"].shape == (2, 2048)
+    conv1 = model.conv1
+    assert conv1.in_channels == 1 and conv1.kernel_size == (3, 3) and conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)  # small images keep their 28x28
+    colour = build_model(RunConfig(model="resnet101", in_channels=3, image_size=128), seed=0)
+    assert colour.conv1.in_channels == 3 and isinstance(colour.maxpool, torch.nn.MaxPool2d)
 
 
 def test_binary_logistic_regression_has_one_logit_like_flamby() -> None:

@@ -75,8 +75,9 @@ def test_split_option_globs_and_errors() -> None:
         LayerSplit.of(build_model(run), run)
 
 
-def test_resnet_split_keeps_batchnorm_buffers_shared() -> None:
-    run = load_run_config(run_config(model="resnet18"))
+@pytest.mark.parametrize("model_name", ["resnet18", "resnet101"])
+def test_resnet_split_keeps_batchnorm_buffers_shared(model_name: str) -> None:
+    run = load_run_config(run_config(model=model_name))
     model = build_model(run)
     split = LayerSplit.of(model, run)
     assert split.personal == ("fc.weight", "fc.bias")

@@ -53,11 +53,22 @@ PNEUMONIA_FILE = SHARED_DATA / "pneumoniamnist.npz"
 HEART_CENTRES = ("cleveland", "hungarian", "switzerland", "va")
 PNEUMONIA_FRACTIONS = (0.40, 0.30, 0.12, 0.08, 0.06, 0.04)
 PNEUMONIA_ALPHA = 0.5
-PNEUMONIA_DATA_SEED = 0
+#: the partition's data-seed is the first from 0 up that gives every hospital at least this
+#: many test images of each class (labels only), so that every hospital's balanced accuracy
+#: and AUC are defined; strong skew leaves some small hospitals without a class otherwise
+PNEUMONIA_MIN_TEST_PER_CLASS = 5
 #: hospitals holding less than this share of the pooled train split are "small"
 SMALL_SHARE = 0.10
 MOCO_STEPS = 200
 ALL_ALGORITHMS = ("local-only", "pooled", "fedavg", "fedprox", "fedhelp", "pfednet", "fedmas")
+#: FedHelp's open design choices (FH-3 heads; the ranking loss's batch reduction, which with
+#: the reference's sum grows with the batch size: the reference's batch is 4, ours 32), tried
+#: at the first seed and chosen on validation data; the reference's settings come first
+FEDHELP_CANDIDATES = [
+    {"fedhelp.head-init": head, "fedhelp.rank-reduction": reduction}
+    for head in ("fresh", "global", "kept")
+    for reduction in ("sum", "mean")
+]
 #: the metrics aggregated per hospital (test split of the model chosen on validation data)
 METRICS = ("test_accuracy", "test_balanced_accuracy", "test_auc")
 
@@ -82,8 +93,15 @@ class Plan:
     setup_seconds: float = 0.0
     #: target size fractions (pneumonia), beside the realised ``shares``
     targets: dict[str, float] = field(default_factory=dict)
+    #: per hospital: share, class counts of its train+val and of its test split (pneumonia)
+    layout: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: what was cut from the full protocol, when ``--rounds`` overrides it
     reduced: str = ""
+    #: per algorithm, option sets tried at the first seed; the one with the best validation
+    #: score is used for every seed (never a test split: see :func:`validation_score`)
+    candidates: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: what the choice saw: per algorithm, each candidate with its validation score
+    tuning: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def flat(self, algorithm: str, seed: int) -> dict[str, Any]:
         flat = {**self.base, **self.per_algorithm.get(algorithm, {}), "seed": seed}
@@ -128,21 +146,8 @@ def heart_plan(mode: str, work: Path) -> Plan:
         "local-epochs": 1,
         "rounds": 2 if quick else 50,
     }
-    not_run = {
-        "fedmas": "not applicable to tabular data: Fed-MAS measures divergence from a frozen "
-        "self-supervised image encoder (prior) and needs an image backbone (cnn, resnet18, "
-        "densenet121); the run config refuses model = logreg",
-        "fedhelp": "not run: FedHelp's small hospitals distil from a public data set that no "
-        "hospital holds; no public tabular data with these 13 features exists outside the four "
-        "centres, and using a centre's rows as 'public' would move patient data between sites",
-    }
-    algorithms = (
-        ("local-only", "pooled", "fedavg")
-        if quick
-        else ("local-only", "pooled", "fedavg", "fedprox", "pfednet")
-    )
-    if quick:
-        not_run = {}
+    quick_algorithms = ("local-only", "pooled", "fedavg", "fedhelp", "fedmas")
+    algorithms = quick_algorithms if quick else ALL_ALGORITHMS
     return Plan(
         suite="heart",
         mode=mode,
@@ -153,10 +158,11 @@ def heart_plan(mode: str, work: Path) -> Plan:
             "local-only": adam_epochs,
             "pooled": adam_epochs,
             "fedprox": {"fedprox.proximal-mu": 0.01},
+            "fedhelp": HEART_FEDHELP,
+            "fedmas": HEART_FEDMAS,
         },
         hospitals=hospitals,
         shares={},
-        not_run=not_run,
         pooled_data=heart_pooled,
         protocol=[
             "Data: UCI Heart Disease, FLamby's Fed-Heart-Disease preprocessing and split "
@@ -169,9 +175,33 @@ def heart_plan(mode: str, work: Path) -> Plan:
             f"Local-only and pooled: FLamby's baseline protocol, Adam lr 1e-3, batch 4, "
             f"{adam_epochs['rounds']} epochs (local-only: one epoch per round).",
             "FLamby has no validation split: every run reports its final model (nothing is "
-            "chosen on test data).",
+            "chosen on test data), and no option is tuned.",
+            "FedHelp without public data (`fedhelp.knowledge = \"none\"`): no public table "
+            "with these 13 features exists outside the four centres, and using a centre's rows "
+            "as 'public' would move patient data between sites, so the one-time knowledge "
+            "(modules 3.2-3.3's public step) is left out and only the asymmetric dual "
+            "distillation runs: the 2 largest centres (by training rows) keep a private MLP "
+            "(`fedhelp.large-model = mlp`), the others are small; `head-init = global`, chosen "
+            "before any run because a logistic regression is all head: a fresh head would "
+            "discard the received model every round.",
+            "Fed-MAS on a logistic regression (`model = logreg`: the 13 features are the "
+            "backbone, the task head is the deployed linear model) with a seeded random frozen "
+            "tabular encoder as the prior (`fedmas.prior-source = random`, `prior-arch = mlp`): "
+            "MAS-2's last substitute, **degraded** — no self-supervised tabular encoder can be "
+            "pretrained without public data.",
         ],
     )
+
+
+#: heart: FedHelp's dual distillation without public data (see the protocol text)
+HEART_FEDHELP = {
+    "fedhelp.knowledge": "none",
+    "fedhelp.num-large": 2,
+    "fedhelp.large-model": "mlp",
+    "fedhelp.head-init": "global",
+}
+#: heart: Fed-MAS with a random tabular prior (MAS-2 substitute 4, degraded)
+HEART_FEDMAS = {"fedmas.prior-source": "random", "fedmas.prior-arch": "mlp"}
 
 
 def majority_rule() -> dict[str, Any]:
@@ -204,27 +234,57 @@ def pneumonia_names() -> list[str]:
     return [f"h{i + 1}" for i in range(len(PNEUMONIA_FRACTIONS))]
 
 
-def realised_shares(hospitals: list[dict[str, Any]], flat: dict[str, Any]) -> dict[str, float]:
-    """Each hospital's share of the official train split, as its data source partitions it.
+def official_labels() -> tuple[np.ndarray, np.ndarray]:
+    """The labels of the official train and test splits (no image is kept)."""
+    from fedclinic.data.medmnist import read_npz
 
-    The Dirichlet draw is per class, so with two very unequal classes the realised sizes
-    differ from the target fractions; the report shows both and calls hospitals small by
-    the realised share (labels only are read, never a test result).
+    arrays = read_npz(PNEUMONIA_FILE)
+    return tuple(arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in ("train", "test"))
+
+
+def partition_layout(
+    hospitals: list[dict[str, Any]],
+    flat: dict[str, Any],
+    data_seed: int,
+    labels: tuple[np.ndarray, np.ndarray],
+) -> dict[str, dict[str, Any]]:
+    """Each hospital's share of the official train split and its class counts, per split.
+
+    Computed by the data source's own partitioner from the labels alone (no image, no result
+    is read): what the report shows, and what picks the data-seed.
     """
     from fedclinic.config import parse_hospital_config
     from fedclinic.data import DataRequest
-    from fedclinic.data.medmnist import partition_plan, read_npz
+    from fedclinic.data.medmnist import partition_plan
     from strategies import load_run_config
 
-    arrays = read_npz(PNEUMONIA_FILE)
-    train, test = arrays["train_labels"].reshape(-1), arrays["test_labels"].reshape(-1)
+    train, test = labels
     run = load_run_config({**flat, "algorithm": "fedavg"})
-    shares = {}
+    classes = run.num_classes
+    layout = {}
     for node in hospitals:
-        request = DataRequest(run, parse_hospital_config(node))
-        plan = partition_plan(train.astype(np.int64), test.astype(np.int64), request)
-        shares[node["hospital"]] = (len(plan["train"]) + len(plan["val"])) / len(train)
-    return shares
+        request = DataRequest(run, parse_hospital_config({**node, "data-seed": data_seed}))
+        plan = partition_plan(train, test, request)
+        development = np.concatenate([plan["train"], plan["val"]])
+        layout[node["hospital"]] = {
+            "share": len(development) / len(train),
+            "development_class_counts": np.bincount(train[development], minlength=classes).tolist(),
+            "test_class_counts": np.bincount(test[plan["test"]], minlength=classes).tolist(),
+        }
+    return layout
+
+
+def pick_data_seed(
+    hospitals: list[dict[str, Any]], flat: dict[str, Any], labels: tuple[np.ndarray, np.ndarray]
+) -> int:
+    """The first data-seed whose partition gives every hospital both classes in its test split
+    (at least ``PNEUMONIA_MIN_TEST_PER_CLASS`` images each); labels only."""
+    for seed in range(1000):
+        layout = partition_layout(hospitals, flat, seed, labels)
+        fewest = min(min(h["test_class_counts"]) for h in layout.values())
+        if fewest >= PNEUMONIA_MIN_TEST_PER_CLASS:
+            return seed
+    raise FedClinicError("bench quality pneumonia: no data-seed below 1000 fits the partition")
 
 
 def pneumonia_plan(mode: str, work: Path) -> Plan:
@@ -241,13 +301,12 @@ def pneumonia_plan(mode: str, work: Path) -> Plan:
             "num-partitions": len(names),
             "partition-fractions": fractions,
             "label-skew-alpha": PNEUMONIA_ALPHA,
-            "data-seed": PNEUMONIA_DATA_SEED,
             "device": "cpu",
         }
         for i, name in enumerate(names)
     ]
-    rounds = 2 if quick else 10
-    base = {
+    rounds = 2 if quick else 20
+    base: dict[str, Any] = {
         "model": "cnn",
         "data-source": "medmnist",
         "num-classes": 2,
@@ -261,6 +320,10 @@ def pneumonia_plan(mode: str, work: Path) -> Plan:
         "local-epochs": 1,
         "local-steps": 3 if quick else 0,
     }
+    labels = official_labels()
+    data_seed = pick_data_seed(hospitals, base, labels)
+    hospitals = [{**node, "data-seed": data_seed} for node in hospitals]
+    layout = partition_layout(hospitals, base, data_seed, labels)
     plan = Plan(
         suite="pneumonia",
         mode=mode,
@@ -272,16 +335,22 @@ def pneumonia_plan(mode: str, work: Path) -> Plan:
             "fedhelp": {"fedhelp.num-large": 2, "fedhelp.large-model": "wide-cnn"},
             "fedmas": {"fedmas.prior-arch": "cnn"},
         },
+        candidates={} if quick else {"fedhelp": FEDHELP_CANDIDATES},
         hospitals=hospitals,
-        shares=realised_shares(hospitals, base),
+        shares={name: entry["share"] for name, entry in layout.items()},
+        layout=layout,
         targets=dict(zip(names, PNEUMONIA_FRACTIONS, strict=True)),
         protocol=[
             "Data: PneumoniaMNIST (28x28 chest X-rays, 2 classes). The official train split is "
             f"divided into {len(names)} hospitals with size fractions {fractions} and Dirichlet "
-            f"label skew (alpha {PNEUMONIA_ALPHA}, data-seed {PNEUMONIA_DATA_SEED}; the "
-            "`medmnist` source's partition mode); each hospital carves its validation split "
-            "(10 %, stratified) from its own share and is tested on its share of the official "
-            "test split (same per-class shares). The official val split is given to no hospital.",
+            f"label skew (alpha {PNEUMONIA_ALPHA}: each hospital's class mix drawn from "
+            "Dirichlet(alpha x K x pooled mix), then fitted so that the sizes follow the "
+            "fractions and every image is used; the `medmnist` source's partition mode). "
+            f"data-seed {data_seed}: the first seed from 0 up that gives every hospital at "
+            f"least {PNEUMONIA_MIN_TEST_PER_CLASS} test images of each class, chosen from the "
+            "labels alone. Each hospital carves its validation split (10 %, stratified) from "
+            "its own share and is tested on its share of the official test split (same "
+            "per-class shares). The official val split is given to no hospital.",
             f"All methods: the small CNN (`model = cnn`), Adam lr 1e-3, batch 32, {rounds} rounds "
             + (
                 "of 3 local steps (quick mode)."
@@ -394,13 +463,9 @@ def run_suite(
     with single_thread(), tempfile.TemporaryDirectory(prefix="fedclinic-bench-") as scratch:
         work = Path(scratch)
         plan = make_plan(suite, mode, work, rounds)
-        jobs = [(a, s) for a in plan.algorithms for s in plan.seeds]
-        runs: list[dict[str, Any]] = []
-        for algorithm, seed in jobs:
-            if progress:
-                progress(f"{suite}: {algorithm} seed {seed}")
-            target = directory / "runs" / algorithm / f"seed-{seed}"
-            state = work / "state" / f"{algorithm}-{seed}"
+
+        def execute(algorithm: str, flat: dict[str, Any], target: Path, state: Path) -> float:
+            """One run into ``target``; its site state lives in ``state`` and is deleted."""
             nodes = [
                 {
                     **node,
@@ -410,20 +475,55 @@ def run_suite(
                 for node in plan.hospitals
             ]
             run_started = time.perf_counter()
-            flat = plan.flat(algorithm, seed)
             if algorithm == "pooled":
                 run_pooled(flat, nodes, target, plan.pooled_data)
             else:
                 run_federation(flat, nodes, target)
+            shutil.rmtree(state, ignore_errors=True)
+            return time.perf_counter() - run_started
+
+        # Options chosen on validation data at the first seed; that run is kept as the seed's.
+        done: dict[tuple[str, int], tuple[Path, float]] = {}
+        for algorithm, candidates in plan.candidates.items():
+            if algorithm not in plan.algorithms:
+                continue
+            seed, tried = plan.seeds[0], []
+            for index, options in enumerate(candidates):
+                if progress:
+                    progress(f"{suite}: {algorithm} candidate {index + 1}/{len(candidates)}")
+                target = directory / "tuning" / algorithm / f"candidate-{index + 1}"
+                flat = {**plan.flat(algorithm, seed), **options}
+                seconds = execute(algorithm, flat, target, work / "state" / f"tune-{index}")
+                tried.append({"options": options, "validation_score": validation_score(target),
+                              "dir": target, "seconds": seconds})  # fmt: skip
+            best = max(tried, key=lambda t: t["validation_score"])  # ties: the first listed
+            plan.per_algorithm.setdefault(algorithm, {}).update(best["options"])
+            done[(algorithm, seed)] = (best["dir"], best["seconds"])
+            plan.tuning[algorithm] = [
+                {**t, "dir": str(t["dir"].relative_to(directory)), "chosen": t is best}
+                for t in tried
+            ]
+        jobs = [(a, s) for a in plan.algorithms for s in plan.seeds]
+        runs: list[dict[str, Any]] = []
+        for algorithm, seed in jobs:
+            target = directory / "runs" / algorithm / f"seed-{seed}"
+            if (algorithm, seed) in done:  # the chosen candidate is this very run
+                chosen, seconds = done[(algorithm, seed)]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(chosen, target)
+            else:
+                if progress:
+                    progress(f"{suite}: {algorithm} seed {seed}")
+                flat = plan.flat(algorithm, seed)
+                seconds = execute(algorithm, flat, target, work / "state" / f"{algorithm}-{seed}")
             runs.append(
                 {
                     "algorithm": algorithm,
                     "seed": seed,
                     "dir": str(target.relative_to(directory)),
-                    "seconds": time.perf_counter() - run_started,
+                    "seconds": seconds,
                 }
             )
-            shutil.rmtree(state, ignore_errors=True)
     results = aggregate(plan, directory, runs)
     results["seconds"] = time.perf_counter() - started
     results["environment"] = {
@@ -453,6 +553,19 @@ def single_thread() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------ aggregation
+
+
+def validation_score(run_dir: Path) -> float:
+    """What model selection maximises: the best round's mean validation balanced accuracy
+    over the hospitals (evaluate rows only; test metrics are not read)."""
+    _, rows = read_run(run_dir)
+    per_round: dict[int, list[float]] = {}
+    for row in rows:
+        value = row.get("val_balanced_accuracy")
+        if isinstance(value, int | float) and math.isfinite(value):
+            per_round.setdefault(int(row["model_round"]), []).append(float(value))
+    means = [float(np.mean(v)) for v in per_round.values() if v]
+    return max(means) if means else -math.inf
 
 
 def t_interval(values: list[float]) -> dict[str, Any]:
@@ -526,6 +639,8 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
         "hospitals": hospitals,
         "shares": plan.shares,
         "targets": plan.targets,
+        "layout": plan.layout,
+        "tuning": plan.tuning,
         "reduced": plan.reduced,
         "small_hospitals": small,
         "protocol": plan.protocol,

@@ -173,6 +173,58 @@ def plot_bars(results: dict[str, Any], metric: str, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_system(system: dict[str, Any], path: Path) -> None:
+    """Cost plots of ``bench system``: round overhead and ClientApp memory against the
+    hospital count (fedclinic and the plain Flower app), and bytes on the wire per round of
+    every transfer case (log scale)."""
+    plt = _pyplot()
+    figure, (overhead, memory, wire) = plt.subplots(
+        1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.6]}
+    )
+    for app in sorted({e["app"] for e in system.get("scale", [])}):
+        entries = sorted(
+            (e for e in system["scale"] if e["app"] == app), key=lambda e: e["hospitals"]
+        )
+        counts = [e["hospitals"] for e in entries]
+        seconds = [e.get("median_round_overhead_seconds") or np.nan for e in entries]
+        rss = [e.get("peak_rss_mib", {}).get("flwr-clientapp", np.nan) for e in entries]
+        overhead.plot(counts, seconds, marker="o", label=app)
+        memory.plot(counts, rss, marker="o", label=app)
+    for axis, ylabel, title in (
+        (overhead, "round overhead s (median)", "Round overhead"),
+        (memory, "peak RSS MiB", "ClientApp peak memory"),
+    ):
+        axis.set_xlabel("hospitals", fontsize=8)
+        axis.set_ylabel(ylabel, fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    cases = [e for e in system.get("transfer", []) if e.get("wire_bytes_per_round")]
+    names = [
+        f"{e['model']}\n{e['app'].replace('fedclinic-', '')}"
+        + ("\n" + e["compression"] if e.get("compression", "none") != "none" else "")
+        for e in cases
+    ]
+    positions = np.arange(len(cases))
+    for offset, key, arrow in ((-0.2, "down_bytes", "→"), (0.2, "up_bytes", "←")):
+        megabytes = [e["wire_bytes_per_round"][key] / 1e6 for e in cases]
+        name = key.split("_")[0]
+        wire.bar(
+            positions + offset, megabytes, 0.4, label=f"{name} (coordinator {arrow} hospitals)"
+        )
+    wire.set_xticks(positions)
+    wire.set_xticklabels(names, fontsize=7)
+    wire.set_yscale("log")
+    wire.set_ylabel("MB on the wire per round (log)", fontsize=8)
+    wire.set_title("Transfer per round, 2 hospitals", fontsize=10)
+    wire.grid(axis="y", alpha=0.3)
+    wire.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 # ------------------------------------------------------------------------------ sections
 
 
@@ -193,10 +245,37 @@ def _protocol(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _tuning(results: dict[str, Any]) -> list[str]:
+    """The options tried at the first seed and the one chosen on validation data."""
+    lines: list[str] = []
+    for algorithm, tried in results.get("tuning", {}).items():
+        keys = sorted({k for t in tried for k in t["options"]})
+        lines += [
+            f"{label(algorithm)}'s options were chosen before the seeds ran: each candidate "
+            f"below ran at seed {results['seeds'][0]}, and the one whose best round has the "
+            "highest mean **validation** balanced accuracy over the hospitals (what model "
+            "selection maximises) was used for every seed (its seed run is that candidate's "
+            "run). No test split was read for the choice.",
+            "",
+            "| " + " | ".join(f"`{k}`" for k in keys) + " | validation score | chosen |",
+            "|" + "---|" * (len(keys) + 2),
+        ]
+        for t in tried:
+            cells = [str(t["options"].get(k, "")) for k in keys]
+            score = t["validation_score"]
+            shown = f"{score:.3f}" if math.isfinite(score) else "-"
+            lines.append(f"| {' | '.join(cells)} | {shown} | {'yes' if t['chosen'] else ''} |")
+        lines.append("")
+    return lines
+
+
 def _runtime(results: dict[str, Any]) -> list[str]:
     per_algorithm: dict[str, float] = {}
     for run in results["runs"]:
         per_algorithm[run["algorithm"]] = per_algorithm.get(run["algorithm"], 0.0) + run["seconds"]
+    for algorithm, tried in results.get("tuning", {}).items():  # the chosen one is counted
+        extra = sum(t["seconds"] for t in tried if not t["chosen"])
+        per_algorithm[algorithm] = per_algorithm.get(algorithm, 0.0) + extra
     env = results.get("environment", {})
     parts = ", ".join(f"{label(a)} {minutes(s)}" for a, s in per_algorithm.items())
     return [
@@ -294,23 +373,33 @@ def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[s
     return lines
 
 
+def _layout(results: dict[str, Any]) -> list[str]:
+    """The hospitals' sizes (against the targets) and class mixes, as a table."""
+    targets, layout = results.get("targets", {}), results.get("layout", {})
+    small = ", ".join(results["small_hospitals"])
+    lines = ["| Hospital | share of train split (target) | train+val normal / pneumonia | "
+             "test normal / pneumonia |", "|---|---|---|---|"]  # fmt: skip
+    for h in results["hospitals"]:
+        target = f" ({targets[h]:.0%})" if h in targets else ""
+        entry = layout.get(h)
+        if entry is None:  # results written before the layout was recorded
+            lines.append(f"| {h} | {results['shares'][h]:.1%}{target} | - | - |")
+            continue
+        dev, test = entry["development_class_counts"], entry["test_class_counts"]
+        lines.append(
+            f"| {h} | {entry['share']:.1%}{target} | {' / '.join(map(str, dev))} "
+            f"({dev[0] / max(sum(dev), 1):.0%} normal) | {' / '.join(map(str, test))} |"
+        )
+    return [*lines, "", f"Small hospitals (under 10 % of the data): {small}."]
+
+
 def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> list[str]:
     summary = {row["algorithm"]: row for row in results["summary"]}
     hospitals = results["hospitals"]
     lines = [f"## PneumoniaMNIST hospitals ({results['mode']} mode)", ""]
     lines += [*_protocol(results), ""]
-    targets = results.get("targets", {})
-    shares = ", ".join(
-        f"{h} {results['shares'][h]:.1%}" + (f" (target {targets[h]:.0%})" if h in targets else "")
-        for h in hospitals
-    )
-    lines += [
-        f"Realised share of the official train split per hospital: {shares}. The partitioner "
-        "draws the Dirichlet shares per class, so with two very unequal classes the realised "
-        "sizes depart from the targets. Small hospitals (under 10 % of the data): "
-        f"{', '.join(results['small_hospitals'])}.",
-        "",
-    ]
+    lines += [*_layout(results), ""]
+    lines += _tuning(results)
     header = [
         "Method",
         "Client-avg balanced acc.",
@@ -432,7 +521,7 @@ def render(results_dir: Path, out: Path, plots: Path) -> str:
         lines += heart_section(found["heart"], plots, relative)
     if "pneumonia" in found:
         lines += pneumonia_section(found["pneumonia"], plots, relative)
-    lines += runtime_sections(results_dir, plots)
+    lines += runtime_sections(results_dir, plots, relative)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -443,10 +532,12 @@ RUNTIME_SECTIONS = (
 )
 
 
-def runtime_sections(results_dir: Path, plots: Path) -> list[str]:
+def runtime_sections(results_dir: Path, plots: Path, relative: str | None = None) -> list[str]:
     """The sections ``bench system`` and ``bench load`` wrote (``<results>/<name>/<name>.md``,
-    kept beside the plots so a later report without those results still shows them)."""
+    kept beside the plots so a later report without those results still shows them), with
+    the cost plots drawn from ``system.json``."""
     lines: list[str] = []
+    plots.mkdir(parents=True, exist_ok=True)
     for name, title in RUNTIME_SECTIONS:
         fresh, kept = results_dir / name / f"{name}.md", plots / f"{name}.md"
         if fresh.is_file() and fresh.resolve() != kept.resolve():
@@ -454,6 +545,14 @@ def runtime_sections(results_dir: Path, plots: Path) -> list[str]:
         if kept.is_file():
             body = kept.read_text(encoding="utf-8").strip()
             lines += [f"## {title}", "", body, ""]
+            data, kept_data = results_dir / name / f"{name}.json", plots / f"{name}.json"
+            if data.is_file() and data.resolve() != kept_data.resolve():
+                shutil.copyfile(data, kept_data)
+            if name == "system" and kept_data.is_file():
+                image = plots / "system_costs.png"
+                plot_system(json.loads(kept_data.read_text()), image)
+                where = relative if relative is not None else os.path.relpath(plots)
+                lines += [f"![runtime costs]({where}/{image.name})", ""]
     return lines
 
 

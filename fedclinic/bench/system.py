@@ -14,8 +14,10 @@ message), through :class:`fedclinic.local.federation.LocalFederation`:
   ``max_h(train_h) + max_h(eval_h)``. Round 1 (ServerApp start-up) is left out for both.
   Peak RSS per process kind comes from :class:`~fedclinic.bench.load.MemorySampler`.
 - **transfer**: 2 hospitals, models of about 0.15 MB (``cnn``), 45 MB (``resnet18``) and
-  170 MB (torchvision ResNet-101, plain app only: fedclinic's registry has no 100+ MB model),
-  each with the plain app, fedclinic FedAvg, and pFedNet without and with STC compression.
+  170 MB (``resnet101``), all from fedclinic's model registry (the plain app builds the same
+  models), each with the plain app, fedclinic FedAvg, and pFedNet without and with STC
+  compression (``cnn``: pFedNet only). ``--transfer`` picks cases by name
+  (``resnet101-pfednet-stc``, ...).
   Bytes per round: the payload (model bytes times messages; pFedNet's own ``communication``
   rows) and the bytes on the wire, read from the kernel's per-socket TCP counters
   (``ss -ti``, TLS and gRPC framing included) of the SuperLink's Fleet API port. Seconds per
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedclinic.audit import AuditLog
@@ -61,6 +64,9 @@ PLAIN_KEYS = ("model", "num-classes", "in-channels", "image-size", "data-source"
               "min-hospitals", "round-timeout", "output-dir")  # fmt: skip
 #: hospital size for the transfer runs: small, so ResNet evaluation does not swamp a 2-core box
 TRANSFER_SAMPLES = 200
+#: seconds a transfer round waits for replies: one ResNet-101 message (evaluate + train) on a
+#: busy 2-core machine can take longer than the scale runs' 240 s; only a lost reply waits it out
+TRANSFER_ROUND_TIMEOUT = 900.0
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,49 @@ MODES: dict[str, Mode] = {
             ("resnet18", "pfednet", "none"),
             ("resnet18", "pfednet", "stc"),
             ("resnet101", "plain", "none"),
+            ("resnet101", "fedavg", "none"),
+            ("resnet101", "pfednet", "none"),
+            ("resnet101", "pfednet", "stc"),
         ),
     ),
 }
+#: what a transfer case may name: the app, and pFedNet's upload compression
+TRANSFER_APPS = ("plain", "fedavg", "pfednet")
+COMPRESSIONS = ("none", "stc", "fused-stc")
+
+
+def case_name(case: tuple[str, str, str]) -> str:
+    """``("resnet101", "pfednet", "stc")`` -> ``"resnet101-pfednet-stc"``."""
+    return "-".join(case)
+
+
+def parse_transfer(text: str) -> tuple[tuple[str, str, str], ...]:
+    """``--transfer`` (comma-separated ``MODEL-APP-COMPRESSION`` names) -> the cases."""
+    from fedclinic.models import MODELS
+
+    models = sorted(n for n, s in MODELS.items() if s.task == "classification" and not s.tabular)
+    pattern = re.compile(
+        rf"^(?P<model>.+)-(?P<app>{'|'.join(TRANSFER_APPS)})-(?P<compression>"
+        rf"{'|'.join(sorted(COMPRESSIONS, key=len, reverse=True))})$"
+    )
+    cases = []
+    for name in (v.strip() for v in text.split(",")):
+        if not name:
+            continue
+        match = pattern.match(name)
+        if match is None or match["model"] not in models:
+            raise argparse.ArgumentTypeError(
+                f"transfer case {name!r} is not allowed: expected MODEL-APP-COMPRESSION with "
+                f"MODEL one of {', '.join(models)}, APP one of {', '.join(TRANSFER_APPS)}, "
+                f"COMPRESSION one of {', '.join(COMPRESSIONS)}"
+            )
+        if match["app"] != "pfednet" and match["compression"] != "none":
+            raise argparse.ArgumentTypeError(
+                f"transfer case {name!r} is not allowed: only pfednet compresses "
+                f"(use {match['model']}-{match['app']}-none)"
+            )
+        cases.append((match["model"], match["app"], match["compression"]))
+    return tuple(cases)
 
 
 # ---------------------------------------------------------------------------- arithmetic
@@ -261,14 +307,22 @@ def run_federation(
             wire.start()
             federation.start_hospitals()
             status = federation.follow(federation.submit())
-            completed = status.completed if plain else federation.report(status).exit_code == 0
+            ended, details = status.status, status.details
+            if plain:
+                completed = status.completed
+            else:
+                outcome = federation.report(status)
+                completed, ended, details = outcome.exit_code == 0, outcome.status, outcome.details
         finally:
             sampler.stopped.set()
             if wire is not None:
                 wire.stopped.set()
                 wire.join(timeout=15)
+    reason = (details.splitlines() or [""])[0][:300]
+    problems = [] if completed else [f"run ended {ended}: {reason}"]
     return {
         "completed": completed,
+        "problems": problems,
         "peak_rss_mib": {k: round(v, 1) for k, v in sorted(sampler.peaks.items())},
         "wire_series": wire.series if wire else [],
         "wall_seconds": round(time.monotonic() - started, 1),
@@ -276,28 +330,42 @@ def run_federation(
     }
 
 
-def plain_config(model: str, count: int, rounds: int, out: Path) -> dict[str, Any]:
+def plain_config(
+    model: str, count: int, rounds: int, out: Path, round_timeout: float | None = None
+) -> dict[str, Any]:
     """The plain app's run config: the same settings as fedclinic's load run."""
     merged = {**app_defaults(find_app_dir()), **LOAD_RUN, "model": model, "rounds": rounds,
               "min-hospitals": count, "output-dir": str(out)}  # fmt: skip
+    if round_timeout is not None:
+        merged["round-timeout"] = round_timeout
     return {key: merged[key] for key in PLAIN_KEYS}
 
 
-def run_plain(model: str, hospitals: list[HospitalSpec], rounds: int, out: Path) -> dict[str, Any]:
+def run_plain(
+    model: str,
+    hospitals: list[HospitalSpec],
+    rounds: int,
+    out: Path,
+    round_timeout: float | None = None,
+) -> dict[str, Any]:
     """The plain Flower app on real processes; overheads, memory, bytes per round."""
-    config = plain_config(model, len(hospitals), rounds, out)
+    config = plain_config(model, len(hospitals), rounds, out, round_timeout)
     outcome = run_federation(PLAIN_APP_DIR, config, hospitals, out, plain=True)
     record_path = out / "plain.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     overheads = plain_round_overheads(record) if record else []
     wire = wire_per_round(outcome.pop("wire_series"), plain_round_ends(record)) if record else []
-    completed = bool(outcome.pop("completed") and record and len(record["rounds"]) == rounds)
+    problems = outcome.pop("problems")
+    done = len(record["rounds"]) if record else 0
+    if done != rounds:
+        problems.append(f"{record_path.name}: {done} of {rounds} rounds recorded")
     return {
         "app": "plain-flower",
         "hospitals": len(hospitals),
         "model": model,
         "rounds": rounds,
-        "completed": completed,
+        "completed": bool(outcome.pop("completed")) and not problems,
+        "problems": problems,
         "round_overhead_seconds": overheads,
         "median_round_overhead_seconds": median_or_none(overheads),
         "model_bytes": record["model_bytes"] if record else None,
@@ -322,6 +390,7 @@ def run_fedclinic(
     hospitals: list[HospitalSpec],
     rounds: int,
     out: Path,
+    round_timeout: float | None = None,
 ) -> dict[str, Any]:
     """fedclinic (FedAvg or pFedNet) on real processes; overheads, memory, bytes per round."""
     app_dir = find_app_dir()
@@ -334,6 +403,8 @@ def run_fedclinic(
         "min-hospitals": len(hospitals),
         "output-dir": str(out),
     }
+    if round_timeout is not None:
+        config["round-timeout"] = round_timeout
     if algorithm == "pfednet":
         config["pfednet.compression"] = compression
     outcome = run_federation(app_dir, config, hospitals, out, plain=False)
@@ -343,7 +414,7 @@ def run_fedclinic(
     audit = AuditLog(out).read() if (out / "audit.jsonl").exists() else []
     overheads = round_overheads(audit, rows)
     wire = wire_per_round(outcome.pop("wire_series"), fedclinic_round_ends(audit))
-    problems = lost(rows, [h.name for h in hospitals], rounds)
+    problems = outcome.pop("problems") + lost(rows, [h.name for h in hospitals], rounds)
     model_bytes = model_size_bytes(config)
     payload = payload_per_round(rows, rounds)
     if payload is None and model_bytes:  # FedAvg: one TRAIN down and its reply up
@@ -402,7 +473,11 @@ def system_command(args: argparse.Namespace) -> int:
     sizes = mode.sizes
     if getattr(args, "sizes", None) is not None:
         sizes = tuple(int(v) for v in args.sizes.split(",") if v.strip())
-    transfer = () if getattr(args, "no_transfer", False) else mode.transfer
+    transfer = mode.transfer
+    if getattr(args, "transfer", None) is not None:
+        transfer = args.transfer
+    if getattr(args, "no_transfer", False):
+        transfer = ()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -433,14 +508,17 @@ def system_command(args: argparse.Namespace) -> int:
         )
         save()
     for model, app, compression in transfer:
-        name = f"{model}-{app}-{compression}"
+        name = case_name((model, app, compression))
         console.print(f"[bold]transfer[/]: {name}, 2 hospitals ...")
         where = out / "transfer" / name
         hospitals = resized(synthetic_hospitals(2, where / "state"), TRANSFER_SAMPLES)
+        timeout = TRANSFER_ROUND_TIMEOUT
         if app == "plain":
-            entry = run_plain(model, hospitals, mode.rounds, where)
+            entry = run_plain(model, hospitals, mode.rounds, where, timeout)
         else:
-            entry = run_fedclinic(model, app, compression, hospitals, mode.rounds, where)
+            entry = run_fedclinic(model, app, compression, hospitals, mode.rounds, where, timeout)
+        for problem in entry.get("problems", []):
+            console.print(f"[red]{name}[/]: {escape(problem)}")
         results["transfer"].append(entry)
         save()
     save()
@@ -449,6 +527,8 @@ def system_command(args: argparse.Namespace) -> int:
         command += f" --sizes '{args.sizes}'"
     if getattr(args, "no_transfer", False):
         command += " --no-transfer"
+    elif getattr(args, "transfer", None) is not None:
+        command += f" --transfer '{','.join(case_name(c) for c in transfer)}'"
     (out / "system.md").write_text(system_section(results, command), encoding="utf-8")
     console.print(scale_table(results["scale"]))
     console.print(transfer_table(results["transfer"]))
@@ -563,13 +643,22 @@ def add_system_parser(commands: argparse._SubParsersAction) -> None:
         "--mode",
         choices=tuple(MODES),
         default="quick",
-        help="quick: 2 hospitals, 2 rounds, cnn; full: 2/4/8 hospitals and 3 model sizes",
+        help="quick: 2 hospitals, 2 rounds, cnn (about 4 min on 2 CPU cores); full: 2/4/8 "
+        "hospitals and 3 model sizes up to resnet101 (over an hour on 2 CPU cores)",
     )
     system.add_argument(
         "--sizes",
         default=None,
         metavar="N,N,...",
         help="hospital counts of the scale part instead of the mode's ('' skips it)",
+    )
+    system.add_argument(
+        "--transfer",
+        type=parse_transfer,
+        default=None,
+        metavar="CASE,CASE,...",
+        help="transfer cases instead of the mode's, each MODEL-APP-COMPRESSION "
+        "(e.g. resnet101-fedavg-none,resnet101-pfednet-stc; '' skips them)",
     )
     system.add_argument(
         "--no-transfer", action="store_true", help="skip the transfer part (model sizes)"
@@ -593,7 +682,14 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
     """The BENCHMARKS.md section (``fedclinic bench report`` includes it)."""
     settings = results["settings"]
     minutes = results.get("wall_seconds", 0) / 60
-    lines = [
+    lines = []
+    if results.get("mode") != "full":
+        lines += [
+            f"**{str(results.get('mode', '?')).capitalize()} mode: a smoke test, not a "
+            "benchmark; run `--mode full` for the numbers.**",
+            "",
+        ]
+    lines += [
         f"Command: `{command} --out DIR` ({minutes:.0f} min here). Every federation is real: "
         "one SuperLink and one SuperNode per hospital as separate processes, gRPC with TLS and "
         "node authentication, one ClientApp process per message "
@@ -648,10 +744,11 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         lines.append("| (not run: `--no-transfer`) | | | | | | | |")
     lines += [
         "",
-        "Not measured: a 100+ MB model through fedclinic (its registry tops out at ResNet-18, "
-        "45 MB), so the 100+ MB point is the plain Flower app only (torchvision ResNet-101); "
-        "wire bytes of the scale rows (those sample memory, not sockets). One repetition per "
-        "setting, so no interval. On one 2-core machine the per-message ClientApp start-up "
-        "(PyTorch imports) dominates every overhead here.",
+        "Every model is from fedclinic's registry (`resnet101`: ResNet-101 with the registry's "
+        "small-image stem) and both apps build the same one. Not measured: wire bytes of the "
+        "scale rows (those sample memory, not sockets). One repetition per setting, so no "
+        "interval. On one 2-core machine the per-message ClientApp start-up (PyTorch imports) "
+        "dominates the overheads of the small models; at 170 MB the bytes themselves do (each "
+        "message serialises the model, goes through the SuperLink's SQLite store and TLS).",
     ]
     return "\n".join(lines) + "\n"

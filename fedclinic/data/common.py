@@ -23,7 +23,7 @@ def require_image_model(request: DataRequest, source: str) -> None:
     if request.run.model == "logreg":
         raise ConfigError(
             f"run config: key 'model' = 'logreg' is not allowed with data source '{source}': "
-            "it produces images; use an image model (cnn, resnet18, densenet121)"
+            "it produces images; use an image model (cnn, resnet18, resnet101, densenet121)"
         )
 
 

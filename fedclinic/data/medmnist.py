@@ -13,8 +13,10 @@ What (``data-path`` = the ``.npz`` file): keys ``train_images``, ``train_labels`
 * ``num-partitions`` = 1: the file's three splits are used as they are (``val-fraction``,
   ``partition-fractions`` and ``label-skew-alpha`` play no part).
 * ``num-partitions`` = P > 1: this hospital is partition ``partition-id`` of P. The official
-  *train* split is divided among the P hospitals (sizes from ``partition-fractions``, equal
-  when empty; per-class shares from a Dirichlet(``label-skew-alpha``) draw, none when 0),
+  *train* split is divided among the P hospitals (sizes follow ``partition-fractions``,
+  equal when empty; each hospital's class mix is drawn from a Dirichlet with
+  ``label-skew-alpha``, none when 0, and fitted so that every image is used:
+  :func:`~fedclinic.data.splits.label_skew_proportions`),
   and each hospital carves its validation split (``val-fraction``, default 0.1, stratified)
   from its own train share. The official *test* split is divided with the same per-class
   shares, so each hospital is tested on a test set distributed like its training data.
@@ -203,7 +205,10 @@ def partition_plan(
     fractions = partition_fractions(hospital)
     seed = hospital.data_seed
     proportions = label_skew_proportions(
-        run.num_classes, fractions, hospital.label_skew_alpha, seed=[seed, 0]
+        np.bincount(train_labels, minlength=run.num_classes),
+        fractions,
+        hospital.label_skew_alpha,
+        seed=[seed, 0],
     )
     train_share = partition_by_proportions(train_labels, proportions, seed=[seed, 1])
     test_share = partition_by_proportions(test_labels, proportions, seed=[seed, 2])

@@ -8,8 +8,9 @@ Everything is seeded explicitly (numpy ``default_rng``); nothing depends on glob
   (the parts always add up to the count, so no sample is ever lost to rounding).
 * :func:`stratified_split` splits each class by the same fractions.
 * :func:`label_skew_proportions` / :func:`partition_by_proportions` simulate hospitals from one
-  pooled data set: size fractions plus an optional Dirichlet label skew. Every hospital computes
-  the same plan from the same ``data-seed`` and keeps its own part, so the parts are disjoint.
+  pooled data set: hospital sizes that follow the size fractions, plus an optional Dirichlet
+  label skew. Every hospital computes the same plan from the same ``data-seed`` and keeps its
+  own part, so the parts are disjoint.
 """
 
 from __future__ import annotations
@@ -100,27 +101,49 @@ def partition_fractions(hospital: HospitalConfig) -> np.ndarray:
 
 
 def label_skew_proportions(
-    num_classes: int, fractions: np.ndarray, alpha: float, seed: Seed
+    class_counts: Sequence[int] | np.ndarray,
+    fractions: np.ndarray,
+    alpha: float,
+    seed: Seed,
+    iterations: int = 2000,
 ) -> np.ndarray:
     """Per-class share of each hospital, shape ``(num_classes, num_partitions)``; rows sum to 1.
 
-    ``alpha == 0``: every class is split by the size fractions (no skew, stratified).
-    ``alpha > 0``: each class row is drawn from ``Dirichlet(alpha * P * fractions)`` (``P`` =
-    number of partitions), whose mean is the size fractions; with equal fractions this is the
-    usual ``Dirichlet(alpha)`` label skew. Smaller alpha means stronger skew.
+    Hospital *i* receives ``fractions[i]`` of all samples (within one sample per class) and a
+    class mix drawn from ``Dirichlet(alpha * K * prior)`` (K classes, ``prior`` = the pooled
+    class shares; Hsu et al. 2019's per-client label skew, whose mean is the pooled mix).
+    The drawn counts ``n_i * q_i`` cannot in general also use every sample of every class,
+    so they are fitted to both margins (hospital sizes and class totals) by iterative
+    proportional fitting: the table closest to the draw (in KL divergence) that keeps the
+    sizes and uses every sample. Drawing per class instead (each class split by its own
+    Dirichlet) would let the hospital sizes drift far from the fractions when the classes are
+    unequal. ``alpha == 0``: every class is split by the size fractions (no skew, stratified).
+    Smaller alpha means stronger skew.
     """
     fractions = np.asarray(fractions, dtype=np.float64)
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"label_skew_proportions: expected class counts, got {class_counts}")
     if alpha == 0:
-        return np.tile(fractions, (num_classes, 1))
+        return np.tile(fractions / fractions.sum(), (len(counts), 1))
     rng = np.random.default_rng(seed)
-    concentration = alpha * len(fractions) * fractions
-    rows = rng.dirichlet(concentration, size=num_classes)
-    # Very small alphas can underflow to an all-zero row: give that class to one hospital.
-    for row in rows:
-        if not np.isfinite(row).all() or row.sum() <= 0:
-            row[:] = 0.0
-            row[rng.choice(len(fractions), p=fractions)] = 1.0
-    return rows / rows.sum(axis=1, keepdims=True)
+    prior = counts / counts.sum()
+    present = prior > 0
+    sizes = counts.sum() * fractions / fractions.sum()
+    mixes = np.zeros((len(fractions), len(counts)))
+    mixes[:, present] = rng.dirichlet(alpha * present.sum() * prior[present], size=len(fractions))
+    # A floor keeps every present cell positive, so the fit below always exists: a hospital
+    # whose draw put nothing on a class may still receive a little of it.
+    table = np.where(present, sizes[:, None] * mixes + 1e-9, 0.0)
+    for _ in range(iterations):
+        table *= (sizes / table.sum(axis=1))[:, None]
+        table[:, present] *= counts[present] / table[:, present].sum(axis=0)
+        if np.allclose(table.sum(axis=1), sizes, rtol=1e-9, atol=1e-6):
+            break
+    shares = np.zeros((len(counts), len(fractions)))
+    shares[present] = (table[:, present] / counts[present]).T
+    shares[~present] = fractions / fractions.sum()  # an absent class has nothing to split
+    return shares / shares.sum(axis=1, keepdims=True)
 
 
 def partition_by_proportions(

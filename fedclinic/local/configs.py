@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from fedclinic.config import (
     validate_schema,
 )
 from fedclinic.errors import ConfigError
+from fedclinic.local.supervisor import MARKER_VARIABLE
 
 # Sizes and scanner differences of the generated hospitals: one large, one medium, one small, ...
 BASE_SAMPLES = 900
@@ -41,13 +43,42 @@ MAX_SHIFT = 0.6
 MAX_HOSPITALS = 64
 
 
+#: variables the local federation sets itself for every hospital's processes
+MANAGED_VARIABLES = frozenset({"FLWR_HOME", MARKER_VARIABLE})
+_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 @dataclass(frozen=True)
 class HospitalSpec:
-    """One hospital of the local federation: its validated config and the flat map to write."""
+    """One hospital of the local federation: its validated config and the flat map to write.
+
+    ``env``: extra environment variables for this hospital's processes only (its SuperNode,
+    and through it its SuperExec and every ``flwr-clientapp``), on top of the runner's own
+    environment; e.g. ``CUDA_VISIBLE_DEVICES`` to pin one site to one GPU.
+    """
 
     config: HospitalConfig
     flat: dict[str, Scalar]
     source: Path | None = None  # the operator's file, None when generated
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, value in self.env.items():
+            if not isinstance(key, str) or not _VARIABLE_NAME.match(key):
+                raise ConfigError(
+                    f"hospital {self.name}: environment variable name {key!r} is not allowed: "
+                    "expected letters, digits and '_', not starting with a digit"
+                )
+            if key in MANAGED_VARIABLES:
+                raise ConfigError(
+                    f"hospital {self.name}: environment variable {key} is set by the local "
+                    "federation itself and cannot be overridden"
+                )
+            if not isinstance(value, str) or "\0" in value:
+                raise ConfigError(
+                    f"hospital {self.name}: environment variable {key} must be a string "
+                    "without NUL characters"
+                )
 
     @property
     def name(self) -> str:

@@ -1,0 +1,122 @@
+"""``fedclinic bench system --mode quick`` on real processes: CI's smoke test of the runtime
+benchmark (issue #8), not a timed test: nothing here checks a duration.
+
+The quick mode runs three federations, each a real SuperLink and two SuperNodes with TLS and
+node authentication: fedclinic FedAvg and the plain Flower app side by side (2 rounds), and one
+transfer case (pFedNet with STC compression). The two parts run here as two tests, through the
+command's ``--no-transfer`` and ``--sizes ''`` options, so that the suite's workers run them at
+the same time; together they are exactly the quick mode. They check that every federation
+completed, that the measurements are there and sane (overheads and memory positive, bytes on
+the wire, STC uploading less than the model), that the files ``bench report`` reads are
+written, that the report picks the section up, and that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedclinic.bench.report import RUNTIME_SECTIONS, runtime_sections
+from fedclinic.local.supervisor import pids_with_cmdline
+
+ROOT = Path(__file__).resolve().parents[1]
+# SmallCNN on 1-channel images with 2 classes, float32, counted by hand: two 3x3 convolutions
+# (1->16, 16->32), a 512->64 layer and the 64->2 classifier, weights plus biases
+CNN_BYTES = 4 * ((1 * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (512 * 64 + 64) + (64 * 2 + 2))
+KINDS = ("flwr-clientapp", "flower-supernode", "flower-superlink", "flwr-serverapp")
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _run_quick(out: Path, *part: str) -> dict:
+    """``bench system --mode quick`` with ``part`` (one half of it); its ``system.json``."""
+    command = [sys.executable, "-m", "fedclinic.cli", "bench", "system", "--mode", "quick"]
+    command += [*part, "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1100)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    # every process of its federations is gone (SuperExecs and app processes included)
+    assert pids_with_cmdline(str(out), environ=True) == []
+    system = json.loads((out / "system.json").read_text())
+    assert system["mode"] == "quick" and system["rounds"] == 2
+    for entry in system["scale"] + system["transfer"]:
+        assert entry["completed"] is True, entry
+        assert not entry.get("problems"), entry["problems"]
+        # round 1 is left out: rounds 2..R, each a positive overhead in seconds
+        assert len(entry["round_overhead_seconds"]) == system["rounds"] - 1, entry
+        assert all(_positive(x) for x in entry["round_overhead_seconds"]), entry
+        assert _positive(entry["median_round_overhead_seconds"])
+        assert all(_positive(entry["peak_rss_mib"].get(kind)) for kind in KINDS), entry
+    return system
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1200)  # two federations in a row; a loaded CI box slows each one
+def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    out = results / "system"
+    system = _run_quick(out, "--no-transfer")
+    scale = system["scale"]
+    assert system["transfer"] == []
+    assert [(r["app"], r["hospitals"]) for r in scale] == [
+        ("fedclinic-fedavg", 2),
+        ("plain-flower", 2),
+    ]
+    plain = scale[1]
+    assert _positive(plain["model_bytes"])
+    assert plain["payload_bytes_per_round"] == {  # TRAIN + EVALUATE down, TRAIN replies up
+        "down_bytes": 2 * 2 * plain["model_bytes"],
+        "up_bytes": 2 * plain["model_bytes"],
+    }
+    # what crossed the Fleet API socket: the models plus TLS and gRPC framing (loosely: the
+    # socket counters are sampled every 0.5 s and interpolated at the round ends)
+    wire = plain["wire_bytes_per_round"]
+    assert wire["down_bytes"] > plain["payload_bytes_per_round"]["down_bytes"] / 2
+    assert wire["up_bytes"] > plain["payload_bytes_per_round"]["up_bytes"] / 2
+
+    with (out / "system.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["section"], r["app"]) for r in rows] == [
+        ("scale", "fedclinic-fedavg"),
+        ("scale", "plain-flower"),
+    ]
+    assert all(r["completed"] == "True" for r in rows)
+
+    section = (out / "system.md").read_text()
+    assert section.startswith("**Quick mode: a smoke test")
+    assert "`fedclinic bench system --mode quick --no-transfer --out DIR`" in section
+    assert "| 2 | fedclinic-fedavg | yes |" in section and "| 2 | plain-flower | yes |" in section
+
+    # `fedclinic bench report` takes the section from <results>/system/system.md
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    title = dict(RUNTIME_SECTIONS)["system"]
+    lines = runtime_sections(results, plots)
+    assert lines[:2] == [f"## {title}", ""] and lines[2] == section.strip()
+    assert (plots / "system.md").read_text() == section
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_system_quick_transfer_part_sends_less_with_stc(tmp_path: Path) -> None:
+    out = tmp_path / "system"
+    system = _run_quick(out, "--sizes", "")
+    assert system["scale"] == [] and len(system["transfer"]) == 1
+    stc = system["transfer"][0]
+    assert (stc["app"], stc["model"], stc["compression"]) == ("fedclinic-pfednet", "cnn", "stc")
+    assert stc["model_bytes"] == CNN_BYTES
+    payload, wire = stc["payload_bytes_per_round"], stc["wire_bytes_per_round"]
+    assert _positive(payload["down_bytes"]) and _positive(payload["up_bytes"])
+    assert _positive(wire["down_bytes"]) and _positive(wire["up_bytes"])
+    # the compressed uploads of both hospitals, both phases, are smaller than one model
+    assert payload["up_bytes"] < stc["model_bytes"]
+    assert wire["down_bytes"] > payload["down_bytes"] / 2
+    section = (out / "system.md").read_text()
+    assert "`fedclinic bench system --mode quick --sizes '' --out DIR`" in section
+    assert "| fedclinic-pfednet | stc | yes |" in section
