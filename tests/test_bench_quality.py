@@ -180,3 +180,22 @@ def test_report_draws_the_cost_plots_from_system_json(tmp_path: Path) -> None:
     assert "the system tables" in lines and "![runtime costs](docs/bench/system_costs.png)" in lines
     assert (plots / "system_costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (plots / "system.json").is_file()  # kept beside the plots for later reports
+
+
+def test_report_adds_a_sections_notes_labelled_as_typed_in(tmp_path: Path) -> None:
+    from fedclinic.bench.report import runtime_sections
+
+    (tmp_path / "load").mkdir()
+    (tmp_path / "load" / "load.md").write_text("the load table")
+    (tmp_path / "load" / "notes.md").write_text("A nice-19 job ran\nalongside.\n")
+    plots = tmp_path / "plots"
+    lines = runtime_sections(tmp_path, plots, "docs/bench")
+    note = "Conditions of this measurement, noted by whoever ran it: A nice-19 job ran alongside."
+    assert lines == ["## Load: many hospitals on one machine", "", "the load table", "", note, ""]
+    # kept beside the plots: a later report without these results still shows it
+    (tmp_path / "load" / "notes.md").unlink()
+    (tmp_path / "load" / "load.md").unlink()
+    assert runtime_sections(tmp_path, plots, "docs/bench") == lines
+    # a section without notes has none
+    (plots / "load_notes.md").unlink()
+    assert note not in runtime_sections(tmp_path, plots, "docs/bench")

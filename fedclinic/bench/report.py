@@ -535,16 +535,23 @@ RUNTIME_SECTIONS = (
 def runtime_sections(results_dir: Path, plots: Path, relative: str | None = None) -> list[str]:
     """The sections ``bench system`` and ``bench load`` wrote (``<results>/<name>/<name>.md``,
     kept beside the plots so a later report without those results still shows them), with
-    the cost plots drawn from ``system.json``."""
+    the cost plots drawn from ``system.json``. A ``notes.md`` beside a section (what else ran
+    on the machine, say) is added under it, labelled as typed in by hand."""
     lines: list[str] = []
     plots.mkdir(parents=True, exist_ok=True)
     for name, title in RUNTIME_SECTIONS:
         fresh, kept = results_dir / name / f"{name}.md", plots / f"{name}.md"
         if fresh.is_file() and fresh.resolve() != kept.resolve():
             shutil.copyfile(fresh, kept)
+        notes, kept_notes = results_dir / name / "notes.md", plots / f"{name}_notes.md"
+        if notes.is_file() and notes.resolve() != kept_notes.resolve():
+            shutil.copyfile(notes, kept_notes)
         if kept.is_file():
             body = kept.read_text(encoding="utf-8").strip()
             lines += [f"## {title}", "", body, ""]
+            if kept_notes.is_file():  # typed by whoever ran it: labelled as such
+                text = " ".join(kept_notes.read_text(encoding="utf-8").split())
+                lines += [f"Conditions of this measurement, noted by whoever ran it: {text}", ""]
             data, kept_data = results_dir / name / f"{name}.json", plots / f"{name}.json"
             if data.is_file() and data.resolve() != kept_data.resolve():
                 shutil.copyfile(data, kept_data)
