@@ -285,7 +285,7 @@ def wait_for(what: str, check: Any, process: ManagedProcess | None, seconds: flo
         time.sleep(0.5)
 
 
-@pytest.mark.e2e(minutes=3)
+@pytest.mark.e2e
 def test_compose_services_as_processes_across_namespaces(tmp_path: Path) -> None:
     reason = netns_unavailable()
     if reason:

@@ -56,7 +56,7 @@ def _run_quick(out: Path, *part: str) -> dict:
     return system
 
 
-@pytest.mark.e2e(minutes=6)
+@pytest.mark.e2e
 @pytest.mark.timeout(1200)  # two federations in a row; a loaded CI box slows each one
 def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path) -> None:
     results = tmp_path / "results"
@@ -68,6 +68,8 @@ def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path)
         ("fedclinic-fedavg", 2),
         ("plain-flower", 2),
     ]
+    # both apps record the machine's load around their run (the table prints it)
+    assert all(len(r["load_average_1min"]) == 2 for r in scale), scale
     plain = scale[1]
     assert _positive(plain["model_bytes"])
     assert plain["payload_bytes_per_round"] == {  # TRAIN + EVALUATE down, TRAIN replies up
@@ -102,7 +104,7 @@ def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path)
     assert (plots / "system.md").read_text() == section
 
 
-@pytest.mark.e2e(minutes=5)
+@pytest.mark.e2e
 @pytest.mark.timeout(900)
 def test_system_quick_transfer_part_sends_less_with_stc(tmp_path: Path) -> None:
     out = tmp_path / "system"

@@ -27,7 +27,7 @@ def fedclinic(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedclinic.cli", *args]
 
 
-@pytest.mark.e2e(minutes=5)
+@pytest.mark.e2e
 def test_register_submit_and_a_failed_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     hospitals = synthetic_hospitals(2, tmp_path / "state")

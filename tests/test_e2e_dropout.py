@@ -58,7 +58,7 @@ def start_and_submit(federation: LocalFederation) -> int:
     return federation.submit()
 
 
-@pytest.mark.e2e(minutes=5)
+@pytest.mark.e2e
 def test_a_killed_hospital_is_skipped_then_rejoins(tmp_path: Path) -> None:
     out = tmp_path / "out"
     hospitals = synthetic_hospitals(3, tmp_path / "state")

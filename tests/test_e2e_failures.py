@@ -53,7 +53,7 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     assert pids_with_cmdline(str(out), environ=True) == []
 
 
-@pytest.mark.e2e(minutes=2)
+@pytest.mark.e2e
 def test_corrupt_image_at_a_hospital_is_named_in_one_line(tmp_path: Path) -> None:
     images = tmp_path / "st-mary-export"
     rng = np.random.default_rng(0)

@@ -50,7 +50,7 @@ def hospital_file(tmp_path: Path, name: str, role: str, samples: int, seed: int)
     return path
 
 
-@pytest.mark.e2e(minutes=3)
+@pytest.mark.e2e
 def test_fedhelp_two_rounds_on_real_processes(tmp_path: Path) -> None:
     public, knowledge = tmp_path / "public.npz", tmp_path / "knowledge.npz"
     knowledge_command(

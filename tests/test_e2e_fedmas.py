@@ -47,7 +47,7 @@ def hospital_file(tmp_path: Path, name: str, priors: str, prior: Path, seed: int
     return path
 
 
-@pytest.mark.e2e(minutes=3)
+@pytest.mark.e2e
 def test_fedmas_two_rounds_on_real_processes(tmp_path: Path) -> None:
     shared, rogue = tmp_path / "prior.pt", tmp_path / "rogue-prior.pt"
     digest = make_prior(shared, seed=0)

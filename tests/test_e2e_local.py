@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOSPITALS = ("hospital-a", "hospital-b")
 
 
-@pytest.mark.e2e(minutes=5)
+@pytest.mark.e2e
 def test_local_federation_two_hospitals_two_rounds(tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "fedclinic.cli", "local", "--hospitals", "2"]

@@ -67,7 +67,7 @@ def check_common(rows: list[dict[str, Any]], summary: dict[str, Any], names: lis
     assert set(summary["pfednet"]["communication"]) == set(names)
 
 
-@pytest.mark.e2e(minutes=6)
+@pytest.mark.e2e
 def test_pfednet_cnn_synthetic_on_real_processes(tmp_path: Path) -> None:
     names = ["hospital-a", "hospital-b", "hospital-c"]
     priors = ["0.8,0.2", "0.5,0.5", "0.2,0.8"]
@@ -105,7 +105,7 @@ def test_pfednet_cnn_synthetic_on_real_processes(tmp_path: Path) -> None:
         assert SiteState(site).has("pfednet_model")
 
 
-@pytest.mark.e2e(minutes=5)
+@pytest.mark.e2e
 @pytest.mark.skipif(not HEART.is_dir(), reason="heart-disease files not present")
 def test_pfednet_logreg_heart_disease_on_real_processes(tmp_path: Path) -> None:
     centres = ["cleveland", "hungarian"]  # two centres keep the run short on 2 CPU cores

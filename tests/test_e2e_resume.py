@@ -111,7 +111,7 @@ def assert_corrupt_hospital_refused(
         assert f"corrupt hospital: {corrupt.name} round {n}: {kind} update uploaded" in site_log
 
 
-@pytest.mark.e2e(minutes=6)
+@pytest.mark.e2e
 @pytest.mark.usefixtures("task_identity")
 def test_a_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -35,7 +35,7 @@ def hospital_file(tmp_path: Path, name: str, samples: int, shift: float, seed: i
     return path
 
 
-@pytest.mark.e2e(minutes=2)
+@pytest.mark.e2e
 def test_fedavg_segmentation_two_rounds_on_real_processes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "fedclinic.cli", "local"]

@@ -497,8 +497,10 @@ def system_command(args: argparse.Namespace) -> int:
 
     for count in sizes:
         console.print(f"[bold]scale[/]: fedclinic, {count} hospitals, {mode.rounds} rounds ...")
+        load_before = os.getloadavg()[0]
         fed = run_size(count, mode.rounds, out / "scale", Console(quiet=True))
-        fed.update(app="fedclinic-fedavg", model=LOAD_RUN["model"])
+        load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        fed.update(app="fedclinic-fedavg", model=LOAD_RUN["model"], load_average_1min=load)
         results["scale"].append(fed)
         save()
         console.print(f"[bold]scale[/]: plain Flower, {count} hospitals ...")
