@@ -9,6 +9,7 @@ instead of a stack trace.
 from __future__ import annotations
 
 from logging import ERROR
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -36,7 +37,8 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         run = load_run_config(context.run_config)
         hospital = parse_hospital_config(context.node_config)
         content = message.content
-        config = dict(content[keys.CONFIG]) if keys.CONFIG in content.config_records else {}
+        records = content.config_records
+        config: dict[str, Any] = dict(records[keys.CONFIG]) if keys.CONFIG in records else {}
         server_round = int(config.get(keys.SERVER_ROUND, 0))
         client_context = ClientContext(
             run=run,

@@ -62,3 +62,8 @@ CLASS_COUNTS = "class_counts"
 def model_round(server_round: int) -> int:
     """The round whose global model a message of ``server_round`` carries (0: initial)."""
     return server_round - 1
+
+
+def final_round(rounds: int) -> int:
+    """The server round of the final evaluation of a run of ``rounds`` rounds."""
+    return rounds + 1

@@ -142,20 +142,20 @@ class ClientObjective:
     def query(self, content: RecordDict) -> RecordDict:
         """Reply to a QUERY message with :meth:`describe`."""
         hospital = self.context.hospital
-        info = {keys.HOSPITAL: hospital.hospital, keys.ROLE: hospital.role}
+        info: dict[str, Any] = {keys.HOSPITAL: hospital.hospital, keys.ROLE: hospital.role}
         metrics = MetricRecord(self.describe(content))  # type: ignore[arg-type]
         return RecordDict({keys.METRICS: metrics, keys.INFO: ConfigRecord(info)})
 
     def respond(self, content: RecordDict, train: bool) -> RecordDict:
         """Evaluate the received model (unless the exchange says not to), then train when
         asked; one reply carries both."""
-        received = record_to_state(content[keys.ARRAYS])
+        received = record_to_state(content.array_records[keys.ARRAYS])
         metrics: dict[str, Any] = {}
         if self.context.server_config.get(keys.EVALUATE, True):
             started = time.perf_counter()
             metrics.update(self.evaluate_model(self.deployed_model(received)))
             metrics[keys.EVAL_SECONDS] = time.perf_counter() - started  # round overhead
-        info = {
+        info: dict[str, Any] = {
             keys.HOSPITAL: self.context.hospital.hospital,
             keys.DEVICE: str(self.context.device),
             keys.DEPLOYED: self.deployed_kind,

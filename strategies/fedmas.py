@@ -97,6 +97,8 @@ from strategies.fedmas_math import (
 )
 
 OPTIMIZER_STATE = "fedmas_optimizer"
+#: what summary.json keeps per hospital and round (a subset of the aggregation row)
+HISTORY_FIELDS = {"rf", "weight", "fedavg_weight", "num_train", "w", "w_hat"}
 
 
 class FedMASOptions(Schema):
@@ -523,25 +525,21 @@ class FedMASStrategy(ServerAlgorithm):
         for reply, r, weight, fedavg_weight, count in zip(
             replies, rf, weights, plain, n, strict=True
         ):
-            entry = {
-                "rf": r,
-                "weight": weight,
-                "fedavg_weight": fedavg_weight,
-                "num_train": int(count),
-                "w": [float(v) for v in reply.metrics.get("mas_w", [])],
-                "w_hat": [float(v) for v in reply.metrics.get("mas_w_hat", [])],
-            }
-            per_hospital[reply.hospital] = entry
-            rows.append(
-                FedMASAggregationRow(
-                    round=server_round,
-                    hospital=reply.hospital,
-                    node_id=reply.node_id,
-                    method=options.aggregation,
-                    rule=rule,
-                    **entry,
-                )
+            row = FedMASAggregationRow(
+                round=server_round,
+                hospital=reply.hospital,
+                node_id=reply.node_id,
+                method=options.aggregation,
+                rule=rule,
+                rf=r,
+                weight=weight,
+                fedavg_weight=fedavg_weight,
+                num_train=int(count),
+                w=[float(v) for v in reply.metrics.get("mas_w", [])],
+                w_hat=[float(v) for v in reply.metrics.get("mas_w_hat", [])],
             )
+            per_hospital[reply.hospital] = row.model_dump(include=HISTORY_FIELDS)
+            rows.append(row)
         self.history[str(server_round)] = {"rule": rule, "hospitals": per_hospital}
         self.record(rows)
         return numpy_to_record(weighted_average(states, weights))

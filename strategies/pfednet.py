@@ -248,7 +248,7 @@ class PFedNetObjective(ClientObjective):
     # -- setup query
     def describe(self, content: RecordDict) -> dict[str, float | list[float]]:
         """The data sketch for the similarity graph (PF-1); aggregate statistics only."""
-        config = dict(content["config"]) if "config" in content.config_records else {}
+        config = dict(content[keys.CONFIG]) if keys.CONFIG in content.config_records else {}
         answer = super().describe(content)
         if not config.get(SKETCH_KEY, False):
             return answer  # a name-only query (a hospital that reconnected)
@@ -487,7 +487,7 @@ class PFedNetStrategy(ServerAlgorithm):
         return [float(v) for v in sketch]
 
     @staticmethod
-    def _sketch_only(reply: Reply) -> dict[str, list[float]]:
+    def _sketch_only(reply: Reply) -> dict[str, int | float | list[int] | list[float]]:
         return {"sketch": [float(v) for v in reply.metrics["sketch"]]}
 
     # -- the round: which exchanges, what each hospital receives

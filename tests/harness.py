@@ -128,12 +128,13 @@ class ScriptedGrid(InProcessGrid):
 
 
 def key_of(message: Message) -> Key:
-    config = message.content[keys.CONFIG] if keys.CONFIG in message.content.config_records else {}
+    records = message.content.config_records
+    config: dict[str, Any] = dict(records[keys.CONFIG]) if keys.CONFIG in records else {}
     return (
-        int(config.get(keys.SERVER_ROUND, 0)),  # type: ignore[arg-type]
+        int(config.get(keys.SERVER_ROUND, 0)),
         str(config.get(keys.EXCHANGE, "query")),
         message.metadata.dst_node_id,
-        int(config.get(keys.ATTEMPT, 1)),  # type: ignore[arg-type]
+        int(config.get(keys.ATTEMPT, 1)),
     )
 
 

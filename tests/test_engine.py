@@ -19,6 +19,7 @@ from harness import FakeClock, ScriptedGrid, rows_of, run, synthetic_nodes
 
 from fedclinic.audit import AuditLog
 from fedclinic.bench.grid import task_identity as in_process_identity
+from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.engine import TRAIN, Reply
 from fedclinic.engine.acceptance import UpdateChecks, accept
 from fedclinic.engine.exchange import Delivery, ResendPolicy, Transport
@@ -27,6 +28,7 @@ from fedclinic.errors import FedClinicError
 from fedclinic.results import ResultsWriter
 from fedclinic.rows import as_row
 from fedclinic.serialization import numpy_to_record, record_to_numpy
+from fedclinic.site import SiteState, run_site_key
 from fedclinic.validation import spec_of
 
 TIMEOUT = 20.0  # fake seconds: a lost message is asked again after half of it
@@ -163,7 +165,7 @@ def test_failing_pulls_are_retried_and_the_data_identity_is_recorded(
 
     def identify(reply: Message) -> None:
         if not reply.has_error() and "info" in reply.content.config_records:
-            info = reply.content["info"]
+            info = reply.content.config_records["info"]
             name = str(info["hospital"])
             info["data_source"] = f"synthetic:{name}"
             info["data_fingerprint"] = f"sha256:{name[-1] * 8}"
@@ -370,3 +372,14 @@ def test_every_row_follows_the_schema_of_its_kind(tmp_path: Path) -> None:
     results = ResultsWriter(tmp_path)
     results.append([pooled])
     assert rows_of(tmp_path)[0]["val_loss"] == 0.5
+
+
+def test_the_site_key_is_decided_in_one_place(tmp_path: Path) -> None:
+    """The coordinator's key (sent in every message) and a hospital's fallback without one
+    come from the same function: the run name, else the Flower run id."""
+    assert run_site_key("study-1", 7) == "study-1"
+    assert run_site_key("", 7) == "run-7"
+    hospital = HospitalConfig(hospital="st-mary", state_dir=str(tmp_path))
+    assert SiteState.for_run(hospital, RunConfig(), 7).directory == tmp_path / "run-7"
+    sent = SiteState.for_run(hospital, RunConfig(), 7, site_key="study-1")
+    assert sent.directory == tmp_path / "study-1"

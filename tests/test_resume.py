@@ -188,6 +188,10 @@ def test_resume_without_a_checkpoint_or_output_dir_says_what_is_missing(tmp_path
     (tmp_path / checkpoint.CHECKPOINT_FILE).write_bytes(b"not a pickle")
     with pytest.raises(IntegrityError, match="unreadable or corrupt"):
         checkpoint.load(tmp_path)
+    older = checkpoint.Checkpoint(round=1, arrays={}, config={}, site_key="s", rows=0, format=1)
+    checkpoint.save(tmp_path, older)
+    with pytest.raises(IntegrityError, match="has format 1; this coordinator resumes format 2"):
+        checkpoint.load(tmp_path)
 
 
 @pytest.mark.usefixtures("task_identity")

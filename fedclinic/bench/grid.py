@@ -34,6 +34,12 @@ FIRST_NODE_ID = 1000
 RUN_ID = 1
 
 
+class HospitalCrash(BaseException):
+    """A hospital's handler raised (a bug, not a reported failure). A SuperNode would turn
+    it into an error reply; in process it stops the run at once, with the traceback, rather
+    than being retried as a failed pull and waited for until the deadline."""
+
+
 class InProcessGrid:
     """A Flower ``Grid`` stand-in whose SuperNodes are ``client.app.answer`` in this process.
 
@@ -93,7 +99,10 @@ class InProcessGrid:
         kind = message.metadata.message_type
         train = {MessageType.TRAIN: True, MessageType.EVALUATE: False}.get(kind)
         self.messages += 1
-        return answer(message, context, train)
+        try:
+            return answer(message, context, train)
+        except Exception as err:
+            raise HospitalCrash(f"node {node}: {type(err).__name__}: {err}") from err
 
 
 @contextmanager

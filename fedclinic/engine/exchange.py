@@ -120,7 +120,9 @@ def ask_again(message: Message, attempt: int) -> Message:
     """A fresh copy of an instruction message (new creation time, so a new message ID)."""
     content = message.content
     records: dict[str, Any] = dict(content.items())
-    config = dict(content[keys.CONFIG]) if keys.CONFIG in content.config_records else {}
+    config: dict[str, Any] = (
+        dict(content.config_records[keys.CONFIG]) if keys.CONFIG in content.config_records else {}
+    )
     records[keys.CONFIG] = ConfigRecord({**config, keys.ATTEMPT: attempt})
     return Message(
         content=RecordDict(records),

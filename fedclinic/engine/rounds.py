@@ -87,7 +87,9 @@ class RoundEngine:
     def start(self, grid: GridLike, initial_arrays: ArrayRecord | None = None) -> RunResult:
         """Setup (or reconnect after a resume), the rounds, the final evaluation, the summary."""
         run, algorithm = self.run, self.algorithm
-        arrays = initial_arrays or state_to_record(algorithm.initial_state())
+        if initial_arrays is None:
+            initial_arrays = state_to_record(algorithm.initial_state())
+        arrays = initial_arrays
         self.model_spec = spec_of(record_to_numpy(arrays))
         transport = Transport(grid, self.clock, self.resend)
         completed = 0
@@ -115,7 +117,7 @@ class RoundEngine:
                 algorithm.after_round(server_round, arrays)
                 saved = self.save_checkpoint(server_round, arrays)
                 self._audit_round("round", server_round, outcomes, arrays, **saved)
-            final = run.rounds + 1
+            final = keys.final_round(run.rounds)
             outcome = self.exchange(transport, final, FINAL_EVALUATION, arrays, sent=arrays)
             algorithm.after_round(final, arrays)
             self._audit_round("final_evaluation", final, [outcome], arrays)
@@ -326,7 +328,8 @@ class RoundEngine:
                 selected_info = self.results.save_model(
                     "model_selected", record_to_state(selection.best_arrays)
                 )
-        selected_round = selection.best[0] if selection.best else keys.model_round(rounds + 1)
+        final_model = keys.model_round(keys.final_round(rounds))
+        selected_round = selection.best[0] if selection.best else final_model
         self.results.write_summary(
             {
                 "status": "completed",
@@ -341,7 +344,7 @@ class RoundEngine:
                     else "no validation data: the final round is reported"
                 ),
                 "hospitals": hospital_summaries(
-                    selection, keys.model_round(rounds + 1), selected_round, self.results.rows
+                    selection, final_model, selected_round, self.results.rows
                 ),
                 "model": model_info,
                 "selected_model": selected_info,
