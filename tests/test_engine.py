@@ -383,3 +383,22 @@ def test_the_site_key_is_decided_in_one_place(tmp_path: Path) -> None:
     assert SiteState.for_run(hospital, RunConfig(), 7).directory == tmp_path / "run-7"
     sent = SiteState.for_run(hospital, RunConfig(), 7, site_key="study-1")
     assert sent.directory == tmp_path / "study-1"
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_crashing_hospital_handler_stops_an_in_process_run_at_once(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the handler (not a reported failure) surfaces with its traceback instead of
+    being retried as a failed pull and waited for until the deadline."""
+    from fedclinic.bench import grid as in_process
+
+    def broken(*args: Any) -> Message:
+        raise RuntimeError("bug in the handler")
+
+    monkeypatch.setattr(in_process, "answer", broken)
+    flat = fedavg(rounds=1)
+    with pytest.raises(in_process.HospitalCrash, match="node 100: RuntimeError: bug in"):
+        run(flat, ScriptedGrid(synthetic_nodes(tmp_path, 2), flat), tmp_path / "out", clock=clock)
+    assert clock.time == 0.0
+    assert AuditLog(tmp_path / "out").read()[-1]["status"] == "failed"
