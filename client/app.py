@@ -9,11 +9,13 @@ instead of a stack trace.
 from __future__ import annotations
 
 from logging import ERROR
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
+from fedclinic import messages as keys
 from fedclinic.config import parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import FedClinicError
@@ -34,8 +36,10 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
     try:
         run = load_run_config(context.run_config)
         hospital = parse_hospital_config(context.node_config)
-        config = dict(message.content["config"]) if "config" in message.content else {}
-        server_round = int(config.get("server-round", 0))
+        content = message.content
+        records = content.config_records
+        config: dict[str, Any] = dict(records[keys.CONFIG]) if keys.CONFIG in records else {}
+        server_round = int(config.get(keys.SERVER_ROUND, 0))
         client_context = ClientContext(
             run=run,
             hospital=hospital,
@@ -46,7 +50,7 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
                 run,
                 context.run_id,
                 server_round=server_round,
-                site_key=str(config.get("site-key", "")),
+                site_key=str(config.get(keys.SITE_KEY, "")),
             ),
             server_round=server_round,
             server_config=config,

@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fedclinic.pki import fingerprint
+
 AUDIT_FILE = "audit.jsonl"
 
 
@@ -60,8 +62,6 @@ CERTIFICATES_VARIABLE = "FEDCLINIC_CERTIFICATES"
 def certificate_fingerprints() -> dict[str, str]:
     """File -> SHA-256 of the certificate's DER (what ``openssl x509 -fingerprint -sha256``
     prints); an unreadable file is recorded as such rather than failing the run."""
-    from fedclinic.pki import fingerprint
-
     found: dict[str, str] = {}
     for item in os.environ.get(CERTIFICATES_VARIABLE, "").split(os.pathsep):
         if item:

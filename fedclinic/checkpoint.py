@@ -1,10 +1,11 @@
 """The coordinator's checkpoint: everything a run needs to go on after a crash.
 
-After every completed round the coordinator replaces ``checkpoint.pkl`` in the run's output
+After every completed round the round engine replaces ``checkpoint.pkl`` in the run's output
 directory (temporary file + rename, so a crash mid-write leaves the previous checkpoint): the
-round number, the global model, the strategy's own state (pFedNet's personalised columns and
-graph, Fed-MAS's weight history, FedHelp's roles, ...), model selection so far, how many
-metric rows were written, the RNG states, and the site key hospitals file their state under.
+round number, the global model, the engine's state (hospital names, model selection so far)
+and the algorithm's (pFedNet's personalised columns and graph, Fed-MAS's weight history,
+FedHelp's roles, ...), how many metric rows were written, the RNG states, and the site key
+hospitals file their state under.
 
 A run started with ``resume = true`` and the same ``output-dir`` loads it and goes on from the
 next round. Only settings that cannot change the arithmetic may differ from the checkpointed
@@ -30,7 +31,8 @@ import torch
 from fedclinic.errors import ConfigError, IntegrityError
 
 CHECKPOINT_FILE = "checkpoint.pkl"
-FORMAT = 1
+#: 2: ``strategy`` holds ``{"engine": ..., "algorithm": ...}`` (the round engine's layout)
+FORMAT = 2
 #: run-config keys a resumed run may set differently (more rounds, patience, where to resume)
 MAY_CHANGE_ON_RESUME = frozenset({"rounds", "resume", "round-timeout", "min-hospitals"})
 
@@ -92,8 +94,13 @@ def load(directory: Path) -> Checkpoint:
             checkpoint = pickle.load(handle)
     except Exception as err:  # pickle raises many types for a damaged file
         raise IntegrityError(f"checkpoint '{path}' is unreadable or corrupt: {err}") from None
-    if not isinstance(checkpoint, Checkpoint) or checkpoint.format != FORMAT:
-        raise IntegrityError(f"checkpoint '{path}' is not a fedclinic checkpoint (format {FORMAT})")
+    if not isinstance(checkpoint, Checkpoint):
+        raise IntegrityError(f"checkpoint '{path}' is not a fedclinic checkpoint")
+    if checkpoint.format != FORMAT:
+        raise IntegrityError(
+            f"checkpoint '{path}' has format {checkpoint.format}; this coordinator resumes "
+            f"format {FORMAT} only (resume with the fedclinic version that wrote it)"
+        )
     return checkpoint
 
 

@@ -3,7 +3,8 @@
 - ``config.json``: the resolved run config;
 - ``metrics.jsonl`` and ``metrics.csv``: one row per hospital per round and kind
   (``evaluate``: the model the hospital received, on its validation and test splits;
-  ``train``: its local update; ``error``: a failed reply and why);
+  ``train``: its local update; ``error``/``rejected``: a failed reply or a refused update and
+  why; the algorithms' own kinds), each kind a schema in :mod:`fedclinic.rows`;
 - ``model_final.pt`` / ``model_selected.pt``: global models with their SHA-256;
 - ``summary.json``: status, selected round (chosen on validation data) and per-hospital results.
 """
@@ -15,12 +16,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedclinic.rows import Row, as_row
 from fedclinic.serialization import save_checkpoint
 
 
@@ -55,9 +57,10 @@ class ResultsWriter:
     def write_config(self, flat_config: Mapping[str, Any]) -> None:
         write_json(self.directory / "config.json", dict(flat_config))
 
-    def append(self, rows: list[dict[str, Any]]) -> None:
-        """Add rows to the JSON Lines file (flushed at once) and rewrite the CSV view."""
-        stamped = [{"time": round(time.time(), 3), **_clean(row)} for row in rows]
+    def append(self, rows: Sequence[Row | Mapping[str, Any]]) -> None:
+        """Add rows to the JSON Lines file (flushed at once) and rewrite the CSV view; each
+        row follows the schema of its kind (:mod:`fedclinic.rows`)."""
+        stamped = [{"time": round(time.time(), 3), **_clean(as_row(r).dump())} for r in rows]
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             for row in stamped:
                 handle.write(json.dumps(row, sort_keys=True) + "\n")

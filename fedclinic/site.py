@@ -21,11 +21,19 @@ from pathlib import Path
 import torch
 
 from fedclinic.config import HospitalConfig, RunConfig
+from fedclinic.errors import ConfigError
 from fedclinic.serialization import State, load_checkpoint, save_checkpoint
 
 #: versions of each entry kept on disk (a retried round needs the one before it)
 KEPT_VERSIONS = 3
 _VERSION = re.compile(r"^(?P<name>.+)\.round-(?P<round>\d+)\.pt$")
+
+
+def run_site_key(run_name: str, run_id: int) -> str:
+    """The key a run's site state is filed under: the run's ``run-name``, else the id of
+    the Flower run that started it. Decided here only; the coordinator sends it in every
+    message, and a resumed run keeps the key of the run it resumes."""
+    return run_name or f"run-{run_id}"
 
 
 def default_state_dir(hospital: HospitalConfig) -> Path:
@@ -54,10 +62,8 @@ class SiteState:
         site_key: str = "",
     ) -> SiteState:
         root = Path(hospital.state_dir) if hospital.state_dir else default_state_dir(hospital)
-        key = site_key or run.run_name or f"run-{run_id}"
+        key = site_key or run_site_key(run.run_name, run_id)
         if Path(key).name != key or key in (".", ".."):
-            from fedclinic.errors import ConfigError
-
             raise ConfigError(f"site key '{key}' from the coordinator is not a plain name")
         return cls(root / key, server_round)
 

@@ -1,4 +1,4 @@
-"""The coordinator's ServerApp: validate the run config, build the initial model, run rounds.
+"""The coordinator's ServerApp: validate the run config, hand the algorithm to the round engine.
 
 It runs under the SuperLink (in a ``flwr-serverapp`` process). A bad run config fails the
 run at once with one line naming the key; the run's status then says why.
@@ -13,8 +13,9 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedclinic.engine import RoundEngine
 from fedclinic.results import ResultsWriter
-from fedclinic.serialization import state_to_record
+from fedclinic.site import run_site_key
 from strategies import get_algorithm, load_run_config
 
 app = ServerApp()
@@ -35,8 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     results.write_config({**run.to_flat(), "flower-run-id": context.run_id})
     log(INFO, "fedclinic: %s, %d rounds, results in %s", algorithm.name, run.rounds,
         results.directory)
-    strategy = algorithm.strategy(run, results)
-    # hospitals file site state under this key; a resumed run keeps the checkpoint's
-    strategy.site_key = run.run_name or f"run-{context.run_id}"
-    strategy.start(grid=grid, initial_arrays=state_to_record(strategy.initial_state()))
+    engine = RoundEngine(
+        run, algorithm.strategy(run, results), results, run_site_key(run.run_name, context.run_id)
+    )
+    engine.start(grid)
     log(INFO, "fedclinic: run finished; summary in %s", results.directory / "summary.json")

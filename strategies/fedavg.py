@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedclinic.engine import TRAIN, Exchange, Reply, ServerAlgorithm, replies_to_numpy
 from fedclinic.serialization import numpy_to_record
-from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, Reply, replies_to_numpy
+from strategies.base import Algorithm, ClientObjective
 
 
 def weighted_average(
@@ -38,11 +39,13 @@ def weighted_average(
     return averaged
 
 
-class FedAvgStrategy(FedClinicStrategy):
+class FedAvgStrategy(ServerAlgorithm):
     """Sample-weighted mean of the hospitals' full model states."""
 
-    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
-        weights = [float(r.metrics.get("num_train", r.num_examples)) for r in replies]
+    def aggregate(
+        self, server_round: int, replies: list[Reply], exchange: Exchange = TRAIN
+    ) -> ArrayRecord | None:
+        weights = [r.num_train for r in replies]
         return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
 
 

@@ -5,7 +5,7 @@ of its hospital config when set, otherwise by training-set size, the ``fedhelp.n
 largest being large (the reference ranks clients by data size, ``top_n``). The coordinator
 learns sizes and configured roles with a one-time QUERY before round 1 and sends each
 hospital its own role in its round config (``fedhelp-role``, through the per-hospital
-:meth:`~strategies.base.FedClinicStrategy.config_for` hook). Roles are logged, written as
+:meth:`~fedclinic.engine.ServerAlgorithm.config_for` hook). Roles are logged, written as
 ``kind = "fedhelp-role"`` rows and in ``summary.json`` under ``fedhelp``.
 
 Small hospital, per round (module 3.3): the surrogate is the received global model's feature
@@ -100,12 +100,13 @@ from typing import Any, Literal
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common import log
-from flwr.serverapp import Grid
 from pydantic import Field
 from torch import nn
 
+from fedclinic import messages as keys
 from fedclinic.config import RunConfig, Schema
 from fedclinic.data.base import Split
+from fedclinic.engine import TRAIN, Exchange, Hospital, Reply, ServerAlgorithm, replies_to_numpy
 from fedclinic.errors import ConfigError, DataError
 from fedclinic.knowledge import (
     NETWORKS,
@@ -116,19 +117,12 @@ from fedclinic.knowledge import (
 )
 from fedclinic.models import MODELS, head_prefix
 from fedclinic.results import ResultsWriter
+from fedclinic.rows import FedHelpAggregateRow, FedHelpRoleRow
 from fedclinic.segmentation import output_channels
 from fedclinic.serialization import State, numpy_to_record
 from fedclinic.tasks import task_of
 from fedclinic.training import make_loader, make_optimizer, seeded_generator
-from strategies.base import (
-    Algorithm,
-    ClientContext,
-    ClientObjective,
-    FedClinicStrategy,
-    LocalUpdate,
-    Reply,
-    replies_to_numpy,
-)
+from strategies.base import Algorithm, ClientContext, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 from strategies.fedhelp_math import (
     RoleEntry,
@@ -145,7 +139,7 @@ from strategies.fedhelp_math import (
     temper_probabilities,
 )
 
-ROLE_KEY = "fedhelp-role"
+ROLE_KEY = keys.FEDHELP_ROLE
 LARGE_MODEL = "fedhelp_large_model"
 HEADS = "fedhelp_heads"
 
@@ -222,7 +216,7 @@ def input_shape(run: RunConfig) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------ server
 
 
-class FedHelpStrategy(FedClinicStrategy):
+class FedHelpStrategy(ServerAlgorithm):
     """Roles once before round 1, each hospital's role in its round config, mean aggregation."""
 
     state_attributes = ("roles", "role_table")
@@ -234,15 +228,18 @@ class FedHelpStrategy(FedClinicStrategy):
         self.roles: dict[int, str] = {}
         self.role_table: dict[str, dict[str, Any]] = {}
 
-    def setup(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
-        """Ask every hospital for its size and configured role, then assign roles."""
-        replies = self.query_hospitals(grid)
+    def setup_query(self) -> dict[str, Any]:
+        """Every hospital's size and configured role (``describe``)."""
+        return {}
+
+    def setup(self, replies: list[Reply], initial_arrays: ArrayRecord) -> None:
+        """Assign roles from the hospitals' sizes and configured roles."""
         entries = [
             RoleEntry(
                 key=r.node_id,
                 hospital=r.hospital,
-                configured=str(r.info.get("role", "") or ""),
-                num_train=int(r.metrics.get("num_train", 0)),
+                configured=str(r.info.get(keys.ROLE, "") or ""),
+                num_train=int(r.metrics.get(keys.NUM_TRAIN, 0)),
             )
             for r in replies
         ]
@@ -265,21 +262,19 @@ class FedHelpStrategy(FedClinicStrategy):
                 entry.num_train,
             )
             rows.append(
-                {
-                    "round": 0,
-                    "kind": "fedhelp-role",
-                    "hospital": entry.hospital,
-                    "node_id": entry.key,
-                    "role": assignment.role,
-                    "role_source": assignment.source,
-                    "num_train": entry.num_train,
-                }
+                FedHelpRoleRow(
+                    round=0,
+                    hospital=entry.hospital,
+                    node_id=entry.key,
+                    role=assignment.role,
+                    role_source=assignment.source,
+                    num_train=entry.num_train,
+                )
             )
             needs_knowledge = self.options.knowledge == "file" and assignment.role == "small"
             if needs_knowledge and not reply.metrics.get("fedhelp_has_knowledge"):
                 unequipped.append(entry.hospital)
-        if self.results and rows:
-            self.results.append(rows)
+        self.record(rows)
         if unequipped:
             raise ConfigError(
                 f"FedHelp small hospital(s) {', '.join(unequipped)}: the hospital config lacks "
@@ -297,54 +292,53 @@ class FedHelpStrategy(FedClinicStrategy):
         """A resumed run: the roles follow the hospitals to their new node IDs."""
         self.roles = {moved.get(node, node): role for node, role in self.roles.items()}
 
-    def config_for(self, node_id: int, config: ConfigRecord) -> ConfigRecord:
+    def config_for(self, hospital: Hospital, config: ConfigRecord) -> ConfigRecord:
         """Each hospital's round config carries its own role."""
-        role = self.roles.get(node_id)
+        role = self.roles.get(hospital.node_id)
         if role is None:  # joined after the setup query: no size known, so small
             role = "small"
-            self.roles[node_id] = role
-            name = self.hospital_of(node_id)
-            log(WARNING, "fedhelp: %s joined after the role query; it is small", name)
-            self.role_table[name] = {"role": role, "source": "late-join", "num_train": None}
-            if self.results:
-                self.results.append(
-                    [
-                        {
-                            "round": 0,
-                            "kind": "fedhelp-role",
-                            "hospital": name,
-                            "node_id": node_id,
-                            "role": role,
-                            "role_source": "late-join",
-                        }
-                    ]
-                )
-        return ConfigRecord({**dict(config), ROLE_KEY: role})
-
-    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
-        """FH-10: unweighted mean (reference) or weighted by training-set size."""
-        if self.options.aggregation == "weighted":
-            weights = [float(r.metrics.get("num_train", r.num_examples)) for r in replies]
-        else:
-            weights = [1.0] * len(replies)
-        if self.results:
-            total = sum(weights)
-            self.results.append(
+            self.roles[hospital.node_id] = role
+            log(WARNING, "fedhelp: %s joined after the role query; it is small", hospital.name)
+            self.role_table[hospital.name] = {
+                "role": role,
+                "source": "late-join",
+                "num_train": None,
+            }
+            self.record(
                 [
-                    {
-                        "round": server_round,
-                        "kind": "fedhelp-aggregate",
-                        "hospital": r.hospital,
-                        "node_id": r.node_id,
-                        "role": self.roles.get(r.node_id, "small"),
-                        "uploaded": "proxy"
-                        if self.roles.get(r.node_id) == "large"
-                        else "surrogate",
-                        "weight": w / total,
-                    }
-                    for r, w in zip(replies, weights, strict=True)
+                    FedHelpRoleRow(
+                        round=0,
+                        hospital=hospital.name,
+                        node_id=hospital.node_id,
+                        role=role,
+                        role_source="late-join",
+                    )
                 ]
             )
+        return ConfigRecord({**dict(config), ROLE_KEY: role})
+
+    def aggregate(
+        self, server_round: int, replies: list[Reply], exchange: Exchange = TRAIN
+    ) -> ArrayRecord | None:
+        """FH-10: unweighted mean (reference) or weighted by training-set size."""
+        if self.options.aggregation == "weighted":
+            weights = [r.num_train for r in replies]
+        else:
+            weights = [1.0] * len(replies)
+        total = sum(weights)
+        self.record(
+            [
+                FedHelpAggregateRow(
+                    round=server_round,
+                    hospital=r.hospital,
+                    node_id=r.node_id,
+                    role=self.roles.get(r.node_id, "small"),
+                    uploaded="proxy" if self.roles.get(r.node_id) == "large" else "surrogate",
+                    weight=w / total,
+                )
+                for r, w in zip(replies, weights, strict=True)
+            ]
+        )
         return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
 
     def summary_extra(self) -> dict[str, Any]:

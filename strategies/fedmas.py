@@ -69,6 +69,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedclinic.config import HospitalConfig, RunConfig, Schema
 from fedclinic.data.base import Split
+from fedclinic.engine import TRAIN, Exchange, Reply, ServerAlgorithm, replies_to_numpy
 from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
 from fedclinic.models import MODELS, build_model
 from fedclinic.prior import (
@@ -80,16 +81,10 @@ from fedclinic.prior import (
     prior_content_sha256,
     random_prior,
 )
+from fedclinic.rows import FedMASAggregationRow
 from fedclinic.serialization import State, file_sha256, numpy_to_record
 from fedclinic.training import make_loader, make_optimizer
-from strategies.base import (
-    Algorithm,
-    ClientObjective,
-    FedClinicStrategy,
-    LocalUpdate,
-    Reply,
-    replies_to_numpy,
-)
+from strategies.base import Algorithm, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 from strategies.fedmas_math import (
     ClassDivergence,
@@ -102,6 +97,8 @@ from strategies.fedmas_math import (
 )
 
 OPTIMIZER_STATE = "fedmas_optimizer"
+#: what summary.json keeps per hospital and round (a subset of the aggregation row)
+HISTORY_FIELDS = {"rf", "weight", "fedavg_weight", "num_train", "w", "w_hat"}
 
 
 class FedMASOptions(Schema):
@@ -459,7 +456,7 @@ class FedMASObjective(ClientObjective):
 # ------------------------------------------------------------------------------ the server
 
 
-class FedMASStrategy(FedClinicStrategy):
+class FedMASStrategy(ServerAlgorithm):
     """Averages full states with the weights ``RF_k / Σ RF`` (or the configured variant)."""
 
     state_attributes = ("history", "prior_seen")
@@ -491,7 +488,9 @@ class FedMASStrategy(FedClinicStrategy):
                 f"SHA-256 {groups}); every hospital must use the bit-identical prior"
             )
 
-    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
+    def aggregate(
+        self, server_round: int, replies: list[Reply], exchange: Exchange = TRAIN
+    ) -> ArrayRecord | None:
         self._check_priors(server_round, replies)
         states = replies_to_numpy(replies)
         keys = set(states[0])
@@ -502,7 +501,7 @@ class FedMASStrategy(FedClinicStrategy):
                     "entries from the others (is every hospital on the same run config?)"
                 )
         rf = [float(r.metrics.get("mas_rf", math.nan)) for r in replies]
-        n = [float(r.metrics.get("num_train", r.num_examples)) for r in replies]
+        n = [r.num_train for r in replies]
         options = self.options
         weights, rule = aggregation_weights(
             options.aggregation,
@@ -526,29 +525,23 @@ class FedMASStrategy(FedClinicStrategy):
         for reply, r, weight, fedavg_weight, count in zip(
             replies, rf, weights, plain, n, strict=True
         ):
-            entry = {
-                "rf": r,
-                "weight": weight,
-                "fedavg_weight": fedavg_weight,
-                "num_train": int(count),
-                "w": [float(v) for v in reply.metrics.get("mas_w", [])],
-                "w_hat": [float(v) for v in reply.metrics.get("mas_w_hat", [])],
-            }
-            per_hospital[reply.hospital] = entry
-            rows.append(
-                {
-                    "round": server_round,
-                    "hospital": reply.hospital,
-                    "node_id": reply.node_id,
-                    "kind": "aggregation",
-                    "method": options.aggregation,
-                    "rule": rule,
-                    **entry,
-                }
+            row = FedMASAggregationRow(
+                round=server_round,
+                hospital=reply.hospital,
+                node_id=reply.node_id,
+                method=options.aggregation,
+                rule=rule,
+                rf=r,
+                weight=weight,
+                fedavg_weight=fedavg_weight,
+                num_train=int(count),
+                w=[float(v) for v in reply.metrics.get("mas_w", [])],
+                w_hat=[float(v) for v in reply.metrics.get("mas_w_hat", [])],
             )
+            per_hospital[reply.hospital] = row.model_dump(include=HISTORY_FIELDS)
+            rows.append(row)
         self.history[str(server_round)] = {"rule": rule, "hospitals": per_hospital}
-        if self.results:
-            self.results.append(rows)
+        self.record(rows)
         return numpy_to_record(weighted_average(states, weights))
 
     def summary_extra(self) -> dict[str, Any]:

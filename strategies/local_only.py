@@ -12,23 +12,24 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 from torch import nn
 
+from fedclinic.engine import TRAIN, Exchange, Reply, ServerAlgorithm
 from fedclinic.serialization import State
-from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, LocalUpdate, Reply
+from strategies.base import Algorithm, ClientObjective, LocalUpdate
 
 LOCAL_MODEL = "local_model"
 
 
-class LocalOnlyStrategy(FedClinicStrategy):
+class LocalOnlyStrategy(ServerAlgorithm):
     """Keeps the initial model: there is no global model to aggregate or save."""
 
     has_global_model = False
-    checks_update_norms = False  # nothing is averaged: each site's model stays its own
+    #: hospitals upload no weights (their models stay at the site): nothing to compare
+    checks_update_layout = False
+    checks_update_norms = False
 
-    def update_spec(self) -> None:
-        """Hospitals upload no weights (their models stay at the site): nothing to compare."""
-        return None
-
-    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
+    def aggregate(
+        self, server_round: int, replies: list[Reply], exchange: Exchange = TRAIN
+    ) -> ArrayRecord | None:
         return None
 
 

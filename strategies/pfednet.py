@@ -15,10 +15,15 @@ Protocol (the deep version, section 2.4), one fedclinic round = two exchanges:
 1. *Shared phase* (the round's regular message): the hospital evaluates its personalised
    model ``x + z_n``, then trains the shared layers with the personal ones frozen and uploads
    the shared pseudo-gradient; the server averages by training-set size.
-2. *Personal phase* (a second TRAIN message inside :meth:`aggregate`): the hospital loads
-   the new ``x`` and its ``z_n``, trains the personal layers with the shared ones frozen and
-   uploads ``G_n = z_n(before) - z_n(after)``; the server runs the ADMM and keeps ``Z``.
-   With no shared parameter (logistic regression) the round's only exchange is this phase.
+2. *Personal phase* (the round's second exchange, declared by
+   :meth:`PFedNetStrategy.exchanges`; train only, to the hospitals whose shared update was
+   accepted): the hospital loads the new ``x`` and its ``z_n``, trains the personal layers
+   with the shared ones frozen and uploads ``G_n = z_n(before) - z_n(after)``; the server
+   runs the ADMM and keeps ``Z``. With no shared parameter (logistic regression) the round's
+   only exchange is this phase, and it evaluates first.
+
+Both exchanges go through the round engine (retries, re-sends, validation, audit); an
+update the decoder cannot read is ``rejected`` like any other bad update.
 
 Each hospital receives its own column ``z_n``, keyed by hospital name (node ids change when
 a SuperNode restarts); the hospital keeps it in its :class:`~fedclinic.site.SiteState`.
@@ -59,29 +64,29 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common import log
-from flwr.serverapp import Grid
 from pydantic import Field
 from torch import nn
 
+from fedclinic import messages as keys
 from fedclinic.config import RunConfig, Schema
-from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
+from fedclinic.engine import Exchange, Hospital, Reply, ServerAlgorithm
+from fedclinic.errors import ConfigError, DataError, IntegrityError
 from fedclinic.models import MODELS, build_model, personal_prefixes
-from fedclinic.serialization import (
-    State,
-    numpy_to_record,
-    record_to_numpy,
-    record_to_state,
-    state_to_record,
-)
+from fedclinic.rows import CommunicationRow, PFedNetAdmmRow, PFedNetGraphRow
+from fedclinic.serialization import State, numpy_to_record, record_to_numpy
 from fedclinic.training import seeded_generator, train_local
 from strategies import pfednet_math as pm
-from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, LocalUpdate, Reply
+from strategies.base import Algorithm, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 
-PHASE_KEY = "pfednet-phase"  # round config: "shared" or "personal"
-SKETCH_KEY = "pfednet-sketch"  # setup query config: whether to compute the sketch
+SKETCH_KEY = keys.PFEDNET_SKETCH  # setup query config: whether to compute the sketch
+#: the round's exchanges: shared layers (evaluate first), then personal layers (train only)
+SHARED = Exchange("shared")
+PERSONAL = Exchange("personal", evaluate=False)
+#: with no shared layer (logistic regression) the personal phase is the round's only exchange
+PERSONAL_ONLY = Exchange("personal")
 MARKER = "pfednet.column"  # array naming the hospital whose personalised column was sent
 PERSONAL_STATE = "pfednet_personal"  # site state: this hospital's personalised parameters
 DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model, final round
@@ -243,7 +248,7 @@ class PFedNetObjective(ClientObjective):
     # -- setup query
     def describe(self, content: RecordDict) -> dict[str, float | list[float]]:
         """The data sketch for the similarity graph (PF-1); aggregate statistics only."""
-        config = dict(content["config"]) if "config" in content.config_records else {}
+        config = dict(content[keys.CONFIG]) if keys.CONFIG in content.config_records else {}
         answer = super().describe(content)
         if not config.get(SKETCH_KEY, False):
             return answer  # a name-only query (a hospital that reconnected)
@@ -303,14 +308,16 @@ class PFedNetObjective(ClientObjective):
 
     def deployed_model(self, received: State) -> nn.Module:
         state, _ = self.resolve(received)
-        if self.context.server_config.get("final"):
+        if self.context.server_config.get(keys.FINAL):
             self.context.site.save(DEPLOYED_STATE, state)
         return self.build(state)
 
     # -- training
     def fit(self, received: State) -> LocalUpdate:
+        """The shared or the personal phase, as the message's exchange says."""
         state, own = self.resolve(received)
-        if self.split.shared:
+        personal = self.context.server_config.get(keys.EXCHANGE) == PERSONAL.name
+        if self.split.shared and not personal:
             return self.shared_phase(state)
         return self.personal_phase(state, own)
 
@@ -380,40 +387,11 @@ class PFedNetObjective(ClientObjective):
             info={"phase": "personal", "in_graph": str(own).lower()},
         )
 
-    def respond(self, content: RecordDict, train: bool) -> RecordDict:
-        """The shared-phase message evaluates then trains; the personal-phase one only trains."""
-        if self.context.server_config.get(PHASE_KEY) != "personal" or not train:
-            return super().respond(content, train)
-        state, own = self.resolve(record_to_state(content["arrays"]))
-        torch.manual_seed(int(self.generator().initial_seed() % (2**31)))
-        update = self.personal_phase(state, own)
-        metrics = {
-            "train_loss": update.loss,
-            "num-examples": update.num_examples,
-            "num_train": len(self.context.data.train),
-            "train_seconds": update.seconds,
-            "train_steps": update.steps,
-            **update.metrics,
-        }
-        info = {
-            "hospital": self.context.hospital.hospital,
-            "device": str(self.context.device),
-            "deployed": self.deployed_kind,
-            **update.info,
-        }
-        return RecordDict(
-            {
-                "arrays": state_to_record(update.state),
-                "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-                "info": ConfigRecord(info),
-            }
-        )
-
 
 # ------------------------------------------------------------------------------------ server
 
 
-class PFedNetStrategy(FedClinicStrategy):
+class PFedNetStrategy(ServerAlgorithm):
     """Server half: the graph, the shared average, the ADMM step, the per-hospital columns."""
 
     state_attributes = (
@@ -421,11 +399,11 @@ class PFedNetStrategy(FedClinicStrategy):
     )  # fmt: skip
 
     has_global_model = False  # each hospital deploys its own x + z_n
-
-    def update_spec(self) -> None:
-        """Uploads are split into shared/personal parts and may be compressed (PF-4): their
-        layout is checked by the decoder; the base check is NaN/Inf only."""
-        return None
+    #: uploads are split into shared/personal parts and may be compressed (PF-4): their
+    #: layout is checked by the decoder (check_update); the engine checks NaN/Inf only
+    checks_update_layout = False
+    #: each hospital receives its own column, found by hospital name
+    needs_names = True
 
     def __init__(self, run: RunConfig, results: Any = None) -> None:
         super().__init__(run, results)
@@ -442,11 +420,13 @@ class PFedNetStrategy(FedClinicStrategy):
         self.admm_log: list[dict[str, Any]] = []
 
     # -- setup: the similarity graph (PF-1)
-    def setup(self, grid: Grid, initial_arrays: ArrayRecord) -> None:
-        self.grid = grid
+    def setup_query(self) -> dict[str, Any]:
+        """Every hospital's data sketch."""
+        return {SKETCH_KEY: True}
+
+    def setup(self, replies: list[Reply], initial_arrays: ArrayRecord) -> None:
         self.state = record_to_numpy(initial_arrays)
         kind = resolve_sketch(self.run)
-        replies = self.query_hospitals(grid, {SKETCH_KEY: True})
         names = [r.hospital for r in replies]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -484,22 +464,20 @@ class PFedNetStrategy(FedClinicStrategy):
             len(replies),
             self.graph.named_edges(),
         )
-        if self.results:
-            self.results.append(
-                [
-                    {
-                        "round": 0,
-                        "kind": "pfednet-graph",
-                        "sketch": kind,
-                        "knn_k": self.options.knn_k,
-                        "hospitals": list(self.graph.hospitals),
-                        "edges": self.graph.named_edges(),
-                        "sketch_bytes": sketch_bytes,
-                        "personal_entries": self.split.size(self.split.personal),
-                        "shared_entries": self.split.size(self.split.shared),
-                    }
-                ]
-            )
+        self.record(
+            [
+                PFedNetGraphRow(
+                    round=0,
+                    sketch=kind,
+                    knn_k=self.options.knn_k,
+                    hospitals=list(self.graph.hospitals),
+                    edges=self.graph.named_edges(),
+                    sketch_bytes=sketch_bytes,
+                    personal_entries=self.split.size(self.split.personal),
+                    shared_entries=self.split.size(self.split.shared),
+                )
+            ]
+        )
 
     @staticmethod
     def _sketch(reply: Reply) -> list[float]:
@@ -509,18 +487,22 @@ class PFedNetStrategy(FedClinicStrategy):
         return [float(v) for v in sketch]
 
     @staticmethod
-    def _sketch_only(reply: Reply) -> dict[str, list[float]]:
+    def _sketch_only(reply: Reply) -> dict[str, int | float | list[int] | list[float]]:
         return {"sketch": [float(v) for v in reply.metrics["sketch"]]}
 
-    # -- what each hospital receives
-    def round_config(self, server_round: int) -> dict[str, Any]:
-        self.round = server_round
-        phase = "shared" if self.split.shared else "personal"
-        return {"server-round": server_round, PHASE_KEY: phase}
+    # -- the round: which exchanges, what each hospital receives
+    def exchanges(self, server_round: int) -> tuple[Exchange, ...]:
+        return (SHARED, PERSONAL) if self.split.shared else (PERSONAL_ONLY,)
 
-    def arrays_for(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+    def round_config(self, server_round: int, exchange: Exchange) -> dict[str, Any]:
+        self.round = server_round  # byte counts are kept per round
+        return {}
+
+    def arrays_for(
+        self, hospital: Hospital, arrays: ArrayRecord, exchange: Exchange
+    ) -> ArrayRecord:
         """The shared x plus this hospital's personalised column, found by hospital name."""
-        name = self._name_of(node_id)
+        name = hospital.name
         personal = self._column(name)
         state = {**self.state, **self.split.unflatten(personal, self.split.personal, self.state)}
         if self.graph is not None and name in self.graph.hospitals:
@@ -541,65 +523,56 @@ class PFedNetStrategy(FedClinicStrategy):
     def _template(self) -> np.ndarray:
         return self.split.flatten(self.state, self.split.personal)
 
-    def _name_of(self, node_id: int) -> str:
-        """Hospital name of a node; a node id never seen (a restarted SuperNode) is asked."""
-        if node_id not in self.hospital_names and self.grid is not None:
-            content = RecordDict({"config": ConfigRecord({"server-round": 0, SKETCH_KEY: False})})
-            message = Message(content=content, message_type=MessageType.QUERY, dst_node_id=node_id)
-            for reply in self.grid.send_and_receive([message], timeout=self.run.round_timeout):
-                if not reply.has_error() and "info" in reply.content.config_records:
-                    name = reply.content["info"].get("hospital")
-                    if isinstance(name, str) and name:
-                        self.hospital_names[node_id] = name
-        return self.hospital_of(node_id)
+    # -- aggregation: shared average, then (second exchange) the ADMM
+    def check_update(self, reply: Reply, exchange: Exchange) -> str | None:
+        """The decoder's verdict on an upload (wrong size, missing codes or buffers)."""
+        prefix = "shared." if exchange.name == SHARED.name else "personal."
+        try:
+            self._decode(reply, prefix)
+        except DataError as err:
+            return f"unusable {prefix[:-1]} update: {err}"
+        return None
 
-    # -- aggregation: shared average, personal exchange, ADMM
-    def aggregate(self, server_round: int, replies: list[Reply]) -> ArrayRecord | None:
-        if self.split.shared:
-            usable = self._apply_shared(server_round, replies)
-            replies = self._personal_exchange(server_round, [r.node_id for r in usable])
+    def aggregate(
+        self, server_round: int, replies: list[Reply], exchange: Exchange = SHARED
+    ) -> ArrayRecord | None:
+        if exchange.name == SHARED.name:
+            self._apply_shared(server_round, replies)
+            return None  # the round's model is complete after the personal phase
         self._apply_personal(server_round, replies)
         return numpy_to_record(self.global_state())
 
+    def _decode(self, reply: Reply, prefix: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        assert reply.arrays is not None
+        arrays = record_to_numpy(reply.arrays)
+        names = self.split.shared if prefix == "shared." else self.split.personal
+        delta = pm.decode_update(arrays, prefix, self.split.size(names))
+        if prefix == "shared.":
+            missing = [b for b in self.split.buffers if f"buffer.{b}" not in arrays]
+            if missing:
+                raise DataError(f"the shared update lacks buffer '{missing[0]}'")
+        return delta, arrays
+
     def _uploads(
-        self, server_round: int, replies: list[Reply], prefix: str, names: Sequence[str]
+        self, replies: list[Reply], prefix: str
     ) -> list[tuple[Reply, np.ndarray, dict[str, np.ndarray]]]:
-        """Decoded updates; a malformed one drops that hospital (an error row), not the run."""
-        size = self.split.size(names)
+        """Decoded accepted updates (check_update decoded them once already), with their bytes
+        counted."""
         decoded = []
         for reply in replies:
             assert reply.arrays is not None
-            arrays = record_to_numpy(reply.arrays)
-            try:
-                delta = pm.decode_update(arrays, prefix, size)
-                if prefix == "shared.":
-                    missing = [b for b in self.split.buffers if f"buffer.{b}" not in arrays]
-                    if missing:
-                        raise DataError(f"the shared update lacks buffer '{missing[0]}'")
-            except DataError as err:
-                reason = f"{reply.hospital}: unusable {prefix[:-1]} update: {err}"
-                log(WARNING, "round %d: %s", server_round, reason)
-                if self.results:
-                    self.results.append([self._error_row(server_round, reply.node_id, reason)])
-                continue
+            delta, arrays = self._decode(reply, prefix)
             upload, deflated = pm.record_bytes(reply.arrays)
             self._count(reply.hospital, f"{prefix[:-1]}_upload_bytes", upload)
             self._count(reply.hospital, "upload_bytes", upload)
             self._count(reply.hospital, "upload_deflate_bytes", deflated)
             decoded.append((reply, delta, arrays))
-        if len(decoded) < self.run.min_hospitals:
-            raise FedClinicError(
-                f"round {server_round}: {len(decoded)} usable {prefix[:-1]} updates, fewer than "
-                f"min-hospitals = {self.run.min_hospitals}"
-            )
         return decoded
 
-    def _apply_shared(self, server_round: int, replies: list[Reply]) -> list[Reply]:
+    def _apply_shared(self, server_round: int, replies: list[Reply]) -> None:
         """x <- x - sum_n (n_n / n) g_n: FedAvg of the shared layers (section 2.4 step 1)."""
-        decoded = self._uploads(server_round, replies, "shared.", self.split.shared)
-        weights = np.array(
-            [float(r.metrics.get("num_train", r.num_examples)) for r, _, _ in decoded]
-        )
+        decoded = self._uploads(replies, "shared.")
+        weights = np.array([r.num_train for r, _, _ in decoded])
         step = sum(w * d for w, (_, d, _) in zip(weights / weights.sum(), decoded, strict=True))
         x = self.split.flatten(self.state, self.split.shared) - step
         self.state.update(self.split.unflatten(x, self.split.shared, self.state))
@@ -608,47 +581,6 @@ class PFedNetStrategy(FedClinicStrategy):
                 {b: arrays[f"buffer.{b}"] for b in self.split.buffers} for _, _, arrays in decoded
             ]
             self.state.update(weighted_average(buffers, list(weights)))
-        return [reply for reply, _, _ in decoded]
-
-    def _personal_exchange(self, server_round: int, nodes: list[int]) -> list[Reply]:
-        """Second message of the round: the personal phase, from the new x."""
-        assert self.grid is not None
-        config = ConfigRecord(
-            {"server-round": server_round, PHASE_KEY: "personal", **self.site_config()}
-        )
-        messages = [
-            Message(
-                content=RecordDict(
-                    {"arrays": self.arrays_for(node, ArrayRecord()), "config": config}
-                ),
-                message_type=MessageType.TRAIN,
-                dst_node_id=node,
-            )
-            for node in nodes
-        ]
-        replies = self.exchange(self.grid, list(messages), self.run.round_timeout)
-        good = self.accept(server_round, replies, trained=True, record=False)
-        if self.results:
-            self.results.append(
-                [
-                    {
-                        "round": server_round,
-                        "hospital": r.hospital,
-                        "node_id": r.node_id,
-                        "kind": "train",
-                        "phase": "personal",
-                        "train_loss": r.metrics.get("train_loss"),
-                        "num_examples": r.num_examples,
-                        "num_train": r.metrics.get("num_train"),
-                        "seconds": r.metrics.get("train_seconds"),
-                        "steps": r.metrics.get("train_steps"),
-                        "device": r.info.get("device"),
-                        "train_compress_seconds": r.metrics.get("train_compress_seconds"),
-                    }
-                    for r in good
-                ]
-            )
-        return good
 
     def server_step_size(self) -> float:
         """PF-2: eta; 0 means N (the number of graph hospitals): the full local step."""
@@ -658,7 +590,7 @@ class PFedNetStrategy(FedClinicStrategy):
     def _apply_personal(self, server_round: int, replies: list[Reply]) -> None:
         """The coupled proximal step over every graph hospital's column (section 2.4 step 3)."""
         assert self.graph is not None
-        decoded = self._uploads(server_round, replies, "personal.", self.split.personal)
+        decoded = self._uploads(replies, "personal.")
         g = np.zeros_like(self.columns)
         updated = []
         for reply, delta, _ in decoded:
@@ -680,22 +612,20 @@ class PFedNetStrategy(FedClinicStrategy):
         )
         differences = np.linalg.norm(self.columns @ self.graph.q, axis=0)
         scale = max(float(np.abs(self.columns).max(initial=0.0)), 1.0)
-        row = {
-            "round": server_round,
-            "kind": "pfednet-admm",
-            "eta": eta,
-            "fusion_lambda": self.options.fusion_lambda,
-            "objective": pm.personal_objective(
+        row = PFedNetAdmmRow(
+            round=server_round,
+            eta=eta,
+            fusion_lambda=self.options.fusion_lambda,
+            objective=pm.personal_objective(
                 self.columns, previous, g, self.graph.q, self.options.fusion_lambda, eta
             ),
-            "fused_edges": int((differences <= 1e-6 * scale).sum()),
-            "edges": len(self.graph.edges),
-            "hospitals_updated": updated,
-            "seconds": time.perf_counter() - started,
-        }
-        self.admm_log.append(row)
-        if self.results:
-            self.results.append([row])
+            fused_edges=int((differences <= 1e-6 * scale).sum()),
+            edges=len(self.graph.edges),
+            hospitals_updated=updated,
+            seconds=time.perf_counter() - started,
+        )
+        self.admm_log.append(row.dump())
+        self.record([row])
 
     def global_state(self) -> dict[str, np.ndarray]:
         """x with the mean personalised column: what Flower's loop carries between rounds."""
@@ -708,6 +638,7 @@ class PFedNetStrategy(FedClinicStrategy):
         slot[key] = slot.get(key, 0) + value
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """This round's byte counts (``rounds + 1``: the final evaluation's downloads)."""
         self._write_traffic(server_round)
 
     def _fedavg_bytes(self, server_round: int) -> tuple[int, int]:
@@ -722,34 +653,21 @@ class PFedNetStrategy(FedClinicStrategy):
         for hospital, counts in sorted(self.traffic.get(server_round, {}).items()):
             trained = "upload_bytes" in counts
             rows.append(
-                {
-                    "round": server_round,
-                    "hospital": hospital,
-                    "kind": "communication",
-                    "compression": self.options.compression,
-                    "upload_bytes": int(counts.get("upload_bytes", 0)),
-                    "upload_deflate_bytes": int(counts.get("upload_deflate_bytes", 0)),
-                    "shared_upload_bytes": int(counts.get("shared_upload_bytes", 0)),
-                    "personal_upload_bytes": int(counts.get("personal_upload_bytes", 0)),
-                    "download_bytes": int(counts.get("download_bytes", 0)),
-                    "fedavg_upload_bytes": full if trained else 0,
-                    "fedavg_upload_deflate_bytes": deflated if trained else 0,
-                    "fedavg_download_bytes": full,
-                }
+                CommunicationRow(
+                    round=server_round,
+                    hospital=hospital,
+                    compression=self.options.compression,
+                    upload_bytes=int(counts.get("upload_bytes", 0)),
+                    upload_deflate_bytes=int(counts.get("upload_deflate_bytes", 0)),
+                    shared_upload_bytes=int(counts.get("shared_upload_bytes", 0)),
+                    personal_upload_bytes=int(counts.get("personal_upload_bytes", 0)),
+                    download_bytes=int(counts.get("download_bytes", 0)),
+                    fedavg_upload_bytes=full if trained else 0,
+                    fedavg_upload_deflate_bytes=deflated if trained else 0,
+                    fedavg_download_bytes=full,
+                )
             )
-        if self.results and rows:
-            self.results.append(rows)
-
-    def finish(self, rounds: int, arrays: ArrayRecord) -> None:
-        self._write_traffic(rounds + 1)  # the final evaluation's downloads
-        super().finish(rounds, arrays)
-
-    def _rows(self, server_round: int, reply: Reply, trained: bool) -> list[dict[str, Any]]:
-        rows = super()._rows(server_round, reply, trained)
-        for row in rows:
-            if row["kind"] == "train":
-                row["phase"] = reply.info.get("phase", "")
-        return rows
+        self.record(rows)
 
     def summary_extra(self) -> dict[str, Any]:
         totals: dict[str, dict[str, int]] = {}

@@ -1,14 +1,31 @@
-"""Suite-wide ordering: the real-process runs (marked ``e2e``) are collected first.
+"""Suite-wide ordering and the shared fixtures (the harness itself is tests/harness.py).
 
-They are CPU-bound and take a minute or two each; started first (and handed out one test at a
-time, ``--maxschedchunk 1`` in the Makefile), they overlap across the xdist workers instead of
+Ordering: the real-process runs (marked ``e2e``) are collected first. They are CPU-bound and
+take a minute or two each; started first (and handed out one test at a time,
+``--maxschedchunk 1`` in the Makefile), they overlap across the xdist workers instead of
 queueing behind each other at the end of one worker.
 """
 
 from __future__ import annotations
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
+from harness import FakeClock
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: order kept
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's ``Message`` needs a task identity, which a real process gets from its runtime."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A clock for the engine that does not wait: deadlines and re-sends in no time."""
+    return FakeClock()

@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 import torch
 
-# the local federation of the dropout test, the in-process grid of the pFedNet tests
+# the local federation of the dropout test, the in-process run of the shared harness
+from harness import ScriptedGrid, run
 from test_e2e_dropout import local_federation, start_and_submit
-from test_pfednet import InProcessGrid, task_identity  # noqa: F401
 
 from fedclinic import checkpoint
 from fedclinic.audit import AuditLog
@@ -44,9 +44,7 @@ from fedclinic.local.configs import HospitalSpec, synthetic_hospitals, write_fla
 from fedclinic.local.federation import LocalFederation, log_name
 from fedclinic.local.supervisor import pids_with_cmdline
 from fedclinic.pki import fingerprint
-from fedclinic.results import ResultsWriter
-from fedclinic.serialization import record_to_numpy, state_to_record
-from strategies import get_algorithm, load_run_config
+from fedclinic.serialization import record_to_numpy
 
 RUN = {"rounds": 2, "min-hospitals": 2, "local-steps": 3, "batch-size": 16, "seed": 7}
 CORRUPT_SITE = Path(__file__).resolve().parent / "corrupt_hospital"  # its sitecustomize.py
@@ -74,12 +72,7 @@ def reference_model(tmp_path: Path, hospitals: list[Any]) -> dict[str, np.ndarra
         100 + i: {**spec.flat, "state-dir": str(tmp_path / "reference-state" / spec.name)}
         for i, spec in enumerate(hospitals)
     }
-    run = load_run_config(flat)
-    strategy = get_algorithm(run.algorithm).strategy(run, ResultsWriter(run.output_dir))
-    result = strategy.start(
-        grid=InProcessGrid(nodes, flat),  # type: ignore[arg-type]
-        initial_arrays=state_to_record(strategy.initial_state()),
-    )
+    _, result = run(flat, ScriptedGrid(nodes, flat), tmp_path / "reference")
     return record_to_numpy(result.arrays)
 
 

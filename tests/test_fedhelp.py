@@ -13,6 +13,7 @@ from torch import nn
 
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.data import DataRequest, load_hospital_data
+from fedclinic.engine import Hospital, Reply
 from fedclinic.errors import ConfigError, IntegrityError
 from fedclinic.knowledge import build_knowledge, write_synthetic_public
 from fedclinic.models import build_model
@@ -20,7 +21,7 @@ from fedclinic.results import ResultsWriter
 from fedclinic.serialization import numpy_to_record, record_to_state, state_to_record
 from fedclinic.site import SiteState
 from strategies import load_run_config
-from strategies.base import ClientContext, Reply
+from strategies.base import ClientContext
 from strategies.fedhelp import (
     HEADS,
     LARGE_MODEL,
@@ -260,13 +261,12 @@ def test_without_public_data_the_small_hospital_trains_on_its_own_data_only(
 
 
 def test_without_public_data_the_coordinator_needs_no_knowledge_file(
-    shared: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    shared: dict[str, Any],
 ) -> None:
     run = make_run(shared, **{"knowledge": "none", "knowledge-sha256": ""})
     strategy = FedHelpStrategy(run)
     queried = [reply(1, "a", {}, 10), reply(2, "b", {}, 20)]
-    monkeypatch.setattr(strategy, "query_hospitals", lambda grid, config=None: queried)
-    strategy.setup(grid=None, initial_arrays=numpy_to_record({}))  # type: ignore[arg-type]
+    strategy.setup(queried, numpy_to_record({}))
     assert strategy.roles == {1: "small", 2: "large"}
     assert strategy.summary_extra()["fedhelp"]["knowledge"] == "none"
 
@@ -315,7 +315,7 @@ def reply(
 
 
 def test_setup_assigns_roles_sends_them_and_records_them(
-    shared: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shared: dict[str, Any], tmp_path: Path
 ) -> None:
     run = make_run(shared)
     results = ResultsWriter(tmp_path / "out")
@@ -325,12 +325,12 @@ def test_setup_assigns_roles_sends_them_and_records_them(
         reply(12, "hospital-b", {}, 400),
         reply(13, "hospital-c", {}, 50, role="large"),
     ]
-    monkeypatch.setattr(strategy, "query_hospitals", lambda grid, config=None: queried)
-    strategy.setup(grid=None, initial_arrays=numpy_to_record({}))  # type: ignore[arg-type]
+    strategy.setup(queried, numpy_to_record({}))
     assert strategy.roles == {11: "small", 12: "small", 13: "large"}  # num-large = 1, taken by c
     config = ConfigRecord({"server-round": 1})
-    assert strategy.config_for(13, config)[ROLE_KEY] == "large"
-    assert strategy.config_for(11, config)[ROLE_KEY] == "small"
+    assert strategy.setup_query() == {}  # the engine asks every hospital to describe itself
+    assert strategy.config_for(Hospital(13, "hospital-c"), config)[ROLE_KEY] == "large"
+    assert strategy.config_for(Hospital(11, "hospital-a"), config)[ROLE_KEY] == "small"
     assert ROLE_KEY not in config  # the shared config is not changed
     rows = [r for r in results.rows if r["kind"] == "fedhelp-role"]
     assert {r["hospital"]: (r["role"], r["role_source"]) for r in rows} == {
@@ -342,19 +342,15 @@ def test_setup_assigns_roles_sends_them_and_records_them(
     assert extra["roles"] == {"hospital-a": "small", "hospital-b": "small", "hospital-c": "large"}
 
 
-def test_setup_refuses_small_hospitals_without_knowledge(
-    shared: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_setup_refuses_small_hospitals_without_knowledge(shared: dict[str, Any]) -> None:
     strategy = FedHelpStrategy(make_run(shared, **{"knowledge-sha256": ""}))
     queried = [reply(1, "a", {}, 10), reply(2, "b", {}, 20)]
-    monkeypatch.setattr(strategy, "query_hospitals", lambda grid, config=None: queried)
     with pytest.raises(ConfigError, match=r"fedhelp\.knowledge-sha256"):
-        strategy.setup(grid=None, initial_arrays=numpy_to_record({}))  # type: ignore[arg-type]
+        strategy.setup(queried, numpy_to_record({}))
     strategy = FedHelpStrategy(make_run(shared))
     queried[0].metrics["fedhelp_has_knowledge"] = 0.0
-    monkeypatch.setattr(strategy, "query_hospitals", lambda grid, config=None: queried)
     with pytest.raises(ConfigError, match=r"small hospital\(s\) a: the hospital config lacks"):
-        strategy.setup(grid=None, initial_arrays=numpy_to_record({}))  # type: ignore[arg-type]
+        strategy.setup(queried, numpy_to_record({}))
 
 
 @pytest.mark.parametrize(

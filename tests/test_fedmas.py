@@ -13,11 +13,12 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedclinic.config import HospitalConfig
 from fedclinic.data.base import HospitalData, Split
+from fedclinic.engine import Reply
 from fedclinic.errors import ConfigError
 from fedclinic.serialization import record_to_numpy, state_to_record
 from fedclinic.site import SiteState
 from strategies import load_run_config
-from strategies.base import ClientContext, Reply
+from strategies.base import ClientContext
 from strategies.fedmas import (
     FedMASNet,
     FedMASObjective,

@@ -10,11 +10,12 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.data.base import HospitalData, Split
+from fedclinic.engine import Reply
 from fedclinic.models import build_model
 from fedclinic.serialization import file_sha256, record_to_state, state_to_record
 from fedclinic.site import SiteState
 from strategies import get_algorithm
-from strategies.base import ClientContext, Reply
+from strategies.base import ClientContext
 from strategies.local_only import LOCAL_MODEL
 
 

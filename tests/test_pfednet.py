@@ -1,25 +1,25 @@
-"""pFedNet protocol: layer split, hospital-side state, and whole rounds through the real
-ClientApp handler with an in-process grid (the Flower transport is the e2e test's job)."""
+"""pFedNet protocol: layer split, hospital-side state, and whole rounds (two declared
+exchanges through the round engine) with the real ClientApp handler on an in-process grid
+(the Flower transport is the e2e test's job)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, MessageType
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import MessageType
+from harness import ScriptedGrid, rows_of, run, synthetic_nodes
 
-from fedclinic.bench.grid import InProcessGrid as ClientAppGrid
 from fedclinic.config import parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
+from fedclinic.engine import RoundEngine
+from fedclinic.engine.exchange import Transport
 from fedclinic.errors import ConfigError
 from fedclinic.models import build_model
-from fedclinic.results import ResultsWriter
 from fedclinic.serialization import state_to_record
 from fedclinic.site import SiteState
 from strategies import load_run_config
@@ -33,7 +33,7 @@ from strategies.pfednet import (
     PFedNetStrategy,
 )
 
-HEART = Path("/work/shared/data/heart_disease")
+HEART = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "heart_disease"
 
 
 def run_config(**extra: Any) -> dict[str, Any]:
@@ -166,81 +166,24 @@ def test_personal_state_persists_and_is_used_without_a_column(tmp_path: Path) ->
 # ---------------------------------------------------------------- rounds with an in-process grid
 
 
-class InProcessGrid(ClientAppGrid):
-    """The benchmarks' in-process grid (real ClientApp handler), plus a log of what each node
-    was sent and ``renumber`` = (after how many exchanges, old node id, new node id), which
-    simulates a SuperNode restart: the hospital comes back under a new node id.
-    """
-
-    def __init__(
-        self,
-        nodes: dict[int, dict[str, Any]],
-        run: dict[str, Any],
-        renumber: tuple[int, int, int] | None = None,
-    ) -> None:
-        super().__init__(nodes, run)
-        self.renumber = renumber
-        self.exchanges = 0
-        self.log: list[tuple[str, int]] = []
-
-    def send_and_receive(
-        self, messages: Iterable[Message], timeout: float | None = None
-    ) -> list[Message]:
-        messages = list(messages)
-        self.log += [(m.metadata.message_type, m.metadata.dst_node_id) for m in messages]
-        replies = super().send_and_receive(messages, timeout)
-        self.exchanges += 1
-        if self.renumber and self.exchanges == self.renumber[0]:
-            _, old, new = self.renumber
-            self.nodes[new] = self.nodes.pop(old)
-        return replies
-
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-
-
 def run_rounds(
     tmp_path: Path, flat: dict[str, Any], nodes: dict[int, dict[str, Any]], **grid: Any
-) -> tuple[PFedNetStrategy, InProcessGrid, list[dict[str, Any]]]:
-    run = load_run_config(flat)
-    results = ResultsWriter(tmp_path / "out")
-    strategy = PFedNetStrategy(run, results)
-    fake = InProcessGrid(nodes, flat, **grid)
-    initial = state_to_record(build_model(run, seed=run.seed).state_dict())
-    strategy.start(grid=fake, initial_arrays=initial)  # type: ignore[arg-type]
-    rows = [
-        json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    ]
-    return strategy, fake, rows
+) -> tuple[PFedNetStrategy, ScriptedGrid, list[dict[str, Any]]]:
+    fake = ScriptedGrid(nodes, flat, **grid)
+    engine, _ = run(flat, fake, tmp_path / "out")
+    assert isinstance(engine.algorithm, PFedNetStrategy)
+    return engine.algorithm, fake, rows_of(tmp_path / "out")
 
 
-def synthetic_nodes(tmp_path: Path, count: int) -> dict[int, dict[str, Any]]:
-    priors = ["0.8,0.2", "0.5,0.5", "0.2,0.8", "0.7,0.3"]
-    return {
-        100 + i: {
-            "hospital": f"hospital-{'abcd'[i]}",
-            "num-samples": 40,
-            "class-priors": priors[i],
-            "acquisition-shift": 0.3 * i,
-            "data-seed": i,
-            "device": "cpu",
-            "state-dir": str(tmp_path / "state" / f"hospital-{'abcd'[i]}"),
-        }
-        for i in range(count)
-    }
-
-
+@pytest.mark.usefixtures("task_identity")
 def test_cnn_rounds_restart_and_compression(tmp_path: Path, task_identity: None) -> None:
     flat = run_config(
         model="cnn",
         **{"local-steps": 2, "pfednet.compression": "stc", "pfednet.fusion-lambda": 0.001},
     )
     nodes = synthetic_nodes(tmp_path, 3)
-    # hospital-b (node 101) restarts between rounds 1 and 2: it returns as node 901
+    # hospital-b (node 101) restarts between rounds 1 and 2 (after the setup query and round
+    # 1's shared and personal exchanges): it returns as node 901
     strategy, fake, rows = run_rounds(tmp_path, flat, nodes, renumber=(3, 101, 901))
     names = ["hospital-a", "hospital-b", "hospital-c"]
     assert strategy.graph is not None and list(strategy.graph.hospitals) == names
@@ -292,8 +235,9 @@ def _site_personal(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     raise AssertionError(f"no personal state for {name} among {matches}")
 
 
+@pytest.mark.usefixtures("task_identity")
 @pytest.mark.skipif(not HEART.is_dir(), reason="heart-disease files not present")
-def test_logreg_heart_disease_single_exchange_rounds(tmp_path: Path, task_identity: None) -> None:
+def test_logreg_heart_disease_single_exchange_rounds(tmp_path: Path) -> None:
     flat = run_config(
         model="logreg",
         **{"data-source": "heart-disease", "learning-rate": 0.05, "pfednet.fusion-lambda": 0.0},
@@ -324,17 +268,19 @@ def test_logreg_heart_disease_single_exchange_rounds(tmp_path: Path, task_identi
     )
 
 
-def test_label_sketch_graph_from_counts(tmp_path: Path, task_identity: None) -> None:
+@pytest.mark.usefixtures("task_identity")
+def test_label_sketch_graph_from_counts(tmp_path: Path) -> None:
     """The server divides class counts by the federation's total (convex code) and links
-    hospitals with similar label ratios."""
-    run = load_run_config(run_config(**{"pfednet.knn-k": 1, "pfednet.sketch": "label-ratio"}))
-    strategy = PFedNetStrategy(run)
+    hospitals with similar label ratios (the setup query through the engine)."""
+    flat = run_config(**{"pfednet.knn-k": 1, "pfednet.sketch": "label-ratio"})
     nodes = synthetic_nodes(tmp_path, 4)
     nodes[101]["class-priors"] = "0.75,0.25"  # a and b alike, c and d alike
     nodes[103]["class-priors"] = "0.25,0.75"
-    fake = InProcessGrid(nodes, run_config(**{"pfednet.knn-k": 1, "pfednet.sketch": "label-ratio"}))
+    run = load_run_config(flat)
+    strategy = PFedNetStrategy(run)
+    engine = RoundEngine(run, strategy, None, site_key="test")
     initial = state_to_record(build_model(run, seed=0).state_dict())
-    strategy.setup(fake, initial)  # type: ignore[arg-type]
+    engine.setup(Transport(ScriptedGrid(nodes, flat)), initial)
     assert strategy.graph is not None
     assert strategy.graph.named_edges() == [
         ["hospital-a", "hospital-b"],

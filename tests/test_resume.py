@@ -18,35 +18,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-# the in-process grid and Flower task identity of the pFedNet tests (same harness)
-from test_pfednet import InProcessGrid, synthetic_nodes, task_identity  # noqa: F401
+from harness import CoordinatorCrash, ScriptedGrid, run, synthetic_nodes
 
 from fedclinic import checkpoint
 from fedclinic.errors import ConfigError, IntegrityError
-from fedclinic.results import ResultsWriter
-from fedclinic.serialization import record_to_numpy, state_to_record
-from strategies import get_algorithm, load_run_config
+from fedclinic.serialization import record_to_numpy
+from strategies import load_run_config
+from strategies.fedavg import FedAvgStrategy
 
 ROUNDS, CRASH_IN_ROUND = 2, 2  # checkpoint of round 1, crash during round 2
-
-
-class CoordinatorCrash(BaseException):
-    """Stands for SIGKILL: nothing after it runs in the coordinator."""
-
-
-class CrashingGrid(InProcessGrid):
-    """Delivers the messages of exchange ``crash_at`` (hospitals work), then dies."""
-
-    def __init__(self, *args: Any, crash_at: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.crash_at = crash_at
-
-    def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Any]:
-        replies = super().send_and_receive(messages, timeout)
-        if self.exchanges == self.crash_at:
-            raise CoordinatorCrash
-        return replies
 
 
 def fedhelp_files(folder: Path) -> dict[str, Any]:
@@ -92,17 +72,17 @@ def setting(algorithm: str, folder: Path) -> tuple[dict[str, Any], dict[int, dic
 
 
 def exchanges_before_round(algorithm: str, server_round: int) -> int:
-    """Grid exchanges before round ``server_round`` starts (setup query + rounds)."""
+    """Exchanges (pushes to the grid) before round ``server_round`` starts (setup query +
+    rounds)."""
     setup = 1 if algorithm in ("fedhelp", "pfednet") else 0
     per_round = 2 if algorithm == "pfednet" else 1  # pFedNet: shared + personal phase (cnn)
     return setup + per_round * (server_round - 1)
 
 
-def start(flat: dict[str, Any], grid: InProcessGrid) -> Any:
-    run = load_run_config(flat)
-    strategy = get_algorithm(run.algorithm).strategy(run, ResultsWriter(run.output_dir))
-    strategy.site_key = "resume-test"
-    return strategy.start(grid=grid, initial_arrays=state_to_record(strategy.initial_state()))
+def start(flat: dict[str, Any], grid: ScriptedGrid) -> Any:
+    flat = {"run-name": "resume-test", **flat}  # the site key hospitals file state under
+    _, result = run(flat, grid, Path(load_run_config(flat).output_dir))
+    return result
 
 
 def site_files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -135,15 +115,15 @@ def evaluations(folder: Path) -> list[tuple[Any, ...]]:
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, algorithm: str) -> None:
     reference_dir, crashed_dir = tmp_path / "reference", tmp_path / "crashed"
     flat, nodes = setting(algorithm, reference_dir)
-    reference = start(flat, InProcessGrid(nodes, flat))
+    reference = start(flat, ScriptedGrid(nodes, flat))
 
     flat, nodes = setting(algorithm, crashed_dir)
     crash_at = exchanges_before_round(algorithm, CRASH_IN_ROUND) + 1
     with pytest.raises(CoordinatorCrash):
-        start(flat, CrashingGrid(nodes, flat, crash_at=crash_at))
+        start(flat, ScriptedGrid(nodes, flat, crash_at=crash_at))
     saved = checkpoint.load(crashed_dir / "out")
     assert saved.round == CRASH_IN_ROUND - 1
-    resumed = start({**flat, "resume": True}, InProcessGrid(nodes, {**flat, "resume": True}))
+    resumed = start({**flat, "resume": True}, ScriptedGrid(nodes, {**flat, "resume": True}))
 
     ours, theirs = record_to_numpy(resumed.arrays), record_to_numpy(reference.arrays)
     assert ours.keys() == theirs.keys()
@@ -167,26 +147,24 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, algorithm: st
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_rows_of_the_unfinished_round_are_set_aside_not_duplicated(tmp_path: Path) -> None:
+def test_rows_of_the_unfinished_round_are_set_aside_not_duplicated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     flat, nodes = setting("fedavg", tmp_path)
 
-    def die_after_round_2(server_round: int, arrays: Any) -> None:
+    def die_after_round_2(self: Any, server_round: int, arrays: Any) -> None:
         if server_round == 2:  # round 2's rows are written, its checkpoint is not
             raise CoordinatorCrash
 
     flat = {**flat, "rounds": 3}
-    run = load_run_config(flat)
-    strategy = get_algorithm("fedavg").strategy(run, ResultsWriter(run.output_dir))
-    strategy.after_round = die_after_round_2
-    with pytest.raises(CoordinatorCrash):
-        strategy.start(
-            grid=InProcessGrid(nodes, flat),
-            initial_arrays=state_to_record(strategy.initial_state()),
-        )
+    with monkeypatch.context() as patch:
+        patch.setattr(FedAvgStrategy, "after_round", die_after_round_2)
+        with pytest.raises(CoordinatorCrash):
+            start(flat, ScriptedGrid(nodes, flat))
     out = tmp_path / "out"
     written = (out / "metrics.jsonl").read_text().splitlines()
     assert any(json.loads(x)["round"] == 2 for x in written)
-    start({**flat, "resume": True}, InProcessGrid(nodes, {**flat, "resume": True}))
+    start({**flat, "resume": True}, ScriptedGrid(nodes, {**flat, "resume": True}))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [(r["round"], r["hospital"]) for r in rows if r["kind"] == "train"]
     assert sorted(trained) == sorted((r, f"hospital-{h}") for r in (1, 2, 3) for h in "ab")
@@ -210,6 +188,10 @@ def test_resume_without_a_checkpoint_or_output_dir_says_what_is_missing(tmp_path
     (tmp_path / checkpoint.CHECKPOINT_FILE).write_bytes(b"not a pickle")
     with pytest.raises(IntegrityError, match="unreadable or corrupt"):
         checkpoint.load(tmp_path)
+    older = checkpoint.Checkpoint(round=1, arrays={}, config={}, site_key="s", rows=0, format=1)
+    checkpoint.save(tmp_path, older)
+    with pytest.raises(IntegrityError, match="has format 1; this coordinator resumes format 2"):
+        checkpoint.load(tmp_path)
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -217,14 +199,14 @@ def test_hospitals_back_under_new_node_ids_keep_their_fedhelp_roles(tmp_path: Pa
     """A coordinator restarted with a fresh database knows the hospitals under new node IDs:
     one name query re-keys the roles, and the run still equals the uninterrupted one."""
     flat, nodes = setting("fedhelp", tmp_path / "reference")
-    reference = start(flat, InProcessGrid(nodes, flat))
+    reference = start(flat, ScriptedGrid(nodes, flat))
     flat, nodes = setting("fedhelp", tmp_path / "crashed")
     with pytest.raises(CoordinatorCrash):
         crash_at = exchanges_before_round("fedhelp", CRASH_IN_ROUND) + 1
-        start(flat, CrashingGrid(nodes, flat, crash_at=crash_at))
+        start(flat, ScriptedGrid(nodes, flat, crash_at=crash_at))
     renumbered = {node + 5000: config for node, config in nodes.items()}
     flat = {**flat, "resume": True}
-    resumed = start(flat, InProcessGrid(renumbered, flat))
+    resumed = start(flat, ScriptedGrid(renumbered, flat))
     ours, theirs = record_to_numpy(resumed.arrays), record_to_numpy(reference.arrays)
     for key in theirs:
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)

@@ -1,5 +1,5 @@
-"""Whole segmentation rounds of pFedNet, FedProx, local-only and FedHelp through the real
-ClientApp handler with an in-process grid (FedAvg's real-process run:
+"""Whole segmentation rounds of pFedNet, FedProx, local-only and FedHelp through the round
+engine and the real ClientApp handler with an in-process grid (FedAvg's real-process run:
 tests/test_e2e_segmentation.py; FedHelp's per-pixel terms: tests/test_segmentation_fedhelp.py)."""
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from harness import ScriptedGrid, rows_of, run
 
-# the in-process grid and Flower task identity of the pFedNet tests (same harness)
-from test_pfednet import InProcessGrid, task_identity  # noqa: F401
-
-from fedclinic.results import ResultsWriter
-from fedclinic.serialization import state_to_record
-from strategies import get_algorithm, load_run_config
 from strategies.pfednet import PFedNetStrategy
 
 SEGMENTATION = {"task": "segmentation", "model": "unet", "image-size": 32}
@@ -41,13 +36,8 @@ def segmentation_nodes(tmp_path: Path, count: int = 2) -> dict[int, dict[str, An
 
 
 def run_in_process(tmp_path: Path, flat: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
-    run = load_run_config(flat)
-    strategy = get_algorithm(run.algorithm).strategy(run, ResultsWriter(tmp_path / "out"))
-    grid = InProcessGrid(segmentation_nodes(tmp_path), flat)
-    initial = state_to_record(strategy.initial_state())
-    strategy.start(grid=grid, initial_arrays=initial)  # type: ignore[arg-type]
-    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    return strategy, [json.loads(line) for line in lines]
+    engine, _ = run(flat, ScriptedGrid(segmentation_nodes(tmp_path), flat), tmp_path / "out")
+    return engine.algorithm, rows_of(tmp_path / "out")
 
 
 def common(**extra: Any) -> dict[str, Any]:
@@ -110,8 +100,6 @@ def test_fedhelp_runs_segmentation_rounds_with_a_large_and_a_small_hospital(
             "fedhelp.knowledge-sha256": digest,
         }
     )
-    run = load_run_config(flat)
-    strategy = get_algorithm("fedhelp").strategy(run, ResultsWriter(tmp_path / "out"))
     nodes = segmentation_nodes(tmp_path)
     for node, role in zip(nodes.values(), ("large", "small"), strict=True):
         node.update(
@@ -121,9 +109,8 @@ def test_fedhelp_runs_segmentation_rounds_with_a_large_and_a_small_hospital(
                 "knowledge-path": str(tmp_path / "k.npz"),
             }
         )
-    grid = InProcessGrid(nodes, flat)
-    strategy.start(grid=grid, initial_arrays=state_to_record(strategy.initial_state()))  # type: ignore[arg-type]
-    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    run(flat, ScriptedGrid(nodes, flat), tmp_path / "out")
+    rows = rows_of(tmp_path / "out")
     assert not [r for r in rows if r["kind"] == "error"]
     trained = [r for r in rows if r["kind"] == "train"]
     assert sorted((r["round"], r["hospital"]) for r in trained) == [

@@ -1,4 +1,4 @@
-"""Update validation (fedclinic.validation) against hand computations, and the coordinator
+"""Update validation (fedclinic.validation) against hand computations, and the round engine
 refusing a corrupt hospital's update in whole FedAvg rounds (real ClientApp handler,
 in-process grid that tampers with one hospital's reply) with the audit log recording it."""
 
@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, RecordDict
-
-# the in-process grid and Flower task identity of the pFedNet tests (same harness)
-from test_pfednet import InProcessGrid, task_identity  # noqa: F401
+from harness import FakeClock, ScriptedGrid, rows_of, run
 
 from fedclinic.audit import AuditLog, config_sha256
+from fedclinic.engine.exchange import with_retries
 from fedclinic.errors import FedClinicError
-from fedclinic.results import ResultsWriter
 from fedclinic.serialization import (
     content_sha256,
     load_checkpoint,
@@ -27,7 +24,6 @@ from fedclinic.serialization import (
     record_to_numpy,
 )
 from fedclinic.validation import norm_outliers, spec_of, structure_problem, update_norm
-from strategies import get_algorithm, load_run_config
 
 MODEL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
 
@@ -87,24 +83,16 @@ def test_audit_config_hash_ignores_key_order(tmp_path: Path) -> None:
 # ------------------------------------------------------------------- whole rounds, in process
 
 
-class TamperingGrid(InProcessGrid):
-    """Replaces one hospital's uploaded weights before the coordinator sees them."""
+def tampering(victim: int, tamper: Any) -> Any:
+    """A reply editor that replaces one hospital's uploaded weights on the way."""
 
-    def __init__(self, *args: Any, victim: int, tamper: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.victim, self.tamper = victim, tamper
+    def edit(reply: Message) -> None:
+        if reply.metadata.src_node_id == victim and not reply.has_error():
+            arrays = reply.content.array_records.get("arrays")
+            if arrays is not None and len(arrays) > 0:
+                reply.content["arrays"] = numpy_to_record(tamper(record_to_numpy(arrays)))
 
-    def send_and_receive(
-        self, messages: Iterable[Message], timeout: float | None = None
-    ) -> list[Message]:
-        replies = super().send_and_receive(messages, timeout)
-        for reply in replies:
-            if reply.metadata.src_node_id == self.victim and not reply.has_error():
-                arrays = reply.content.array_records.get("arrays")
-                if arrays is not None and len(arrays) > 0:
-                    changed = self.tamper(record_to_numpy(arrays))
-                    reply.content["arrays"] = numpy_to_record(changed)
-        return replies
+    return edit
 
 
 def synthetic_nodes(tmp_path: Path, count: int) -> dict[int, dict[str, Any]]:
@@ -131,12 +119,9 @@ def run_tampered(tmp_path: Path, tamper: Any, count: int = 3, **extra: Any) -> P
         "min-hospitals": 2,
         **extra,
     }
-    run = load_run_config(flat)
     out = tmp_path / "out"
-    strategy = get_algorithm("fedavg").strategy(run, ResultsWriter(out))
-    grid = TamperingGrid(synthetic_nodes(tmp_path, count), flat, victim=101, tamper=tamper)
-    initial = numpy_to_record({k: v.numpy() for k, v in strategy.initial_state().items()})
-    strategy.start(grid=grid, initial_arrays=initial)  # type: ignore[arg-type]
+    grid = ScriptedGrid(synthetic_nodes(tmp_path, count), flat, edit=tampering(101, tamper))
+    run(flat, grid, out)
     return out
 
 
@@ -149,10 +134,6 @@ def nan_update(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def huge_update(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v * 1000 if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()}
-
-
-def rows_of(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -186,6 +167,9 @@ def test_a_corrupt_hospital_is_refused_and_never_aggregated(
     assert first["asked"] == ["hospital-a", "hospital-b", "hospital-c"]
     assert first["accepted"] == ["hospital-a", "hospital-c"]
     assert reason in first["rejected"]["hospital-b"]
+    assert first["failed"] == {} and first["resent"] == {} and first["duplicates"] == {}
+    assert [e["exchange"] for e in first["exchanges"]] == ["train"]
+    assert first["exchanges"][0]["rejected"] == first["rejected"]
     # the audited model of the last round is the model the coordinator saved
     saved = load_checkpoint(out / "model_final.pt")
     assert audit[2]["model_sha256"] == content_sha256(saved)
@@ -207,14 +191,10 @@ def test_audit_model_hash_is_the_content_hash() -> None:
     assert isinstance(RecordDict({"arrays": record}), RecordDict)
 
 
-def test_a_transient_superlink_error_while_asking_for_replies_is_retried(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_transient_superlink_error_while_asking_for_replies_is_retried() -> None:
     """Flower 1.39's SuperLink answers 'database is locked' with a 500 under load: the round
     asks again instead of failing the run; a lasting failure still fails it."""
-    from strategies import base
-
-    monkeypatch.setattr(base.time, "sleep", lambda _: None)
+    clock = FakeClock()
     calls = {"n": 0}
 
     def flaky() -> str:
@@ -223,10 +203,11 @@ def test_a_transient_superlink_error_while_asking_for_replies_is_retried(
             raise RuntimeError("Server error '500 Internal Server Error'\nmore detail")
         return "replies"
 
-    assert base.with_retries("asking for replies", flaky) == "replies" and calls["n"] == 3
+    assert with_retries("asking for replies", flaky, clock) == "replies" and calls["n"] == 3
+    assert clock.slept == 2.0 + 4.0  # backoff 2**attempt
 
     def broken() -> str:
         raise RuntimeError("database is locked")
 
     with pytest.raises(RuntimeError, match="database is locked"):
-        base.with_retries("asking for replies", broken)
+        with_retries("asking for replies", broken, clock)

@@ -1,0 +1,140 @@
+"""The engine's rows (evaluate, train), model selection on validation data, and the summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord
+
+from fedclinic import messages as keys
+from fedclinic.engine.algorithm import Reply
+from fedclinic.rows import EvaluateRow, TrainRow
+from fedclinic.serialization import numpy_to_record, record_to_numpy
+from fedclinic.training import mean_or_nan
+
+#: metrics a hospital reports about the model it evaluated
+EVALUATION_PREFIXES = ("val_", "test_")
+EVALUATION_KEYS = (keys.NUM_VAL, keys.NUM_TEST, keys.EVAL_SECONDS)
+#: train metrics that have their own column in a train row
+TRAIN_COLUMNS = (keys.TRAIN_LOSS, keys.TRAIN_SECONDS, keys.TRAIN_STEPS)
+
+
+def evaluate_row(server_round: int, reply: Reply) -> EvaluateRow:
+    metrics = {
+        k: v
+        for k, v in reply.metrics.items()
+        if k.startswith(EVALUATION_PREFIXES) or k in EVALUATION_KEYS
+    }
+    return EvaluateRow(
+        round=server_round,
+        hospital=reply.hospital,
+        node_id=reply.node_id,
+        model_round=keys.model_round(server_round),
+        model=str(reply.info.get(keys.DEPLOYED, "global")),
+        **metrics,
+    )
+
+
+def train_row(server_round: int, reply: Reply) -> TrainRow:
+    info, metrics = reply.info, reply.metrics
+
+    def text(key: str) -> str | None:
+        value = info.get(key)
+        return None if value is None else str(value)
+
+    return TrainRow(
+        round=server_round,
+        hospital=reply.hospital,
+        node_id=reply.node_id,
+        train_loss=metrics.get(keys.TRAIN_LOSS),
+        num_examples=reply.num_examples,
+        num_train=metrics.get(keys.NUM_TRAIN),
+        seconds=metrics.get(keys.TRAIN_SECONDS),
+        steps=metrics.get(keys.TRAIN_STEPS),
+        device=text(keys.DEVICE),
+        data_source=text(keys.DATA_SOURCE),
+        data_fingerprint=text(keys.DATA_FINGERPRINT),
+        phase=text(keys.PHASE),
+        # hashes of models kept at the site (local-only, personalised, large)
+        **{k: v for k, v in info.items() if k.endswith("sha256")},
+        **{
+            k: v
+            for k, v in metrics.items()
+            if k.startswith("train_") and k not in TRAIN_COLUMNS
+        },
+    )
+
+
+class Selection:
+    """Every hospital's evaluation of every round's model, and the round whose model scores
+    best on the hospitals' VALIDATION splits (the run's ``selection-metric``)."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.evaluations: dict[int, dict[str, dict[str, Any]]] = {}  # model round -> hospital
+        self.best: tuple[int, float] | None = None
+        self.best_arrays: ArrayRecord | None = None
+
+    def observe(
+        self, model_round: int, rows: Sequence[EvaluateRow], sent: ArrayRecord | None
+    ) -> None:
+        """Record a round's evaluations of the model ``sent``; keep it if it is the best."""
+        for row in rows:
+            self.evaluations.setdefault(model_round, {})[row.hospital] = row.dump()
+        extra = [row.model_extra or {} for row in rows]
+        score = mean_or_nan([float(e.get(self.metric, float("nan"))) for e in extra])
+        if not np.isfinite(score):
+            return
+        value = -score if self.metric == "val_loss" else score
+        if self.best is None or value > self.best[1]:
+            self.best = (model_round, value)
+            self.best_arrays = sent
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "evaluations": self.evaluations,
+            "best": self.best,
+            "best_arrays": None if self.best_arrays is None else record_to_numpy(self.best_arrays),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.evaluations = dict(state.get("evaluations", {}))
+        self.best = state.get("best")
+        best = state.get("best_arrays")
+        self.best_arrays = None if best is None else numpy_to_record(best)
+
+
+def metric_view(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in row.items()
+        if k.startswith(EVALUATION_PREFIXES) or k in (keys.NUM_VAL, keys.NUM_TEST)
+    }
+
+
+def hospital_summaries(
+    selection: Selection, rounds: int, selected_round: int, rows: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """``summary.json``'s ``hospitals``: final and selected scores, training size, the model
+    evaluated, models kept at the site (hashes, never weights), and the data it reported."""
+    last_train: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("kind") == "train":
+            last_train[str(row.get("hospital"))] = row
+    hospitals: dict[str, Any] = {}
+    for name in sorted({h for e in selection.evaluations.values() for h in e}):
+        final = selection.evaluations.get(rounds, {}).get(name, {})
+        selected = selection.evaluations.get(selected_round, {}).get(name, {})
+        trained = last_train.get(name, {})
+        hospitals[name] = {
+            "final": metric_view(final),
+            "selected": metric_view(selected),
+            "num_train": trained.get("num_train"),
+            "model": final.get("model"),
+            "site_models": {k: v for k, v in trained.items() if k.endswith("sha256")},
+            "data_source": trained.get("data_source"),
+            "data_fingerprint": trained.get("data_fingerprint"),
+        }
+    return hospitals

@@ -1,0 +1,69 @@
+"""The keys of the messages between the coordinator and a hospital, for both halves.
+
+One round trip: the coordinator sends a ``RecordDict`` with :data:`ARRAYS` (the model, for
+TRAIN and EVALUATE messages) and :data:`CONFIG`; the hospital replies with :data:`METRICS`,
+:data:`INFO` and, when it trained, :data:`ARRAYS` (its update). A hospital that cannot answer
+replies with :data:`INFO` only, carrying :data:`ERROR`. Algorithm-specific keys (FedHelp's
+role, pFedNet's sketch) are named here too, so that neither half spells a key the
+other does not know.
+
+Round numbering: a message of server round ``r`` carries the global model after ``r - 1``
+rounds (:func:`model_round`); round 0 is the one-time setup query, and after ``R`` rounds the
+final evaluation is server round ``R + 1``.
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------ records
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"
+
+# ------------------------------------------------------------------ config (coordinator ->)
+SERVER_ROUND = "server-round"
+#: the folder a hospital files its site state under (fedclinic.site)
+SITE_KEY = "site-key"
+#: the last, evaluate-only exchange of a run
+FINAL = "final"
+#: which of the round's exchanges this message belongs to (fedclinic.engine.Exchange.name)
+EXCHANGE = "exchange"
+#: whether the hospital evaluates the model before training (False: train only)
+EVALUATE = "evaluate"
+#: 1 for the first message of an exchange to a hospital, 2.. when it is asked again
+ATTEMPT = "attempt"
+FEDHELP_ROLE = "fedhelp-role"
+PFEDNET_SKETCH = "pfednet-sketch"
+
+# ---------------------------------------------------------------------- info (<- hospital)
+HOSPITAL = "hospital"
+ERROR = "error"
+ROLE = "role"
+DEVICE = "device"
+#: which model the hospital evaluated: "global", "local", "personal", "large"
+DEPLOYED = "deployed"
+PHASE = "phase"
+#: where the hospital's data came from, and a fingerprint of it (sent by every hospital)
+DATA_SOURCE = "data_source"
+DATA_FINGERPRINT = "data_fingerprint"
+
+# ------------------------------------------------------------------- metrics (<- hospital)
+NUM_EXAMPLES = "num-examples"
+NUM_TRAIN = "num_train"
+NUM_VAL = "num_val"
+NUM_TEST = "num_test"
+TRAIN_LOSS = "train_loss"
+TRAIN_SECONDS = "train_seconds"
+TRAIN_STEPS = "train_steps"
+EVAL_SECONDS = "eval_seconds"
+CLASS_COUNTS = "class_counts"
+
+
+def model_round(server_round: int) -> int:
+    """The round whose global model a message of ``server_round`` carries (0: initial)."""
+    return server_round - 1
+
+
+def final_round(rounds: int) -> int:
+    """The server round of the final evaluation of a run of ``rounds`` rounds."""
+    return rounds + 1
