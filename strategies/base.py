@@ -867,3 +867,6 @@ class Algorithm:
     description: str = ""
     #: tasks the algorithm implements (fedclinic.tasks); others are refused at validation
     tasks: tuple[str, ...] = ("classification",)
+    #: run settings the algorithm cannot work with: one-line ConfigError, called by
+    #: strategies.load_run_config (so before anything starts, as well as in each app)
+    check: Callable[[RunConfig], None] = lambda run: None

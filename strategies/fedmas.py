@@ -580,6 +580,7 @@ class FedMASStrategy(FedClinicStrategy):
 
 
 ALGORITHM = Algorithm(
+    check=check_run,
     name="fedmas",
     strategy=FedMASStrategy,
     objective=FedMASObjective,

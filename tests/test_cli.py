@@ -12,9 +12,10 @@ import pytest
 from cryptography import x509
 from flwr.common.config import parse_config_args
 
-from fedclinic.cli import build_local_options, build_parser, default_output_dir, main, split_sans
+from fedclinic.cli import build_parser, main
 from fedclinic.config import load_toml, parse_hospital_config
 from fedclinic.errors import ConfigError
+from fedclinic.local.command import build_local_options, default_output_dir
 from fedclinic.local.configs import (
     app_defaults,
     dump_flat_toml,
@@ -24,12 +25,13 @@ from fedclinic.local.configs import (
     synthetic_hospitals,
     write_flat_toml,
 )
+from fedclinic.pki import split_sans
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def local_args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["local", *argv])
+    return build_parser("local").parse_args(["local", *argv])
 
 
 def run_failing(capsys: pytest.CaptureFixture[str], tmp_path: Path, *argv: str) -> str:
@@ -126,7 +128,7 @@ def test_invalid_hospital_file(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     bad.write_text('hospital = "st mary"\n')  # space not allowed
     line = run_failing(capsys, tmp_path, "--hospital", str(bad), "--set", "min-hospitals=1")
     assert "hospital" in line and str(bad) in line
-    bad.write_text('hospital = "a"\ndevic = "cpu"\n')
+    bad.write_text('hospital = "a"\ndata-source = "synthetic"\ndevic = "cpu"\n')
     assert "did you mean" in run_failing(
         capsys, tmp_path, "--hospital", str(bad), "--set", "min-hospitals=1"
     )
@@ -134,8 +136,8 @@ def test_invalid_hospital_file(capsys: pytest.CaptureFixture[str], tmp_path: Pat
 
 def test_duplicate_hospitals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     one, two = tmp_path / "one.toml", tmp_path / "two.toml"
-    one.write_text('hospital = "same"\n')
-    two.write_text('hospital = "same"\n')
+    one.write_text('hospital = "same"\ndata-source = "synthetic"\n')
+    two.write_text('hospital = "same"\ndata-source = "synthetic"\n')
     assert "unique" in run_failing(capsys, tmp_path, "--hospital", str(one), "--hospital", str(two))
 
 
@@ -143,7 +145,7 @@ def test_hospital_and_hospitals_exclusive(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     one = tmp_path / "one.toml"
-    one.write_text('hospital = "one"\n')
+    one.write_text('hospital = "one"\ndata-source = "synthetic"\n')
     line = run_failing(
         capsys, tmp_path, "--hospital", str(one), "--hospitals", "2", "--set", "min-hospitals=1"
     )

@@ -30,7 +30,8 @@ GOOD_ROW = "63.0,1.0,1.0,145.0,233.0,1.0,2.0,150.0,0.0,2.3,3.0,0.0,6.0,0"
 
 
 def make(path: Path, run: dict[str, Any] | None = None, **hospital: Any) -> DataRequest:
-    run_config = RunConfig(**{"model": "logreg", "data_source": "heart-disease", **(run or {})})
+    run_config = RunConfig(**{"model": "logreg", **(run or {})})
+    hospital.setdefault("data_source", "heart-disease")
     return DataRequest(run_config, HospitalConfig(hospital="h", data_path=str(path), **hospital))
 
 
