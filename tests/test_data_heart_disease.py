@@ -175,3 +175,13 @@ def test_run_config_must_fit(tmp_path: Path, run: dict[str, Any], fragment: str)
     with pytest.raises(ConfigError) as caught:
         heart_disease.load(make(tmp_path / "processed.va.data", run))
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("num", ["7", "-1", "1.5", "5"])
+def test_a_diagnosis_outside_0_to_4_is_refused(tmp_path: Path, num: str) -> None:
+    """``num`` is the UCI diagnosis 0..4; once any value was silently binarised (num > 0)."""
+    bad = GOOD_ROW[: -len("0")] + num
+    message = _error(tmp_path, "processed.va.data", "\n".join([GOOD_ROW] * 4 + [bad]))
+    assert f"processed.va.data:5: column 'num' = {num}; expected the diagnosis 0, 1, 2, 3 or 4" in (
+        message
+    )
