@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import signal
 
+#: what numpy and torch suggest when a file holds pickled objects: never advice for a
+#: hospital (unpickling an untrusted file runs arbitrary code)
+_UNPICKLE_HINTS = ("allow_pickle", "weights_only", "Weights only load failed")
+NO_PICKLE = (
+    "it holds pickled Python objects, which are never loaded (unpickling a file can run "
+    "arbitrary code); expected plain arrays or tensors: rebuild it with fedclinic"
+)
+
+
+def file_problem(err: BaseException) -> str:
+    """The first line of a numpy/torch load error, without advice to unpickle the file."""
+    text = str(err).strip()
+    if any(hint in text for hint in _UNPICKLE_HINTS):
+        return NO_PICKLE
+    return text.splitlines()[0] if text else type(err).__name__
+
 
 class FedClinicError(Exception):
     """Base class: the message is shown to the operator as it is, on one line."""

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
+from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError, file_problem
 from fedclinic.serialization import file_sha256
 
 KNOWLEDGE_FORMAT = "fedclinic-knowledge/1"
@@ -976,5 +976,4 @@ def knowledge_synthetic_command(args: argparse.Namespace) -> int:
 
 
 def _line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return file_problem(err)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclinic.errors import DataError, FedClinicError
+from fedclinic.errors import DataError, FedClinicError, file_problem
 from fedclinic.serialization import content_sha256, file_sha256
 
 #: pooled-feature size of each prior architecture (the projector's output size)
@@ -227,7 +227,7 @@ def read_prior_file(path: str | Path) -> PriorFile:
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = file_problem(err)
         raise DataError(f"Fed-MAS prior file '{file}' is unreadable or corrupt: {detail}") from None
     if not isinstance(raw, Mapping):
         raise DataError(f"Fed-MAS prior file '{file}' does not hold a dictionary of weights")
@@ -542,7 +542,9 @@ def load_images(path: str | Path) -> torch.Tensor:
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"public image file '{file}' is not a readable .npz: {err}") from None
+        raise DataError(
+            f"public image file '{file}' is not a readable .npz: {file_problem(err)}"
+        ) from None
     if array.ndim == 3:
         array = array[:, None]
     if array.ndim != 4 or array.shape[0] < 2:
