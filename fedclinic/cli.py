@@ -58,13 +58,15 @@ class Parser(argparse.ArgumentParser):
 class Command:
     """A subcommand: its one-line help and what declares it.
 
-    ``declare`` adds the subcommand's parser to ``subparsers`` and sets ``handler`` (a
-    function, or a ``"module:function"`` string imported only when the command runs). As a
-    ``"module:add_parser"`` string the module is imported only when that command is chosen.
+    Without ``handler``, ``declare`` adds the subcommand's parser to ``subparsers`` and sets
+    its ``handler`` default (``"module:add_parser"``: a module declaring its own tree). With
+    ``handler``, ``declare`` is ``"module:configure"``, given the subcommand's parser to add
+    arguments to. Strings are imported only when that command is chosen.
     """
 
     help: str
     declare: Callable[[Any], None] | str
+    handler: str | None = None
 
 
 def resolve(target: str) -> Any:
@@ -240,6 +242,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         "quality benchmarks on real medical data and their report", "fedclinic.bench:add_parser"
     ),
+    # one line per command from another module, e.g. (fedclinic coordinator):
+    # "coordinator": Command("...", "fedclinic.coordinator:configure", "fedclinic.coordinator:run"),
 }
 
 
@@ -249,8 +253,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedclinic {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     if command in COMMANDS:
-        declare = COMMANDS[command].declare
-        (resolve(declare) if isinstance(declare, str) else declare)(subparsers)
+        entry = COMMANDS[command]
+        declare = resolve(entry.declare) if isinstance(entry.declare, str) else entry.declare
+        if entry.handler is None:
+            declare(subparsers)
+        else:
+            sub = subparsers.add_parser(command, help=entry.help, description=entry.help)
+            declare(sub)
+            sub.set_defaults(handler=entry.handler)
     for name, entry in COMMANDS.items():
         if name not in subparsers.choices:
             subparsers.add_parser(name, help=entry.help, add_help=False)

@@ -103,7 +103,12 @@ def test_sketch_epsilon_needs_label_ratio() -> None:
 def objective_for(tmp_path: Path, name: str, **options: Any) -> PFedNetObjective:
     run = load_run_config(run_config(model="logreg", **{"data-source": "heart-disease", **options}))
     hospital = parse_hospital_config(
-        {"hospital": name, "data-path": str(HEART / "processed.hungarian.data"), "device": "cpu"}
+        {
+            "hospital": name,
+            "data-source": "heart-disease",
+            "data-path": str(HEART / "processed.hungarian.data"),
+            "device": "cpu",
+        }
     )
     context = ClientContext(
         run=run,
@@ -223,6 +228,7 @@ def synthetic_nodes(tmp_path: Path, count: int) -> dict[int, dict[str, Any]]:
     return {
         100 + i: {
             "hospital": f"hospital-{'abcd'[i]}",
+            "data-source": "synthetic",
             "num-samples": 40,
             "class-priors": priors[i],
             "acquisition-shift": 0.3 * i,
@@ -301,6 +307,7 @@ def test_logreg_heart_disease_single_exchange_rounds(tmp_path: Path, task_identi
     nodes = {
         200 + i: {
             "hospital": centre,
+            "data-source": "heart-disease",
             "data-path": str(HEART / f"processed.{centre}.data"),
             "device": "cpu",
             "state-dir": str(tmp_path / "state" / centre),
