@@ -275,6 +275,10 @@ def run_hospital(args: argparse.Namespace) -> int:
         health_address=args.health_server_address,
     )
     env = flower_environment(bin_dir)
+    state_dir = effective_state_dir(spec.config)
+    # Flower's own node state (installed apps) is site state too: one per node, unless the
+    # environment names it (the image sets FLWR_HOME=/state/flwr)
+    env.setdefault("FLWR_HOME", str(state_dir.resolve() / "flwr"))
     name = spec.name
     joined: list[str] = []
 
@@ -287,7 +291,7 @@ def run_hospital(args: argparse.Namespace) -> int:
             say(name, f"left the coordinator at {args.superlink} ({reason})")
 
     with (
-        state_dir_lock(effective_state_dir(spec.config), f"hospital {name}"),
+        state_dir_lock(state_dir, f"hospital {name}"),
         signals_as_exceptions(),
     ):
         try:
