@@ -32,6 +32,7 @@ from typing import Any
 
 from fedclinic import __version__
 from fedclinic.errors import ConfigError, FedClinicError, Interrupted
+from fedclinic.local.supernode import DEFAULT_HEALTH_ADDRESS, DEFAULT_RUNTIME_PORT
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -190,11 +191,11 @@ def _hospital_parser(subparsers: Any) -> None:
         "inside the hospital container: /config/hospital.toml)",
     )  # fmt: skip
     parser.add_argument(
-        "--runtime-port", type=int, default=9094, metavar="PORT",
+        "--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT, metavar="PORT",
         help="the SuperNode's own Runtime API port on loopback (one per node on a host)",
     )  # fmt: skip
     parser.add_argument(
-        "--health-server-address", default="127.0.0.1:9099", metavar="HOST:PORT",
+        "--health-server-address", default=DEFAULT_HEALTH_ADDRESS, metavar="HOST:PORT",
         help="Flower's gRPC health service, for the container health check",
     )  # fmt: skip
     parser.add_argument(
@@ -247,22 +248,34 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s own declaration is loaded (the rest are listed)."""
+ALL = "*"
+
+
+def _declare(subparsers: Any, name: str) -> None:
+    entry = COMMANDS[name]
+    declare = resolve(entry.declare) if isinstance(entry.declare, str) else entry.declare
+    if entry.handler is None:
+        declare(subparsers)
+    else:
+        sub = subparsers.add_parser(name, help=entry.help, description=entry.help)
+        declare(sub)
+        sub.set_defaults(handler=entry.handler)
+
+
+def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
+    """The parser with ``command``'s declaration loaded, the others only listed; every
+    command's by default (tests, tools), none for ``command=None`` (``fedclinic --help``)."""
     parser = Parser(prog="fedclinic", description="Federated learning across hospitals on Flower.")
     parser.add_argument("--version", action="version", version=f"fedclinic {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    if command in COMMANDS:
-        entry = COMMANDS[command]
-        declare = resolve(entry.declare) if isinstance(entry.declare, str) else entry.declare
-        if entry.handler is None:
-            declare(subparsers)
-        else:
-            sub = subparsers.add_parser(command, help=entry.help, description=entry.help)
-            declare(sub)
-            sub.set_defaults(handler=entry.handler)
+    if command in COMMANDS:  # first: its module may declare more than one (register, submit)
+        _declare(subparsers, command)
     for name, entry in COMMANDS.items():
-        if name not in subparsers.choices:
+        if name in subparsers.choices:
+            continue
+        if command == ALL:
+            _declare(subparsers, name)
+        else:
             subparsers.add_parser(name, help=entry.help, add_help=False)
     return parser
 
@@ -271,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedclinic`` script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     handler = resolve(args.handler) if isinstance(args.handler, str) else args.handler
     try:
         return int(handler(args))

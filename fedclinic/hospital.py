@@ -47,12 +47,17 @@ from fedclinic.local.federation import (
     signals_as_exceptions,
 )
 from fedclinic.local.ports import LOOPBACK, is_port_free
-from fedclinic.local.supernode import diagnose, grpc_detail, supernode_command
+from fedclinic.local.supernode import (
+    DEFAULT_HEALTH_ADDRESS,
+    diagnose,
+    grpc_detail,
+    supernode_command,
+)
 from fedclinic.local.supervisor import ProcessSupervisor, tail_file
 from fedclinic.site import effective_state_dir, state_dir_lock
 
 EXIT_OK, EXIT_FAILED = 0, 1
-DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9099"
+__all__ = ["DEFAULT_HEALTH_ADDRESS", "run_hospital"]
 
 
 #: the hospital image's mount points: ``--ca``, ``--key`` and ``--config`` default to them

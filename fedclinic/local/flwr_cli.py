@@ -23,7 +23,6 @@ from fedclinic.errors import FedClinicError
 from fedclinic.local.supervisor import ANSI_ESCAPE, ProcessSupervisor
 
 CONNECTION = "fedclinic"
-FINAL_STATES = ("finished:completed", "finished:failed", "finished:stopped")
 
 
 class FlowerCliError(FedClinicError):

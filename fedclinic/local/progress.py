@@ -21,8 +21,6 @@ from rich.table import Table
 
 from fedclinic.tasks import TASKS
 
-SUMMARY_METRICS: tuple[tuple[str, str], ...] = TASKS["classification"].summary_metrics
-
 
 def summary_metrics(summary: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """The final table's metric columns for the run's task (classification when unknown)."""

@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class ManagedProcess:
     log_path: Path
     popen: subprocess.Popen[bytes]
     tier: int = 0
-    started_at: float = field(default_factory=time.monotonic)
     forced: bool = False  # needed SIGKILL: did not stop within the grace period
 
     @property
