@@ -55,6 +55,7 @@ from fedclinic.local.supernode import (
 )
 from fedclinic.local.supervisor import ProcessSupervisor, tail_file
 from fedclinic.site import effective_state_dir, state_dir_lock
+from fedclinic.training import select_device
 
 EXIT_OK, EXIT_FAILED = 0, 1
 __all__ = ["DEFAULT_HEALTH_ADDRESS", "run_hospital"]
@@ -153,6 +154,7 @@ def check_data(spec: HospitalSpec) -> None:
         )
     try:
         preflight(config)
+        select_device(config.device)  # 'cuda' where this node sees no GPU: refused now
     except FedClinicError as err:
         raise ConfigError(f"{spec.source}: {err}") from None
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fedclinic.cli import main
@@ -117,6 +118,7 @@ def test_no_data_source_means_no_data_even_in_code() -> None:
         ({"data-source": "synthetic", "knowledge-path": "/no/k.npz"}, "'knowledge-path'"),
         ({"data-source": "synthetic", "num-samples": True}, "expected a number, not true"),
         ({"data-source": "synthetic", "label-skew-alpha": float("nan")}, "finite number"),
+        ({"data-source": "synthetic", "device": "gpu"}, "expected auto, cpu, cuda"),
     ],
 )
 def test_local_checks_every_hospital_key_before_start(
@@ -324,3 +326,13 @@ def test_hospital_lock_is_held_while_the_node_runs(tmp_path: Path) -> None:
     assert last.startswith(f"error: state dir '{state}' is in use by another hospital node")
     assert "hospital st-mary" in last
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_before_start(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = two_hospitals(tmp_path, **{"data-source": "synthetic", "device": "cuda"})
+    assert "'device' = 'cuda' is not allowed: no CUDA GPU is visible" in local_fails(
+        capsys, tmp_path, *args
+    )

@@ -36,6 +36,7 @@ from fedclinic.local.federation import (
     check_output_dir,
 )
 from fedclinic.site import effective_state_dir
+from fedclinic.training import select_device
 
 
 def default_output_dir(algorithm: str, root: Path | None = None) -> Path:
@@ -81,6 +82,7 @@ def check_hospitals(specs: list[HospitalSpec], run: RunConfig) -> None:
         where = f"{spec.source}: " if spec.source else f"hospital {spec.name}: "
         try:
             preflight(spec.config, run)
+            select_device(spec.config.device)  # 'cuda' where no GPU is visible: refused now
         except FedClinicError as err:
             raise ConfigError(f"{where}{err}") from None
     dirs = {spec.name: effective_state_dir(spec.config).resolve() for spec in specs}
