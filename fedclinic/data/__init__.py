@@ -16,7 +16,14 @@ from pathlib import Path
 from types import ModuleType
 
 from fedclinic.config import DATA_SOURCES, HospitalConfig, RunConfig
-from fedclinic.data.base import DataRequest, DataSource, HospitalData, Split, check_hospital_data
+from fedclinic.data.base import (
+    DataRequest,
+    DataSource,
+    HospitalData,
+    Split,
+    check_hospital_data,
+    source_of,
+)
 from fedclinic.errors import ConfigError
 
 
@@ -91,7 +98,7 @@ def preflight(hospital: HospitalConfig, run: RunConfig | None = None) -> None:
     coordinator) only what the hospital config says; with it also that the run fits.
     Raises a one-line :class:`~fedclinic.errors.ConfigError` or ``DataError``.
     """
-    source = _source(DataRequest(RunConfig(), hospital).source, run.task if run else None)
+    source = _source(source_of(hospital), run.task if run else None)
     source.check_files(hospital)
     if run is not None:
         source.check_run[run.task](DataRequest(run, hospital))

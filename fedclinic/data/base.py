@@ -68,6 +68,16 @@ class HospitalData:
         )
 
 
+def source_of(hospital: HospitalConfig) -> str:
+    """The hospital's own ``data-source``; never the run config's (no silent default)."""
+    if not hospital.data_source:
+        raise ConfigError(
+            f"hospital {hospital.hospital}: hospital config: key 'data-source' is required but "
+            "missing; a hospital trains only on the data its own config names"
+        )
+    return hospital.data_source
+
+
 @dataclass(frozen=True)
 class DataRequest:
     """Everything a source needs: the run's task and the hospital's own settings."""
@@ -77,13 +87,7 @@ class DataRequest:
 
     @property
     def source(self) -> str:
-        """The hospital's own ``data-source``; never the run config's (no silent default)."""
-        if not self.hospital.data_source:
-            raise ConfigError(
-                f"hospital {self.hospital.hospital}: hospital config: key 'data-source' is "
-                "required but missing; a hospital trains only on the data its own config names"
-            )
-        return self.hospital.data_source
+        return source_of(self.hospital)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
