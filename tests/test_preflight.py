@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -312,20 +311,18 @@ def test_hospital_lock_is_held_while_the_node_runs(tmp_path: Path) -> None:
         config = hospital_file(tmp_path, "county", **{"data-source": "synthetic"})
         flat = {"hospital": "county", "data-source": "synthetic", "state-dir": str(state)}
         write_flat_toml(Path(config), flat)
-        started = time.monotonic()
         done = subprocess.run(
             [
                 sys.executable, "-m", "fedclinic.cli", "hospital", "--superlink", "127.0.0.1:1",
                 "--ca", str(pki.ca_cert), "--key", str(pki.hospitals["county"].private_key),
                 "--config", config,
             ],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: state dir '{state}' is in use by another hospital node")
-    assert "hospital st-mary" in last
-    assert time.monotonic() - started < 60
+    assert "hospital st-mary" in last and "joining" not in done.stderr  # nothing started
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
