@@ -1,13 +1,16 @@
 """The hospital's ClientApp: validate the hospital config, load local data, answer the round.
 
 It runs under the hospital's SuperNode (one ``flwr-clientapp`` process per message). Data
-is read here and only here; what goes back is model weights and metrics. A configuration or
-data problem is returned to the coordinator as one clear line (and logged at the site)
-instead of a stack trace.
+is read here and only here; what goes back is model weights, metrics, and where the data
+came from (``data_source``, ``data_fingerprint``: counts and a content hash, nothing that
+identifies a patient or names a file). A configuration or data problem is returned to the
+coordinator as one line without site paths (:mod:`fedclinic.redact`); the site's log keeps
+the full message.
 """
 
 from __future__ import annotations
 
+import traceback
 from logging import ERROR
 from typing import Any
 
@@ -16,9 +19,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedclinic import messages as keys
-from fedclinic.config import parse_hospital_config
+from fedclinic.config import HospitalConfig, parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import FedClinicError
+from fedclinic.redact import shareable
 from fedclinic.site import SiteState
 from fedclinic.training import select_device
 from strategies import get_algorithm, load_run_config
@@ -33,17 +37,18 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
     ``train`` is True for a training round, False for an evaluate-only exchange and None
     for the one-time setup query.
     """
+    hospital: HospitalConfig | None = None
     try:
         run = load_run_config(context.run_config)
         hospital = parse_hospital_config(context.node_config)
-        content = message.content
-        records = content.config_records
+        records = message.content.config_records
         config: dict[str, Any] = dict(records[keys.CONFIG]) if keys.CONFIG in records else {}
         server_round = int(config.get(keys.SERVER_ROUND, 0))
+        data = load_hospital_data(DataRequest(run, hospital))
         client_context = ClientContext(
             run=run,
             hospital=hospital,
-            data=load_hospital_data(DataRequest(run, hospital)),
+            data=data,
             device=select_device(hospital.device),
             site=SiteState.for_run(
                 hospital,
@@ -60,10 +65,20 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
             content = objective.query(message.content)
         else:
             content = objective.respond(message.content, train=train)
-    except FedClinicError as err:
+        # Every reply says what the hospital trained and was tested on (results record it).
+        info = content[keys.INFO] if keys.INFO in content else ConfigRecord()
+        info[keys.DATA_SOURCE] = hospital.data_source
+        info[keys.DATA_FINGERPRINT] = data.fingerprint(run.num_classes)
+        content[keys.INFO] = info
+    except Exception as err:  # nothing unexpected may carry a site path off-site either
         name = str(context.node_config.get("hospital", f"node-{context.node_id}"))
-        log(ERROR, "fedclinic hospital %s: %s", name, err)
-        content = RecordDict({"info": ConfigRecord({"hospital": name, "error": str(err)})})
+        if isinstance(err, FedClinicError):
+            log(ERROR, "fedclinic hospital %s: %s", name, err)
+            sent = shareable(err, hospital)
+        else:
+            log(ERROR, "fedclinic hospital %s: %s", name, traceback.format_exc())
+            sent = f"{type(err).__name__} at the hospital: {shareable(err, hospital)}"
+        content = RecordDict({"info": ConfigRecord({"hospital": name, "error": sent})})
     return Message(content=content, reply_to=message)
 
 

@@ -35,10 +35,20 @@ def _kebab(name: str) -> str:
 
 
 class Schema(BaseModel):
-    """Base for every config model: kebab-case keys, unknown keys refused, frozen."""
+    """Base for every config model: kebab-case keys, unknown keys refused, frozen.
+
+    Strict types (``rounds = true`` is not a number, ``seed = 1.5`` not an integer; an
+    integer is still a valid float) and finite floats only: ``nan``/``inf`` pass every
+    bound check pydantic would otherwise apply, so they are refused for every float key.
+    """
 
     model_config = ConfigDict(
-        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+        extra="forbid",
+        alias_generator=_kebab,
+        populate_by_name=True,
+        frozen=True,
+        strict=True,
+        allow_inf_nan=False,
     )
 
     def to_flat(self) -> dict[str, Scalar]:
@@ -76,7 +86,10 @@ def describe_validation_error(
         else:
             value = data.get(raw_key, item.get("input"))
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{scope}: key '{key}' = {value!r} is not allowed: {message}")
+            if isinstance(value, bool) and item["type"] in ("int_type", "float_type"):
+                message = "expected a number, not true/false"
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            lines.append(f"{scope}: key '{key}' = {shown} is not allowed: {message}")
     return "; ".join(lines)
 
 
@@ -92,6 +105,17 @@ def validate_schema(
 
 
 Algorithm = str
+#: Where a hospital's data comes from (``fedclinic.data`` has one loader per name).
+DATA_SOURCES = ("synthetic", "medmnist", "heart-disease", "image-folder", "segmentation-folder")
+
+
+def check_data_source(value: str) -> str:
+    """A known data source name (``did you mean`` for a typo such as ``synthetc``)."""
+    if value in DATA_SOURCES:
+        return value
+    close = difflib.get_close_matches(value, DATA_SOURCES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(f"expected one of {', '.join(DATA_SOURCES)}{hint}")
 ModelName = Literal["logreg", "cnn", "resnet18", "resnet101", "densenet121", "unet", "unet-large"]
 
 
@@ -105,7 +129,12 @@ class RunConfig(Schema):
     in_channels: int = Field(1, ge=1, le=16)
     image_size: int = Field(28, ge=8, le=1024)
     num_features: int = Field(13, ge=1)
-    data_source: str = "synthetic"
+    data_source: str = Field(
+        "synthetic",
+        description="only what 'fedclinic local --hospitals N' writes into the hospital "
+        "configs it generates (synthetic: generated hospitals have no data-path); a hospital "
+        "reads the source its own config names, never this key",
+    )
     rounds: int = Field(3, ge=1, le=10_000)
     local_epochs: int = Field(1, ge=1, le=1000)
     local_steps: int = Field(0, ge=0, description="batches per round; 0 means local-epochs")
@@ -132,6 +161,11 @@ class RunConfig(Schema):
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("data_source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return check_data_source(value)
 
     # fedclinic.tasks imports the model registry, which imports this module: imported late.
     @field_validator("selection_metric")
@@ -214,6 +248,8 @@ class HospitalConfig(Schema):
     """One hospital node: who it is, where its data is, which device it trains on."""
 
     hospital: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: required at the edge (:func:`parse_hospital_config`): no default for where patient
+    #: data comes from; empty only in configs built in code that never load data
     data_source: str = ""
     data_path: str = ""
     partition_id: int = Field(0, ge=0)
@@ -231,6 +267,11 @@ class HospitalConfig(Schema):
     prior_path: str = Field("", description="Fed-MAS: this site's copy of the shared prior file")
     public_data_path: str = Field("", description="FedHelp: this site's copy of the public data")
     knowledge_path: str = Field("", description="FedHelp: this site's copy of the knowledge file")
+
+    @field_validator("data_source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return value if value == "" else check_data_source(value)
 
     @field_validator("device")
     @classmethod
@@ -260,8 +301,18 @@ class HospitalConfig(Schema):
 
 
 def parse_hospital_config(flat: Mapping[str, Any]) -> HospitalConfig:
-    """Validate a SuperNode's node config into a :class:`HospitalConfig`."""
+    """Validate a SuperNode's node config into a :class:`HospitalConfig`.
+
+    ``data-source`` is required: a hospital trains on what its own config names, never on
+    a default (a missing key once meant built-in synthetic images with good-looking metrics).
+    """
     config: HospitalConfig = validate_schema(HospitalConfig, flat, "hospital config")
+    if not config.data_source:
+        raise ConfigError(
+            "hospital config: key 'data-source' is required but missing: name where this "
+            f"hospital's data comes from, one of {', '.join(DATA_SOURCES)} (there is no "
+            "default; 'synthetic' means built-in generated images, no patient data)"
+        )
     if config.partition_id >= config.num_partitions:
         raise ConfigError(
             f"hospital config: key 'partition-id' = {config.partition_id} is not allowed: "

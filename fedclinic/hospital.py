@@ -4,7 +4,9 @@ It runs Flower's SuperNode (which spawns our ClientApp per message) with the hos
 config, the consortium CA and the hospital's private key, and makes its failures readable:
 
 1. the inputs are checked before anything starts (hospital config, CA certificate, private
-   key, data path): a mistake is one ``error:`` line and exit 2;
+   key, the data source and its path, the shared files): a mistake is one ``error:`` line
+   and exit 2; ``--ca/--key/--config`` default to the image's mount points only inside a
+   container; the state dir is locked while the node runs (a second node on it is refused);
 2. flower-supernode runs under a :class:`ProcessSupervisor`, its log streamed to stdout;
    SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the node offline at once;
 3. when the coordinator refuses the key (Flower 2004) it tries again, a bounded number of
@@ -14,20 +16,28 @@ config, the consortium CA and the hospital's private key, and makes its failures
    happened and what to do (exit 1). Nothing else is retried here: connection losses are
    retried by Flower itself for ``--connect-timeout`` seconds, and a container restart
    policy covers the rest.
+
+The node's log says, with a timestamp, when it joined the coordinator (Flower accepted it)
+and when it left.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedclinic.data import preflight
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.local.configs import HospitalSpec, load_hospital_files
 from fedclinic.local.federation import (
@@ -36,49 +46,49 @@ from fedclinic.local.federation import (
     flower_environment,
     signals_as_exceptions,
 )
-from fedclinic.local.supernode import diagnose, grpc_detail, supernode_command
+from fedclinic.local.ports import LOOPBACK, is_port_free
+from fedclinic.local.supernode import (
+    DEFAULT_HEALTH_ADDRESS,
+    diagnose,
+    grpc_detail,
+    supernode_command,
+)
 from fedclinic.local.supervisor import ProcessSupervisor, tail_file
+from fedclinic.site import effective_state_dir, state_dir_lock
+from fedclinic.training import select_device
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9099"
+EXIT_OK, EXIT_FAILED = 0, 1
+__all__ = ["DEFAULT_HEALTH_ADDRESS", "run_hospital"]
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Arguments; the defaults are the hospital image's mount points."""
-    parser.add_argument(
-        "--superlink", required=True, metavar="HOST:PORT",
-        help="the coordinator's Fleet API (port 9092), e.g. coordinator.example.org:9092",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ca", type=Path, default=Path("/certs/ca.crt"), help="the consortium CA certificate"
-    )
-    parser.add_argument(
-        "--key", type=Path, default=Path("/keys/hospital.key"),
-        help="this hospital's private key (OpenSSH ECDSA; never leaves the site)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--config", type=Path, default=Path("/config/hospital.toml"), metavar="FILE.toml",
-        help="this hospital's config (fedclinic.config.HospitalConfig)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--runtime-port", type=int, default=9094,
-        help="the SuperNode's own Runtime API port on loopback (one per node on a host)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--health-server-address", default=DEFAULT_HEALTH_ADDRESS, metavar="HOST:PORT",
-        help="Flower's gRPC health service, for the container health check",
-    )  # fmt: skip
-    parser.add_argument(
-        "--connect-timeout", type=float, default=300.0, metavar="S",
-        help="how long Flower keeps retrying an unreachable coordinator before giving up",
-    )  # fmt: skip
-    parser.add_argument(
-        "--attempts", type=int, default=5, metavar="N",
-        help="SuperNode starts while the coordinator refuses the key (Flower 2004)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--retry-wait", type=float, default=20.0, metavar="S", help="pause between attempts"
-    )
+#: the hospital image's mount points: ``--ca``, ``--key`` and ``--config`` default to them
+#: inside a container only (outside one, a path that happens to exist must not be used)
+CONTAINER_DEFAULTS = {
+    "ca": Path("/certs/ca.crt"),
+    "key": Path("/keys/hospital.key"),
+    "config": Path("/config/hospital.toml"),
+}
+CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
+
+
+def in_container() -> bool:
+    """Docker and Podman leave a marker file; ``FEDCLINIC_CONTAINER=1`` says so explicitly."""
+    if os.environ.get("FEDCLINIC_CONTAINER") in ("1", "0"):
+        return os.environ["FEDCLINIC_CONTAINER"] == "1"
+    return any(marker.exists() for marker in CONTAINER_MARKERS)
+
+
+def resolve_paths(args: argparse.Namespace) -> None:
+    """Fill ``--ca/--key/--config`` from the container defaults, inside a container only."""
+    for name, default in CONTAINER_DEFAULTS.items():
+        if getattr(args, name) is not None:
+            continue
+        if not in_container():
+            raise ConfigError(
+                f"--{name} is required outside the hospital container (its default "
+                f"'{default}' is the image's mount point)"
+            )
+        setattr(args, name, default)
 
 
 # ---------------------------------------------------------------------------- 1. inputs
@@ -132,25 +142,54 @@ def check_private_key(path: Path) -> None:
         )
 
 
-def check_data_path(spec: HospitalSpec) -> None:
-    """A configured data path must exist: the site's data volume is mounted, read-only."""
+def check_data(spec: HospitalSpec) -> None:
+    """The hospital's data source, checked without the run config (which the coordinator
+    sends later): a known source, its path in place with the source's shape of file or
+    folder (nothing is loaded), the shared files the config names."""
     config = spec.config
-    synthetic = config.data_source == "synthetic"
-    if config.data_path and not synthetic and not Path(config.data_path).exists():
+    if config.data_path and not Path(config.data_path).expanduser().exists():
         raise ConfigError(
             f"{spec.source}: hospital config: key 'data-path' = {config.data_path!r}: no "
             "such file or folder (mount the site's data read-only, e.g. at /data)"
         )
+    try:
+        preflight(config)
+        select_device(config.device)  # 'cuda' where this node sees no GPU: refused now
+    except FedClinicError as err:
+        raise ConfigError(f"{spec.source}: {err}") from None
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    """The node's own loopback ports are free (a second node on one host needs others)."""
+    host, _, port = args.health_server_address.rpartition(":")
+    health = int(port) if port.isdigit() else -1
+    for option, address, number in (
+        ("--runtime-port", LOOPBACK, args.runtime_port),
+        ("--health-server-address", host.strip("[]") or LOOPBACK, health),
+    ):
+        if not 0 < number < 65536:
+            raise ConfigError(f"{option}: expected a port number 1..65535, got {number}")
+        if not is_port_free(number, address):
+            raise ConfigError(
+                f"{option}: port {number} on {address} is in use (another hospital node on "
+                f"this host?); give this node a free port with {option}"
+            )
 
 
 def check_inputs(args: argparse.Namespace) -> HospitalSpec:
     """Everything a start needs, checked before it; raises a one-line :class:`ConfigError`."""
     check_address(args.superlink)
+    resolve_paths(args)
     spec = load_hospital_files([args.config])[0]
-    check_data_path(spec)
+    check_data(spec)
     check_certificate(args.ca)
     check_private_key(args.key)
-    if args.attempts < 1 or args.retry_wait < 0 or args.connect_timeout <= 0:
+    check_ports(args)
+    if not (
+        args.attempts >= 1
+        and 0 <= args.retry_wait < float("inf")
+        and 0 < args.connect_timeout < float("inf")
+    ):
         raise ConfigError(
             "--attempts must be >= 1, --retry-wait >= 0 and --connect-timeout > 0 seconds"
         )
@@ -174,11 +213,24 @@ def _echo(path: Path, offset: int) -> int:
     return offset + len(chunk)
 
 
-def run_supernode(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+JOINED = re.compile(rb"SuperNode ID: (\d+)")
+
+
+def say(name: str, message: str) -> None:
+    """One timestamped line of our own in the node's log (stderr)."""
+    stamp = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"{stamp} fedclinic hospital {name}: {message}", file=sys.stderr, flush=True)
+
+
+def run_supernode(
+    command: list[str], env: dict[str, str], joined: Callable[[str], None] = lambda node: None
+) -> tuple[int, str]:
     """Run one SuperNode until it exits; its status and the tail of its log.
 
-    The supervisor stops it (SIGTERM to its process group, so Flower deactivates the node)
-    and sweeps its SuperExec and ClientApps also when :class:`Interrupted` unwinds.
+    ``joined`` is called once with the node ID when the coordinator accepted the node
+    (Flower logs ``SuperNode ID: <id>`` once connected and activated). The supervisor
+    stops it (SIGTERM to its process group, so Flower deactivates the node) and sweeps its
+    SuperExec and ClientApps also when :class:`Interrupted` unwinds.
     """
     with (
         tempfile.TemporaryDirectory(prefix="fedclinic-hospital-") as tmp,
@@ -186,15 +238,25 @@ def run_supernode(command: list[str], env: dict[str, str]) -> tuple[int, str]:
     ):
         log_path = Path(tmp) / "supernode.log"
         process = supervisor.start("supernode", command, log_path, env=env)
-        offset = 0
+        offset, node = 0, ""
         try:
             while (status := process.exit_code()) is None:
                 offset = _echo(log_path, offset)
+                if not node and (found := JOINED.search(_read(log_path))):
+                    node = found[1].decode()
+                    joined(node)
                 time.sleep(0.2)
         finally:
             supervisor.stop_all()
             _echo(log_path, offset)
         return status, tail_file(log_path, 80)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()[-65536:]
+    except OSError:
+        return b""
 
 
 # ---------------------------------------------------------------------------- 3./4. loop
@@ -205,13 +267,10 @@ def _error(message: str) -> None:
 
 
 def run_hospital(args: argparse.Namespace) -> int:
-    """``fedclinic hospital``: check, start, retry refusals, end with one clear line."""
-    try:
-        spec = check_inputs(args)
-        bin_dir = flower_bin_dir()
-    except FedClinicError as err:
-        _error(str(err))
-        return EXIT_CONFIG
+    """``fedclinic hospital``: check, lock the state dir, start, retry refusals, end with one
+    clear line; the log says when the node joined the coordinator and when it left."""
+    spec = check_inputs(args)  # a ConfigError: one line, exit 2 (fedclinic.cli)
+    bin_dir = flower_bin_dir()
     command = supernode_command(
         bin_dir,
         args.superlink,
@@ -223,33 +282,47 @@ def run_hospital(args: argparse.Namespace) -> int:
         health_address=args.health_server_address,
     )
     env = flower_environment(bin_dir)
-    with signals_as_exceptions():
+    state_dir = effective_state_dir(spec.config)
+    # Flower's own node state (installed apps) is site state too: one per node, unless the
+    # environment names it (the image sets FLWR_HOME=/state/flwr)
+    env.setdefault("FLWR_HOME", str(state_dir.resolve() / "flwr"))
+    name = spec.name
+    joined: list[str] = []
+
+    def on_join(node: str) -> None:
+        joined.append(node)
+        say(name, f"joined the coordinator at {args.superlink} as node {node}")
+
+    def left(reason: str) -> None:
+        if joined:
+            say(name, f"left the coordinator at {args.superlink} ({reason})")
+
+    with (
+        state_dir_lock(state_dir, f"hospital {name}"),
+        signals_as_exceptions(),
+    ):
         try:
             for attempt in range(1, args.attempts + 1):
-                print(
-                    f"fedclinic hospital {spec.name}: joining {args.superlink} "
-                    f"(attempt {attempt}/{args.attempts})",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
-                status, log = run_supernode(command, env)
+                say(name, f"joining {args.superlink} (attempt {attempt}/{args.attempts})")
+                joined.clear()
+                status, log = run_supernode(command, env, on_join)
                 if status == 0:
+                    left("the node stopped")
                     return EXIT_OK
+                left(f"flower-supernode exited with {status}")
                 found = diagnose(log, args.superlink, args.ca)
                 if found is not None and found.retry and attempt < args.attempts:
-                    print(
-                        f"fedclinic hospital {spec.name}: {found.message}; trying again in "
-                        f"{args.retry_wait:g} s",
-                        file=sys.stderr, flush=True,
-                    )  # fmt: skip
+                    say(name, f"{found.message}; trying again in {args.retry_wait:g} s")
                     time.sleep(args.retry_wait)
                     continue
                 if found is None:
                     detail = grpc_detail(log) or "see the log above"
-                    _error(f"hospital {spec.name}: flower-supernode exited with {status}: {detail}")
+                    _error(f"hospital {name}: flower-supernode exited with {status}: {detail}")
                 else:
-                    _error(f"hospital {spec.name}: {found.message}")
+                    _error(f"hospital {name}: {found.message}")
                 return EXIT_FAILED
         except Interrupted as stop:
-            print(f"fedclinic hospital {spec.name}: stopped ({stop})", file=sys.stderr)
+            left(f"stopped by {stop}")
+            say(name, f"stopped ({stop})")
             return 128 + stop.signum
     return EXIT_FAILED  # pragma: no cover - the loop always returns

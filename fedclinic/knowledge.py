@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
+from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError, file_problem
 from fedclinic.serialization import file_sha256
 
 KNOWLEDGE_FORMAT = "fedclinic-knowledge/1"
@@ -832,7 +832,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--std", default="", help="per-channel normalisation, e.g. 0.229,0.224,0.225"
     )
-    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     build.add_argument("--epochs", type=int, default=10, help="teacher epochs")
     build.add_argument("--learning-rate", type=float, default=1e-3, help="teacher Adam lr")
     build.add_argument("--weight-decay", type=float, default=1e-4, help="teacher Adam wd")
@@ -852,10 +852,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "synthetic-public", help="write a labelled synthetic public set (demos and tests)"
     )
     synthetic.add_argument("--output", required=True, help=".npz to write (MedMNIST layout)")
-    synthetic.add_argument("--num-samples", type=int, default=600)
-    synthetic.add_argument("--num-classes", type=int, default=2)
-    synthetic.add_argument("--image-size", type=int, default=28)
-    synthetic.add_argument("--in-channels", type=int, default=1)
+    synthetic.add_argument("--num-samples", type=int, default=600, help="images to generate")
+    synthetic.add_argument("--num-classes", type=int, default=2, help="lesion classes")
+    synthetic.add_argument("--image-size", type=int, default=28, help="pixels per side")
+    synthetic.add_argument("--in-channels", type=int, default=1, help="image channels")
     synthetic.add_argument("--seed", type=int, default=1000, help="differ from the hospitals'")
     synthetic.add_argument(
         "--task",
@@ -976,5 +976,4 @@ def knowledge_synthetic_command(args: argparse.Namespace) -> int:
 
 
 def _line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return file_problem(err)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
-from fedclinic.errors import ConfigError, FedClinicError
+from fedclinic.errors import ConfigError
 from fedclinic.local.configs import resolve_run_config, write_flat_toml
 from fedclinic.local.federation import flower_bin_dir, flower_environment
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError
@@ -26,7 +25,7 @@ from fedclinic.local.follow import RunFollower
 from fedclinic.local.supervisor import ProcessSupervisor
 from fedclinic.pki import public_key_fingerprint
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK = 0
 
 
 def _cli(args: argparse.Namespace, supervisor: ProcessSupervisor, home: Path) -> FlowerCli:
@@ -44,11 +43,12 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--superlink",
         default=os.environ.get("FEDCLINIC_SUPERLINK", "127.0.0.1:8000"),
         metavar="HOST:PORT",
-        help="the coordinator's Control API (default $FEDCLINIC_SUPERLINK or 127.0.0.1:8000)",
+        help="the coordinator's Control API ($FEDCLINIC_SUPERLINK when set)",
     )
     parser.add_argument(
-        "--ca", type=Path, default=Path("certs/ca.crt"), help="consortium CA certificate"
-    )
+        "--ca", type=Path, default=Path("certs/ca.crt"), metavar="FILE.crt",
+        help="the consortium CA certificate",
+    )  # fmt: skip
     parser.add_argument("--insecure", action="store_true", help="plaintext (tests only)")
 
 
@@ -56,59 +56,46 @@ def run_register(args: argparse.Namespace) -> int:
     """Register each ``--key NAME=FILE.pub``; an already registered key is not an error."""
     console = Console(soft_wrap=True)
     with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
-        try:
-            cli = _cli(args, supervisor, Path(home))
-            for assignment in args.key:
-                name, _, path = assignment.partition("=")
-                public_key = Path(path)
-                if not name or not public_key.is_file():
-                    raise ConfigError(
-                        f"--key {assignment!r}: expected NAME=FILE.pub with an existing file"
-                    )
-                try:
-                    node_id = cli.register_supernode(public_key, name)
-                except FlowerCliError as err:
-                    if "already in use" not in str(err):  # Flower's [code: 23]
-                        raise
-                    console.print(
-                        f"{name}: already registered (key {public_key_fingerprint(public_key)})"
-                    )
-                    continue
-                console.print(
-                    f"{name}: registered as node {node_id} "
-                    f"(key {public_key_fingerprint(public_key)})"
+        cli = _cli(args, supervisor, Path(home))
+        for assignment in args.key:
+            name, _, path = assignment.partition("=")
+            public_key = Path(path)
+            if not name or not public_key.is_file():
+                raise ConfigError(
+                    f"--key {assignment!r}: expected NAME=FILE.pub with an existing file"
                 )
-        except FedClinicError as err:
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-            return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILED
+            try:
+                node_id = cli.register_supernode(public_key, name)
+            except FlowerCliError as err:
+                if "already in use" not in str(err):  # Flower's [code: 23]
+                    raise
+                console.print(
+                    f"{name}: already registered (key {public_key_fingerprint(public_key)})"
+                )
+                continue
+            console.print(
+                f"{name}: registered as node {node_id} (key {public_key_fingerprint(public_key)})"
+            )
     return EXIT_OK
 
 
 def run_submit(args: argparse.Namespace) -> int:
     """Validate the run config, submit it, follow it to its final status."""
     console = Console()
-    try:
-        app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
-    except FedClinicError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_CONFIG
+    app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
     output_dir = Path(run.output_dir or "runs")
     with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
-        try:
-            cli = _cli(args, supervisor, Path(home))
-            run_toml = Path(home) / "run.toml"
-            write_flat_toml(run_toml, merged)
-            run_id = cli.submit(app_dir, run_toml)
-            console.print(f"run {run_id} submitted: {run.algorithm}, {run.rounds} rounds")
-            # The metrics and summary are visible when the output dir is shared with the
-            # coordinator (the compose volume); otherwise only the status is followed.
-            follower = RunFollower(
-                cli, console, output_dir, run.rounds, args.timeout, summary_required=False
-            )
-            outcome = follower.report(follower.follow(run_id))
-        except FedClinicError as err:
-            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-            return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILED
+        cli = _cli(args, supervisor, Path(home))
+        run_toml = Path(home) / "run.toml"
+        write_flat_toml(run_toml, merged)
+        run_id = cli.submit(app_dir, run_toml)
+        console.print(f"run {run_id} submitted: {run.algorithm}, {run.rounds} rounds")
+        # The metrics and summary are visible when the output dir is shared with the
+        # coordinator (the compose volume); otherwise only the status is followed.
+        follower = RunFollower(
+            cli, console, output_dir, run.rounds, args.timeout, summary_required=False
+        )
+        outcome = follower.report(follower.follow(run_id))
     return outcome.exit_code
 
 
@@ -133,5 +120,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting"
     )
     submit.add_argument("--app-dir", type=Path, default=None, help="the Flower app project")
-    submit.add_argument("--timeout", type=float, default=24 * 3600.0, metavar="S")
+    submit.add_argument(
+        "--timeout", type=float, default=24 * 3600.0, metavar="S",
+        help="how long to follow the run before stopping it, in seconds",
+    )  # fmt: skip
     submit.set_defaults(handler=run_submit)

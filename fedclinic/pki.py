@@ -14,6 +14,11 @@ same code on every platform). Formats are the ones Flower 1.39 loads:
 
 Private keys are created with mode 0600 from the first byte on (``os.open`` with the mode,
 never a ``chmod`` afterwards, so there is no window in which another user can read them).
+
+All or nothing: every output path is checked before anything is generated, everything is
+written into a staging folder beside the outputs, and each file is then linked into place
+with ``os.link`` (atomic, never replaces a file); if one link fails, the ones already made
+are removed again. A refused or failed run leaves the directory as it found it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ import datetime as dt
 import hashlib
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedclinic.errors import FedClinicError
+from fedclinic.errors import ConfigError
 
 DEFAULT_DNS_NAMES: tuple[str, ...] = ("localhost",)
 DEFAULT_IP_ADDRESSES: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -40,8 +48,9 @@ CURVE = ec.SECP384R1
 PRIVATE_MODE = 0o600
 
 
-class ProvisioningError(FedClinicError):
-    """A file could not be written (it exists already, or a name or address is invalid)."""
+class ProvisioningError(ConfigError):
+    """A file could not be written (it exists already, or a name or address is invalid):
+    the operator's input, so the CLI exits 2 with nothing written."""
 
 
 @dataclass(frozen=True)
@@ -116,11 +125,53 @@ def _parse_ips(ip_addresses: Iterable[str]) -> list[ipaddress.IPv4Address | ipad
     return parsed
 
 
-def create_ca(
-    directory: Path, common_name: str = "fedclinic consortium CA", days: int = 3650
-) -> tuple[Path, Path]:
-    """Write ``ca.crt`` and ``ca.key``: the root every hospital trusts for the coordinator."""
-    directory.mkdir(parents=True, exist_ok=True)
+_HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # as the hospital config's 'hospital'
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def classify_san(host: str) -> tuple[str, str]:
+    """``("ip", address)`` or ``("dns", name)`` for one ``--san``; anything else is refused.
+
+    IP addresses: IPv4 or IPv6 as :mod:`ipaddress` reads them (no zone index, no brackets).
+    DNS names: RFC 1123 host names (letters, digits, hyphens; labels of 1-63 characters,
+    253 in all; not all-numeric, so ``300.1.2.3`` is neither a name nor an address).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        if getattr(address, "scope_id", None):
+            raise ProvisioningError(f"--san {host!r}: an IPv6 zone index cannot be certified")
+        return "ip", str(address)
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if (
+        not name
+        or len(name) > 253
+        or not all(_DNS_LABEL.match(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise ProvisioningError(
+            f"--san {host!r} is neither a DNS name nor an IP address: expected e.g. "
+            "coordinator.example.org, 203.0.113.10 or 2001:db8::10 (no scheme, port or path)"
+        )
+    return "dns", name.lower()
+
+
+def split_sans(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Default loopback SANs plus ``hosts`` (checked), split into DNS names and IPs."""
+    dns, ips = list(DEFAULT_DNS_NAMES), list(DEFAULT_IP_ADDRESSES)
+    for host in hosts:
+        kind, value = classify_san(host)
+        target = ips if kind == "ip" else dns
+        if value not in target:
+            target.append(value)
+    return dns, ips
+
+
+def _ca(common_name: str, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed consortium CA: the root every hospital trusts for the coordinator."""
     key = _new_key()
     name = x509.Name(
         [
@@ -156,21 +207,17 @@ def create_ca(
         .add_extension(ski, critical=False)
         .sign(key, hashes.SHA384())
     )
-    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    write_private(key_path, _pem_private(key))
-    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
+    return cert, key
 
 
-def create_server_certificate(
-    ca_cert: Path,
-    ca_key: Path,
-    directory: Path,
-    dns_names: Sequence[str] = DEFAULT_DNS_NAMES,
-    ip_addresses: Sequence[str] = DEFAULT_IP_ADDRESSES,
-    days: int = 825,
-) -> tuple[Path, Path]:
-    """Write ``server.pem`` and ``server.key`` for the SuperLink, signed by the CA.
+def _server(
+    issuer_cert: x509.Certificate,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str],
+    days: int,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The SuperLink's certificate, signed by the CA.
 
     The SANs must list every name or address that hospitals, the ``flwr`` CLI and the
     SuperLink's own SuperExec dial; TLS hostname checks use the SANs only (not the CN).
@@ -178,10 +225,6 @@ def create_server_certificate(
     if not dns_names and not ip_addresses:
         raise ProvisioningError("the server certificate needs at least one DNS name or IP SAN")
     ips = _parse_ips(ip_addresses)
-    issuer_cert = x509.load_pem_x509_certificate(ca_cert.read_bytes())
-    issuer_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
-    if not isinstance(issuer_key, ec.EllipticCurvePrivateKey):
-        raise ProvisioningError(f"'{ca_key}' is not an EC private key")
     key = _new_key()
     common_name = dns_names[0] if dns_names else str(ips[0])
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
@@ -225,22 +268,15 @@ def create_server_certificate(
         )
         .sign(issuer_key, hashes.SHA384())
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    write_private(key_path, _pem_private(key))
-    write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
+    return cert, key
 
 
-def create_hospital_keys(directory: Path, name: str) -> HospitalKeys:
-    """Write ``<name>.key`` (OpenSSH private, 0600) and ``<name>.pub`` (OpenSSH public).
+def _hospital_key_pair(name: str) -> tuple[bytes, bytes]:
+    """``<name>.key`` (OpenSSH private) and ``<name>.pub`` (OpenSSH public) contents.
 
-    The coordinator registers the public key (``flwr supernode register``); only the
-    hospital ever holds the private key, which signs its SuperNode's requests.
+    The coordinator registers the public key (``fedclinic register``); only the hospital
+    ever holds the private key, which signs its SuperNode's requests.
     """
-    if not name or "/" in name or name.startswith("."):
-        raise ProvisioningError(f"'{name}' is not a usable hospital name for a key file")
-    directory.mkdir(parents=True, exist_ok=True)
     key = _new_key()
     private = key.private_bytes(
         serialization.Encoding.PEM,
@@ -250,10 +286,72 @@ def create_hospital_keys(directory: Path, name: str) -> HospitalKeys:
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
-    write_private(private_path, private)
-    write_public(public_path, public + f" {name}\n".encode())
-    return HospitalKeys(name=name, private_key=private_path, public_key=public_path)
+    return private, public + f" {name}\n".encode()
+
+
+#: ``{relative path: (content, private)}``: what one provisioning step writes
+Files = Mapping[str, tuple[bytes, bool]]
+
+
+def write_all(directory: Path, files: Files) -> None:
+    """Write every file or none (see the module notes); refuses to replace any file."""
+    directory = directory.resolve()
+    existing = sorted(name for name in files if (directory / name).exists())
+    if existing:
+        raise ProvisioningError(
+            f"'{directory}' already holds {', '.join(existing)}; refusing to overwrite "
+            "(nothing was written): choose another --out or move those files away"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".fedclinic-certs-", dir=directory))
+    except OSError as err:
+        raise ProvisioningError(f"cannot write to '{directory}': {err.strerror}") from None
+    linked: list[Path] = []
+    try:
+        for name, (data, private) in files.items():
+            staged = staging / name.replace("/", "__")
+            (write_private if private else write_public)(staged, data)
+        for name in files:
+            target = directory / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(staging / name.replace("/", "__"), target)  # fails if it exists
+            linked.append(target)
+    except (OSError, ProvisioningError) as err:
+        for target in linked:
+            target.unlink(missing_ok=True)
+        if isinstance(err, ProvisioningError):
+            raise
+        detail = f"'{err.filename}' exists already" if isinstance(err, FileExistsError) else (
+            err.strerror or str(err)
+        )
+        raise ProvisioningError(
+            f"writing into '{directory}' failed ({detail}); nothing was left behind"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def create_hospital_keys(directory: Path, name: str) -> HospitalKeys:
+    """Write one hospital's key pair, ``<name>.key`` (0600) and ``<name>.pub``."""
+    return create_hospital_key_pairs(directory, [name])[name]
+
+
+def create_hospital_key_pairs(directory: Path, names: Iterable[str]) -> dict[str, HospitalKeys]:
+    """``fedclinic certs --keys-only``: each hospital's key pair, all or none."""
+    checked = check_hospital_names(names)
+    files: dict[str, tuple[bytes, bool]] = {}
+    for name in checked:
+        private, public = _hospital_key_pair(name)
+        files[f"{name}.key"] = (private, True)
+        files[f"{name}.pub"] = (public, False)
+    write_all(directory, files)
+    directory = directory.resolve()
+    return {n: HospitalKeys(n, directory / f"{n}.key", directory / f"{n}.pub") for n in checked}
 
 
 def check_hospital_names(hospitals: Iterable[str]) -> list[str]:
@@ -263,32 +361,57 @@ def check_hospital_names(hospitals: Iterable[str]) -> list[str]:
     if duplicates:
         raise ProvisioningError(f"hospital names must be unique; repeated: {', '.join(duplicates)}")
     for name in names:
-        if not name or "/" in name or name.startswith("."):
-            raise ProvisioningError(f"'{name}' is not a usable hospital name for a key file")
+        if not _HOSPITAL_NAME.match(name) or name.startswith("."):
+            raise ProvisioningError(
+                f"--hospital {name!r} is not a usable hospital name: expected 1-64 letters, "
+                "digits, '_', '.' or '-', not starting with '.' (it names the key files)"
+            )
     return names
 
 
 def provision(
     directory: Path,
-    hospitals: Iterable[str],
+    hospitals: Iterable[str] = (),
     dns_names: Sequence[str] = DEFAULT_DNS_NAMES,
     ip_addresses: Sequence[str] = DEFAULT_IP_ADDRESSES,
 ) -> Provisioned:
-    """Create CA, server certificate and hospital keys under one directory.
+    """Create CA, server certificate and (optionally) hospital keys under one directory.
 
     Layout: ``ca.crt``, ``ca.key``, ``server.pem``, ``server.key`` and
-    ``hospitals/<name>.key|.pub``. Every input is checked before the first file is written,
-    so a bad SAN or duplicate name leaves nothing half-provisioned.
+    ``hospitals/<name>.key|.pub``. Every input and output path is checked before the first
+    file is written, and the files appear all together or not at all (:func:`write_all`).
+    Without hospitals it makes only the CA and the coordinator's certificate: the
+    recommended flow, where each hospital makes its own key pair.
     """
     names = check_hospital_names(hospitals)
+    for name in dns_names:
+        if classify_san(name)[0] != "dns":
+            raise ProvisioningError(f"'{name}' is an IP address, not a DNS name")
     _parse_ips(ip_addresses)
     directory = directory.resolve()
-    ca_cert, ca_key = create_ca(directory)
-    server_cert, server_key = create_server_certificate(
-        ca_cert, ca_key, directory, dns_names, ip_addresses
+    ca_cert, ca_key = _ca("fedclinic consortium CA", 3650)
+    server_cert, server_key = _server(ca_cert, ca_key, dns_names, ip_addresses, 825)
+    files: dict[str, tuple[bytes, bool]] = {
+        "ca.crt": (_pem(ca_cert), False),
+        "ca.key": (_pem_private(ca_key), True),
+        "server.pem": (_pem(server_cert), False),
+        "server.key": (_pem_private(server_key), True),
+    }
+    for name in names:
+        private, public = _hospital_key_pair(name)
+        files[f"hospitals/{name}.key"] = (private, True)
+        files[f"hospitals/{name}.pub"] = (public, False)
+    write_all(directory, files)
+    folder = directory / "hospitals"
+    keys = {n: HospitalKeys(n, folder / f"{n}.key", folder / f"{n}.pub") for n in names}
+    return Provisioned(
+        directory,
+        directory / "ca.crt",
+        directory / "ca.key",
+        directory / "server.pem",
+        directory / "server.key",
+        keys,
     )
-    keys = {name: create_hospital_keys(directory / "hospitals", name) for name in names}
-    return Provisioned(directory, ca_cert, ca_key, server_cert, server_key, keys)
 
 
 def fingerprint(cert_path: Path | str) -> str:
@@ -297,8 +420,21 @@ def fingerprint(cert_path: Path | str) -> str:
     The same value ``openssl x509 -fingerprint -sha256`` prints (without colons); the audit
     log records it so a run can be tied to the exact coordinator certificate.
     """
-    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    path = Path(cert_path)
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as err:
+        raise ProvisioningError(f"'{path}' cannot be read: {err.strerror}") from None
+    except ValueError:
+        raise ProvisioningError(f"'{path}' is not a PEM certificate") from None
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def openssl_fingerprint(cert_path: Path | str) -> str:
+    """The line ``openssl x509 -noout -fingerprint -sha256 -in FILE`` prints (OpenSSL 3):
+    ``sha256 Fingerprint=AB:CD:...``, for reading ``ca.crt``'s fingerprint over the phone."""
+    digest = fingerprint(cert_path).upper()
+    return "sha256 Fingerprint=" + ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
 def public_key_fingerprint(public_key: Path | str) -> str:

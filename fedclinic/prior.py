@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedclinic.errors import DataError, FedClinicError
+from fedclinic.errors import DataError, FedClinicError, file_problem
 from fedclinic.serialization import content_sha256, file_sha256
 
 #: pooled-feature size of each prior architecture (the projector's output size)
@@ -227,7 +227,7 @@ def read_prior_file(path: str | Path) -> PriorFile:
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = file_problem(err)
         raise DataError(f"Fed-MAS prior file '{file}' is unreadable or corrupt: {detail}") from None
     if not isinstance(raw, Mapping):
         raise DataError(f"Fed-MAS prior file '{file}' does not hold a dictionary of weights")
@@ -542,7 +542,9 @@ def load_images(path: str | Path) -> torch.Tensor:
     except DataError:
         raise
     except Exception as err:
-        raise DataError(f"public image file '{file}' is not a readable .npz: {err}") from None
+        raise DataError(
+            f"public image file '{file}' is not a readable .npz: {file_problem(err)}"
+        ) from None
     if array.ndim == 3:
         array = array[:, None]
     if array.ndim != 4 or array.shape[0] < 2:
@@ -597,16 +599,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--synthetic-samples", type=int, help="use this many images of the synthetic generator"
     )
     train.add_argument("--output", required=True, help="prior file to write (MoCo-v2 layout)")
-    train.add_argument("--arch", choices=sorted(IMAGE_PRIORS), default="cnn")
-    train.add_argument("--steps", type=_positive_int, default=200)
-    train.add_argument("--batch-size", type=_batch_size, default=64)
-    train.add_argument("--learning-rate", type=float, default=0.06)
-    train.add_argument("--temperature", type=float, default=0.2)
-    train.add_argument("--encoder-momentum", type=float, default=0.99)
+    train.add_argument("--arch", choices=sorted(IMAGE_PRIORS), default="cnn", help="encoder")
+    train.add_argument("--steps", type=_positive_int, default=200, help="MoCo steps")
+    train.add_argument("--batch-size", type=_batch_size, default=64, help="images per step")
+    train.add_argument("--learning-rate", type=float, default=0.06, help="SGD learning rate")
+    train.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature")
+    train.add_argument(
+        "--encoder-momentum", type=float, default=0.99, help="key encoder EMA momentum"
+    )
     train.add_argument(
         "--queue-size", type=_positive_int, default=4096, help="capped at a quarter of the images"
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--in-channels", type=_positive_int, default=1, help="synthetic images only")
     train.add_argument("--image-size", type=_positive_int, default=28, help="synthetic images only")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -616,7 +620,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "hash", help="check that a file loads as a Fed-MAS prior and print its SHA-256"
     )
     digest.add_argument("path", help="prior file (MoCo-v2 checkpoint or state dict)")
-    digest.add_argument("--arch", choices=sorted(PRIOR_DIMS), default="resnet50")
+    digest.add_argument(
+        "--arch", choices=sorted(PRIOR_DIMS), default="resnet50", help="encoder of the file"
+    )
     digest.set_defaults(handler=prior_hash_command)
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fedclinic.errors import DataError, file_problem
+
 State = dict[str, torch.Tensor]
 
 
@@ -68,15 +70,14 @@ def save_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor]) -> dict
 
 
 def load_checkpoint(path: str | Path) -> State:
-    from fedclinic.errors import DataError
-
     file = Path(path)
     if not file.is_file():
         raise DataError(f"checkpoint '{file}' does not exist")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt file
-        raise DataError(f"checkpoint '{file}' is unreadable or corrupt: {err}") from None
+        detail = file_problem(err)
+        raise DataError(f"checkpoint '{file}' is unreadable or corrupt: {detail}") from None
     if not isinstance(state, dict):
         raise DataError(f"checkpoint '{file}' does not hold a state dict")
     return state

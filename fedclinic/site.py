@@ -14,8 +14,12 @@ message saved itself it reads back as saved.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +44,53 @@ def default_state_dir(hospital: HospitalConfig) -> Path:
     return Path.home() / ".fedclinic" / "state" / hospital.hospital
 
 
+def effective_state_dir(hospital: HospitalConfig) -> Path:
+    """The hospital's ``state-dir``, or the per-user default when it has none."""
+    return Path(hospital.state_dir).expanduser() if hospital.state_dir else default_state_dir(
+        hospital
+    )
+
+
+LOCK_FILE = ".fedclinic-node.lock"
+
+
+@contextlib.contextmanager
+def state_dir_lock(directory: Path, holder: str) -> Iterator[Path]:
+    """Hold an exclusive OS lock on ``directory`` for as long as a hospital node runs.
+
+    Two nodes on one state dir would silently share private state: the second one gets a
+    one-line :class:`ConfigError` naming the holder. ``flock`` locks are released by the
+    kernel when the process exits, however it exits, so a crash leaves no stale lock.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = (directory / LOCK_FILE).open("a+", encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"hospital config: key 'state-dir' = '{directory}' cannot be used: {err.strerror}"
+        ) from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            other = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"state dir '{directory}' is in use by another hospital node ({other}): two "
+                "nodes must not share site state; give this one its own state-dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{holder}, pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield directory
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class SiteState:
     """Named tensor dictionaries persisted atomically at one hospital for one run.
 
@@ -61,7 +112,7 @@ class SiteState:
         server_round: int = 0,
         site_key: str = "",
     ) -> SiteState:
-        root = Path(hospital.state_dir) if hospital.state_dir else default_state_dir(hospital)
+        root = effective_state_dir(hospital)
         key = site_key or run_site_key(run.run_name, run_id)
         if Path(key).name != key or key in (".", ".."):
             raise ConfigError(f"site key '{key}' from the coordinator is not a plain name")

@@ -33,7 +33,8 @@ def get_algorithm(name: str) -> Algorithm:
 
 
 def load_run_config(flat: Mapping[str, Any]) -> RunConfig:
-    """Validate a flat run config, with every registered algorithm's options section."""
+    """Validate a flat run config, with every registered algorithm's options section and
+    the selected algorithm's own checks (``Algorithm.check``)."""
     run = parse_run_config(flat, {name: a.options for name, a in REGISTRY.items()})
     algorithm = get_algorithm(run.algorithm)
     if run.task not in algorithm.tasks:
@@ -41,6 +42,7 @@ def load_run_config(flat: Mapping[str, Any]) -> RunConfig:
             f"run config: key 'task' = {run.task!r} is not allowed with algorithm = "
             f"{run.algorithm!r}: expected {' or '.join(algorithm.tasks)}"
         )
+    algorithm.check(run)
     return run
 
 

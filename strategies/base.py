@@ -17,6 +17,7 @@ final evaluation). Every exchange goes through :meth:`ClientObjective.respond`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -195,3 +196,6 @@ class Algorithm:
     description: str = ""
     #: tasks the algorithm implements (fedclinic.tasks); others are refused at validation
     tasks: tuple[str, ...] = ("classification",)
+    #: run settings the algorithm cannot work with: one-line ConfigError, called by
+    #: strategies.load_run_config (so before anything starts, as well as in each app)
+    check: Callable[[RunConfig], None] = lambda run: None

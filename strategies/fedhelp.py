@@ -561,7 +561,7 @@ class FedHelpObjective(ClientObjective):
             raise DataError(
                 f"knowledge file '{hospital.knowledge_path}' holds "
                 f"{'per-pixel' if dense else 'per-image'} probabilities; a {run.task} run "
-                f"needs {'per-image' if not dense else 'per-pixel'} ones (build it from public "
+                f"needs {'per-pixel' if not dense else 'per-image'} ones (build it from public "
                 f"data with {'masks' if run.task == 'segmentation' else 'class labels'})"
             )
         if shared.note:
@@ -750,7 +750,13 @@ def _now() -> float:
     return time.perf_counter()
 
 
+def check_run(run: RunConfig) -> None:
+    """``Algorithm.check``: :func:`check_options` on the run's own FedHelp options."""
+    check_options(run, run.algorithm_options())
+
+
 ALGORITHM = Algorithm(
+    check=check_run,
     name="fedhelp",
     strategy=FedHelpStrategy,
     objective=FedHelpObjective,

@@ -573,6 +573,7 @@ class FedMASStrategy(ServerAlgorithm):
 
 
 ALGORITHM = Algorithm(
+    check=check_run,
     name="fedmas",
     strategy=FedMASStrategy,
     objective=FedMASObjective,

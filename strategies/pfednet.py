@@ -700,7 +700,14 @@ class PFedNetStrategy(ServerAlgorithm):
         }
 
 
+def check_run(run: RunConfig) -> None:
+    """``Algorithm.check``: the sketch options fit the run (the personal-layer patterns need
+    the built model: the strategy checks them when it starts)."""
+    resolve_sketch(run)
+
+
 ALGORITHM = Algorithm(
+    check=check_run,
     name="pfednet",
     strategy=PFedNetStrategy,
     objective=PFedNetObjective,

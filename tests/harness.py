@@ -144,6 +144,7 @@ def synthetic_nodes(tmp_path: Path, count: int) -> dict[int, dict[str, Any]]:
     return {
         100 + i: {
             "hospital": f"hospital-{'abcd'[i]}",
+            "data-source": "synthetic",
             "num-samples": 40,
             "class-priors": priors[i],
             "acquisition-shift": 0.3 * i,

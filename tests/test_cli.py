@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -12,9 +15,10 @@ import pytest
 from cryptography import x509
 from flwr.common.config import parse_config_args
 
-from fedclinic.cli import build_local_options, build_parser, default_output_dir, main, split_sans
+from fedclinic.cli import COMMANDS, HelpFormatter, build_parser, main
 from fedclinic.config import load_toml, parse_hospital_config
 from fedclinic.errors import ConfigError
+from fedclinic.local.command import build_local_options, default_output_dir
 from fedclinic.local.configs import (
     app_defaults,
     dump_flat_toml,
@@ -24,12 +28,13 @@ from fedclinic.local.configs import (
     synthetic_hospitals,
     write_flat_toml,
 )
+from fedclinic.pki import split_sans
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def local_args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["local", *argv])
+    return build_parser("local").parse_args(["local", *argv])
 
 
 def run_failing(capsys: pytest.CaptureFixture[str], tmp_path: Path, *argv: str) -> str:
@@ -126,7 +131,7 @@ def test_invalid_hospital_file(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     bad.write_text('hospital = "st mary"\n')  # space not allowed
     line = run_failing(capsys, tmp_path, "--hospital", str(bad), "--set", "min-hospitals=1")
     assert "hospital" in line and str(bad) in line
-    bad.write_text('hospital = "a"\ndevic = "cpu"\n')
+    bad.write_text('hospital = "a"\ndata-source = "synthetic"\ndevic = "cpu"\n')
     assert "did you mean" in run_failing(
         capsys, tmp_path, "--hospital", str(bad), "--set", "min-hospitals=1"
     )
@@ -134,8 +139,8 @@ def test_invalid_hospital_file(capsys: pytest.CaptureFixture[str], tmp_path: Pat
 
 def test_duplicate_hospitals(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     one, two = tmp_path / "one.toml", tmp_path / "two.toml"
-    one.write_text('hospital = "same"\n')
-    two.write_text('hospital = "same"\n')
+    one.write_text('hospital = "same"\ndata-source = "synthetic"\n')
+    two.write_text('hospital = "same"\ndata-source = "synthetic"\n')
     assert "unique" in run_failing(capsys, tmp_path, "--hospital", str(one), "--hospital", str(two))
 
 
@@ -143,7 +148,7 @@ def test_hospital_and_hospitals_exclusive(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     one = tmp_path / "one.toml"
-    one.write_text('hospital = "one"\n')
+    one.write_text('hospital = "one"\ndata-source = "synthetic"\n')
     line = run_failing(
         capsys, tmp_path, "--hospital", str(one), "--hospitals", "2", "--set", "min-hospitals=1"
     )
@@ -251,3 +256,92 @@ def test_resume_says_what_is_missing(capsys: pytest.CaptureFixture[str], tmp_pat
     assert "is unreadable" in run_failing(capsys, tmp_path, "--resume")
     code = main(["local", "--resume"])
     assert code == 2 and "--resume needs --output-dir" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- issue 17.10
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == "fedclinic 0.1.0"
+
+
+def all_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every subcommand's parser, nested ones included, as the user reaches them."""
+    found: list[tuple[str, argparse.ArgumentParser]] = []
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        found.append((prefix, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(f"{prefix} {name}", sub)
+
+    for command in COMMANDS:
+        parser = build_parser(command)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        walk(f"fedclinic {command}", sub.choices[command])
+    return found
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    missing, hidden = [], []
+    for where, parser in all_parsers():
+        text = parser.format_help()
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            name = f"{where} {action.option_strings[-1]}"
+            if not action.help:
+                missing.append(name)
+            elif action.default not in (None, [], False, argparse.SUPPRESS) and "default" not in (
+                HelpFormatter(where)._get_help_string(action) or ""
+            ):
+                hidden.append(name)
+        assert "%(default)" not in text
+    assert not missing, f"options without help: {missing}"
+    assert not hidden, f"defaults not shown: {hidden}"
+
+
+def test_the_options_the_issue_named_say_what_they_default_to() -> None:
+    helps = {where: parser.format_help() for where, parser in all_parsers()}
+    hospital = " ".join(helps["fedclinic hospital"].split())
+    for option, default in (("--ca", "/certs/ca.crt"), ("--key", "/keys/hospital.key"),
+                            ("--config", "/config/hospital.toml")):  # fmt: skip
+        assert f"container: {default}" in hospital, option
+    assert "(default: 86400.0)" in " ".join(helps["fedclinic submit"].split())
+    assert "--out DIR" in helps["fedclinic certs"]
+
+
+def test_help_does_not_import_torch() -> None:
+    """``fedclinic --help`` (and the commands declared in fedclinic.cli) answer without
+    importing torch: measured with ``python -X importtime``, which lists every import."""
+    for argv in (["--help"], ["local", "--help"], ["certs", "--help"], ["hospital", "--help"]):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "fedclinic.cli", *argv],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+        assert "torch" not in imported and "fedclinic.local.federation" not in imported, argv
+        assert "usage: fedclinic" in done.stdout
+
+
+def test_one_error_wrapper_for_every_command(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A ConfigError is exit 2, an OSError exit 1; each one line."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        code = main(["certs", "--out", str(tmp_path / "ro" / "pki")])
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    err = capsys.readouterr().err.strip()
+    if os.geteuid() != 0:  # root writes anywhere
+        assert code == 2 and "cannot write to" in err and "\n" not in err
+    code = main(["certs", "--fingerprint", str(tmp_path / "absent.crt")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "absent.crt" in err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.config import RunConfig, load_toml, parse_hospital_config
+from fedclinic.config import HospitalConfig, RunConfig, load_toml, parse_hospital_config
 from fedclinic.errors import ConfigError
 from strategies import REGISTRY, load_run_config
 
@@ -71,7 +71,7 @@ def test_bad_run_config_gives_one_line(override: dict[str, object], fragments: l
 )
 def test_bad_hospital_config_gives_one_line(config: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_hospital_config(config)
+        parse_hospital_config({"data-source": "synthetic", **config} if config else config)
     assert fragment in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -90,3 +90,78 @@ def test_missing_and_corrupt_toml_files(tmp_path: Path) -> None:
     bad.write_text("hospital = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(bad, "hospital config")
+
+
+# ------------------------------------------------------------------ issue 17: strict values
+
+
+@pytest.mark.parametrize(
+    ("config", "fragments"),
+    [
+        ({"hospital": "a"}, ["key 'data-source' is required but missing", "no default"]),
+        (
+            {"hospital": "a", "data-source": "synthetc"},
+            ["'data-source' = 'synthetc' is not allowed", "did you mean 'synthetic'"],
+        ),
+        ({"hospital": "a", "data-source": ""}, ["key 'data-source' is required"]),
+    ],
+)
+def test_a_hospital_names_its_data_source(config: dict[str, object], fragments: list[str]) -> None:
+    """No silent default for where patient data comes from (issue 17.1/17.2)."""
+    with pytest.raises(ConfigError) as caught:
+        parse_hospital_config(config)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def _float_keys(model: type) -> list[str]:
+    return [str(f.alias) for f in model.model_fields.values() if f.annotation is float]
+
+
+RUN_FLOATS = _float_keys(RunConfig) + [
+    f"{name}.{key}" for name, a in REGISTRY.items() for key in _float_keys(a.options)
+]
+HOSPITAL_FLOATS = _float_keys(HospitalConfig)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", RUN_FLOATS)
+def test_non_finite_numbers_are_refused_for_every_run_float(key: str, value: float) -> None:
+    """``learning-rate = nan`` once said "should be <= 10"; ``round-timeout = inf`` passed."""
+    with pytest.raises(ConfigError) as caught:
+        load_run_config({**pyproject_run_config(), key: value})
+    assert f"'{key}' = {value!r} is not allowed: Input should be a finite number" in str(
+        caught.value
+    )
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", HOSPITAL_FLOATS)
+def test_non_finite_numbers_are_refused_for_every_hospital_float(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match="Input should be a finite number"):
+        parse_hospital_config({"hospital": "a", "data-source": "synthetic", key: value})
+
+
+def test_float_key_lists_are_not_empty() -> None:
+    assert {"learning-rate", "round-timeout", "fedprox.proximal-mu"} <= set(RUN_FLOATS)
+    assert {"label-skew-alpha", "val-fraction"} <= set(HOSPITAL_FLOATS)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("rounds", True, "'rounds' = true is not allowed: expected a number, not true/false"),
+        ("learning-rate", False, "'learning-rate' = false is not allowed: expected a number"),
+        ("seed", 1.5, "'seed' = 1.5 is not allowed: Input should be a valid integer"),
+        ("run-name", 5, "'run-name' = 5 is not allowed: Input should be a valid string"),
+        ("amp", 1, "'amp' = 1 is not allowed"),
+    ],
+)
+def test_strict_types(key: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_run_config({**pyproject_run_config(), key: value})
+    assert fragment in str(caught.value)
+
+
+def test_an_integer_is_still_a_float() -> None:
+    assert load_run_config({"learning-rate": 1}).learning_rate == 1.0

@@ -30,7 +30,8 @@ GOOD_ROW = "63.0,1.0,1.0,145.0,233.0,1.0,2.0,150.0,0.0,2.3,3.0,0.0,6.0,0"
 
 
 def make(path: Path, run: dict[str, Any] | None = None, **hospital: Any) -> DataRequest:
-    run_config = RunConfig(**{"model": "logreg", "data_source": "heart-disease", **(run or {})})
+    run_config = RunConfig(**{"model": "logreg", **(run or {})})
+    hospital.setdefault("data_source", "heart-disease")
     return DataRequest(run_config, HospitalConfig(hospital="h", data_path=str(path), **hospital))
 
 
@@ -174,3 +175,13 @@ def test_run_config_must_fit(tmp_path: Path, run: dict[str, Any], fragment: str)
     with pytest.raises(ConfigError) as caught:
         heart_disease.load(make(tmp_path / "processed.va.data", run))
     assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize("num", ["7", "-1", "1.5", "5"])
+def test_a_diagnosis_outside_0_to_4_is_refused(tmp_path: Path, num: str) -> None:
+    """``num`` is the UCI diagnosis 0..4; once any value was silently binarised (num > 0)."""
+    bad = GOOD_ROW[: -len("0")] + num
+    message = _error(tmp_path, "processed.va.data", "\n".join([GOOD_ROW] * 4 + [bad]))
+    assert f"processed.va.data:5: column 'num' = {num}; expected the diagnosis 0, 1, 2, 3 or 4" in (
+        message
+    )

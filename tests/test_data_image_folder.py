@@ -17,7 +17,8 @@ from fedclinic.errors import ConfigError, DataError
 
 
 def make(path: Path, run: dict[str, Any] | None = None, **hospital: Any) -> DataRequest:
-    run_config = RunConfig(**{"data_source": "image-folder", **(run or {})})
+    run_config = RunConfig(**(run or {}))
+    hospital.setdefault("data_source", "image-folder")
     return DataRequest(run_config, HospitalConfig(hospital="h", data_path=str(path), **hospital))
 
 
@@ -165,6 +166,6 @@ def test_bad_config(tmp_path: Path) -> None:
         image_folder.load(make(root, {"in_channels": 2}))
     with pytest.raises(ConfigError, match="'model' = 'logreg'"):
         image_folder.load(make(root, {"model": "logreg"}))
-    no_path = DataRequest(RunConfig(data_source="image-folder"), HospitalConfig(hospital="h"))
+    no_path = DataRequest(RunConfig(), HospitalConfig(hospital="h", data_source="image-folder"))
     with pytest.raises(ConfigError, match="key 'data-path' is empty"):
         image_folder.load(no_path)

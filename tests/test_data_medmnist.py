@@ -23,7 +23,8 @@ needs_pneumonia = pytest.mark.skipif(
 
 
 def make(path: Path, run: dict[str, Any] | None = None, **hospital: Any) -> DataRequest:
-    run_config = RunConfig(**{"data_source": "medmnist", **(run or {})})
+    run_config = RunConfig(**(run or {}))
+    hospital.setdefault("data_source", "medmnist")
     return DataRequest(run_config, HospitalConfig(hospital="h", data_path=str(path), **hospital))
 
 
@@ -188,7 +189,7 @@ def test_multilabel_and_mismatched_counts(tmp_path: Path) -> None:
 
 
 def test_bad_config(tmp_path: Path) -> None:
-    no_path = DataRequest(RunConfig(data_source="medmnist"), HospitalConfig(hospital="h"))
+    no_path = DataRequest(RunConfig(), HospitalConfig(hospital="h", data_source="medmnist"))
     with pytest.raises(ConfigError, match="key 'data-path' is empty"):
         medmnist.load(no_path)
     path = write_npz(tmp_path / "ok.npz")

@@ -22,7 +22,8 @@ from strategies import load_run_config
 
 def request(data: dict[str, Any], **run: Any) -> DataRequest:
     flat = {"task": "segmentation", "model": "unet", "image-size": 32, **run}
-    return DataRequest(load_run_config(flat), parse_hospital_config({"hospital": "h", **data}))
+    hospital = {"hospital": "h", "data-source": "synthetic", **data}
+    return DataRequest(load_run_config(flat), parse_hospital_config(hospital))
 
 
 # ------------------------------------------------------------------------------ synthetic

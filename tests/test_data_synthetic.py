@@ -26,6 +26,7 @@ def one_thread() -> Iterator[None]:
 
 def make(run: dict[str, Any] | None = None, **hospital: Any) -> DataRequest:
     hospital.setdefault("hospital", "st-mary")
+    hospital.setdefault("data_source", "synthetic")
     return DataRequest(RunConfig(**(run or {})), HospitalConfig(**hospital))
 
 

@@ -3,7 +3,9 @@
 - Ctrl-C during a run: the runner exits 130 and leaves no SuperLink, SuperNode, SuperExec
   or app process behind.
 - A hospital with a corrupt image file: the run fails (non-zero exit) and the operator is
-  told which hospital and which file, in one line.
+  told which hospital and which image (its class and position), in one line; the file's
+  path stays at the site: nothing the coordinator stored (metrics, audit log, summary, its
+  own and the ServerApp's logs) holds it, the hospital's log does.
 """
 
 from __future__ import annotations
@@ -77,7 +79,17 @@ def test_corrupt_image_at_a_hospital_is_named_in_one_line(tmp_path: Path) -> Non
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-4000:]
-    lines = [line for line in output.splitlines() if str(corrupt) in line]
-    assert lines, output[-4000:]
-    assert any("st-mary" in line and "not a readable image" in line for line in lines), lines
+    lines = [line for line in output.splitlines() if "image 8 of class 'malignant'" in line]
+    assert any("st-mary" in line and "not a readable image" in line for line in lines), output
+    # the path stays at the site: not in what the coordinator stored, nor in its logs
+    # (the runner's output includes the ServerApp's log, `flwr log`)
+    work = out / "federation"
+    coordinator_side = [p for p in out.iterdir() if p.is_file()]
+    coordinator_side += [work / "superlink.log", *(work / "homes" / "superlink").rglob("*")]
+    assert any(p.name == "metrics.jsonl" for p in coordinator_side)
+    for path in (p for p in coordinator_side if p.is_file()):
+        text = path.read_bytes().decode("utf-8", "replace")
+        assert str(images) not in text and "007.png" not in text, path
+    assert str(images) not in output and "st-mary-export" not in output
+    assert str(corrupt) in (work / "hospital-st-mary.log").read_text()  # the site's own log
     assert pids_with_cmdline(str(out), environ=True) == []

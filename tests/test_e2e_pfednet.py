@@ -76,6 +76,7 @@ def test_pfednet_cnn_synthetic_on_real_processes(tmp_path: Path) -> None:
             tmp_path,
             name,
             [
+                'data-source = "synthetic"',
                 "num-samples = 80",
                 f'class-priors = "{prior}"',
                 f"data-seed = {i}",
@@ -110,7 +111,14 @@ def test_pfednet_cnn_synthetic_on_real_processes(tmp_path: Path) -> None:
 def test_pfednet_logreg_heart_disease_on_real_processes(tmp_path: Path) -> None:
     centres = ["cleveland", "hungarian"]  # two centres keep the run short on 2 CPU cores
     hospitals = [
-        hospital_file(tmp_path, centre, [f'data-path = "{HEART / f"processed.{centre}.data"}"'])
+        hospital_file(
+            tmp_path,
+            centre,
+            [
+                'data-source = "heart-disease"',
+                f'data-path = "{HEART / f"processed.{centre}.data"}"',
+            ],
+        )
         for centre in centres
     ]
     rows, summary = run_local(

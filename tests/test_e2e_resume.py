@@ -55,6 +55,7 @@ def corrupt_hospital(state_root: Path, plan: str, name: str = "hospital-corrupt"
     and upload the corrupted updates of ``plan`` (``ROUND=nan|scale|shape,...``)."""
     flat = {
         "hospital": name,
+        "data-source": "synthetic",
         "num-samples": 120,
         "data-seed": 11,
         "device": "auto",

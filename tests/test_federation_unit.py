@@ -556,3 +556,22 @@ def test_follow_times_out(options: FederationOptions) -> None:
     federation.cli = ScriptedCli(["running"], quick.output_dir / "metrics.jsonl", [])  # type: ignore[assignment]
     with pytest.raises(RunError, match="did not finish within"):
         federation.follow(5)
+
+
+def test_final_evaluation_is_not_shown_as_another_round() -> None:
+    """The evaluate-only exchange after round R is numbered R + 1 by the ServerApp."""
+    final = {"round": 3, "hospital": "a", "kind": "evaluate", "model_round": 2}
+    assert format_row(final, rounds=2).startswith("final ")
+    assert "round  3" not in format_row(final, rounds=2)
+    assert format_row({**final, "round": 2}, rounds=2).startswith("round  2")
+
+
+def test_train_n_is_the_training_set_size_everywhere() -> None:
+    row = {"round": 1, "hospital": "a", "kind": "train", "train_loss": 0.5, "num_examples": 96,
+           "num_train": 420, "steps": 3}  # fmt: skip
+    line = format_row(row, rounds=2)
+    assert "n=420" in line and "3 steps" in line and "96" not in line
+    console = Console(record=True, width=200)
+    console.print(summary_table({"hospitals": {"a": {"num_train": 420}}}))
+    text = console.export_text()
+    assert "420" in text and "train n = the hospital's training-set size" in text

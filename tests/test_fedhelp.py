@@ -66,6 +66,7 @@ def make_objective(
 ) -> FedHelpObjective:
     hospital = HospitalConfig(
         hospital=name,
+        data_source="synthetic",
         num_samples=60,
         state_dir=str(state_dir),
         public_data_path=str(shared["public"]),

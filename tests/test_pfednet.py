@@ -103,7 +103,12 @@ def test_sketch_epsilon_needs_label_ratio() -> None:
 def objective_for(tmp_path: Path, name: str, **options: Any) -> PFedNetObjective:
     run = load_run_config(run_config(model="logreg", **{"data-source": "heart-disease", **options}))
     hospital = parse_hospital_config(
-        {"hospital": name, "data-path": str(HEART / "processed.hungarian.data"), "device": "cpu"}
+        {
+            "hospital": name,
+            "data-source": "heart-disease",
+            "data-path": str(HEART / "processed.hungarian.data"),
+            "device": "cpu",
+        }
     )
     context = ClientContext(
         run=run,
@@ -245,6 +250,7 @@ def test_logreg_heart_disease_single_exchange_rounds(tmp_path: Path) -> None:
     nodes = {
         200 + i: {
             "hospital": centre,
+            "data-source": "heart-disease",
             "data-path": str(HEART / f"processed.{centre}.data"),
             "device": "cpu",
             "state-dir": str(tmp_path / "state" / centre),

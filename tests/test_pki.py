@@ -152,7 +152,7 @@ def test_private_files_are_0600_even_with_a_permissive_umask(tmp_path: Path) -> 
 
 def test_keys_are_never_overwritten(tmp_path: Path) -> None:
     create_hospital_keys(tmp_path, "site")
-    with pytest.raises(ProvisioningError, match="exists already"):
+    with pytest.raises(ProvisioningError, match=r"already holds site\.key, site\.pub"):
         create_hospital_keys(tmp_path, "site")
     with pytest.raises(ProvisioningError):
         write_private(tmp_path / "site.key", b"x")

@@ -25,6 +25,7 @@ def segmentation_nodes(tmp_path: Path, count: int = 2) -> dict[int, dict[str, An
     return {
         100 + i: {
             "hospital": f"hospital-{'ab'[i]}",
+            "data-source": "synthetic",
             "num-samples": 24 + 8 * i,
             "acquisition-shift": 0.5 * i,
             "data-seed": i,

@@ -22,7 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quality",
         help="run a quality suite (seeds x algorithms, in process) into a results directory",
     )
-    quality.add_argument("--suite", choices=("heart", "pneumonia", "all"), required=True)
+    quality.add_argument(
+        "--suite", choices=("heart", "pneumonia", "all"), required=True, help="which benchmark"
+    )
     quality.add_argument(
         "--mode",
         choices=("quick", "full"),
@@ -48,7 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "report", help="render a results directory into BENCHMARKS.md tables and PNG plots"
     )
     report.add_argument("--results", type=Path, required=True, help="results directory")
-    report.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    report.add_argument(
+        "--out", type=Path, default=Path("BENCHMARKS.md"), help="the report to write"
+    )
     report.add_argument(
         "--plots",
         type=Path,

@@ -10,7 +10,7 @@ authentication on, like ``fedclinic local``), runs FedAvg with a tiny model and
   the slowest hospital's own compute (evaluation + local training, as the hospital measured
   it) — what the federation runtime adds: message delivery, ClientApp start-up, polling;
 - the peak resident memory of each kind of process (SuperLink, SuperNode, SuperExec,
-  ServerApp, ClientApp), sampled from ``/proc`` every half second.
+  ServerApp, ClientApp), sampled with ``psutil`` every half second.
 
 Round 1 is left out of the overhead (it includes the ServerApp's start-up); rounds 2..R count.
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -85,15 +86,13 @@ class MemorySampler(threading.Thread):
     def sample(self) -> None:
         for pid in pids_with_marker(self.token):
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
+                process = psutil.Process(pid)
+                kind = process_kind(" ".join(process.cmdline()))
+                rss = process.memory_info().rss
+            except psutil.Error:
                 continue
-            kind = process_kind(cmdline)
-            rss = next((line.split()[1] for line in status.splitlines()
-                        if line.startswith("VmRSS:")), None)  # fmt: skip
-            if kind and rss:
-                self.peaks[kind] = max(self.peaks.get(kind, 0.0), int(rss) / 1024)
+            if kind:
+                self.peaks[kind] = max(self.peaks.get(kind, 0.0), rss / 2**20)
 
 
 def round_overheads(audit: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[float]:

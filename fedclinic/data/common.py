@@ -10,6 +10,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData, Split
 from fedclinic.data.splits import DEFAULT_TEST_FRACTION, stratified_split, train_val_test_split
 from fedclinic.errors import ConfigError
@@ -36,14 +37,18 @@ def require_grey_or_colour(request: DataRequest, source: str) -> None:
         )
 
 
-def require_data_path(request: DataRequest, what: str) -> Path:
+def require_path(hospital: HospitalConfig, source: str, what: str) -> Path:
     """The hospital's ``data-path``, which file-based sources cannot do without."""
-    if not request.hospital.data_path:
+    if not hospital.data_path:
         raise ConfigError(
-            f"hospital config: key 'data-path' is empty; data source '{request.source}' "
-            f"expects {what}"
+            f"hospital config: key 'data-path' is empty; data source '{source}' expects {what}"
         )
-    return Path(request.hospital.data_path).expanduser()
+    return Path(hospital.data_path).expanduser()
+
+
+def require_data_path(request: DataRequest, what: str) -> Path:
+    """:func:`require_path` for a load."""
+    return require_path(request.hospital, request.source, what)
 
 
 def make_split(inputs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> Split:

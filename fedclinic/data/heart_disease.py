@@ -17,7 +17,7 @@ switzerland or va), following ``flamby/datasets/fed_heart_disease/dataset.py``:
    ``get_dummies(drop_first=True)`` over all centres gives the same columns), so the 13
    features are: age, sex, trestbps, chol, fbs, thalach, exang, oldpeak, cp_2, cp_3, cp_4,
    restecg_1, restecg_2; a ``cp`` outside 1..4 or ``restecg`` outside 0..2 is refused;
-5. label = ``num > 0``;
+5. label = ``num > 0`` (``num`` is the UCI diagnosis 0..4; any other value is refused);
 6. z-score with the centre's train mean and unbiased std (float32, as torch computes it):
    ``(x - mean) / (std + 1e-9)``. :func:`load_pooled` uses the pooled train statistics instead
    (FLamby's pooled mode).
@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData, Split
-from fedclinic.data.common import make_split, require_data_path, subset
+from fedclinic.data.common import make_split, require_data_path, require_path, subset
 from fedclinic.data.splits import resolve_val_fraction, stratified_split
 from fedclinic.errors import ConfigError, DataError
 
@@ -57,6 +58,8 @@ DROPPED = (10, 11, 12)  # slope, ca, thal
 KEPT = (0, 1, 3, 4, 5, 7, 8, 9)  # numeric features kept as they are
 TRAIN_SIZE, TEST_SIZE, SPLIT_SEED = 0.66, 0.34, 43
 EPS = 1e-9
+NUM_VALUES = (0, 1, 2, 3, 4)  # the UCI diagnosis column; label = num > 0
+WHAT = "a processed.<centre>.data file"
 DEFAULT_VAL_FRACTION = 0.0
 
 
@@ -178,6 +181,13 @@ def read_centre(path: Path) -> Centre:
             "with a missing value; expected at least 3"
         )
     features = _encode(path, rows, line_numbers)
+    bad = ~np.isin(rows[:, 10], NUM_VALUES)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{path}:{line_numbers[first]}: column 'num' = {rows[first, 10]:g}; expected the "
+            "diagnosis 0, 1, 2, 3 or 4 (0 = no disease)"
+        )
     labels = (rows[:, 10] > 0).astype(np.int64)
     train, test = flamby_split(labels)
     return Centre(name, path, features, labels, train, test)
@@ -193,7 +203,12 @@ def normalise(split: Split, mean: torch.Tensor, std: torch.Tensor) -> Split:
     return Split(((split.inputs - mean) / (std + EPS)).to(torch.float32), split.labels)
 
 
-def _check_run(request: DataRequest) -> None:
+def check_files(hospital: HospitalConfig) -> None:
+    """Pre-flight: a centre file, read and cleaned (a few hundred rows: fast)."""
+    read_centre(require_path(hospital, "heart-disease", WHAT))
+
+
+def check_run(request: DataRequest) -> None:
     run = request.run
     if run.model != "logreg":
         raise ConfigError(
@@ -214,8 +229,8 @@ def _check_run(request: DataRequest) -> None:
 
 def load(request: DataRequest) -> HospitalData:
     """One centre's train/val/test splits, normalised with its own train statistics."""
-    _check_run(request)
-    path = require_data_path(request, "a processed.<centre>.data file")
+    check_run(request)
+    path = require_data_path(request, WHAT)
     centre = read_centre(path)
     hospital = request.hospital
     whole = make_split(centre.features, centre.labels)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData, Split
 from fedclinic.data.common import (
     SPLITS,
@@ -40,6 +41,7 @@ from fedclinic.data.common import (
     require_data_path,
     require_grey_or_colour,
     require_image_model,
+    require_path,
     split_here,
 )
 from fedclinic.data.splits import DEFAULT_TEST_FRACTION, resolve_val_fraction
@@ -114,16 +116,29 @@ def read_image(path: Path, size: int, channels: int) -> np.ndarray:
 
 
 def _read_split(
-    classes: dict[str, list[Path]], names: list[str], size: int, channels: int
+    classes: dict[str, list[Path]], names: list[str], size: int, channels: int, where: str = ""
 ) -> tuple[Split, list[Path]]:
-    """All images of the given class folders, labelled by position in ``names``."""
+    """All images of the given class folders, labelled by position in ``names``.
+
+    A bad image stops loading with its path (for the site's log) and, for the coordinator,
+    a site-local reference: ``image 8 of class 'malignant'`` (its position, by name, in
+    its class folder; ``where`` names the split folder).
+    """
     files = [(label, f) for label, name in enumerate(names) for f in classes[name]]
     paths = [f for _, f in files]
     if not files:
         return empty_split((channels, size, size)), paths
-    images = np.stack([read_image(f, size, channels) for f in paths])
+    images = []
+    for name in names:
+        for index, file in enumerate(classes[name], start=1):
+            try:
+                images.append(read_image(file, size, channels))
+            except DataError as err:
+                problem = str(err).removeprefix(f"{file}: ")
+                shared = f"image {index} of class '{name}'{where}: {problem}"
+                raise DataError(str(err), shared=shared) from None
     labels = np.asarray([label for label, _ in files], dtype=np.int64)
-    return make_split(images, labels), paths
+    return make_split(np.stack(images), labels), paths
 
 
 def _check_classes(where: Path, names: list[str], num_classes: int) -> None:
@@ -134,33 +149,75 @@ def _check_classes(where: Path, names: list[str], num_classes: int) -> None:
         )
 
 
+def scan_layout(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """The folder's images without reading them: ``{split: {class: files}}`` for the split
+    layout, ``{"": {class: files}}`` for class folders to be split here."""
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found (hospital config 'data-path')")
+    if not {p.name for p in _visible(root) if p.is_dir()} & set(SPLITS):
+        return {"": scan(root)}
+    entries = _visible(root)
+    strays = [p.name for p in entries if p.name not in SPLITS or not p.is_dir()]
+    if strays:
+        raise DataError(
+            f"{root}: has split folders ({', '.join(s for s in SPLITS if (root / s).is_dir())}) "
+            f"and also {', '.join(strays)}; expected only train/, val/ (optional) and test/"
+        )
+    for required in ("train", "test"):
+        if not (root / required).is_dir():
+            raise DataError(f"{root}: has split folders but no '{required}/' folder")
+    scanned = {s: scan(root / s) for s in SPLITS if (root / s).is_dir()}
+    names = sorted(scanned["train"])
+    for split, classes in scanned.items():
+        if sorted(classes) != names:
+            raise DataError(
+                f"{root / split}: class folders ({', '.join(sorted(classes))}) differ from "
+                f"train/ ({', '.join(names)}); every split needs the same class folders"
+            )
+    return scanned
+
+
+def check_files(hospital: HospitalConfig) -> None:
+    """Pre-flight: the folder has one of the two layouts of image files (none is read)."""
+    root = require_path(hospital, "image-folder", "a folder of class folders of PNG/JPEG images")
+    scan_layout(root)
+
+
+def check_run(request: DataRequest) -> None:
+    """Pre-flight and load: the run's model, channels and classes fit the folder."""
+    require_image_model(request, "image-folder")
+    require_grey_or_colour(request, "image-folder")
+    root = require_data_path(request, "a folder of class folders of PNG/JPEG images")
+    scanned = scan_layout(root)
+    where = root if "" in scanned else root / "train"
+    _check_classes(where, sorted(next(iter(scanned.values()))), request.run.num_classes)
+
+
 def load(request: DataRequest) -> HospitalData:
     """This hospital's splits from its image folder (its own split, or split here)."""
-    require_image_model(request, "image-folder")
+    check_run(request)
     run, hospital = request.run, request.hospital
-    require_grey_or_colour(request, "image-folder")
     root = require_data_path(request, "a folder of class folders of PNG/JPEG images")
     size, channels = run.image_size, run.in_channels
     val_fraction = resolve_val_fraction(hospital, DEFAULT_VAL_FRACTION)
     seed = hospital.data_seed
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found (hospital config 'data-path')")
+    scanned = scan_layout(root)
     splits: dict[str, Split] = {}
     files: dict[str, list[Path]] = {}
-    if {p.name for p in _visible(root) if p.is_dir()} & set(SPLITS):
-        scanned = _scan_split_layout(root, run.num_classes)
+    if "" not in scanned:
         names = sorted(scanned["train"])
         for split, classes in scanned.items():
-            splits[split], files[split] = _read_split(classes, names, size, channels)
+            splits[split], files[split] = _read_split(
+                classes, names, size, channels, f" in {split}/"
+            )
         layout = "given split"
         if "val" not in splits:
             strata = splits["train"].labels.numpy()
             carve_validation(splits, files, strata, val_fraction, seed)
             layout = f"given train/test split, val carved from train ({val_fraction})"
     else:
-        classes = scan(root)
+        classes = scanned[""]
         names = sorted(classes)
-        _check_classes(root, names, run.num_classes)
         whole, all_files = _read_split(classes, names, size, channels)
         splits, files = split_here(whole, all_files, whole.labels.numpy(), val_fraction, seed)
         layout = f"split here (val {val_fraction}, test {DEFAULT_TEST_FRACTION})"
@@ -177,27 +234,3 @@ def load(request: DataRequest) -> HospitalData:
             "files": {s: [str(f.relative_to(root)) for f in files[s]] for s in SPLITS},
         },
     )
-
-
-def _scan_split_layout(root: Path, num_classes: int) -> dict[str, dict[str, list[Path]]]:
-    """Scan ``train/``, ``test/`` and optional ``val/``; refuse anything else at the top."""
-    entries = _visible(root)
-    strays = [p.name for p in entries if p.name not in SPLITS or not p.is_dir()]
-    if strays:
-        raise DataError(
-            f"{root}: has split folders ({', '.join(s for s in SPLITS if (root / s).is_dir())}) "
-            f"and also {', '.join(strays)}; expected only train/, val/ (optional) and test/"
-        )
-    for required in ("train", "test"):
-        if not (root / required).is_dir():
-            raise DataError(f"{root}: has split folders but no '{required}/' folder")
-    scanned = {s: scan(root / s) for s in SPLITS if (root / s).is_dir()}
-    names = sorted(scanned["train"])
-    _check_classes(root / "train", names, num_classes)
-    for split, classes in scanned.items():
-        if sorted(classes) != names:
-            raise DataError(
-                f"{root / split}: class folders ({', '.join(sorted(classes))}) differ from "
-                f"train/ ({', '.join(names)}); every split needs the same class folders"
-            )
-    return scanned

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData
 from fedclinic.data.common import (
     SPLITS,
@@ -41,6 +42,7 @@ from fedclinic.data.common import (
     make_split,
     require_data_path,
     require_image_model,
+    require_path,
 )
 from fedclinic.data.splits import (
     label_skew_proportions,
@@ -53,10 +55,23 @@ from fedclinic.errors import ConfigError, DataError
 
 KEYS = tuple(f"{split}_{part}" for split in SPLITS for part in ("images", "labels"))
 DEFAULT_VAL_FRACTION = 0.1
+WHAT = "a MedMNIST .npz file"
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """The six arrays of a MedMNIST file, or a :class:`DataError` naming the file and problem."""
+def check_files(hospital: HospitalConfig) -> None:
+    """Pre-flight: a readable ``.npz`` with the six MedMNIST keys (no array is read)."""
+    path = require_path(hospital, "medmnist", WHAT)
+    with _open_npz(path) as archive:
+        _check_keys(path, archive)
+
+
+def check_run(request: DataRequest) -> None:
+    """Pre-flight and load: MedMNIST holds images, not tabular rows."""
+    require_image_model(request, "medmnist")
+
+
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """The opened archive (arrays are read lazily), or a :class:`DataError`."""
     if not path.is_file():
         raise DataError(f"{path}: MedMNIST file not found (hospital config 'data-path')")
     try:
@@ -72,13 +87,21 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a readable .npz file ({_first_line(err)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: expected a .npz archive (MedMNIST), found a single .npy array")
-    with archive:
-        missing = [key for key in KEYS if key not in archive.files]
-        if missing:
-            raise DataError(
-                f"{path}: missing key(s) {', '.join(missing)}; a MedMNIST file has "
-                f"{', '.join(KEYS)}"
-            )
+    return archive
+
+
+def _check_keys(path: Path, archive: np.lib.npyio.NpzFile) -> None:
+    missing = [key for key in KEYS if key not in archive.files]
+    if missing:
+        raise DataError(
+            f"{path}: missing key(s) {', '.join(missing)}; a MedMNIST file has {', '.join(KEYS)}"
+        )
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The six arrays of a MedMNIST file, or a :class:`DataError` naming the file and problem."""
+    with _open_npz(path) as archive:
+        _check_keys(path, archive)
         try:
             return {key: archive[key] for key in KEYS}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
@@ -149,8 +172,8 @@ def _labels(path: Path, split: str, labels: np.ndarray, count: int, num_classes:
 
 def load(request: DataRequest) -> HospitalData:
     """This hospital's splits from a MedMNIST file (whole, or its simulated partition)."""
-    require_image_model(request, "medmnist")
-    path = require_data_path(request, "a MedMNIST .npz file")
+    check_run(request)
+    path = require_data_path(request, WHAT)
     hospital, run = request.hospital, request.run
     arrays = read_npz(path)
     images = {s: arrays[f"{s}_images"] for s in SPLITS}

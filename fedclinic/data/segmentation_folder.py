@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData, Split
 from fedclinic.data.common import (
     SPLITS,
@@ -51,6 +52,7 @@ from fedclinic.data.common import (
     make_mask_split,
     require_data_path,
     require_grey_or_colour,
+    require_path,
     split_here,
 )
 from fedclinic.data.image_folder import _visible
@@ -224,19 +226,35 @@ def read_mask(path: Path, size: int, num_classes: int) -> tuple[np.ndarray, tupl
     return _resize(tensor, size, "nearest").round().long()[0, 0].numpy(), stored
 
 
-def read_pairs(pairs: list[Pair], size: int, channels: int, num_classes: int) -> Split:
-    """Every pair read and checked (a mask must have its image's size)."""
+def read_pairs(
+    pairs: list[Pair], size: int, channels: int, num_classes: int, where: str = ""
+) -> Split:
+    """Every pair read and checked (a mask must have its image's size).
+
+    A bad file stops loading with its path (for the site's log) and, for the coordinator,
+    a site-local reference: ``mask of pair 17`` (its position by case name; ``where``
+    names the split folder).
+    """
     if not pairs:
         return Split(torch.zeros(0, channels, size, size), torch.zeros(0, size, size).long())
     images, masks = [], []
-    for pair in pairs:
-        image, image_size = read_image(pair.image, size, channels)
-        mask, mask_size = read_mask(pair.mask, size, num_classes)
+    for index, pair in enumerate(pairs, start=1):
+        file = pair.image
+        try:
+            image, image_size = read_image(pair.image, size, channels)
+            file = pair.mask
+            mask, mask_size = read_mask(pair.mask, size, num_classes)
+        except DataError as err:
+            kind = "image" if file == pair.image else "mask"
+            problem = str(err).removeprefix(f"{file}: ")
+            raise DataError(str(err), shared=f"{kind} of pair {index}{where}: {problem}") from None
         if image_size != mask_size:
             raise DataError(
                 f"{pair.mask}: mask is {mask_size[0]}x{mask_size[1]} pixels but its image "
                 f"{pair.image} is {image_size[0]}x{image_size[1]}; every mask must have its "
-                "image's size"
+                "image's size",
+                shared=f"mask of pair {index}{where} is {mask_size[0]}x{mask_size[1]} pixels "
+                f"but its image is {image_size[0]}x{image_size[1]}",
             )
         images.append(image)
         masks.append(mask)
@@ -251,40 +269,60 @@ def strata(split: Split) -> np.ndarray:
     return split.labels.reshape(len(split), -1).amax(dim=1).numpy()
 
 
+def scan_layout(root: Path) -> dict[str, list[Pair]]:
+    """The folder's pairs without reading them: ``{split: pairs}`` for the split layout,
+    ``{"": pairs}`` for one ``images/`` + ``masks/`` folder to be split here."""
+    if not root.is_dir():
+        raise DataError(f"{root}: segmentation folder not found (hospital config 'data-path')")
+    present = {p.name for p in _visible(root) if p.is_dir()}
+    if not present & set(SPLITS):
+        return {"": scan_pairs(root)}
+    strays = [p.name for p in _visible(root) if p.name not in SPLITS or not p.is_dir()]
+    if strays:
+        raise DataError(
+            f"{root}: has split folders and also {', '.join(strays)}; expected only "
+            "train/, val/ (optional) and test/, each with images/ and masks/"
+        )
+    for required in ("train", "test"):
+        if required not in present:
+            raise DataError(f"{root}: has split folders but no '{required}/' folder")
+    return {name: scan_pairs(root / name) for name in SPLITS if name in present}
+
+
+WHAT = "a folder with images/ and masks/ (PNG or NIfTI)"
+
+
+def check_files(hospital: HospitalConfig) -> None:
+    """Pre-flight: the folder pairs images and masks by name (no file is read)."""
+    scan_layout(require_path(hospital, "segmentation-folder", WHAT))
+
+
+def check_run(request: DataRequest) -> None:
+    """Pre-flight and load: image files are grey or colour."""
+    require_grey_or_colour(request, "segmentation-folder")
+
+
 def load(request: DataRequest) -> HospitalData:
     """This hospital's image/mask pairs (its own split, or split here)."""
     run, hospital = request.run, request.hospital
-    require_grey_or_colour(request, "segmentation-folder")
-    root = require_data_path(request, "a folder with images/ and masks/ (PNG or NIfTI)")
-    if not root.is_dir():
-        raise DataError(f"{root}: segmentation folder not found (hospital config 'data-path')")
+    check_run(request)
+    root = require_data_path(request, WHAT)
     size, channels, classes = run.image_size, run.in_channels, run.num_classes
     val_fraction = resolve_val_fraction(hospital, DEFAULT_VAL_FRACTION)
     seed = hospital.data_seed
     splits: dict[str, Split] = {}
     cases: dict[str, list[str]] = {}
-    present = {p.name for p in _visible(root) if p.is_dir()}
-    if present & set(SPLITS):
-        strays = [p.name for p in _visible(root) if p.name not in SPLITS or not p.is_dir()]
-        if strays:
-            raise DataError(
-                f"{root}: has split folders and also {', '.join(strays)}; expected only "
-                "train/, val/ (optional) and test/, each with images/ and masks/"
-            )
-        for required in ("train", "test"):
-            if required not in present:
-                raise DataError(f"{root}: has split folders but no '{required}/' folder")
-        for name in SPLITS:
-            if name in present:
-                pairs = scan_pairs(root / name)
-                splits[name] = read_pairs(pairs, size, channels, classes)
-                cases[name] = [f"{name}/{p.case}" for p in pairs]
+    scanned = scan_layout(root)
+    if "" not in scanned:
+        for name, pairs in scanned.items():
+            splits[name] = read_pairs(pairs, size, channels, classes, f" in {name}/")
+            cases[name] = [f"{name}/{p.case}" for p in pairs]
         layout = "given split"
         if "val" not in splits:
             carve_validation(splits, cases, strata(splits["train"]), val_fraction, seed)
             layout = f"given train/test split, val carved from train ({val_fraction})"
     else:
-        pairs = scan_pairs(root)
+        pairs = scanned[""]
         whole = read_pairs(pairs, size, channels, classes)
         names = [p.case for p in pairs]
         splits, cases = split_here(whole, names, strata(whole), val_fraction, seed)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData
 from fedclinic.data.common import hospital_data, make_split, require_image_model, stable_seed
 from fedclinic.data.splits import (
@@ -247,8 +248,19 @@ def _generate_chunk(
     return images.clamp(0, 1).to(torch.float32), extent
 
 
-def load(request: DataRequest) -> HospitalData:
-    """Generate this hospital's images and split them (stratified 70/15/15 by default)."""
+def check_files(hospital: HospitalConfig) -> None:
+    """Pre-flight: generated images read no file, so a ``data-path`` here is a mistake (the
+    hospital would train on generated images while its operator thinks it reads that path)."""
+    if hospital.data_path:
+        raise ConfigError(
+            f"hospital config: key 'data-path' = {hospital.data_path!r} is not allowed with "
+            "data-source = 'synthetic' (built-in generated images, no file is read): set "
+            "data-source to the kind of data at that path, or remove data-path"
+        )
+
+
+def check_run(request: DataRequest) -> None:
+    """Pre-flight and load: image model, number of lesion types, class priors."""
     run, hospital = request.run, request.hospital
     require_image_model(request, "synthetic")
     if not MIN_CLASSES <= run.num_classes <= MAX_CLASSES:
@@ -263,6 +275,13 @@ def load(request: DataRequest) -> HospitalData:
             f"hospital config: key 'class-priors' = {hospital.class_priors!r} is not allowed: "
             f"expected {run.num_classes} numbers (run config num-classes = {run.num_classes})"
         )
+
+
+def load(request: DataRequest) -> HospitalData:
+    """Generate this hospital's images and split them (stratified 70/15/15 by default)."""
+    run, hospital = request.run, request.hospital
+    check_run(request)
+    priors = hospital.floats(hospital.class_priors)
     val_fraction = resolve_val_fraction(hospital, DEFAULT_VAL_FRACTION)
 
     counts = class_counts(hospital.num_samples, priors, run.num_classes)

@@ -59,8 +59,8 @@ def masks_from_extent(extent: torch.Tensor, kinds: torch.Tensor, num_classes: in
     return inside * (kinds.long() + 1)[:, None, None]
 
 
-def load(request: DataRequest) -> HospitalData:
-    """Generate this hospital's images and masks and split them by lesion type."""
+def check_run(request: DataRequest) -> None:
+    """Pre-flight and load: number of classes, class priors per lesion type."""
     run, hospital = request.run, request.hospital
     if run.num_classes > MAX_CLASSES:
         raise ConfigError(
@@ -77,6 +77,14 @@ def load(request: DataRequest) -> HospitalData:
             f"({', '.join(LESIONS[:kinds])}) for a segmentation run with num-classes = "
             f"{run.num_classes}"
         )
+
+
+def load(request: DataRequest) -> HospitalData:
+    """Generate this hospital's images and masks and split them by lesion type."""
+    run, hospital = request.run, request.hospital
+    check_run(request)
+    kinds = lesion_kinds(run.num_classes)
+    priors = hospital.floats(hospital.class_priors)
     val_fraction = resolve_val_fraction(hospital, DEFAULT_VAL_FRACTION)
     counts = class_counts(hospital.num_samples, priors, kinds)
     seed = stable_seed("synthetic-segmentation", run.seed, hospital.hospital, hospital.data_seed)

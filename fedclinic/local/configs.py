@@ -8,14 +8,13 @@
   generated synthetic hospitals of unequal size and acquisition.
 
 Both end up as TOML files Flower reads directly (``flwr run --run-config run.toml``,
-``flower-supernode --node-config <hospital>.toml``), written with a tiny writer for flat
-scalar maps: Flower accepts only bool/int/float/str values there.
+``flower-supernode --node-config <hospital>.toml``), written with ``tomli-w`` (Flower's own
+TOML writer) as flat maps with quoted dotted keys: Flower accepts only bool/int/float/str
+values there.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import string
 import tomllib
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedclinic.config import (
     HospitalConfig,
     RunConfig,
@@ -31,10 +32,10 @@ from fedclinic.config import (
     _flatten,
     load_toml,
     parse_hospital_config,
-    validate_schema,
 )
 from fedclinic.errors import ConfigError
 from fedclinic.local.supervisor import MARKER_VARIABLE
+from strategies import load_run_config
 
 # Sizes and scanner differences of the generated hospitals: one large, one medium, one small, ...
 BASE_SAMPLES = 900
@@ -166,21 +167,6 @@ def merge_run_config(
     return merged
 
 
-def validate_run_config(flat: Mapping[str, Any]) -> RunConfig:
-    """Validate with ``strategies.load_run_config`` (the ServerApp's own check).
-
-    Falls back to the core schema (algorithm options unchecked) when the strategies
-    package is not importable, so the runner stays usable while it is being developed.
-    """
-    try:
-        from strategies import load_run_config
-    except ImportError:  # pragma: no cover - only while strategies/ is missing
-        core = {k: v for k, v in flat.items() if "." not in k}
-        run: RunConfig = validate_schema(RunConfig, core, "run config")
-        return run
-    return load_run_config(flat)
-
-
 def check_keys_known(flat: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
     """Flower refuses run-config keys missing from ``[tool.flwr.app.config]``; say it early."""
     unknown = sorted(set(flat) - set(defaults))
@@ -210,7 +196,7 @@ def resolve_run_values(
     app = find_app_dir(app_dir)
     defaults = app_defaults(app)
     merged = merge_run_config(defaults, file_values, assignments)
-    run = validate_run_config(merged)
+    run = load_run_config(merged)  # the ServerApp's own check, algorithm checks included
     check_keys_known(merged, defaults)
     return app, merged, run
 
@@ -234,7 +220,7 @@ def synthetic_hospitals(count: int, state_root: Path, data_seed: int = 0) -> lis
 
     Unequal sizes and acquisition shifts make the demo federation non-IID the way real
     consortia are (one large centre, smaller community hospitals with other scanners).
-    ``data-source`` is left to the run config (which must then be ``synthetic``).
+    Each config names ``data-source = "synthetic"`` itself, like every hospital config.
     """
     if not 1 <= count <= MAX_HOSPITALS:
         raise ConfigError(f"--hospitals = {count} is not allowed: expected 1..{MAX_HOSPITALS}")
@@ -245,6 +231,7 @@ def synthetic_hospitals(count: int, state_root: Path, data_seed: int = 0) -> lis
         shift = 0.0 if count == 1 else round(MAX_SHIFT * i / (count - 1), 3)
         flat: dict[str, Scalar] = {
             "hospital": name,
+            "data-source": "synthetic",
             "num-samples": samples,
             "acquisition-shift": shift,
             "data-seed": data_seed + i,
@@ -287,38 +274,17 @@ def load_hospital_files(paths: Sequence[Path]) -> list[HospitalSpec]:
 # ---------------------------------------------------------------------------- TOML
 
 
-def toml_value(value: Scalar) -> str:
-    """One scalar as TOML (JSON string escapes are valid TOML basic-string escapes)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    raise TypeError(f"not a TOML scalar: {value!r}")
-
-
 def dump_flat_toml(flat: Mapping[str, Scalar]) -> str:
-    """A flat map as TOML with quoted keys, so dotted keys stay one key (``"fedprox.mu"``).
+    """A flat map as TOML; dotted keys are quoted, so they stay one key (``"fedprox.mu"``).
 
     Flower flattens nested tables with dots, so ``"fedprox.proximal-mu" = 0.01`` and a
     ``[fedprox]`` table holding ``proximal-mu`` mean the same run-config key.
     """
-    lines = (f"{json.dumps(k, ensure_ascii=False)} = {toml_value(v)}\n" for k, v in flat.items())
-    return "".join(lines)
+    return tomli_w.dumps(dict(flat))
 
 
 def write_flat_toml(path: Path, flat: Mapping[str, Scalar]) -> Path:
-    """Write ``flat`` as TOML and check it reads back identically."""
-    text = dump_flat_toml(flat)
-    if repr(tomllib.loads(text)) != repr(dict(flat)):  # pragma: no cover - guards the writer
-        raise ConfigError(f"internal error: TOML for '{path}' does not round-trip")
+    """Write ``flat`` as TOML (parent folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    path.write_text(dump_flat_toml(flat), encoding="utf-8")
     return path

@@ -35,6 +35,7 @@ from rich.markup import escape
 
 from fedclinic.audit import CERTIFICATES_VARIABLE
 from fedclinic.config import Scalar
+from fedclinic.errors import Interrupted
 from fedclinic.local.configs import HospitalSpec, write_flat_toml
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError, RunStatus
 from fedclinic.local.follow import RunError, RunFollower, RunOutcome
@@ -50,14 +51,6 @@ PORT_IN_USE_HINTS = ("address already in use", "failed to bind", "errno 98")
 
 class FederationError(RunError):
     """The local federation could not start or the run did not complete."""
-
-
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM arrived; processes are being stopped. ``signum`` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedclinic.errors import FedClinicError
-from fedclinic.local.configs import toml_value
 from fedclinic.local.supervisor import ANSI_ESCAPE, ProcessSupervisor
 
 CONNECTION = "fedclinic"
-FINAL_STATES = ("finished:completed", "finished:failed", "finished:stopped")
 
 
 class FlowerCliError(FedClinicError):
@@ -68,18 +68,12 @@ def connection_toml(address: str, root_certificates: Path | None) -> str:
     ``address`` is the SuperLink's Control API (HTTP), not the Fleet port. Without a CA the
     connection is plaintext (``insecure = true``).
     """
-    lines = [
-        "[superlink]",
-        f"default = {toml_value(CONNECTION)}",
-        "",
-        f"[superlink.{CONNECTION}]",
-        f"address = {toml_value(address)}",
-    ]
+    connection: dict[str, str | bool] = {"address": address}
     if root_certificates is None:
-        lines.append("insecure = true")
+        connection["insecure"] = True
     else:
-        lines.append(f"root-certificates = {toml_value(str(root_certificates.resolve()))}")
-    return "\n".join(lines) + "\n"
+        connection["root-certificates"] = str(root_certificates.resolve())
+    return tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
 
 
 class FlowerCli:

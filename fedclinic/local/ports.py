@@ -28,14 +28,10 @@ def pick_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
         return ports
 
 
-def pick_free_port(host: str = LOOPBACK) -> int:
-    """One free TCP port on ``host``."""
-    return pick_free_ports(1, host)[0]
-
-
 def is_port_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether ``port`` can be bound on ``host`` at this moment."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """Whether ``port`` can be bound on ``host`` (IPv4 or IPv6) at this moment."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))
         except OSError:

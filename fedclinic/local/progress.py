@@ -21,8 +21,6 @@ from rich.table import Table
 
 from fedclinic.tasks import TASKS
 
-SUMMARY_METRICS: tuple[tuple[str, str], ...] = TASKS["classification"].summary_metrics
-
 
 def summary_metrics(summary: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     """The final table's metric columns for the run's task (classification when unknown)."""
@@ -84,10 +82,19 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def format_row(row: Mapping[str, Any]) -> str:
-    """One metrics row as one console line (rich markup)."""
+def format_row(row: Mapping[str, Any], rounds: int | None = None) -> str:
+    """One metrics row as one console line (rich markup).
+
+    With ``rounds`` (the run's), the evaluate-only exchange after the last round (the
+    ServerApp numbers it ``rounds + 1``) is shown as ``final``, not as one more round.
+    ``n`` is the hospital's training-set size everywhere (as in the final table).
+    """
     kind = row.get("kind", "?")
-    head = f"round {row.get('round', '?'):>2} [bold]{row.get('hospital', '?')}[/bold]"
+    number = row.get("round", "?")
+    label = "final   " if rounds is not None and _is_int(number) and number > rounds else (
+        f"round {number:>2}"
+    )
+    head = f"{label} [bold]{row.get('hospital', '?')}[/bold]"
     if kind == "evaluate" and "val_dice" in row:
         return (
             f"{head} eval model r{row.get('model_round', '?')}: "
@@ -105,7 +112,7 @@ def format_row(row: Mapping[str, Any]) -> str:
     if kind == "train":
         return (
             f"{head} train: loss {_number(row.get('train_loss'), 4)} "
-            f"n={_number(row.get('num_examples'))} "
+            f"n={_number(row.get('num_train'))} ({_number(row.get('steps'))} steps) "
             f"{_number(row.get('seconds'), 1)} s on {row.get('device', '?')}"
         )
     if kind == "error":
@@ -143,7 +150,7 @@ class ProgressView:
 
     def rows(self, rows: list[dict[str, Any]], all_rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            self.progress.console.print(format_row(row), highlight=False)
+            self.progress.console.print(format_row(row, self.total_rounds), highlight=False)
         done = min(rounds_completed(all_rows), self.total_rounds)
         self.progress.update(self.task, completed=done)
 
@@ -160,7 +167,8 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             f"{summary.get('algorithm', '?')}: {summary.get('rounds', '?')} rounds; "
             f"selected: round {selected} by {summary.get('selection_metric', '?')}"
         ),
-        caption="final = model after the last round; sel = the selected round's model",
+        caption="train n = the hospital's training-set size; final = model after the last "
+        "round; sel = the selected round's model",
     )
     table.add_column("hospital", style="bold", no_wrap=True)
     table.add_column("train n", justify="right")

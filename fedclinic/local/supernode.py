@@ -16,6 +16,11 @@ from pathlib import Path
 from fedclinic.local.ports import LOOPBACK
 from fedclinic.local.supervisor import ANSI_ESCAPE
 
+#: Flower's gRPC health service of a hospital node (the container health check asks it)
+DEFAULT_HEALTH_ADDRESS = f"{LOOPBACK}:9099"
+#: the SuperNode's own Runtime API port on loopback (Flower's default)
+DEFAULT_RUNTIME_PORT = 9094
+
 
 def supernode_command(
     bin_dir: Path,

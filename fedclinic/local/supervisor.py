@@ -12,8 +12,8 @@ running. Two mechanisms together catch everything:
 2. each daemon asks the kernel for SIGTERM when we die (``PR_SET_PDEATHSIG``), so even a
    ``kill -9`` of the runner does not leave daemons running;
 3. each daemon's environment carries a marker variable (``FEDCLINIC_SUPERVISOR=<token>``)
-   that every descendant inherits, whatever its process group. A final sweep over
-   ``/proc/<pid>/environ`` terminates every process still carrying our token.
+   that every descendant inherits, whatever its process group. A final sweep over every
+   process's environment (``psutil``) terminates every process still carrying our token.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 MARKER_VARIABLE = "FEDCLINIC_SUPERVISOR"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -44,7 +47,6 @@ class ManagedProcess:
     log_path: Path
     popen: subprocess.Popen[bytes]
     tier: int = 0
-    started_at: float = field(default_factory=time.monotonic)
     forced: bool = False  # needed SIGKILL: did not stop within the grace period
 
     @property
@@ -76,26 +78,23 @@ def tail_file(path: Path, lines: int = 40, max_bytes: int = 256 * 1024) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def pids_with_marker(token: str) -> list[int]:
-    """PIDs of live processes whose ``FEDCLINIC_SUPERVISOR`` list holds ``token``.
-
-    Zombies have an empty environ and are skipped (they hold no resources but a PID slot,
-    and their parent reaps them).
-    """
-    prefix, wanted = f"{MARKER_VARIABLE}=".encode(), token.encode()
-    found = []
+def _live_processes(attrs: list[str]) -> Iterator[dict[str, Any]]:
+    """``psutil`` info dicts of live processes other than this one (zombies skipped:
+    they hold no resources but a PID slot, and their parent reaps them)."""
     own = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == own:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # exited meanwhile, or not ours
-            continue
-        for variable in environ.split(b"\0"):
-            if variable.startswith(prefix) and wanted in variable[len(prefix) :].split(b","):
-                found.append(int(entry.name))
-                break
+    for process in psutil.process_iter([*attrs, "status"], ad_value=None):
+        info = process.info
+        if process.pid != own and info["status"] != psutil.STATUS_ZOMBIE:
+            yield info
+
+
+def pids_with_marker(token: str) -> list[int]:
+    """PIDs of live processes whose ``FEDCLINIC_SUPERVISOR`` list holds ``token``."""
+    found = []
+    for info in _live_processes(["pid", "environ"]):
+        marker = (info["environ"] or {}).get(MARKER_VARIABLE, "")
+        if token in marker.split(","):
+            found.append(int(info["pid"]))
     return found
 
 
@@ -105,21 +104,13 @@ def pids_with_cmdline(fragment: str, environ: bool = False) -> list[int]:
     With ``environ=True`` the environment counts too: a SuperNode's SuperExec has no path
     in its command line, but inherits ``FLWR_HOME=<work dir>/homes/<hospital>``.
     """
-    needle = fragment.encode()
     found = []
-    own = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == own:
-            continue
-        try:
-            text = (entry / "cmdline").read_bytes()
-            if environ:
-                text += b"\0" + (entry / "environ").read_bytes()
-            state = (entry / "stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != b"Z" and needle in text:
-            found.append(int(entry.name))
+    for info in _live_processes(["pid", "cmdline", *(["environ"] if environ else [])]):
+        text = " ".join(info["cmdline"] or [])
+        if environ:
+            text += " " + " ".join(f"{k}={v}" for k, v in (info["environ"] or {}).items())
+        if fragment in text:
+            found.append(int(info["pid"]))
     return found
 
 
@@ -136,8 +127,8 @@ def _die_with_parent() -> None:
 
 def _cmdline(pid: int) -> str:
     try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return "?"
 
 
