@@ -17,8 +17,8 @@ final evaluation). Every exchange goes through :meth:`ClientObjective.respond`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
