@@ -31,10 +31,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fedclinic.config import HospitalConfig
+from fedclinic.site import default_state_dir
+
 Verify = Literal["stat", "hash"]
 #: one item: the files one row is decoded from (an image; an image and its mask)
 Item = tuple[Path, ...]
 MANIFEST = "manifest.json"
+CACHE_DIR = "data-cache"
 _FORMAT = 1
 
 
@@ -173,3 +177,24 @@ def _write_entry(entry: Path, identities: list[list[Any]], outputs: list[np.ndar
     for stale in entry.glob("rows-*.npy"):
         if stale.name not in names:
             stale.unlink(missing_ok=True)
+
+
+def site_cache(hospital: HospitalConfig, verify: Verify = "stat") -> ArrayCache:
+    """The cache in a hospital's state dir (``<state-dir>/data-cache``)."""
+    root = Path(hospital.state_dir).expanduser() if hospital.state_dir else None
+    return ArrayCache((root or default_state_dir(hospital)) / CACHE_DIR, verify)
+
+
+def decode_rows(
+    cache: ArrayCache | None,
+    source: str,
+    params: Mapping[str, Any],
+    items: Sequence[Item],
+    decode: Callable[[Item], tuple[np.ndarray, ...]],
+) -> tuple[np.ndarray, ...]:
+    """What a data source calls instead of decoding every file itself: through ``cache``
+    when the hospital has one, else decoded here and stacked."""
+    if cache is not None:
+        return cache.rows(source, params, items, decode)
+    decoded = [decode(item) for item in items]
+    return tuple(np.stack(column) for column in zip(*decoded, strict=True))
