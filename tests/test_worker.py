@@ -271,8 +271,15 @@ def test_code_identity_covers_what_the_fab_ships_and_sees_every_change(tmp_path:
         assert f"{package}/**/*.py" in shipped
     for package in protocol.CODE_PACKAGES:
         (tmp_path / package / "sub").mkdir(parents=True)
+        (tmp_path / package / "__init__.py").write_text("")
+        (tmp_path / package / "sub" / "__init__.py").write_text("")
         (tmp_path / package / "sub" / "m.py").write_text("x = 1\n")
     before = protocol.code_identity(tmp_path)
+    assert protocol.code_identity(tmp_path) == before
+    # a .py file outside a regular package is not installed by pip: it does not count
+    (tmp_path / "fedclinic" / "app_dir" / "inner").mkdir(parents=True)
+    (tmp_path / "fedclinic" / "app_dir" / "inner" / "__init__.py").write_text("")
+    (tmp_path / "fedclinic" / "app_dir" / "inner" / "tool.py").write_text("y = 1\n")
     assert protocol.code_identity(tmp_path) == before
     (tmp_path / "strategies" / "sub" / "m.py").write_text("x = 2\n")
     changed = protocol.code_identity(tmp_path)

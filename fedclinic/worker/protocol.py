@@ -133,15 +133,22 @@ def connect(path: Path, timeout: float) -> socket.socket:
 
 
 def code_identity(root: Path | None = None) -> str:
-    """SHA-256 over the ``.py`` files of :data:`CODE_PACKAGES` under ``root`` (default: the
-    tree this module was imported from: the FAB's in a ``flwr-clientapp``, the site's
-    installation in the worker). Equal identities mean both run the same handler."""
+    """SHA-256 over the modules of :data:`CODE_PACKAGES` under ``root`` (default: the tree
+    this module was imported from: the FAB's in a ``flwr-clientapp``, the site's
+    installation in the worker). Equal identities mean both run the same handler.
+
+    Only files of regular packages count (every folder from the package down holds an
+    ``__init__.py``): what ``pip install`` puts in site-packages, while the FAB also carries
+    stray ``.py`` files outside packages.
+    """
     base = root or Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for package in CODE_PACKAGES:
         for file in sorted((base / package).rglob("*.py")):
-            digest.update(file.relative_to(base).as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(file.read_bytes()).digest())
+            folders = file.relative_to(base).parents[:-1]
+            if all((base / folder / "__init__.py").is_file() for folder in folders):
+                digest.update(file.relative_to(base).as_posix().encode() + b"\0")
+                digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
 
 
