@@ -352,12 +352,15 @@ def test_worker_socket_is_private_and_answers_like_the_handler(worker_a: WorkerP
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_ISSOCK(path.stat().st_mode)
     message = train_message(FLAT)
+    message.metadata.__dict__["_message_id"] = "b" * 64  # as a pulled message has
+    sent = message.content
     reply = forwarder.forward(message, context_for(config, FLAT))
     assert "answered train" in worker_a.text()
     assert not reply.has_error() and "error" not in reply.content["info"]
-    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert reply.metadata.reply_to_message_id == "b" * 64
+    assert not message.content and sent["arrays"]  # the forwarder let go of its copy only
     direct_config = {**config, "state-dir": str(Path(config["state-dir"]).parent / "direct")}
-    direct = forwarder.in_process(message, context_for(direct_config, FLAT))
+    direct = forwarder.in_process(train_message(FLAT), context_for(direct_config, FLAT))
     assert same_arrays(reply, direct)
     assert dict(reply.content["metrics"]).keys() == dict(direct.content["metrics"]).keys()
 
@@ -419,8 +422,8 @@ def test_kill_mid_request_then_stale_socket_then_restart(
 ) -> None:
     """kill -9 during a message: a clear error reply at once; the socket it leaves is stale
     (messages are answered in process meanwhile) and the next worker removes it."""
-    config = node(tmp_path, **{"num-samples": 4000})
-    slow = {**FLAT, "local-steps": 0, "local-epochs": 3}
+    config = node(tmp_path, **{"num-samples": 2000})
+    slow = {**FLAT, "local-steps": 0, "local-epochs": 2}
     worker = WorkerProcess.start(config, tmp_path / "one")
     replies: list[tuple[Message, float]] = []
     try:

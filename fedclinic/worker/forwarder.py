@@ -95,6 +95,10 @@ def via_worker(message: Message, context: Context, path: Path) -> tuple[Message,
         try:
             channel.send_context(context)
             channel.send_message(message)
+            # The worker has it now: let go of this copy of the model before the reply's
+            # arrives (in a flwr-clientapp nothing else holds it; content shared with other
+            # messages stays with them)
+            message.content = RecordDict()
             status = channel.recv_json()
             reply = channel.recv_message()
             context.state = channel.recv_records()
