@@ -168,13 +168,14 @@ class Channel:
         self.sock.sendall(_LENGTH.pack(len(data)))
         self.sock.sendall(data)
 
-    def recv_frame(self, limit: int = MAX_FRAME) -> bytes:
+    def recv_frame(self, limit: int = MAX_FRAME) -> bytearray:
         (size,) = _LENGTH.unpack(self._recv_exactly(_LENGTH.size))
         if size > limit:
             raise ProtocolError(f"frame of {size} bytes exceeds {limit}")
         return self._recv_exactly(size)
 
-    def _recv_exactly(self, size: int) -> bytes:
+    def _recv_exactly(self, size: int) -> bytearray:
+        """Exactly ``size`` bytes, read into one buffer (no second copy)."""
         buffer = bytearray(size)
         view = memoryview(buffer)
         received = 0
@@ -183,7 +184,7 @@ class Channel:
             if count == 0:
                 raise PeerClosed(f"connection closed after {received} of {size} bytes")
             received += count
-        return bytes(buffer)
+        return buffer
 
     # -- JSON
     def send_json(self, value: Mapping[str, Any]) -> None:
