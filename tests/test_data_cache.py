@@ -7,6 +7,7 @@ the cache does), never the cache's earlier output.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,18 @@ def test_decode_rows_without_a_cache_and_where_the_site_cache_lives(tmp_path: Pa
     (cached,) = decode_rows(site_cache(hospital), "image-folder", PARAMS, items, decode_image)
     np.testing.assert_array_equal(cached, rows)
     assert list((tmp_path / "state" / CACHE_DIR).rglob("*.npy"))
+
+
+def test_a_partial_decoder_keys_by_its_bound_arguments(tmp_path: Path) -> None:
+    items = images(tmp_path / "data", 3)
+
+    def decode(item: Item, size: int) -> tuple[np.ndarray, ...]:
+        return (image_folder.read_image(item[0], size, CHANNELS),)
+
+    ArrayCache(tmp_path / "cache").rows("image-folder", {}, items, partial(decode, size=SIZE))
+    again = ArrayCache(tmp_path / "cache")  # a new partial object, same arguments: reused
+    (rows,) = again.rows("image-folder", {}, items, partial(decode, size=SIZE))
+    assert again.decoded == 0
+    np.testing.assert_array_equal(rows, fresh(items))
+    (other,) = again.rows("image-folder", {}, items, partial(decode, size=SIZE + 4))
+    assert again.decoded == 3 and other.shape[-1] == SIZE + 4

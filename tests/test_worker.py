@@ -403,6 +403,42 @@ def test_a_refused_request_is_answered_in_process(
     )
 
 
+def test_a_malformed_request_is_dropped_and_the_worker_serves_on(
+    worker_a: WorkerProcess,
+) -> None:
+    with protocol.connect(protocol.socket_path(worker_a.config), 10.0) as sock:
+        channel = protocol.Channel(sock)
+        hello = {"protocol": protocol.PROTOCOL, "code": protocol.code_identity(),
+                 "hospital": "hospital-a", "state-dir": str(protocol.state_root(worker_a.config)),
+                 "pid": 1}  # fmt: skip
+        channel.send_json(hello)
+        assert channel.recv_json()["status"] == "accepted"
+        channel.send_frame(b"\xff\xff not a protobuf context")
+        with pytest.raises(protocol.PeerClosed):
+            channel.recv_frame()  # the worker hung up
+    worker_a.wait_for("dropped a request: Error parsing message", timeout=30)
+    reply = forwarder.forward(train_message(FLAT), context_for(worker_a.config, FLAT))
+    assert "error" not in reply.content["info"]
+    assert worker_a.process.poll() is None
+
+
+def test_a_bad_worker_config_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "hospital.toml"
+    bad.write_text('hospital = "h"\ndevice = "gpu"\n')
+    for config, expected in (
+        (tmp_path / "missing.toml", f"error: hospital config file '{tmp_path / 'missing.toml'}' "
+         "does not exist"),
+        (bad, f"error: {bad}: hospital config: key 'device'"),
+    ):  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-m", "fedclinic.worker", "--config", str(config)],
+            cwd=REPO, capture_output=True, text=True, timeout=READY_TIMEOUT,
+        )  # fmt: skip
+        assert out.returncode == 2
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(expected), out.stderr
+
+
 def test_without_a_worker_the_forwarder_answers_in_process(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

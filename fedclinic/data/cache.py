@@ -20,6 +20,7 @@ concurrent reader sees either the old or the new entry, never half of one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -122,15 +123,23 @@ class ArrayCache:
         return [file_identity(file, self.verify) for file in item]
 
     def _key(self, source: str, params: Mapping[str, Any], decode: Callable[..., Any]) -> str:
-        module = inspect.getsourcefile(decode)
-        code = Path(module).read_bytes() if module else repr(decode).encode()
+        function, bound = decode, []
+        while isinstance(function, functools.partial):  # its arguments are part of the key
+            bound.append([repr(function.args), repr(sorted(function.keywords.items()))])
+            function = function.func
+        try:
+            module = inspect.getsourcefile(function)
+        except TypeError:  # a builtin: no source file
+            module = None
+        code = Path(module).read_bytes() if module else b""
         text = json.dumps(
             {
                 "format": _FORMAT,
                 "source": source,
                 "params": dict(params),
                 "verify": self.verify,
-                "decoder": getattr(decode, "__qualname__", repr(decode)),
+                "decoder": getattr(function, "__qualname__", type(function).__qualname__),
+                "bound": bound,
                 "code": hashlib.sha256(code).hexdigest(),
             },
             sort_keys=True,

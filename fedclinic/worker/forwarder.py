@@ -24,6 +24,7 @@ from flwr.common import log
 
 from fedclinic.worker.protocol import (
     PROTOCOL,
+    RECEIVE_ERRORS,
     Channel,
     ProtocolError,
     code_identity,
@@ -107,7 +108,7 @@ def via_worker(message: Message, context: Context, path: Path) -> tuple[Message,
                 f"the site worker (pid {answer.get('pid')}) sent no reply within "
                 f"{sock.gettimeout():g} s"
             ) from None
-        except (ProtocolError, OSError) as err:
+        except RECEIVE_ERRORS as err:
             raise WorkerFailed(
                 f"the site worker (pid {answer.get('pid')}) stopped before replying ({err})"
             ) from None

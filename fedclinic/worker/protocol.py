@@ -52,6 +52,7 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import Array as ProtoArray
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from google.protobuf.message import DecodeError
 
 PROTOCOL = 1
 SOCKET_NAME = "worker.sock"
@@ -73,6 +74,10 @@ class ProtocolError(Exception):
 
 class PeerClosed(ProtocolError):
     """The connection ended before a whole frame arrived (the peer died or hung up)."""
+
+
+#: what reading from a broken, dead or confused peer can raise
+RECEIVE_ERRORS = (ProtocolError, OSError, DecodeError, KeyError, TypeError, ValueError)
 
 
 # ---------------------------------------------------------------------------- where

@@ -35,6 +35,7 @@ from fedclinic.errors import ConfigError
 from fedclinic.worker.protocol import (
     LOCK_NAME,
     PROTOCOL,
+    RECEIVE_ERRORS,
     SOCKET_NAME,
     Channel,
     ProtocolError,
@@ -192,7 +193,7 @@ class SiteWorker:
             channel.send_json({"status": "accepted", "pid": os.getpid()})
             context = channel.recv_context()
             message = channel.recv_message()
-        except (ProtocolError, OSError) as err:
+        except RECEIVE_ERRORS as err:  # a malformed request must not stop the worker
             log(WARNING, "fedclinic worker %s: dropped a request: %s", self.name, err)
             return
         log(
