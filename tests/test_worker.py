@@ -486,8 +486,8 @@ def test_kill_mid_request_then_stale_socket_then_restart(
     info = dict(reply.content["info"])
     assert info["hospital"] == "hospital-a"
     assert info["error"].startswith(
-        "hospital hospital-a: the site worker failed during this message: the site worker "
-        f"(pid {worker.process.pid}) stopped before replying"
+        f"hospital hospital-a: this message failed: the site worker (pid {worker.process.pid}) "
+        "stopped before replying"
     )
     path = protocol.socket_path(config)
     assert path.exists()  # SIGKILL left it behind

@@ -26,7 +26,6 @@ from fedclinic.worker.protocol import (
     PROTOCOL,
     RECEIVE_ERRORS,
     Channel,
-    ProtocolError,
     code_identity,
     connect,
     socket_path,
@@ -89,14 +88,14 @@ def via_worker(message: Message, context: Context, path: Path) -> tuple[Message,
                 }
             )
             answer = channel.recv_json()
-        except (ProtocolError, OSError) as err:
+        except RECEIVE_ERRORS as err:
             raise WorkerUnavailable(f"the site worker at {path} did not take it ({err})") from None
         if answer.get("status") != "accepted":
             raise WorkerUnavailable(f"the site worker refused: {answer.get('reason')}")
         try:
             channel.send_context(context)
             channel.send_message(message)
-            # The worker has it now: let go of this copy of the model before the reply's
+            # The worker has it now: let go of this copy of the model before the reply
             # arrives (in a flwr-clientapp nothing else holds it; content shared with other
             # messages stays with them)
             message.content = RecordDict()
@@ -142,7 +141,7 @@ def forward(message: Message, context: Context) -> Message:
         return reply
     except WorkerFailed as why:
         log(WARNING, "fedclinic hospital %s: %s failed: %s", name, kind, why)
-        error = f"hospital {name}: the site worker failed during this message: {why}"
+        error = f"hospital {name}: this message failed: {why}"
         content = RecordDict({"info": ConfigRecord({"hospital": name, "error": error})})
         return Message(content=content, reply_to=message)
     log(INFO, "fedclinic hospital %s: %s answered %s", name, kind, note)

@@ -168,17 +168,15 @@ class SiteWorker:
 
     # -------------------------------------------------------------------- serving
 
-    def serve(self, requests: int | None = None) -> None:
-        """Answer connections one at a time (``requests``: stop after that many)."""
+    def serve(self) -> None:
+        """Answer connections one at a time, until a signal stops the process."""
         if self._listener is None:
             raise RuntimeError("SiteWorker.serve() before open()")
-        served = 0
         with data_from(self.memo):
-            while requests is None or served < requests:
+            while True:
                 connection, _ = self._listener.accept()
                 with connection:
                     self.serve_connection(Channel(connection))
-                served += 1
 
     def serve_connection(self, channel: Channel) -> None:
         """One message: hello, context and message in, reply and state out."""
