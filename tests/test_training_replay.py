@@ -1,0 +1,77 @@
+"""The shared local loop (FedAvg) and FedProx's proximal term, replayed by hand.
+
+FedAvg: ``E`` steps of the task loss from the received model. FedProx: the same plus
+``(mu/2) ||w - w_received||^2``, whose gradient ``mu (w - w_received)`` is zero at the first
+step and pulls back towards the received model afterwards: two full-batch steps with a large
+``mu`` tell a wrong sign or a wrong anchor apart from the right term.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from by_hand import assert_same_update, clone_state, full_batch_run, hospital_context, sgd_step
+
+from fedclinic.config import RunConfig
+from fedclinic.models import build_model
+from strategies import get_algorithm
+from strategies.base import ClientContext
+
+torch.set_num_threads(1)
+
+LR = 0.2
+MU = 2.0
+
+
+def make_run(algorithm: str, **extra: Any) -> RunConfig:
+    return full_batch_run(algorithm, LR, **{"local-steps": 3, **extra})
+
+
+def make_context(run: RunConfig, tmp_path: Path) -> ClientContext:
+    return hospital_context(run, tmp_path)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_local_steps_match_the_objective_by_hand(algorithm: str, tmp_path: Path) -> None:
+    run = make_run(algorithm, **({"fedprox.proximal-mu": MU} if algorithm == "fedprox" else {}))
+    context = make_context(run, tmp_path)
+    net = build_model(run, seed=5)
+    received = clone_state(net)
+    update = get_algorithm(algorithm).objective(context).fit(received)
+    x, y = context.data.train.inputs, context.data.train.labels
+    losses = []
+    for _ in range(run.local_steps):
+        loss = F.cross_entropy(net(x), y)
+        losses.append(float(loss.detach()))
+        if algorithm == "fedprox":  # (mu/2) ||w - w_received||^2 over the parameters
+            loss = loss + MU / 2 * sum(
+                ((p - received[n]) ** 2).sum() for n, p in net.named_parameters()
+            )
+        sgd_step(net.parameters(), loss, LR)
+    assert_same_update(received, update.state, clone_state(net))
+    assert update.steps == run.local_steps and update.num_examples == run.local_steps * len(y)
+    if algorithm == "fedavg":
+        assert update.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("steps", "epochs", "batch_size"), [(5, 1, 16), (0, 2, 16), (0, 1, 64), (7, 1, 10)]
+)
+def test_step_budget_counts_batches_across_epochs(
+    steps: int, epochs: int, batch_size: int, tmp_path: Path
+) -> None:
+    """``local-steps`` batches when set (passes over the data restart as needed), else
+    ``local-epochs`` full passes; the last batch of a pass may be smaller."""
+    run = make_run(
+        "fedavg", **{"local-steps": steps, "local-epochs": epochs, "batch-size": batch_size}
+    )
+    context = make_context(run, tmp_path)
+    n = len(context.data.train)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]  # one pass
+    expected = sizes * epochs if steps == 0 else (sizes * steps)[:steps]
+    update = get_algorithm("fedavg").objective(context).fit(clone_state(build_model(run)))
+    assert (update.steps, update.num_examples) == (len(expected), sum(expected))
