@@ -16,6 +16,7 @@ from fedclinic.data.base import HospitalData, Split
 from fedclinic.errors import ConfigError
 from fedclinic.serialization import record_to_numpy, state_to_record
 from fedclinic.site import SiteState
+from fedclinic.training import optimizer_to_state, restore_optimizer
 from strategies import load_run_config
 from strategies.base import ClientContext, Reply
 from strategies.fedmas import (
@@ -24,8 +25,6 @@ from strategies.fedmas import (
     FedMASStrategy,
     build_fedmas_model,
     check_run,
-    optimizer_to_state,
-    restore_optimizer,
 )
 from strategies.fedmas_math import (
     ClassDivergence,
