@@ -13,7 +13,8 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedclinic.config import HospitalConfig
 from fedclinic.data.base import HospitalData, Split
-from fedclinic.errors import ConfigError
+from fedclinic.errors import ConfigError, IntegrityError
+from fedclinic.prior import random_prior
 from fedclinic.serialization import record_to_numpy, state_to_record
 from fedclinic.site import SiteState
 from fedclinic.training import optimizer_to_state, restore_optimizer
@@ -279,8 +280,6 @@ def test_fit_measures_trains_and_reports_without_touching_test_data(tmp_path: Pa
 
 def test_measurement_uses_the_received_model_in_eval_mode(tmp_path: Path) -> None:
     """w is the class mean of 2 - 2cos(p, f(x)) of the received model, recomputed here."""
-    from fedclinic.prior import random_prior
-
     run = fedmas_run(**{"local-steps": 1})
     context = make_context(run, tmp_path)
     received = build_fedmas_model(run, seed=3).state_dict()
@@ -299,8 +298,6 @@ def test_measurement_uses_the_received_model_in_eval_mode(tmp_path: Path) -> Non
 
 def test_prior_stays_frozen_during_fit(tmp_path: Path) -> None:
     """MAS-1: the prior's BatchNorm statistics and weights do not move, even under train()."""
-    from fedclinic.prior import random_prior
-
     prior = random_prior("resnet18", 1, 0)
     before = {k: v.clone() for k, v in prior.state_dict().items()}
     prior.train()
@@ -375,8 +372,6 @@ def test_server_avg_ablation_uses_sample_counts() -> None:
 
 
 def test_server_refuses_updates_measured_with_different_priors() -> None:
-    from fedclinic.errors import IntegrityError
-
     strategy = FedMASStrategy(fedmas_run())
     state = {"w": torch.tensor([1.0])}
     other = reply(2, "b", state, 0.3, 100)
