@@ -1,6 +1,6 @@
 """FedHelp's one-time knowledge acquisition: foundation-model probabilities on public data.
 
-FedHelp (ALGORITHMS.md section 1.3) guides the small hospitals with the outputs of a
+FedHelp (arXiv 2412.19654; docs/fedhelp.md) guides the small hospitals with the outputs of a
 foundation model on a **public** data set, computed **once** before federated training and
 never updated. This module produces that file and checks it where it is used.
 

@@ -1,6 +1,6 @@
 """The shared frozen self-supervised prior of Fed-MAS: encoders, checkpoint loading, MoCo-v2.
 
-Fed-MAS (ALGORITHMS.md section 3) measures every hospital's class-wise divergence against one
+Fed-MAS (docs/fedmas.md) measures every hospital's class-wise divergence against one
 frozen self-supervised encoder ``f``; the measurements are comparable across hospitals only
 if every hospital runs a **bit-identical** ``f`` (design decision MAS-2). This module
 

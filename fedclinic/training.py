@@ -115,10 +115,14 @@ class Updater:
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, use_amp: bool = False, clip_norm: float = 0.0
+        self,
+        optimizer: torch.optim.Optimizer,
+        use_amp: bool = False,
+        clip_norm: float = 0.0,
+        device_type: str = "cuda",
     ) -> None:
         self.optimizer = optimizer
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=use_amp)
         self.clip_norm = clip_norm
 
     @property
@@ -226,7 +230,7 @@ class LocalLoop:
         settings: OptimizerSettings,
         clip_norm: float = 0.0,
     ) -> Updater:
-        return Updater(settings.build(parameters), self.use_amp, clip_norm)
+        return Updater(settings.build(parameters), self.use_amp, clip_norm, self.device.type)
 
     def batches(
         self,

@@ -1,4 +1,4 @@
-"""Fed-MAS mathematics and client/server halves against hand computations (ALGORITHMS.md 3.4)."""
+"""Fed-MAS mathematics and client/server halves against hand computations (docs/fedmas.md)."""
 
 from __future__ import annotations
 

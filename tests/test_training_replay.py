@@ -18,6 +18,7 @@ from by_hand import assert_same_update, clone_state, full_batch_run, hospital_co
 
 from fedclinic.config import RunConfig
 from fedclinic.models import build_model
+from fedclinic.training import OptimizerSettings, Updater
 from strategies import get_algorithm
 from strategies.base import ClientContext
 
@@ -75,3 +76,42 @@ def test_step_budget_counts_batches_across_epochs(
     expected = sizes * epochs if steps == 0 else (sizes * steps)[:steps]
     update = get_algorithm("fedavg").objective(context).fit(clone_state(build_model(run)))
     assert (update.steps, update.num_examples) == (len(expected), sum(expected))
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_a_scaled_step_unscales_before_clipping(clip: float) -> None:
+    """Mixed precision multiplies the loss by a large scale before backward; the update must
+    be the unscaled one, and clipping must see the unscaled gradients (a scaler runs on the
+    CPU here, as on CUDA with ``amp``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    before = clone_state(model)
+    by_hand = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    by_hand.load_state_dict(before)
+    settings = OptimizerSettings("sgd", LR, momentum=0.0)
+    updater = Updater(settings.build(model.parameters()), True, clip, device_type="cpu")
+    assert updater.scaler.get_scale() > 1  # the loss really is scaled
+    updater.step(F.cross_entropy(model(x), y))
+    norm = sgd_step(by_hand.parameters(), F.cross_entropy(by_hand(x), y), LR, clip)
+    assert clip == 0 or norm > clip  # the clipped case clips
+    assert_same_update(before, clone_state(model), clone_state(by_hand))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_precision_on_cuda_follows_the_float32_step(tmp_path: Path) -> None:
+    """On a GPU with ``amp``: the same steps as in float32 up to half-precision rounding,
+    every weight back on the CPU in float32."""
+    states = {}
+    for amp in (False, True):
+        run = make_run("fedavg", amp=amp)
+        context = make_context(run, tmp_path / str(amp))
+        context.device = torch.device("cuda")
+        update = get_algorithm("fedavg").objective(context).fit(
+            clone_state(build_model(run, seed=5))
+        )
+        values = update.state.values()
+        assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in values)
+        states[amp] = update.state
+    for key, value in states[False].items():
+        torch.testing.assert_close(states[True][key], value, atol=2e-2, rtol=2e-2)
