@@ -244,6 +244,13 @@ class LocalLoop:
         loader = make_loader(split, batch_size, True, generator, drop_last)
         return self.cycle(loader), len(loader)
 
+    def round_batches(
+        self, split: Split, run: RunConfig, generator: torch.Generator, drop_last: bool = False
+    ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+        """A local round's batches of ``split`` (``batch-size``) and its step budget."""
+        batches, per_epoch = self.batches(split, run.batch_size, generator, drop_last)
+        return batches, step_budget(run.local_steps, run.local_epochs, per_epoch)
+
     def cycle(
         self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -309,7 +316,7 @@ def train_local(
     loop = LocalLoop.for_run(run, device)
     model.to(device).train()
     updater = loop.updater(parameters or list(model.parameters()), OptimizerSettings.of(run))
-    batches, per_epoch = loop.batches(split, run.batch_size, generator)
+    batches, budget = loop.round_batches(split, run, generator)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
         inputs, labels = batch
@@ -319,7 +326,7 @@ def train_local(
         updater.step(loss)
         return len(labels), {"loss": loss}
 
-    return loop.run(step_budget(run.local_steps, run.local_epochs, per_epoch), batches, step)
+    return loop.run(budget, batches, step)
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -91,7 +91,6 @@ the frozen model of each KD step is in eval mode.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from logging import INFO, WARNING
 from typing import Any, Literal
 
@@ -122,7 +121,6 @@ from fedclinic.training import (
     OptimizerSettings,
     StepResult,
     seeded_generator,
-    step_budget,
     train_local,
 )
 from strategies.base import (
@@ -414,12 +412,6 @@ class FedHelpObjective(ClientObjective):
         """The hospital's training loop and the run's optimiser, created afresh every round."""
         return LocalLoop.for_run(self.run, self.context.device), OptimizerSettings.of(self.run)
 
-    def private_batches(self, loop: LocalLoop) -> tuple[Iterator[tuple[Tensor, Tensor]], int]:
-        """This round's shuffled private batches and the step budget (one pass = one epoch)."""
-        run = self.run
-        batches, per_epoch = loop.batches(self.context.data.train, run.batch_size, self.generator())
-        return batches, step_budget(run.local_steps, run.local_epochs, per_epoch)
-
     # ------------------------------------------------------------------ large hospitals
     def fit_large(self, received: State) -> LocalUpdate:
         """Asymmetric dual KD (3a forward KL, 3b CE + KL + beta * ranking); upload the proxy."""
@@ -478,7 +470,7 @@ class FedHelpObjective(ClientObjective):
                 "rank": rank,
             }
 
-        batches, budget = self.private_batches(loop)
+        batches, budget = loop.round_batches(self.context.data.train, self.run, self.generator())
         stats = loop.run(budget, batches, step)
         saved = self.context.site.save(LARGE_MODEL, _cpu_state(large))  # FH-9: stays here
         means = stats.means
@@ -615,7 +607,9 @@ class FedHelpObjective(ClientObjective):
             opts.public_batch_size or run.batch_size,
             seeded_generator(run.seed, self.context.server_round, "fedhelp-public", hospital),
         )
-        private_batches, budget = self.private_batches(loop)
+        private_batches, budget = loop.round_batches(
+            self.context.data.train, run, self.generator()
+        )
 
         def step(batch: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]) -> StepResult:
             (x, y), (x_public, index) = batch

@@ -86,7 +86,6 @@ from fedclinic.training import (
     OptimizerSettings,
     StepResult,
     make_loader,
-    step_budget,
 )
 from strategies.base import (
     Algorithm,
@@ -368,14 +367,14 @@ class FedMASObjective(ClientObjective):
             align = divergence.mean()
             return len(labels), {"loss": loss, "task": task, "aux": aux, "align": align}
 
-        batches, per_epoch = loop.batches(
+        batches, budget = loop.round_batches(
             train,
-            run.batch_size,
+            run,
             self.generator(),
             drop_last=len(train) > run.batch_size,  # no batch of 1 for the projector's BatchNorm
         )
         model.train()
-        stats = loop.run(step_budget(run.local_steps, run.local_epochs, per_epoch), batches, step)
+        stats = loop.run(budget, batches, step)
         if options.persist_optimizer:
             site.save(state_name, updater.state())
 
