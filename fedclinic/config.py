@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from fedclinic.errors import ConfigError
+from fedclinic.tasks import check_model_fits_task, check_selection_metric, selection_metric
 
 Scalar = bool | int | float | str
 
@@ -167,12 +168,9 @@ class RunConfig(Schema):
     def _source(cls, value: str) -> str:
         return check_data_source(value)
 
-    # fedclinic.tasks imports the model registry, which imports this module: imported late.
     @field_validator("selection_metric")
     @classmethod
     def _selection_fits_task(cls, value: str, info: ValidationInfo) -> str:
-        from fedclinic.tasks import check_selection_metric
-
         return check_selection_metric(info.data.get("task", "classification"), value)
 
     @model_validator(mode="after")
@@ -186,16 +184,13 @@ class RunConfig(Schema):
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> RunConfig:
-        from fedclinic.tasks import check_model_fits_task
-
-        check_model_fits_task(self)  # a ConfigError passes through pydantic unchanged
+        # a ConfigError passes through pydantic unchanged
+        check_model_fits_task(self.task, self.model, self.image_size)
         return self
 
     @property
     def selection_key(self) -> str:
         """The metric models are selected on, ``auto`` resolved for the run's task."""
-        from fedclinic.tasks import selection_metric
-
         return selection_metric(self)
 
     def algorithm_options(self) -> Any:

@@ -1,6 +1,6 @@
 """FedHelp's one-time knowledge acquisition: foundation-model probabilities on public data.
 
-FedHelp (ALGORITHMS.md section 1.3) guides the small hospitals with the outputs of a
+FedHelp (arXiv 2412.19654; docs/fedhelp.md) guides the small hospitals with the outputs of a
 foundation model on a **public** data set, computed **once** before federated training and
 never updated. This module produces that file and checks it where it is used.
 
@@ -57,8 +57,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedclinic.data.synthetic import Acquisition, class_counts, generate_lesions
+from fedclinic.data.synthetic_segmentation import lesion_kinds, masks_from_extent
 from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError, file_problem
+from fedclinic.models import ModelDims, build, model_spec
 from fedclinic.serialization import file_sha256
+from fedclinic.tasks import get_task
+from fedclinic.training import LocalLoop, OptimizerSettings, StepResult, select_device
 
 KNOWLEDGE_FORMAT = "fedclinic-knowledge/1"
 #: architectures FedHelp can build for a teacher (source b) or a large hospital's private model
@@ -221,9 +226,6 @@ def write_synthetic_public(
     ``task = "segmentation"`` the labels are the images' masks ``(N, H, W)`` (as the
     synthetic segmentation source draws them, ``num_classes`` including background).
     """
-    from fedclinic.data.synthetic import Acquisition, class_counts, generate_lesions
-    from fedclinic.data.synthetic_segmentation import lesion_kinds, masks_from_extent
-
     kinds = lesion_kinds(num_classes) if task == "segmentation" else num_classes
     counts = class_counts(num_samples, [], kinds)
     labels = torch.repeat_interleave(torch.arange(kinds), torch.as_tensor(counts))
@@ -248,40 +250,29 @@ def write_synthetic_public(
 
 
 def build_network(name: str, num_classes: int, input_shape: Sequence[int]) -> nn.Module:
-    """A teacher or large-model architecture for inputs of ``input_shape`` (``(C,H,W)``/``(F,)``).
+    """A teacher or large-model architecture of :mod:`fedclinic.models` for inputs of
+    ``input_shape`` (``(C, H, W)`` or ``(F,)``).
 
     ``wide-cnn`` is the run's small CNN three times as wide (48 instead of 16 channels):
-    a CPU-sized "large" model; ``mlp`` is a two-hidden-layer perceptron (tabular data);
-    ``unet`` / ``unet-large`` are the segmentation networks of :mod:`fedclinic.models`.
+    a CPU-sized "large" model; ``mlp`` is a two-hidden-layer perceptron on the flattened
+    inputs (tabular data); ``unet`` / ``unet-large`` are the segmentation networks.
     """
-    from fedclinic.config import RunConfig
-    from fedclinic.models import SmallCNN, build_model
-
-    shape = tuple(int(s) for s in input_shape)
-    if name == "mlp":
-        features = math.prod(shape)
-        return nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(features, 128),
-            nn.ReLU(inplace=True),
-            nn.Linear(128, 128),
-            nn.ReLU(inplace=True),
-            nn.Linear(128, num_classes),
-        )
     if name not in NETWORKS:
         raise ConfigError(f"network {name!r} is unknown: expected one of {', '.join(NETWORKS)}")
-    if len(shape) != 3:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 and not model_spec(name).tabular:
         raise ConfigError(
             f"network {name!r} needs image inputs (C, H, W); the inputs have shape {shape} "
             "(use 'mlp' for tabular data)"
         )
-    if name == "wide-cnn":
-        return SmallCNN(shape[0], num_classes, width=48)
-    task = "segmentation" if name in SEGMENTATION_NETWORKS else "classification"
-    run = RunConfig(
-        task=task, model=name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1]
+    images = len(shape) == 3
+    dims = ModelDims(
+        num_classes=num_classes,
+        in_channels=shape[0] if images else 1,
+        image_size=shape[1] if images else 1,
+        num_features=math.prod(shape),
     )
-    return build_model(run)
+    return build(name, dims)
 
 
 # ------------------------------------------------------------------------------ sources
@@ -406,8 +397,6 @@ def train_teacher(
     Class labels ``(N,)``: cross-entropy; masks ``(N, H, W)``: a segmentation network trained
     with the segmentation task's Dice + CE.
     """
-    from fedclinic.tasks import get_task
-
     dense = labels.ndim == 3
     if dense != (network in SEGMENTATION_NETWORKS):
         expected = ", ".join(SEGMENTATION_NETWORKS) if dense else "a classification network"
@@ -421,23 +410,26 @@ def train_teacher(
         torch.manual_seed(seed)
         model = build_network(network, max(num_classes, 2), tuple(inputs.shape[1:]))
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    loop = LocalLoop(device)
+    settings = OptimizerSettings("adam", learning_rate, weight_decay=weight_decay)
+    updater = loop.updater(model.parameters(), settings)
     targets = torch.from_numpy(labels)
     generator = torch.Generator().manual_seed(seed)
-    started, loss_value = time.perf_counter(), float("nan")
-    for _ in range(epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        total, seen = 0.0, 0
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            x, y = inputs[index].to(device), targets[index].to(device)
-            optimizer.zero_grad(set_to_none=True)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+        x, y = batch
+        with loop.autocast():
             loss = loss_of(model(x), y)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(index)
-            seen += len(index)
-        loss_value = total / max(seen, 1)
+        updater.step(loss)
+        return len(y), {"loss": loss}
+
+    started, loss_value = time.perf_counter(), float("nan")
+    for _ in range(epochs):  # one run per epoch: the last epoch's mean loss is reported
+        order = torch.randperm(len(inputs), generator=generator)
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        # a lazy pass over this epoch's order: run() takes exactly its len(chunks) batches
+        batches = loop.cycle((inputs[index], targets[index]) for index in chunks)
+        loss_value = loop.run(len(chunks), batches, step).loss
     return model, {"final_loss": loss_value, "seconds": time.perf_counter() - started}
 
 
@@ -878,8 +870,6 @@ def _floats(text: str, option: str) -> list[float]:
 def knowledge_build_command(args: argparse.Namespace) -> int:
     """Handler of ``fedclinic knowledge build``: 0 on success, 2 on a bad input (one line)."""
     try:
-        from fedclinic.training import select_device
-
         for name in ("batch_size", "epochs"):
             if getattr(args, name) < 1:
                 raise ConfigError(

@@ -1,6 +1,6 @@
 """The shared frozen self-supervised prior of Fed-MAS: encoders, checkpoint loading, MoCo-v2.
 
-Fed-MAS (ALGORITHMS.md section 3) measures every hospital's class-wise divergence against one
+Fed-MAS (docs/fedmas.md) measures every hospital's class-wise divergence against one
 frozen self-supervised encoder ``f``; the measurements are comparable across hospitals only
 if every hospital runs a **bit-identical** ``f`` (design decision MAS-2). This module
 
@@ -27,8 +27,7 @@ import dataclasses
 import math
 import os
 import sys
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedclinic.config import HospitalConfig, RunConfig
+from fedclinic.data import synthetic
+from fedclinic.data.base import DataRequest
 from fedclinic.errors import DataError, FedClinicError, file_problem
+from fedclinic.models import REGISTRY, ModelDims, build
 from fedclinic.serialization import content_sha256, file_sha256
+from fedclinic.training import LocalLoop, OptimizerSettings, StepResult, select_device
 
-#: pooled-feature size of each prior architecture (the projector's output size)
-PRIOR_DIMS: dict[str, int] = {"resnet50": 2048, "resnet18": 512, "cnn": 64, "mlp": 64}
+#: pooled-feature size of each prior architecture (the projector's output size): the
+#: registry's ``encoder-<arch>`` networks
+PRIOR_DIMS: dict[str, int] = {
+    name.removeprefix("encoder-"): spec.feature_dim
+    for name, spec in REGISTRY.items()
+    if spec.task == "encoder"
+}
 #: encoders of tabular rows ``(N, F)``; every other prior encodes images ``(N, C, H, W)``
-TABULAR_PRIORS = ("mlp",)
+TABULAR_PRIORS = tuple(arch for arch in PRIOR_DIMS if REGISTRY[f"encoder-{arch}"].tabular)
 IMAGE_PRIORS = tuple(arch for arch in PRIOR_DIMS if arch not in TABULAR_PRIORS)
 #: the priors MoCo-v2 can pretrain (image augmentations)
 #: key prefix of the query encoder in MoCo's checkpoints (DistributedDataParallel + MoCo)
@@ -63,83 +72,19 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ------------------------------------------------------------------------------ encoders
 
 
-class CNNEncoder(nn.Module):
-    """A small conv encoder for tests and CPU demos: three conv-BatchNorm-ReLU blocks, 64-d.
-
-    BatchNorm matters: without it the random features are nearly collinear (cosine ~0.99)
-    and MoCo's contrastive loss barely moves in a short pretraining. Its ``fc`` is the
-    identity when frozen and MoCo's MLP head during pretraining.
-    """
-
-    def __init__(self, in_channels: int, width: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        self.fc: nn.Module = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
-class TabularEncoder(nn.Module):
-    """A prior for tabular rows: two Linear-BatchNorm-ReLU blocks, 64-d (``prior-arch = mlp``).
-
-    No self-supervised pretraining is built for tables (MoCo's augmentations are image
-    crops), so it is used as MAS-2's last substitute, a seeded random frozen encoder
-    (``prior-source = random``, marked degraded), or loaded from a file someone trained.
-    """
-
-    def __init__(self, in_features: int, width: int = 64) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Linear(in_features, width, bias=False),
-            nn.BatchNorm1d(width),
-            nn.ReLU(inplace=True),
-            nn.Linear(width, width, bias=False),
-            nn.BatchNorm1d(width),
-            nn.ReLU(inplace=True),
-        )
-        self.fc: nn.Module = nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
 def build_encoder(arch: str, in_channels: int) -> nn.Module:
     """An encoder whose ``fc`` is the identity: it returns the pooled ``PRIOR_DIMS[arch]`` feature.
 
-    ResNets keep torchvision's ImageNet stem (7x7 stride 2 + max-pool), as MoCo-v2 does, so
-    official checkpoints load unchanged; only ``conv1`` takes ``in_channels`` when it is not 3.
-    For ``mlp`` (tabular), ``in_channels`` is the number of features.
+    The registry's ``encoder-<arch>`` (:mod:`fedclinic.models`). ResNets keep torchvision's
+    ImageNet stem (7x7 stride 2 + max-pool), as MoCo-v2 does, so official checkpoints load
+    unchanged; only ``conv1`` takes ``in_channels`` when it is not 3. For ``mlp`` (tabular),
+    ``in_channels`` is the number of features.
     """
-    if arch == "cnn":
-        return CNNEncoder(in_channels)
-    if arch == "mlp":
-        return TabularEncoder(in_channels)
-    if arch in ("resnet18", "resnet50"):
-        from torchvision.models import resnet18, resnet50
-
-        model = resnet18(weights=None) if arch == "resnet18" else resnet50(weights=None)
-        if in_channels != 3:
-            model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        model.fc = nn.Identity()  # type: ignore[assignment]
-        return model
-    raise DataError(
-        f"prior architecture {arch!r} is unknown: expected one of {', '.join(PRIOR_DIMS)}"
-    )
+    if arch not in PRIOR_DIMS:
+        raise DataError(
+            f"prior architecture {arch!r} is unknown: expected one of {', '.join(PRIOR_DIMS)}"
+        )
+    return build(f"encoder-{arch}", ModelDims(in_channels=in_channels, num_features=in_channels))
 
 
 class FrozenPrior(nn.Module):
@@ -470,38 +415,38 @@ def train_moco(
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     model = MoCo(settings, int(images.shape[1])).to(device)
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=settings.learning_rate,
-        momentum=0.9,
-        weight_decay=settings.weight_decay,
-    )
-    started = time.perf_counter()
+    loop = LocalLoop(device)
+    sgd = OptimizerSettings("sgd", settings.learning_rate, 0.9, settings.weight_decay)
+    updater = loop.updater([p for p in model.parameters() if p.requires_grad], sgd)
     losses: list[float] = []
-    model.train()
-    for step in range(settings.steps):
-        lr = 0.5 * settings.learning_rate * (1 + math.cos(math.pi * step / settings.steps))
-        for group in optimizer.param_groups:
+
+    def views() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Two augmented views of a random batch, step after step."""
+        for step in range(settings.steps):
+            x = images[torch.randperm(images.shape[0], generator=generator)[:batch]]
+            yield step, augment(x, generator).to(device), augment(x, generator).to(device)
+
+    def step(pair: tuple[int, torch.Tensor, torch.Tensor]) -> StepResult:
+        index, im_q, im_k = pair
+        lr = 0.5 * settings.learning_rate * (1 + math.cos(math.pi * index / settings.steps))
+        for group in updater.optimizer.param_groups:  # cosine schedule, as MoCo-v2
             group["lr"] = lr
-        index = torch.randperm(images.shape[0], generator=generator)[:batch]
-        x = images[index]
-        im_q = augment(x, generator).to(device)
-        im_k = augment(x, generator).to(device)
         loss = model(im_q, im_k, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        updater.step(loss)
         losses.append(float(loss.detach()))
+        return len(im_q), {"loss": loss}
+
+    model.train()
+    stats = loop.run(settings.steps, views(), step)
     state = {k: v.detach().cpu().clone() for k, v in model.encoder_q.state_dict().items()}
-    stats = {
+    return state, {
         "steps": float(settings.steps),
         "first_loss": losses[0] if losses else math.nan,
         "final_loss": losses[-1] if losses else math.nan,
-        "seconds": time.perf_counter() - started,
+        "seconds": stats.seconds,
         "queue_size": float(queue),
         "batch_size": float(batch),
     }
-    return state, stats
 
 
 def save_prior(
@@ -566,14 +511,7 @@ def synthetic_images(
     num_samples: int, in_channels: int, image_size: int, seed: int
 ) -> torch.Tensor:
     """Unlabelled public images from the synthetic generator (every split of one fake site)."""
-    from fedclinic.config import HospitalConfig
-    from fedclinic.data import synthetic
-    from fedclinic.data.base import DataRequest
-    from strategies import load_run_config
-
-    run = load_run_config(
-        {"in-channels": in_channels, "image-size": image_size, "model": "cnn", "seed": seed}
-    )
+    run = RunConfig(in_channels=in_channels, image_size=image_size, model="cnn", seed=seed)
     hospital = HospitalConfig(hospital="public-prior", num_samples=num_samples, data_seed=seed)
     data = synthetic.load(DataRequest(run, hospital))
     return torch.cat([data.train.inputs, data.val.inputs, data.test.inputs])
@@ -643,8 +581,6 @@ def _batch_size(text: str) -> int:
 def prior_train_command(args: argparse.Namespace) -> int:
     """Handler of ``fedclinic prior train``: 0 on success, 2 on a bad input (one line)."""
     try:
-        from fedclinic.training import select_device
-
         device = select_device(args.device)
         if args.images:
             images = load_images(args.images)

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from fedclinic.errors import ConfigError, DataError
 from fedclinic.metrics import class_probabilities, classification_loss, classification_metrics
+from fedclinic.models import MODELS
 from fedclinic.segmentation import SegmentationScores, segmentation_loss
-
-if TYPE_CHECKING:
-    from fedclinic.config import RunConfig
 
 Metrics = dict[str, float | list[float]]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (logits on the CPU, labels)
@@ -160,11 +158,20 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def task_of(run: RunConfig) -> Task:
+class TaskConfig(Protocol):
+    """What this module reads from a run config (``RunConfig`` has it)."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def selection_metric(self) -> str: ...
+
+
+def task_of(run: TaskConfig) -> Task:
     return get_task(run.task)
 
 
-def selection_metric(run: RunConfig) -> str:
+def selection_metric(run: TaskConfig) -> str:
     """The run's selection metric with ``auto`` resolved to the task's default."""
     if run.selection_metric == "auto":
         return task_of(run).default_selection
@@ -179,22 +186,20 @@ def check_selection_metric(task: str, metric: str) -> str:
     return metric
 
 
-def check_model_fits_task(run: RunConfig) -> None:
+def check_model_fits_task(task: str, model: str, image_size: int) -> None:
     """Segmentation needs a segmentation network (and images it can pool), and vice versa."""
-    from fedclinic.models import MODELS
-
-    spec = MODELS.get(run.model)
+    spec = MODELS.get(model)
     if spec is None:
         return  # the model key's own validation names the allowed models
-    if spec.task != run.task:
-        fitting = [name for name, s in MODELS.items() if s.task == run.task]
+    if spec.task != task:
+        fitting = [name for name, s in MODELS.items() if s.task == task]
         raise ConfigError(
-            f"run config: key 'model' = {run.model!r} is not allowed with task = {run.task!r}: "
+            f"run config: key 'model' = {model!r} is not allowed with task = {task!r}: "
             f"expected one of {', '.join(fitting)}"
         )
-    if run.image_size < spec.min_image_size:
+    if image_size < spec.min_image_size:
         raise ConfigError(
-            f"run config: key 'image-size' = {run.image_size} is not allowed with model = "
-            f"{run.model!r}: expected at least {spec.min_image_size} (the network pools 2x "
+            f"run config: key 'image-size' = {image_size} is not allowed with model = "
+            f"{model!r}: expected at least {spec.min_image_size} (the network pools 2x "
             "four times)"
         )

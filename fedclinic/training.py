@@ -1,15 +1,23 @@
 """Local training and evaluation on one hospital's device (CUDA when present, else the CPU).
 
-Algorithms differ in their local *objective*; the loop itself (batches, optimiser, mixed
-precision, step budget) is shared here so that every algorithm trains under the same rules.
+One loop, :meth:`LocalLoop.run`, trains every model fedclinic trains: each algorithm's local
+round (FedAvg, FedProx, local-only and pFedNet's phases through :func:`train_local`, FedHelp's
+alternating proxy/large and private/public steps, Fed-MAS's clipped steps with an optimiser
+state kept at the site), FedHelp's substitute teacher and Fed-MAS's MoCo prior. A caller says
+what one step does (its models, loss terms and optimisers) in a step function; the loop owns
+what must be the same everywhere: the step budget, batches cycling over passes of the data
+and moved to the device, mixed precision on CUDA (autocast plus one gradient scaler per
+optimiser, :class:`Updater`), gradient clipping, sample-weighted running means of named
+losses, and timing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,10 +26,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedclinic.config import RunConfig
 from fedclinic.data.base import Split
+from fedclinic.errors import ConfigError, DataError
+from fedclinic.serialization import State
 from fedclinic.tasks import get_task, task_of
 
 # (model, inputs, labels, logits) -> scalar loss. The default is the plain task loss.
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = TypeVar("Batch")
+#: what one step reports: its number of samples and its named losses (``"loss"`` the main one)
+StepResult = tuple[int, Mapping[str, torch.Tensor | float]]
 
 
 def select_device(name: str) -> torch.device:
@@ -32,8 +45,6 @@ def select_device(name: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from fedclinic.errors import ConfigError
-
         raise ConfigError(
             f"hospital config: key 'device' = {name!r} is not allowed: no CUDA GPU is visible "
             "on this node (use 'auto' or 'cpu')"
@@ -49,30 +60,241 @@ def seeded_generator(*parts: int | str) -> torch.Generator:
 
 
 def make_loader(
-    split: Split, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+    split: Split,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
 ) -> DataLoader:
     dataset = TensorDataset(split.inputs, split.labels)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+    )
 
 
-def make_optimizer(
-    params: list[nn.Parameter] | list[torch.Tensor], run: RunConfig
-) -> torch.optim.Optimizer:
-    if run.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=run.learning_rate, momentum=run.momentum, weight_decay=run.weight_decay
-        )
-    if run.optimizer == "adam":
-        return torch.optim.Adam(params, lr=run.learning_rate, weight_decay=run.weight_decay)
-    return torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=run.weight_decay)
+# ------------------------------------------------------------------------------ optimisers
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """Which optimiser to build: a run's ``optimizer``, ``learning-rate``, ``momentum`` (SGD)
+    and ``weight-decay``, or a tool's own values."""
+
+    kind: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    @classmethod
+    def of(cls, run: RunConfig) -> OptimizerSettings:
+        return cls(run.optimizer, run.learning_rate, run.momentum, run.weight_decay)
+
+    def build(self, parameters: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+        params = list(parameters)
+        if self.kind == "sgd":
+            return torch.optim.SGD(
+                params,
+                lr=self.learning_rate,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+            )
+        if self.kind == "adam":
+            return torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        if self.kind == "adamw":
+            return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        raise ConfigError(f"optimizer {self.kind!r} is unknown: expected sgd, adam or adamw")
+
+
+class Updater:
+    """One optimiser with its gradient scaler (mixed precision on CUDA) and optional clipping.
+
+    :meth:`step` is the whole update for one loss: zero the gradients, backward through the
+    scaled loss, unscale and clip the gradients' global 2-norm to ``clip_norm`` (0 = no
+    clipping), step, update the scale. Several updaters may share parameters (FedHelp's
+    feature extractor under two heads); each step moves only its own optimiser's.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        use_amp: bool = False,
+        clip_norm: float = 0.0,
+        device_type: str = "cuda",
+    ) -> None:
+        self.optimizer = optimizer
+        self.scaler = torch.amp.GradScaler(device_type, enabled=use_amp)
+        self.clip_norm = clip_norm
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.parameters, self.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def state(self) -> State:
+        """The optimiser's per-parameter state as a flat tensor dict (for a site state)."""
+        return optimizer_to_state(self.optimizer)
+
+    def restore(self, flat: State) -> bool:
+        """Load a state saved by :meth:`state`; False (nothing loaded) if it does not fit."""
+        return restore_optimizer(self.optimizer, flat)
+
+
+def optimizer_to_state(optimizer: torch.optim.Optimizer) -> State:
+    """The optimizer's per-parameter state as a flat tensor dict (for :class:`SiteState`)."""
+    saved = optimizer.state_dict()
+    flat: State = {
+        "meta.num_params": torch.tensor(sum(len(g["params"]) for g in saved["param_groups"]))
+    }
+    for index, values in saved["state"].items():
+        for name, value in values.items():
+            if value is None:
+                continue
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            flat[f"state.{index}.{name}"] = tensor.detach().cpu()
+    return flat
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, flat: State) -> bool:
+    """Load a state saved by :func:`optimizer_to_state`; False (nothing loaded) if it does not
+    fit this optimizer (another model or optimizer)."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if int(flat.get("meta.num_params", torch.tensor(-1))) != len(parameters):
+        return False
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        if not key.startswith("state."):
+            continue
+        _, index, name = key.split(".", 2)
+        position = int(index)
+        if position >= len(parameters):
+            return False
+        if value.ndim > 0 and value.shape != parameters[position].shape:
+            return False
+        state.setdefault(position, {})[name] = value
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+    return True
+
+
+# ------------------------------------------------------------------------------ the loop
 
 
 @dataclass(frozen=True)
 class TrainStats:
+    """What a loop did: the mean main loss, samples seen, steps, seconds, and the
+    sample-weighted mean of every named loss the steps reported."""
+
     loss: float
     num_examples: int
     steps: int
     seconds: float
+    means: dict[str, float] = field(default_factory=dict)
+
+
+def step_budget(local_steps: int, local_epochs: int, batches_per_epoch: int) -> int:
+    """``local-steps`` batches when set, else ``local-epochs`` passes over the data."""
+    return local_steps or local_epochs * batches_per_epoch
+
+
+class LocalLoop:
+    """The training loop of one hospital (or one tool) on one device.
+
+    ``amp`` asks for mixed precision, used on CUDA only (autocast in :meth:`autocast`, a
+    gradient scaler in every :meth:`updater`). :meth:`run` calls a step function ``budget``
+    times on successive batches and keeps the running means of the losses it reports.
+    """
+
+    def __init__(self, device: torch.device, amp: bool = False) -> None:
+        self.device = device
+        self.use_amp = amp and device.type == "cuda"
+
+    @classmethod
+    def for_run(cls, run: RunConfig, device: torch.device) -> LocalLoop:
+        return cls(device, run.amp)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, enabled=self.use_amp)
+
+    def updater(
+        self,
+        parameters: Iterable[torch.Tensor],
+        settings: OptimizerSettings,
+        clip_norm: float = 0.0,
+    ) -> Updater:
+        return Updater(settings.build(parameters), self.use_amp, clip_norm, self.device.type)
+
+    def batches(
+        self,
+        split: Split,
+        batch_size: int,
+        generator: torch.Generator | None,
+        drop_last: bool = False,
+    ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Shuffled ``(inputs, labels)`` batches on the device, pass after pass without end,
+        and the number of batches in one pass."""
+        loader = make_loader(split, batch_size, True, generator, drop_last)
+        return self.cycle(loader), len(loader)
+
+    def round_batches(
+        self, split: Split, run: RunConfig, generator: torch.Generator, drop_last: bool = False
+    ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+        """A local round's batches of ``split`` (``batch-size``) and its step budget."""
+        batches, per_epoch = self.batches(split, run.batch_size, generator, drop_last)
+        return batches, step_budget(run.local_steps, run.local_epochs, per_epoch)
+
+    def cycle(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Pass after pass over ``batches`` (re-iterated, so a loader reshuffles), on the device."""
+        while True:
+            empty = True
+            for inputs, labels in batches:
+                empty = False
+                yield inputs.to(self.device), labels.to(self.device)
+            if empty:
+                raise DataError("the training split yields no batch (is it empty?)")
+
+    def run(
+        self, budget: int, batches: Iterator[Batch], step: Callable[[Batch], StepResult]
+    ) -> TrainStats:
+        """``budget`` calls of ``step`` on successive batches; the means of what they report."""
+        means = RunningMeans()
+        started = time.perf_counter()
+        for _ in range(budget):
+            size, losses = step(next(batches))
+            means.add(size, losses)
+        return TrainStats(
+            means.mean("loss"), means.count, budget, time.perf_counter() - started, means.means()
+        )
+
+
+class RunningMeans:
+    """Sample-weighted running means of named losses."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, size: int, values: Mapping[str, torch.Tensor | float]) -> None:
+        self.count += size
+        for name, value in values.items():
+            number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            self.sums[name] = self.sums.get(name, 0.0) + number * size
+
+    def mean(self, name: str) -> float:
+        return self.sums.get(name, 0.0) / max(self.count, 1)
+
+    def means(self) -> dict[str, float]:
+        return {name: self.mean(name) for name in self.sums}
 
 
 def train_local(
@@ -86,35 +308,28 @@ def train_local(
 ) -> TrainStats:
     """Train ``model`` in place for ``local-epochs`` (or ``local-steps`` batches) on ``split``.
 
-    ``parameters`` restricts what the optimiser updates (personalised/shared phases);
-    mixed precision is used on CUDA when the run asks for ``amp``.
+    The one-model case of :class:`LocalLoop`: ``objective`` adds loss terms (FedProx's
+    proximal term), ``parameters`` restricts what the optimiser updates (pFedNet's phases).
     """
     task_loss = task_of(run).loss
-    objective = objective or (lambda _m, _x, y, logits: task_loss(logits, y))
+    loss_of = objective or (lambda _m, _x, y, logits: task_loss(logits, y))
+    loop = LocalLoop.for_run(run, device)
     model.to(device).train()
-    optimizer = make_optimizer(parameters or list(model.parameters()), run)
-    use_amp = run.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    loader = make_loader(split, run.batch_size, shuffle=True, generator=generator)
-    budget = run.local_steps or run.local_epochs * len(loader)
-    started = time.perf_counter()
-    total_loss, seen, steps = 0.0, 0, 0
-    while steps < budget:
-        for inputs, labels in loader:
-            inputs, labels = inputs.to(device), labels.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(inputs)
-                loss = objective(model, inputs, labels, logits)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += float(loss.detach()) * len(labels)
-            seen += len(labels)
-            steps += 1
-            if steps >= budget:
-                break
-    return TrainStats(total_loss / max(seen, 1), seen, steps, time.perf_counter() - started)
+    updater = loop.updater(parameters or list(model.parameters()), OptimizerSettings.of(run))
+    batches, budget = loop.round_batches(split, run, generator)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+        inputs, labels = batch
+        with loop.autocast():
+            logits = model(inputs)
+            loss = loss_of(model, inputs, labels, logits)
+        updater.step(loss)
+        return len(labels), {"loss": loss}
+
+    return loop.run(budget, batches, step)
+
+
+# ------------------------------------------------------------------------------ evaluation
 
 
 @torch.no_grad()

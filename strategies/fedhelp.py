@@ -91,9 +91,6 @@ the frozen model of each KD step is in eval mode.
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Iterator
 from logging import INFO, WARNING
 from typing import Any, Literal
 
@@ -101,7 +98,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common import log
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from fedclinic import messages as keys
 from fedclinic.config import RunConfig, Schema
@@ -121,7 +118,13 @@ from fedclinic.rows import FedHelpAggregateRow, FedHelpRoleRow
 from fedclinic.segmentation import output_channels
 from fedclinic.serialization import State, numpy_to_record
 from fedclinic.tasks import task_of
-from fedclinic.training import make_loader, make_optimizer, seeded_generator
+from fedclinic.training import (
+    LocalLoop,
+    OptimizerSettings,
+    StepResult,
+    seeded_generator,
+    train_local,
+)
 from strategies.base import Algorithm, ClientContext, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 from strategies.fedhelp_math import (
@@ -359,36 +362,6 @@ class FedHelpStrategy(ServerAlgorithm):
 # ------------------------------------------------------------------------------ client
 
 
-class _Stepper:
-    """One optimiser (the run's kind, created afresh each round) with its AMP scaler."""
-
-    def __init__(self, params: list[nn.Parameter], run: RunConfig, use_amp: bool) -> None:
-        self.optimizer = make_optimizer(params, run)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    def step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-
-class _Means:
-    """Sample-weighted running means of named losses."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def add(self, size: int, **values: torch.Tensor | float) -> None:
-        self.count += size
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value) * size
-
-    def mean(self, name: str) -> float:
-        return self.sums.get(name, 0.0) / max(self.count, 1)
-
-
 class FedHelpObjective(ClientObjective):
     """Small hospital: surrogate with two heads; large hospital: asymmetric dual KD."""
 
@@ -429,44 +402,30 @@ class FedHelpObjective(ClientObjective):
             model.load_state_dict(site.load(LARGE_MODEL))
         return model
 
-    def batches(
-        self, split: Split, batch_size: int, generator: torch.Generator
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled batches, cycling, without end (callers stop at their budget)."""
-        loader = make_loader(split, batch_size, shuffle=True, generator=generator)
-        device = self.context.device
-        while True:
-            for inputs, labels in loader:
-                yield inputs.to(device), labels.to(device)
-
-    def budget(self) -> int:
-        batches = math.ceil(len(self.context.data.train) / self.run.batch_size)
-        return self.run.local_steps or self.run.local_epochs * batches
-
-    def use_amp(self) -> bool:
-        return self.run.amp and self.context.device.type == "cuda"
+    def loop(self) -> tuple[LocalLoop, OptimizerSettings]:
+        """The hospital's training loop and the run's optimiser, created afresh every round."""
+        return LocalLoop.for_run(self.run, self.context.device), OptimizerSettings.of(self.run)
 
     # ------------------------------------------------------------------ large hospitals
     def fit_large(self, received: State) -> LocalUpdate:
         """Asymmetric dual KD (3a forward KL, 3b CE + KL + beta * ranking); upload the proxy."""
-        opts, run, device = self.options, self.run, self.context.device
-        task_loss = task_of(run).loss
-        temperature, amp = opts.temperature, self.use_amp()
+        opts, device = self.options, self.context.device
+        task_loss = task_of(self.run).loss
+        temperature = opts.temperature
+        loop, settings = self.loop()
         proxy = self.build(received).to(device)
         large = self.large_model().to(device)
-        proxy_step = _Stepper(list(proxy.parameters()), run, amp)
-        large_step = _Stepper(list(large.parameters()), run, amp)
-        means, steps = _Means(), 0
-        started = _now()
-        batches = self.batches(self.context.data.train, run.batch_size, self.generator())
-        for _ in range(self.budget()):
-            x, y = next(batches)
+        proxy_step = loop.updater(proxy.parameters(), settings)
+        large_step = loop.updater(large.parameters(), settings)
+
+        def step(batch: tuple[Tensor, Tensor]) -> StepResult:
+            x, y = batch
             # 3a: forward KD, large -> proxy, with the large model frozen.
             large.eval()
             proxy.train()
-            with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+            with torch.no_grad(), loop.autocast():
                 teacher = class_log_probs(large(x), temperature)
-            with torch.autocast(device.type, enabled=amp):
+            with loop.autocast():
                 proxy_logits = proxy(x)
                 proxy_ce = task_loss(proxy_logits, y)
                 forward_kl = kl_divergence(
@@ -478,9 +437,9 @@ class FedHelpObjective(ClientObjective):
             # model's logits are recomputed with gradients and its CE uses them (FH-7).
             proxy.eval()
             large.train()
-            with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+            with torch.no_grad(), loop.autocast():
                 proxy_logits = proxy(x)
-            with torch.autocast(device.type, enabled=amp):
+            with loop.autocast():
                 large_logits = large(x)
                 large_ce = task_loss(large_logits, y)
                 backward_kl = kl_divergence(
@@ -495,31 +454,33 @@ class FedHelpObjective(ClientObjective):
                     large_ce + opts.backward_kd_weight * backward_kl + opts.rank_weight * rank
                 )
             large_step.step(large_loss)
-            means.add(
-                len(y),
-                proxy_loss=proxy_loss.detach(),
-                proxy_ce=proxy_ce.detach(),
-                forward_kl=forward_kl.detach(),
-                large_loss=large_loss.detach(),
-                large_ce=large_ce.detach(),
-                backward_kl=backward_kl.detach(),
-                rank=rank.detach(),
-            )
-            steps += 1
+            return len(y), {
+                "loss": proxy_loss,
+                "proxy_ce": proxy_ce,
+                "forward_kl": forward_kl,
+                "large_loss": large_loss,
+                "large_ce": large_ce,
+                "backward_kl": backward_kl,
+                "rank": rank,
+            }
+
+        batches, budget = loop.round_batches(self.context.data.train, self.run, self.generator())
+        stats = loop.run(budget, batches, step)
         saved = self.context.site.save(LARGE_MODEL, _cpu_state(large))  # FH-9: stays here
+        means = stats.means
         return LocalUpdate(
             _cpu_state(proxy),  # FH-1: the proxy is uploaded, never the large model
-            means.mean("proxy_loss"),
-            means.count,
-            _now() - started,
-            steps,
+            stats.loss,
+            stats.num_examples,
+            stats.seconds,
+            stats.steps,
             metrics={
-                "train_proxy_ce": means.mean("proxy_ce"),
-                "train_forward_kl": means.mean("forward_kl"),
-                "train_large_loss": means.mean("large_loss"),
-                "train_large_ce": means.mean("large_ce"),
-                "train_backward_kl": means.mean("backward_kl"),
-                "train_rank_loss": means.mean("rank"),
+                "train_proxy_ce": means["proxy_ce"],
+                "train_forward_kl": means["forward_kl"],
+                "train_large_loss": means["large_loss"],
+                "train_large_ce": means["large_ce"],
+                "train_backward_kl": means["backward_kl"],
+                "train_rank_loss": means["rank"],
             },
             info={
                 "fedhelp_role": "large",
@@ -625,9 +586,9 @@ class FedHelpObjective(ClientObjective):
         phi = model.to(device).train()
         private.to(device).train()
         public.to(device).train()
-        amp = self.use_amp()
-        private_step = _Stepper(list(phi.parameters()) + list(private.parameters()), run, amp)
-        public_step = _Stepper(list(phi.parameters()) + list(public.parameters()), run, amp)
+        loop, settings = self.loop()
+        private_step = loop.updater([*phi.parameters(), *private.parameters()], settings)
+        public_step = loop.updater([*phi.parameters(), *public.parameters()], settings)
         labels = shared.labels
         use_public_ce = opts.public_ce and labels is not None
         targets = temper_probabilities(shared.knowledge.probabilities, opts.temperature)
@@ -635,23 +596,24 @@ class FedHelpObjective(ClientObjective):
         # Public batches carry their row numbers, which index targets and labels.
         rows = Split(shared.inputs, torch.arange(len(shared.inputs)))
         hospital = self.context.hospital.hospital
-        public_batches = self.batches(
+        public_batches, _ = loop.batches(
             rows,
             opts.public_batch_size or run.batch_size,
             seeded_generator(run.seed, self.context.server_round, "fedhelp-public", hospital),
         )
-        private_batches = self.batches(self.context.data.train, run.batch_size, self.generator())
-        means, steps, started = _Means(), 0, _now()
-        for _ in range(self.budget()):
-            x, y = next(private_batches)
-            x_public, index = next(public_batches)
+        private_batches, budget = loop.round_batches(
+            self.context.data.train, run, self.generator()
+        )
+
+        def step(batch: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]) -> StepResult:
+            (x, y), (x_public, index) = batch
             index = index.cpu()
             # (i) private step on (phi, private head).
-            with torch.autocast(device.type, enabled=amp):
+            with loop.autocast():
                 private_loss = task_loss(private(phi(x)), y)
             private_step.step(private_loss)
             # (ii) public step on (phi, public head): KL to the stored probabilities (+ CE, FH-5).
-            with torch.autocast(device.type, enabled=amp):
+            with loop.autocast():
                 public_logits = public(phi(x_public))
                 public_kl = kl_divergence(
                     target_log[index].to(device),
@@ -665,14 +627,14 @@ class FedHelpObjective(ClientObjective):
                 )
                 public_loss = opts.public_weight * (public_kl + public_ce)
             public_step.step(public_loss)
-            means.add(
-                len(y),
-                total=private_loss.detach() + public_loss.detach(),
-                private=private_loss.detach(),
-                public_kl=public_kl.detach(),
-                public_ce=public_ce.detach(),
-            )
-            steps += 1
+            return len(y), {
+                "loss": private_loss.detach() + public_loss.detach(),
+                "private": private_loss,
+                "public_kl": public_kl,
+                "public_ce": public_ce,
+            }
+
+        stats = loop.run(budget, zip(private_batches, public_batches, strict=False), step)
         if opts.head_init != "fresh":
             self.context.site.save(
                 HEADS,
@@ -684,14 +646,14 @@ class FedHelpObjective(ClientObjective):
         set_module(phi, head_name, private)  # FH-6: the private head becomes the classifier
         return LocalUpdate(
             _cpu_state(phi),  # the public head never leaves the site
-            means.mean("total"),
-            means.count,
-            _now() - started,
-            steps,
+            stats.loss,
+            stats.num_examples,
+            stats.seconds,
+            stats.steps,
             metrics={
-                "train_private_loss": means.mean("private"),
-                "train_public_kl": means.mean("public_kl"),
-                "train_public_ce": means.mean("public_ce"),
+                "train_private_loss": stats.means["private"],
+                "train_public_kl": stats.means["public_kl"],
+                "train_public_ce": stats.means["public_ce"],
             },
             info={
                 "fedhelp_role": "small",
@@ -701,7 +663,6 @@ class FedHelpObjective(ClientObjective):
             },
         )
 
-
     def fit_small_private(self, received: State) -> LocalUpdate:
         """``knowledge = "none"``: the surrogate's private step alone, no public head.
 
@@ -710,44 +671,28 @@ class FedHelpObjective(ClientObjective):
         the global architecture, the large hospitals still run the dual distillation.
         """
         run, device = self.run, self.context.device
-        task_loss = task_of(run).loss
         model = self.build(received)
         head_name = find_head(model, head_prefix(run))
         private, _ = self.heads(get_module(model, head_name), run.num_classes)
         set_module(model, head_name, private)
-        model.to(device).train()
-        amp = self.use_amp()
-        step = _Stepper(list(model.parameters()), run, amp)
-        batches = self.batches(self.context.data.train, run.batch_size, self.generator())
-        means, steps, started = _Means(), 0, _now()
-        for _ in range(self.budget()):
-            x, y = next(batches)
-            with torch.autocast(device.type, enabled=amp):
-                loss = task_loss(model(x), y)
-            step.step(loss)
-            means.add(len(y), total=loss.detach())
-            steps += 1
+        stats = train_local(model, self.context.data.train, run, device, self.generator())
         if self.options.head_init != "fresh":
             self.context.site.save(
                 HEADS, {f"private.{k}": v for k, v in _cpu_state(private).items()}
             )
         return LocalUpdate(
             _cpu_state(model),
-            means.mean("total"),
-            means.count,
-            _now() - started,
-            steps,
-            metrics={"train_private_loss": means.mean("total")},
+            stats.loss,
+            stats.num_examples,
+            stats.seconds,
+            stats.steps,
+            metrics={"train_private_loss": stats.loss},
             info={"fedhelp_role": "small", "uploaded": "surrogate", "knowledge_source": "none"},
         )
 
 
 def _cpu_state(model: nn.Module) -> State:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _now() -> float:
-    return time.perf_counter()
 
 
 def check_run(run: RunConfig) -> None:

@@ -65,13 +65,13 @@ from flwr.app import ArrayRecord
 from flwr.common import log
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from fedclinic import models
 from fedclinic.config import HospitalConfig, RunConfig, Schema
 from fedclinic.data.base import Split
 from fedclinic.engine import TRAIN, Exchange, Reply, ServerAlgorithm, replies_to_numpy
 from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
-from fedclinic.models import MODELS, build_model
+from fedclinic.models import MODELS, dims_of
 from fedclinic.prior import (
     IMAGE_PRIORS,
     PRIOR_DIMS,
@@ -83,7 +83,12 @@ from fedclinic.prior import (
 )
 from fedclinic.rows import FedMASAggregationRow
 from fedclinic.serialization import State, file_sha256, numpy_to_record
-from fedclinic.training import make_loader, make_optimizer
+from fedclinic.training import (
+    LocalLoop,
+    OptimizerSettings,
+    StepResult,
+    make_loader,
+)
 from strategies.base import Algorithm, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 from strategies.fedmas_math import (
@@ -165,28 +170,19 @@ def check_run(run: RunConfig) -> None:
 
 # ------------------------------------------------------------------------------ the model
 
-BACKBONES = ("cnn", "resnet18", "resnet101", "densenet121", "logreg")
+#: run models with a backbone to cut out (the registry's ``backbone``)
+BACKBONES = tuple(name for name, spec in MODELS.items() if spec.backbone is not None)
 
 
 def build_backbone(run: RunConfig) -> tuple[nn.Module, int]:
-    """The run's architecture without its classification layer, and its feature size."""
-    if run.model == "logreg":  # tabular: the rows themselves are the features
-        return nn.Identity(), run.num_features
-    model: Any = build_model(run)
-    if run.model == "cnn":
-        return model.features, int(model.classifier.in_features)
-    if run.model in ("resnet18", "resnet101"):
-        dim = int(model.fc.in_features)
-        model.fc = nn.Identity()
-        return model, dim
-    if run.model == "densenet121":
-        dim = int(model.class_layers.out.in_features)
-        model.class_layers.out = nn.Identity()
-        return model, dim
-    raise ConfigError(
-        f"run config: key 'model' = {run.model!r} is not allowed for fedmas: expected one of "
-        f"{', '.join(BACKBONES)}"
-    )
+    """The run's architecture without its classification layer, and its feature size
+    (the logistic regression's is the identity: the rows are the features)."""
+    if run.model not in BACKBONES:
+        raise ConfigError(
+            f"run config: key 'model' = {run.model!r} is not allowed for fedmas: expected one "
+            f"of {', '.join(BACKBONES)}"
+        )
+    return models.build_backbone(run.model, dims_of(run))
 
 
 class FedMASNet(nn.Module):
@@ -304,44 +300,6 @@ def measure_divergence(
     return divergence.values()
 
 
-def optimizer_to_state(optimizer: torch.optim.Optimizer) -> State:
-    """The optimizer's per-parameter state as a flat tensor dict (for :class:`SiteState`)."""
-    saved = optimizer.state_dict()
-    flat: State = {
-        "meta.num_params": torch.tensor(sum(len(g["params"]) for g in saved["param_groups"]))
-    }
-    for index, values in saved["state"].items():
-        for name, value in values.items():
-            if value is None:
-                continue
-            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            flat[f"state.{index}.{name}"] = tensor.detach().cpu()
-    return flat
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, flat: State) -> bool:
-    """Load a state saved by :func:`optimizer_to_state`; False (nothing loaded) if it does not
-    fit this optimizer (another model or optimizer)."""
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if int(flat.get("meta.num_params", torch.tensor(-1))) != len(parameters):
-        return False
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in flat.items():
-        if not key.startswith("state."):
-            continue
-        _, index, name = key.split(".", 2)
-        position = int(index)
-        if position >= len(parameters):
-            return False
-        if value.ndim > 0 and value.shape != parameters[position].shape:
-            return False
-        state.setdefault(position, {})[name] = value
-    optimizer.load_state_dict(
-        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
-    )
-    return True
-
-
 class FedMASObjective(ClientObjective):
     """Measure (w), train with BSM + BSM + λ(2 − 2cos) while estimating ŵ, report RF."""
 
@@ -376,60 +334,46 @@ class FedMASObjective(ClientObjective):
         w = measure_divergence(model, prior, train, device, run.batch_size, counts)
 
         # Step 2, local training with state estimation.
-        optimizer = make_optimizer(list(model.parameters()), run)
+        loop = LocalLoop.for_run(run, device)
+        settings = OptimizerSettings.of(run)
+        updater = loop.updater(model.parameters(), settings, options.grad_clip_norm)
         site, state_name = self.context.site, f"{OPTIMIZER_STATE}_{run.optimizer}"
-        restored = (
+        restored = (  # the optimiser's state persists at the site across rounds
             options.persist_optimizer
             and site.has(state_name)
-            and restore_optimizer(optimizer, site.load(state_name))
+            and updater.restore(site.load(state_name))
         )
         log_prior = class_log_prior(torch.tensor(counts)).to(device)
         w_hat = ClassDivergence(counts)
-        loader = DataLoader(
-            TensorDataset(train.inputs, train.labels),
-            batch_size=run.batch_size,
-            shuffle=True,
-            generator=self.generator(),
+
+        def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+            inputs, labels = batch
+            with loop.autocast():
+                logits, projection, aux_logits = model.heads(inputs)
+                features = prior(inputs)
+            if options.local_loss == "bsm":
+                task = balanced_softmax_loss(logits, labels, log_prior)
+                aux = balanced_softmax_loss(aux_logits, labels, log_prior)
+            else:
+                task = F.cross_entropy(logits.float(), labels)
+                aux = F.cross_entropy(aux_logits.float(), labels)
+            divergence = alignment_loss(projection, features)
+            loss = task + aux + options.align_weight * divergence.mean()
+            w_hat.add(divergence, labels)  # before the step, in train mode
+            updater.step(loss)
+            align = divergence.mean()
+            return len(labels), {"loss": loss, "task": task, "aux": aux, "align": align}
+
+        batches, budget = loop.round_batches(
+            train,
+            run,
+            self.generator(),
             drop_last=len(train) > run.batch_size,  # no batch of 1 for the projector's BatchNorm
         )
-        budget = run.local_steps or run.local_epochs * len(loader)
-        use_amp = run.amp and device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-        sums = {"loss": 0.0, "task": 0.0, "aux": 0.0, "align": 0.0}
-        seen, steps = 0, 0
         model.train()
-        while steps < budget:
-            for inputs, labels in loader:
-                inputs, labels = inputs.to(device), labels.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, enabled=use_amp):
-                    logits, projection, aux_logits = model.heads(inputs)
-                    features = prior(inputs)
-                if options.local_loss == "bsm":
-                    task = balanced_softmax_loss(logits, labels, log_prior)
-                    aux = balanced_softmax_loss(aux_logits, labels, log_prior)
-                else:
-                    task = F.cross_entropy(logits.float(), labels)
-                    aux = F.cross_entropy(aux_logits.float(), labels)
-                divergence = alignment_loss(projection, features)
-                loss = task + aux + options.align_weight * divergence.mean()
-                w_hat.add(divergence, labels)
-                scaler.scale(loss).backward()
-                if options.grad_clip_norm > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                n = len(labels)
-                for key, value in (("loss", loss), ("task", task), ("aux", aux)):
-                    sums[key] += float(value.detach()) * n
-                sums["align"] += float(divergence.detach().sum())
-                seen += n
-                steps += 1
-                if steps >= budget:
-                    break
+        stats = loop.run(budget, batches, step)
         if options.persist_optimizer:
-            site.save(state_name, optimizer_to_state(optimizer))
+            site.save(state_name, updater.state())
 
         # Step 3, the robust factor.
         rf = robust_factor(w, w_hat.values(), inverse=options.aggregation == "mas_inv")
@@ -437,17 +381,17 @@ class FedMASObjective(ClientObjective):
             "mas_rf": rf,
             "mas_w": w,
             "mas_w_hat": w_hat.values(),
-            "train_task_loss": sums["task"] / max(seen, 1),
-            "train_aux_loss": sums["aux"] / max(seen, 1),
-            "train_align_loss": sums["align"] / max(seen, 1),
+            "train_task_loss": stats.means["task"],
+            "train_aux_loss": stats.means["aux"],
+            "train_align_loss": stats.means["align"],
             "train_optimizer_restored": float(bool(restored)),
         }
         return LocalUpdate(
             {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            sums["loss"] / max(seen, 1),
-            seen,
+            stats.loss,
+            stats.num_examples,
             time.perf_counter() - started,
-            steps,
+            stats.steps,
             metrics=metrics,
             info=prior_info,
         )

@@ -1,4 +1,4 @@
-"""Fed-MAS mathematics (ALGORITHMS.md 3.4): losses, class-wise divergence, robust factor, weights.
+"""Fed-MAS mathematics (docs/fedmas.md): losses, class-wise divergence, robust factor, weights.
 
 Kept apart from the Flower plumbing so that each formula can be checked against a hand
 computation:

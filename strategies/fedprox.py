@@ -1,4 +1,4 @@
-"""FedProx (ALGORITHMS.md section 4): FedAvg with a proximal term in the local objective.
+"""FedProx (Li et al., arXiv 1812.06127): FedAvg with a proximal term in the local objective.
 
 Local objective ``f_k(w_k) + (mu/2) * ||w_k - w||^2`` where ``w`` is the global model the
 hospital received this round; the sum runs over trainable parameters (not BatchNorm

@@ -1,4 +1,4 @@
-"""pFedNet maths (ALGORITHMS.md section 2): similarity graph, server ADMM, update compression.
+"""pFedNet maths (arXiv 2306.14483): similarity graph, server ADMM, update compression.
 
 Kept apart from :mod:`strategies.pfednet` so that every formula can be checked against an
 independent solver without Flower in the way. Numpy float64 for the server's small problems
@@ -126,7 +126,7 @@ def admm_personal_step(
     """Solve ``min_Z (1/N)<G,Z> + lam sum_m ||Z q_m|| + (1/2 eta)||Z - Z_t||^2`` by ADMM.
 
     ``z_t`` and ``g`` are ``(d2, N)``: one column per hospital. Splitting W = ZQ with the
-    deep code's updates (ALGORITHMS.md 2.4, step 3), W and Omega starting at zero:
+    deep code's updates (docs/pfednet.md), W and Omega starting at zero:
 
     - Z <- (Z_t + eta (Omega Q^T - G/N + rho W Q^T)) (I + eta rho QQ^T)^-1
     - W_m <- group soft threshold of u_m = Z q_m - Omega_m / rho at lam / rho

@@ -20,6 +20,7 @@ from fedclinic.models import build_model
 from fedclinic.results import ResultsWriter
 from fedclinic.serialization import numpy_to_record, record_to_state, state_to_record
 from fedclinic.site import SiteState
+from fedclinic.training import make_loader
 from strategies import load_run_config
 from strategies.base import ClientContext
 from strategies.fedhelp import (
@@ -248,8 +249,10 @@ def test_without_public_data_the_small_hospital_trains_on_its_own_data_only(
     by_hand = build_model(run)
     by_hand.load_state_dict(received)
     optimizer = torch.optim.Adam(by_hand.parameters(), lr=run.learning_rate)
-    batches = objective.batches(objective.context.data.train, run.batch_size, objective.generator())
-    for _ in range(run.local_steps):
+    train = objective.context.data.train
+    loader = make_loader(train, run.batch_size, shuffle=True, generator=objective.generator())
+    batches = iter(loader)
+    for _ in range(run.local_steps):  # within the first pass over the data
         x, y = next(batches)
         loss = nn.functional.cross_entropy(by_hand(x), y)
         optimizer.zero_grad()

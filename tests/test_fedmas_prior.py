@@ -21,6 +21,7 @@ from fedclinic.prior import (
     load_prior,
     prior_content_sha256,
     read_prior_file,
+    synthetic_images,
     train_moco,
 )
 from fedclinic.serialization import file_sha256
@@ -217,8 +218,6 @@ def test_prior_train_command_on_synthetic_images(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``prior train`` on an .npz of the synthetic generator's images, then ``prior hash``."""
-    from fedclinic.prior import synthetic_images
-
     images = synthetic_images(40, 1, 28, seed=0)
     assert images.shape[1:] == (1, 28, 28)
     npz = tmp_path / "public.npz"

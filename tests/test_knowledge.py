@@ -15,6 +15,7 @@ from fedclinic.errors import ConfigError, DataError, IntegrityError
 from fedclinic.knowledge import (
     add_parser,
     build_knowledge,
+    build_network,
     load_shared_knowledge,
     public_inputs,
     read_knowledge,
@@ -90,8 +91,6 @@ def test_torchscript_model_file(
 
 
 def test_state_dict_with_architecture(public: Path, tmp_path: Path) -> None:
-    from fedclinic.knowledge import build_network
-
     torch.manual_seed(5)
     network = build_network("cnn", 3, (1, 28, 28)).eval()
     torch.save(network.state_dict(), tmp_path / "weights.pt")

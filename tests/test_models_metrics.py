@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from fedclinic.config import RunConfig
+from fedclinic.errors import ConfigError
 from fedclinic.metrics import class_probabilities, classification_loss, classification_metrics
-from fedclinic.models import MODELS, build_model, head_prefix, personal_prefixes
+from fedclinic.models import (
+    MODELS,
+    REGISTRY,
+    ModelDims,
+    build,
+    build_backbone,
+    build_model,
+    head_prefix,
+    personal_prefixes,
+)
 from fedclinic.training import select_device
 
 
@@ -24,6 +34,31 @@ def test_every_model_builds_and_has_its_head(name: str) -> None:
     model.eval()
     assert model(inputs).shape == (2, 3)
     assert any(k.startswith(head_prefix(run)) for k in model.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n not in MODELS))
+def test_tool_networks_build_from_plain_values(name: str) -> None:
+    """FedHelp's large networks and Fed-MAS's encoders come from the same registry, built from
+    plain values; an encoder returns its ``feature_dim`` values, a classifier one per class."""
+    spec = REGISTRY[name]
+    dims = ModelDims(num_classes=3, in_channels=1, image_size=28, num_features=13)
+    model = build(name, dims, seed=0).eval()
+    inputs = torch.randn(2, 13) if spec.tabular else torch.randn(2, 1, 28, 28)
+    outputs = spec.feature_dim if spec.task == "encoder" else 3
+    assert model(inputs).shape == (2, outputs)
+    assert not spec.run_model and (spec.task == "encoder") == (spec.head_prefix == "")
+
+
+@pytest.mark.parametrize("name", ["cnn", "logreg", "resnet18"])
+def test_backbones_output_their_feature_size(name: str) -> None:
+    dims = ModelDims(num_classes=3, in_channels=1, image_size=28, num_features=13)
+    backbone, size = build_backbone(name, dims)
+    inputs = torch.randn(2, 13) if name == "logreg" else torch.randn(2, 1, 28, 28)
+    assert backbone.eval()(inputs).flatten(1).shape == (2, size)
+    with pytest.raises(ConfigError, match="'unet' has no backbone"):
+        build_backbone("unet", dims)
+    with pytest.raises(ConfigError, match="'nope' is unknown"):
+        build("nope", dims)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
