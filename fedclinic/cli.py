@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedclinic import checkpoint, hospital
+from fedclinic import checkpoint, coordinator, hospital
 from fedclinic.config import RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.local.configs import (
@@ -369,6 +369,9 @@ register(Subcommand("certs", "create CA, coordinator certificate, hospital keys"
                     _configure_certs, run_certs))  # fmt: skip
 register(Subcommand("hospital", "run this hospital's node: join a coordinator (SuperNode)",
                     hospital.configure, hospital.run_hospital))  # fmt: skip
+
+
+register_parser_hook(coordinator.add_parser)  # fedclinic coordinator: the SuperLink
 
 
 @register_parser_hook

@@ -6,7 +6,8 @@ config, the consortium CA and the hospital's private key, and makes its failures
 1. the inputs are checked before anything starts (hospital config, CA certificate, private
    key, data path): a mistake is one ``error:`` line and exit 2;
 2. flower-supernode runs under a :class:`ProcessSupervisor`, its log streamed to stdout;
-   SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the node offline at once;
+   SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the node offline at once
+   (SIGTERM, ``docker stop``, then ends with exit 0 when the node left in time);
 3. when the coordinator refuses the key (Flower 2004) it tries again, a bounded number of
    times: a node that was killed hard stays "online" at the coordinator for up to a minute,
    and the operator may be registering the key right now;
@@ -19,6 +20,7 @@ config, the consortium CA and the hospital's private key, and makes its failures
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -41,6 +43,7 @@ from fedclinic.local.supervisor import ProcessSupervisor, tail_file
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9099"
+STOP_GRACE_SECONDS = 7.0  # SIGTERM -> SIGKILL for the SuperNode, under Docker's 10 s
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -174,16 +177,15 @@ def _echo(path: Path, offset: int) -> int:
     return offset + len(chunk)
 
 
-def run_supernode(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+def run_supernode(
+    command: list[str], env: dict[str, str], supervisor: ProcessSupervisor
+) -> tuple[int, str]:
     """Run one SuperNode until it exits; its status and the tail of its log.
 
     The supervisor stops it (SIGTERM to its process group, so Flower deactivates the node)
     and sweeps its SuperExec and ClientApps also when :class:`Interrupted` unwinds.
     """
-    with (
-        tempfile.TemporaryDirectory(prefix="fedclinic-hospital-") as tmp,
-        ProcessSupervisor() as supervisor,
-    ):
+    with tempfile.TemporaryDirectory(prefix="fedclinic-hospital-") as tmp, supervisor:
         log_path = Path(tmp) / "supernode.log"
         process = supervisor.start("supernode", command, log_path, env=env)
         offset = 0
@@ -223,6 +225,8 @@ def run_hospital(args: argparse.Namespace) -> int:
         health_address=args.health_server_address,
     )
     env = flower_environment(bin_dir)
+    # a stop (docker stop: SIGTERM, then SIGKILL after 10 s) leaves time to deregister
+    supervisor = ProcessSupervisor(grace_seconds=STOP_GRACE_SECONDS)
     with signals_as_exceptions():
         try:
             for attempt in range(1, args.attempts + 1):
@@ -231,7 +235,7 @@ def run_hospital(args: argparse.Namespace) -> int:
                     f"(attempt {attempt}/{args.attempts})",
                     file=sys.stderr, flush=True,
                 )  # fmt: skip
-                status, log = run_supernode(command, env)
+                status, log = run_supernode(command, env, supervisor)
                 if status == 0:
                     return EXIT_OK
                 found = diagnose(log, args.superlink, args.ca)
@@ -250,6 +254,10 @@ def run_hospital(args: argparse.Namespace) -> int:
                     _error(f"hospital {spec.name}: {found.message}")
                 return EXIT_FAILED
         except Interrupted as stop:
+            # SIGTERM is how a container is stopped: a clean stop when the node left in time
+            clean = stop.signum == signal.SIGTERM and not any(
+                p.forced for p in supervisor.processes
+            )
             print(f"fedclinic hospital {spec.name}: stopped ({stop})", file=sys.stderr)
-            return 128 + stop.signum
+            return EXIT_OK if clean else 128 + stop.signum
     return EXIT_FAILED  # pragma: no cover - the loop always returns
