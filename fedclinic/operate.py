@@ -18,9 +18,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedclinic.appdir import default_app_dir
 from fedclinic.errors import ConfigError, FedClinicError
+from fedclinic.flower import flower_bin_dir, flower_environment
 from fedclinic.local.configs import resolve_run_config, write_flat_toml
-from fedclinic.local.federation import flower_bin_dir, flower_environment
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError
 from fedclinic.local.follow import RunFollower
 from fedclinic.local.supervisor import ProcessSupervisor
@@ -85,15 +86,20 @@ def run_register(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    """Validate the run config, submit it, follow it to its final status."""
+    """Validate the run config, submit it, follow it to its final status.
+
+    Without ``--app-dir`` the FAB is built from this checkout, or, on a normal install (the
+    coordinator image), from the installed packages (:func:`fedclinic.appdir.default_app_dir`).
+    """
     console = Console()
-    try:
-        app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
-    except FedClinicError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_CONFIG
-    output_dir = Path(run.output_dir or "runs")
     with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
+        try:
+            app_dir = args.app_dir or default_app_dir(Path(home) / "app")
+            app_dir, merged, run = resolve_run_config(app_dir, args.run_config, args.set)
+        except FedClinicError as err:
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return EXIT_CONFIG
+        output_dir = Path(run.output_dir or "runs")
         try:
             cli = _cli(args, supervisor, Path(home))
             run_toml = Path(home) / "run.toml"
@@ -132,6 +138,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting"
     )
-    submit.add_argument("--app-dir", type=Path, default=None, help="the Flower app project")
+    submit.add_argument(
+        "--app-dir", type=Path, default=None, metavar="DIR",
+        help="the Flower app project (default: this checkout, or the installed fedclinic)",
+    )  # fmt: skip
     submit.add_argument("--timeout", type=float, default=24 * 3600.0, metavar="S")
     submit.set_defaults(handler=run_submit)
