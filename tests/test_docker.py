@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -223,3 +224,24 @@ def test_health_probe_against_a_real_grpc_health_service() -> None:
         server.stop(None)
     healthy, reason = probe(f"127.0.0.1:{port}", timeout=1.0)
     assert healthy is False and "unreachable" in reason
+
+
+def test_the_ci_guide_runs_what_make_compose_test_runs() -> None:
+    """docs/operators.md's CI commands are the ones `make compose-test` runs, in that order
+    (the test may add flags and variables, never other commands)."""
+    guide = (ROOT / "docs" / "operators.md").read_text().split("\n## CI\n", 1)[1]
+    block = guide.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["make", "wheelhouse"], ["make", "images"],
+                                         ["docker", "compose"], ["docker", "compose"]]  # fmt: skip
+    script = (ROOT / ".ci" / "compose-test").read_text().replace("$DOCKER", "docker")
+    lines = [line.split() for line in re.sub(r"\\\n", " ", script).splitlines()]
+    position = 0
+    for command in commands:
+        for index, words in enumerate(lines[position:], position):
+            remaining = iter(words)
+            if all(word in remaining for word in command):  # an ordered subsequence
+                position = index + 1
+                break
+        else:
+            pytest.fail(f"`{' '.join(command)}` is not run by .ci/compose-test (line {position}+)")
