@@ -83,6 +83,26 @@ def has_wheels(folder: Path | None) -> bool:
     return folder is not None and folder.is_dir() and any(folder.glob("*.whl"))
 
 
+def check_wheelhouse_torch(wheels: Path, variant: str) -> None:
+    """The wheelhouse's torch must suit the variant: a CUDA image from CPU-only wheels is an
+    error; a CPU image from PyPI's CUDA torch is the said fallback."""
+    builds = {path.name.split("-")[1] for path in wheels.glob("torch-*.whl")}
+    if not builds:
+        return
+    if variant == "cuda" and all(build.endswith("+cpu") for build in builds):
+        raise DepsError(
+            f"the wheelhouse '{wheels}' holds CPU-only torch ({', '.join(sorted(builds))}): "
+            "make a CUDA one with 'make wheelhouse TORCH_VARIANT=cuda'"
+        )
+    if variant == "cpu" and not any(build.endswith("+cpu") for build in builds):
+        print(
+            f"note: the wheelhouse holds PyPI's torch ({', '.join(sorted(builds))}), which "
+            "bundles the CUDA libraries: it was made where the PyTorch CPU index did not answer",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def download_command(
     python: str, requirements: Sequence[str], dest: Path, index_args: Sequence[str]
 ) -> list[str]:
@@ -129,6 +149,7 @@ def cmd_install(args: argparse.Namespace) -> None:
     if has_wheels(args.wheels):
         print(f"offline: installing from the wheelhouse ({args.wheels}), no index",
               file=sys.stderr, flush=True)  # fmt: skip
+        check_wheelhouse_torch(args.wheels, args.torch)
         index_args: list[str] = []
     elif args.require_wheels:
         raise DepsError(f"no wheels in '{args.wheels}': run 'make wheelhouse' first")

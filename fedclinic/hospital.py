@@ -7,7 +7,8 @@ config, the consortium CA and the hospital's private key, and makes its failures
    key, data path): a mistake is one ``error:`` line and exit 2;
 2. flower-supernode runs under a :class:`ProcessSupervisor`, its log streamed to stdout;
    SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the node offline at once
-   (SIGTERM, ``docker stop``, then ends with exit 0 when the node left in time);
+   (SIGTERM, ``docker stop``, then ends with exit 0 when the node left within
+   ``--stop-timeout``);
 3. when the coordinator refuses the key (Flower 2004) it tries again, a bounded number of
    times: a node that was killed hard stays "online" at the coordinator for up to a minute,
    and the operator may be registering the key right now;
@@ -43,7 +44,7 @@ from fedclinic.local.supervisor import ProcessSupervisor, tail_file
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 DEFAULT_HEALTH_ADDRESS = "127.0.0.1:9099"
-STOP_GRACE_SECONDS = 7.0  # SIGTERM -> SIGKILL for the SuperNode, under Docker's 10 s
+STOP_GRACE_SECONDS = 7.0  # SIGTERM -> SIGKILL for the SuperNode, under Docker's default 10 s
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +83,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry-wait", type=float, default=20.0, metavar="S", help="pause between attempts"
     )
+    parser.add_argument(
+        "--stop-timeout", type=float, default=STOP_GRACE_SECONDS, metavar="S",
+        help="on SIGTERM, how long the SuperNode may take to leave before it is killed; keep "
+        "it under the container's stop timeout (docker: 10 s) (default: %(default)s)",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- 1. inputs
@@ -157,6 +163,8 @@ def check_inputs(args: argparse.Namespace) -> HospitalSpec:
         raise ConfigError(
             "--attempts must be >= 1, --retry-wait >= 0 and --connect-timeout > 0 seconds"
         )
+    if not 0 < args.stop_timeout < 3600:
+        raise ConfigError(f"--stop-timeout = {args.stop_timeout}: expected seconds in (0, 3600)")
     return spec
 
 
@@ -226,7 +234,7 @@ def run_hospital(args: argparse.Namespace) -> int:
     )
     env = flower_environment(bin_dir)
     # a stop (docker stop: SIGTERM, then SIGKILL after 10 s) leaves time to deregister
-    supervisor = ProcessSupervisor(grace_seconds=STOP_GRACE_SECONDS)
+    supervisor = ProcessSupervisor(grace_seconds=args.stop_timeout)
     with signals_as_exceptions():
         try:
             for attempt in range(1, args.attempts + 1):

@@ -117,12 +117,16 @@ def test_hospital_commands_parse_and_match_the_health_check() -> None:
     arguments, and its HEALTHCHECK asks the health service the launcher starts."""
     hospital = image("hospital")
     assert hospital["entrypoint"] == ["fedclinic", "hospital"]
-    commands = [hospital["cmd"]]
-    commands += [s["command"] for n, s in compose()["services"].items() if n.startswith("hosp")]
-    for command in commands:
+    # each with the container's stop timeout (docker stop's default: 10 s)
+    commands = [(hospital["cmd"], "10s")]
+    commands += [(s["command"], s["stop_grace_period"])
+                 for n, s in compose()["services"].items() if n.startswith("hosp")]  # fmt: skip
+    for command, grace in commands:
         args = build_parser().parse_args(["hospital", *command])
         assert args.health_server_address == DEFAULT_HEALTH_ADDRESS
         assert args.superlink == "coordinator:9092"
+        # the SuperNode gets its time to leave before the container is killed
+        assert args.stop_timeout < int(grace.rstrip("s")), (command, grace)
     assert hospital["healthcheck"][-1] == DEFAULT_HEALTH_ADDRESS
 
 

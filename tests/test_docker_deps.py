@@ -119,3 +119,22 @@ def test_download_takes_wheels_only() -> None:
     assert command[:4] == ["py", "-m", "pip", "download"]
     assert command[command.index("--only-binary") + 1] == ":all:"
     assert command[-1] == "torch==2.14.1"
+
+
+def test_the_wheelhouse_torch_must_suit_the_variant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cpu = tmp_path / "cpu"
+    cpu.mkdir()
+    (cpu / "torch-2.14.1+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    deps.check_wheelhouse_torch(cpu, "cpu")
+    with pytest.raises(deps.DepsError, match=r"CPU-only torch \(2\.14\.1\+cpu\)"):
+        deps.check_wheelhouse_torch(cpu, "cuda")
+    pypi = tmp_path / "pypi"
+    pypi.mkdir()
+    (pypi / "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    deps.check_wheelhouse_torch(pypi, "cuda")
+    assert capsys.readouterr().err == ""
+    deps.check_wheelhouse_torch(pypi, "cpu")
+    err = capsys.readouterr().err
+    assert "holds PyPI's torch (2.14.1), which bundles the CUDA libraries" in err
