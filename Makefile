@@ -4,7 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+# Images (docs/operators.md): `make wheelhouse` on a machine that reaches PyPI, then
+# `make images` (offline when wheelhouse/ holds wheels). BuildKit is required.
+DOCKER ?= docker
+IMAGE_VERSION ?= 0.1.0
+TORCH_VARIANT ?= cpu
+WHEELHOUSE ?= wheelhouse
+# a base image other than the Dockerfile's pinned python:3.11 (e.g. one made without a registry)
+BASE_IMAGE ?=
+# extra `docker build` flags, e.g. --network=none for a build that must not reach anything
+DOCKER_BUILD_FLAGS ?=
+BUILD_ARGS := $(if $(BASE_IMAGE),--build-arg PYTHON_IMAGE=$(BASE_IMAGE)) $(DOCKER_BUILD_FLAGS)
+
+.PHONY: install demo test lint clean wheelhouse images compose-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +35,24 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -n 4 --dist load --maxschedchunk 1 --durations=20
+
+# The project's pins as wheels (CPU torch where the PyTorch CPU index answers), for a Python 3.11
+# on x86_64 Linux like the images'. `make images` builds from wheelhouse/ (the build context).
+wheelhouse:
+	$(PYTHON) docker/deps.py download --dest $(WHEELHOUSE) --torch $(TORCH_VARIANT)
+
+# The coordinator (always CPU torch) and the hospital ($(TORCH_VARIANT) torch) images.
+images:
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile --target coordinator \
+		-t fedclinic/coordinator:$(IMAGE_VERSION) $(BUILD_ARGS) .
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile --target hospital \
+		--build-arg TORCH_VARIANT=$(TORCH_VARIANT) \
+		-t fedclinic/hospital:$(IMAGE_VERSION)-$(TORCH_VARIANT) $(BUILD_ARGS) .
+
+# Both images built offline and the compose federation run on a real Docker engine (root;
+# installs and starts its own engine where none runs; caches in $FEDCLINIC_CACHE).
+compose-test: $(STAMP)
+	.ci/compose-test
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -15,7 +15,8 @@ answer at once, without importing torch.
 
 Exit codes: 0 success; 1 the run or the federation failed; 2 a configuration error (one
 line ``error: ...``, nothing started); 130/143 interrupted by Ctrl-C/SIGTERM (every process
-stopped). Every handler raises instead of printing: :func:`main` turns a
+stopped; ``hospital`` and ``coordinator`` exit 0 on a SIGTERM their Flower process obeyed in
+time). Every handler raises instead of printing: :func:`main` turns a
 :class:`~fedclinic.errors.ConfigError` into exit 2, any other
 :class:`~fedclinic.errors.FedClinicError` or :class:`OSError` into exit 1, each as one line.
 """
@@ -32,7 +33,11 @@ from typing import Any
 
 from fedclinic import __version__
 from fedclinic.errors import ConfigError, FedClinicError, Interrupted
-from fedclinic.local.supernode import DEFAULT_HEALTH_ADDRESS, DEFAULT_RUNTIME_PORT
+from fedclinic.local.supernode import (
+    DEFAULT_HEALTH_ADDRESS,
+    DEFAULT_RUNTIME_PORT,
+    STOP_GRACE_SECONDS,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -210,6 +215,11 @@ def _hospital_parser(subparsers: Any) -> None:
         "--retry-wait", type=float, default=20.0, metavar="S",
         help="pause between attempts, in seconds",
     )  # fmt: skip
+    parser.add_argument(
+        "--stop-timeout", type=float, default=STOP_GRACE_SECONDS, metavar="S",
+        help="on SIGTERM, how long the SuperNode may take to leave before it is killed; keep "
+        "it under the container's stop timeout (docker: 10 s)",
+    )  # fmt: skip
     parser.set_defaults(handler="fedclinic.hospital:run_hospital")
 
 
@@ -243,8 +253,11 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         "quality benchmarks on real medical data and their report", "fedclinic.bench:add_parser"
     ),
-    # one line per command from another module, e.g. (fedclinic coordinator):
-    # "coordinator": Command("...", "fedclinic.coordinator:configure", "fedclinic.coordinator:run"),
+    "coordinator": Command(
+        "run the coordinator: the SuperLink with TLS and hospital authentication",
+        "fedclinic.coordinator:configure",
+        "fedclinic.coordinator:run_coordinator",
+    ),
 }
 
 

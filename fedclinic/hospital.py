@@ -8,7 +8,9 @@ config, the consortium CA and the hospital's private key, and makes its failures
    and exit 2; ``--ca/--key/--config`` default to the image's mount points only inside a
    container; the state dir is locked while the node runs (a second node on it is refused);
 2. flower-supernode runs under a :class:`ProcessSupervisor`, its log streamed to stdout;
-   SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the node offline at once;
+   SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the node offline at once
+   (SIGTERM, ``docker stop``, then ends with exit 0 when the node left within
+   ``--stop-timeout``);
 3. when the coordinator refuses the key (Flower 2004) it tries again, a bounded number of
    times: a node that was killed hard stays "online" at the coordinator for up to a minute,
    and the operator may be registering the key right now;
@@ -27,6 +29,7 @@ import argparse
 import datetime as dt
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -193,6 +196,8 @@ def check_inputs(args: argparse.Namespace) -> HospitalSpec:
         raise ConfigError(
             "--attempts must be >= 1, --retry-wait >= 0 and --connect-timeout > 0 seconds"
         )
+    if not 0 < args.stop_timeout < 3600:
+        raise ConfigError(f"--stop-timeout = {args.stop_timeout}: expected seconds in (0, 3600)")
     return spec
 
 
@@ -223,7 +228,10 @@ def say(name: str, message: str) -> None:
 
 
 def run_supernode(
-    command: list[str], env: dict[str, str], joined: Callable[[str], None] = lambda node: None
+    command: list[str],
+    env: dict[str, str],
+    supervisor: ProcessSupervisor,
+    joined: Callable[[str], None] = lambda node: None,
 ) -> tuple[int, str]:
     """Run one SuperNode until it exits; its status and the tail of its log.
 
@@ -232,10 +240,7 @@ def run_supernode(
     stops it (SIGTERM to its process group, so Flower deactivates the node) and sweeps its
     SuperExec and ClientApps also when :class:`Interrupted` unwinds.
     """
-    with (
-        tempfile.TemporaryDirectory(prefix="fedclinic-hospital-") as tmp,
-        ProcessSupervisor() as supervisor,
-    ):
+    with tempfile.TemporaryDirectory(prefix="fedclinic-hospital-") as tmp, supervisor:
         log_path = Path(tmp) / "supernode.log"
         process = supervisor.start("supernode", command, log_path, env=env)
         offset, node = 0, ""
@@ -297,6 +302,8 @@ def run_hospital(args: argparse.Namespace) -> int:
         if joined:
             say(name, f"left the coordinator at {args.superlink} ({reason})")
 
+    # a stop (docker stop: SIGTERM, then SIGKILL after 10 s) leaves time to deregister
+    supervisor = ProcessSupervisor(grace_seconds=args.stop_timeout)
     with (
         state_dir_lock(state_dir, f"hospital {name}"),
         signals_as_exceptions(),
@@ -305,7 +312,7 @@ def run_hospital(args: argparse.Namespace) -> int:
             for attempt in range(1, args.attempts + 1):
                 say(name, f"joining {args.superlink} (attempt {attempt}/{args.attempts})")
                 joined.clear()
-                status, log = run_supernode(command, env, on_join)
+                status, log = run_supernode(command, env, supervisor, on_join)
                 if status == 0:
                     left("the node stopped")
                     return EXIT_OK
@@ -324,5 +331,9 @@ def run_hospital(args: argparse.Namespace) -> int:
         except Interrupted as stop:
             left(f"stopped by {stop}")
             say(name, f"stopped ({stop})")
-            return 128 + stop.signum
+            # SIGTERM is how a container is stopped: a clean stop when the node left in time
+            clean = stop.signum == signal.SIGTERM and not any(
+                p.forced for p in supervisor.processes
+            )
+            return EXIT_OK if clean else 128 + stop.signum
     return EXIT_FAILED  # pragma: no cover - the loop always returns

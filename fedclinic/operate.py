@@ -17,9 +17,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedclinic.appdir import default_app_dir
 from fedclinic.errors import ConfigError
+from fedclinic.flower import flower_bin_dir, flower_environment
 from fedclinic.local.configs import resolve_run_config, write_flat_toml
-from fedclinic.local.federation import flower_bin_dir, flower_environment
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError
 from fedclinic.local.follow import RunFollower
 from fedclinic.local.supervisor import ProcessSupervisor
@@ -80,11 +81,16 @@ def run_register(args: argparse.Namespace) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    """Validate the run config, submit it, follow it to its final status."""
+    """Validate the run config, submit it, follow it to its final status.
+
+    Without ``--app-dir`` the FAB is built from this checkout, or, on a normal install (the
+    coordinator image), from the installed packages (:func:`fedclinic.appdir.default_app_dir`).
+    """
     console = Console()
-    app_dir, merged, run = resolve_run_config(args.app_dir, args.run_config, args.set)
-    output_dir = Path(run.output_dir or "runs")
     with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
+        app_dir = args.app_dir or default_app_dir(Path(home) / "app")
+        app_dir, merged, run = resolve_run_config(app_dir, args.run_config, args.set)
+        output_dir = Path(run.output_dir or "runs")
         cli = _cli(args, supervisor, Path(home))
         run_toml = Path(home) / "run.toml"
         write_flat_toml(run_toml, merged)
@@ -119,7 +125,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting"
     )
-    submit.add_argument("--app-dir", type=Path, default=None, help="the Flower app project")
+    submit.add_argument(
+        "--app-dir", type=Path, default=None, metavar="DIR",
+        help="the Flower app project (default: this checkout, or the installed fedclinic)",
+    )  # fmt: skip
     submit.add_argument(
         "--timeout", type=float, default=24 * 3600.0, metavar="S",
         help="how long to follow the run before stopping it, in seconds",

@@ -2,13 +2,13 @@
 
 Each service runs what its container would run: the compose ``entrypoint``/``command``, or
 else its image's ``ENTRYPOINT``/``CMD``, with the image's ``ENV`` and working directory,
-read from the service's Dockerfile. Container paths become folders of this test: named
-volumes and bind mounts (from the service's ``volumes``) and ``/app`` (the image's code:
-this checkout). Every service gets its own network namespace with one address on a private
-bridge (10.231.0.0/24, no address in the root namespace, so traffic stays between these
-namespaces), and services dial each other by IP where compose would use the service name:
-the certificate step adds that IP as a SAN, and the test checks that the certificate also
-carries the ``coordinator`` DNS name hospitals dial inside compose.
+read from the service's Dockerfile target (tests/dockerfiles.py). Container paths become
+folders of this test: named volumes and bind mounts (from the service's ``volumes``) and the
+image's working directory (this checkout). Every service gets its own network namespace with
+one address on a private bridge (10.231.0.0/24, no address in the root namespace, so traffic
+stays between these namespaces), and services dial each other by IP where compose would use
+the service name: the certificate step adds that IP as a SAN, and the test checks that the
+certificate also carries the ``coordinator`` DNS name hospitals dial inside compose.
 
 Services start in ``depends_on`` order and wait for the condition compose would wait for
 (completed successfully / healthy via the image's HEALTHCHECK / started). The federation is
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from dockerfiles import image
 
 from fedclinic.local.configs import write_flat_toml
 from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor
@@ -154,23 +154,6 @@ class Topology:
 # ---------------------------------------------------------------------------- images
 
 
-def dockerfile(path: Path) -> dict[str, Any]:
-    """ENTRYPOINT, CMD, ENV, WORKDIR and the HEALTHCHECK command of a Dockerfile."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    image: dict[str, Any] = {"env": {}, "entrypoint": [], "cmd": [], "workdir": "/"}
-    for line in text.splitlines():
-        word, _, rest = line.strip().partition(" ")
-        if word == "ENV":
-            image["env"].update(part.split("=", 1) for part in shlex.split(rest))
-        elif word in ("ENTRYPOINT", "CMD"):
-            image[word.lower()] = json.loads(rest)
-        elif word == "WORKDIR":
-            image["workdir"] = rest.strip()
-        elif word == "HEALTHCHECK":
-            image["healthcheck"] = json.loads(rest.split(" CMD ", 1)[1])
-    return image
-
-
 def translate(text: str, paths: dict[str, Path]) -> str:
     """Container paths -> this test's folders (longest first, whole path components)."""
     for container in sorted(paths, key=len, reverse=True):
@@ -184,7 +167,7 @@ class Service:
 
     def __init__(self, name: str, spec: dict[str, Any], tmp: Path, run_config: Path) -> None:
         self.name, self.spec = name, spec
-        self.image = dockerfile(ROOT / spec["build"]["dockerfile"])
+        self.image = image(spec["build"]["target"], ROOT / spec["build"]["dockerfile"])
         self.paths: dict[str, Path] = {self.image["workdir"]: ROOT}
         for volume in spec.get("volumes", []):
             source, target = volume.split(":")[:2]
@@ -349,8 +332,8 @@ def test_compose_services_as_processes_across_namespaces(tmp_path: Path) -> None
     # compose's coordinator publishes exactly the ports its command listens on
     coordinator = " ".join(services["coordinator"]["command"])
     published = {port.rsplit(":", 1)[-1] for port in services["coordinator"]["ports"]}
-    assert published == {re.search(r"fleet-api-address=[\d.]+:(\d+)", coordinator)[1],
-                         re.search(r"--port=(\d+)", coordinator)[1]}  # fmt: skip
+    assert published == {re.search(r"--fleet-address=[\d.]+:(\d+)", coordinator)[1],
+                         re.search(r"--control-address=[\d.]+:(\d+)", coordinator)[1]}  # fmt: skip
     # the certificate names what hospitals dial in compose (coordinator) and here (its IP)
     cert = x509.load_pem_x509_certificate((tmp_path / "volumes/certs/server.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -368,7 +351,8 @@ def test_compose_services_as_processes_across_namespaces(tmp_path: Path) -> None
     assert not [r for r in rows if r["kind"] in ("error", "rejected")]
     trained = {(r["round"], r["hospital"]) for r in rows if r["kind"] == "train"}
     assert trained == {(n, h) for n in (1, 2) for h in ("hospital-a", "hospital-b")}
-    # the audit log names the certificates the coordinator served (from the image's ENV)
+    # the audit log names the certificates the coordinator served (`fedclinic coordinator`
+    # derives them from --certs)
     start = json.loads((tmp_path / "volumes/runs/compose/audit.jsonl").read_text().splitlines()[0])
     served = {Path(f).name: v for f, v in start["certificates"].items()}
     assert served == {name: fingerprint(tmp_path / "volumes/certs" / name)

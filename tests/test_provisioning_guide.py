@@ -26,8 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.audit import CERTIFICATES_VARIABLE
-from fedclinic.cli import COMMANDS
 from fedclinic.local.ports import is_port_free
 from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor
 
@@ -69,30 +67,9 @@ def wait_for_health(process: ManagedProcess, ca: Path, timeout: float = 120) -> 
 def start_coordinator(
     supervisor: ProcessSupervisor, block: str, workdir: Path, env: dict[str, str]
 ) -> ManagedProcess:
-    """The doc's coordinator block; the one place the lead connects ``fedclinic coordinator``.
-
-    While that command is not in this checkout's CLI, the SuperLink it runs is started with
-    the same folders: ``operator/certs`` (TLS, node authentication) and ``operator/state``.
-    """
+    """The doc's coordinator block (``fedclinic coordinator``), run as written."""
     log = workdir / "coordinator.log"
-    if "coordinator" in COMMANDS:
-        return supervisor.start("coordinator", ["bash", "-c", block], log, env=env, cwd=workdir)
-    certs, state = workdir / "operator" / "certs", workdir / "operator" / "state"
-    state.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "fedclinic.superlink",
-        "--ssl-ca-certfile", str(certs / "ca.crt"),
-        "--ssl-certfile", str(certs / "server.pem"),
-        "--ssl-keyfile", str(certs / "server.key"),
-        "--enable-supernode-auth",
-        "--fleet-api-address", "0.0.0.0:9092",
-        "--host", "127.0.0.1", "--port", "8000",
-        "--disable-runtime-dependency-installation",
-        "--database", str(state / "superlink.db"),
-    ]  # fmt: skip
-    served = f"{certs / 'ca.crt'}{os.pathsep}{certs / 'server.pem'}"
-    env = {**env, "FLWR_HOME": str(state / "flwr"), CERTIFICATES_VARIABLE: served}
-    return supervisor.start("coordinator", command, log, env=env, cwd=workdir)
+    return supervisor.start("coordinator", ["bash", "-c", block], log, env=env, cwd=workdir)
 
 
 @pytest.mark.e2e

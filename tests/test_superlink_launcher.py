@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dockerfiles import image
 from flwr.supercore import constant, sql_mixin
 
 from fedclinic import superlink
@@ -92,10 +93,10 @@ def test_launcher_hands_every_flag_to_flowers_superlink() -> None:
 
 def test_every_coordinator_starts_through_the_launcher() -> None:
     """The coordinator image (so docker compose) and the benchmarks' view of it."""
-    image = (ROOT / "docker" / "coordinator.Dockerfile").read_text()
-    assert 'ENTRYPOINT ["python", "-m", "fedclinic.superlink"]' in image
+    assert image("coordinator")["entrypoint"] == ["fedclinic", "coordinator"]
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     assert "entrypoint" not in compose["coordinator"]  # the image's, so the launcher
+    # `fedclinic coordinator` starts `python -m fedclinic.superlink`: tests/test_coordinator.py
     # LocalFederation.superlink_command: tests/test_federation_unit.py
     # the benchmarks still see it as the SuperLink
     assert process_kind(f"{sys.executable} -m fedclinic.superlink --insecure") == (

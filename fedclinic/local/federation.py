@@ -36,6 +36,7 @@ from rich.markup import escape
 from fedclinic.audit import CERTIFICATES_VARIABLE
 from fedclinic.config import Scalar
 from fedclinic.errors import Interrupted
+from fedclinic.flower import flower_bin_dir, flower_environment
 from fedclinic.local.configs import HospitalSpec, write_flat_toml
 from fedclinic.local.flwr_cli import FlowerCli, FlowerCliError, RunStatus
 from fedclinic.local.follow import RunError, RunFollower, RunOutcome
@@ -45,7 +46,6 @@ from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor, tail_f
 from fedclinic.pki import Provisioned, provision
 
 WORK_DIR_MARKER = ".fedclinic-federation"
-EXECUTABLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
 PORT_IN_USE_HINTS = ("address already in use", "failed to bind", "errno 98")
 
 
@@ -80,38 +80,6 @@ class FederationOptions:
     def rounds(self) -> int:
         value = self.run_config.get("rounds", 1)
         return int(value) if isinstance(value, int | float) else 1
-
-
-def flower_environment(bin_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for every Flower process: offline, unbuffered, our venv's tools first.
-
-    The daemons start ``flower-superexec`` and ``flwr-*app`` by name, so the venv that
-    holds our code and Flower must come first on ``PATH``.
-    """
-    env = dict(os.environ if base is None else base)
-    env.update(
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        PYTHONUNBUFFERED="1",
-        PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]).rstrip(os.pathsep),
-    )
-    return env
-
-
-def flower_bin_dir() -> Path:
-    """The directory of the running interpreter (a venv's ``bin``), holding Flower's tools.
-
-    Not resolved: a venv's ``python`` is a symlink to the base interpreter, whose directory
-    does not hold the venv's scripts.
-    """
-    bin_dir = Path(sys.executable).parent
-    missing = [name for name in EXECUTABLES if not (bin_dir / name).is_file()]
-    if missing:
-        raise FederationError(
-            f"{', '.join(missing)} not found next to {sys.executable}; "
-            "install flwr==1.39.0 into this environment"
-        )
-    return bin_dir
 
 
 def check_output_dir(output_dir: Path) -> None:

@@ -20,6 +20,8 @@ from fedclinic.local.supervisor import ANSI_ESCAPE
 DEFAULT_HEALTH_ADDRESS = f"{LOOPBACK}:9099"
 #: the SuperNode's own Runtime API port on loopback (Flower's default)
 DEFAULT_RUNTIME_PORT = 9094
+#: SIGTERM -> SIGKILL for a hospital's SuperNode, under Docker's default stop timeout of 10 s
+STOP_GRACE_SECONDS = 7.0
 
 
 def supernode_command(
