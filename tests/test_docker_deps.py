@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from fedclinic.local.ports import pick_free_port
+from fedclinic.local.ports import pick_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_cpu_torch_from_the_cpu_index_when_it_answers(
 
 
 def test_the_fallback_to_pypi_torch_is_said(capsys: pytest.CaptureFixture[str]) -> None:
-    unreachable = f"http://127.0.0.1:{pick_free_port()}/whl/cpu"
+    unreachable = f"http://127.0.0.1:{pick_free_ports(1)[0]}/whl/cpu"
     assert deps.torch_index_args("cpu", unreachable) == []
     err = capsys.readouterr().err
     assert err.startswith(f"note: the PyTorch CPU index {unreachable} does not answer")
