@@ -243,6 +243,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         "quality benchmarks on real medical data and their report", "fedclinic.bench:add_parser"
     ),
+    "datasets": Command("public benchmark data: fetch with checksums, or where it is", "fedclinic.datasets:add_parser"),  # noqa: E501
     # one line per command from another module, e.g. (fedclinic coordinator):
     # "coordinator": Command("...", "fedclinic.coordinator:configure", "fedclinic.coordinator:run"),
 }
