@@ -28,10 +28,12 @@ from pydicom.data import get_testdata_file
 from pydicom.sr.codedict import codes
 from pydicom.uid import JPEGLosslessSV1, RLELossless, generate_uid
 
+from fedclinic.cli import main
 from fedclinic.config import HospitalConfig, RunConfig, parse_hospital_config
 from fedclinic.data import DataRequest, dicom, dicom_pixels, load_hospital_data, preflight
 from fedclinic.data.cache import CACHE_DIR
 from fedclinic.errors import ConfigError, DataError
+from fedclinic.local.configs import write_flat_toml
 from fedclinic.redact import shareable
 
 MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -221,7 +223,7 @@ def test_labels_by_study_and_every_image_read_once(tmp_path: Path) -> None:
 
 def test_integer_labels_accession_key_semicolons_and_bom(tmp_path: Path) -> None:
     root, studies, _ = export(tmp_path, 10)
-    rows = [{"AccessionNumber": s.accession, "label": str(s.patient % 2)} for s in studies]
+    rows = [{"AccessionNumber": s.accession, "label": f"0{s.patient % 2}"} for s in studies]
     (root / "labels.csv").unlink()  # in the tree, only the configured sheet is skipped
     sheet = write_sheet(tmp_path / "sheets" / "labels.csv", rows, delimiter=";")
     sheet.write_bytes(b"\xef\xbb\xbf" + sheet.read_bytes())
@@ -569,3 +571,37 @@ def test_masks_from_files_named_by_sop_instance_uid(tmp_path: Path) -> None:
     refused(req, str(wrong), "every mask must have its image's size")
     wrong.unlink()
     refused(req, "no mask for this image in dicom-masks")
+
+
+# ------------------------------------------------------------------------------ pre-flight
+
+
+def test_preflight_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fedclinic local`` refuses a DICOM hospital without its label sheet, one line, and
+    starts nothing; with the sheet the same pre-flight passes."""
+    root, _, _ = export(tmp_path, 4)
+    (root / "labels.csv").rename(tmp_path / "elsewhere.csv")
+    files = []
+    for name, keys in (("good", {"data-source": "synthetic"}),
+                       ("dicom", {"data-source": "dicom", "data-path": str(root)})):  # fmt: skip
+        flat = {"hospital": name, "state-dir": str(tmp_path / "state" / name), **keys}
+        files += ["--hospital", str(write_flat_toml(tmp_path / f"{name}.toml", flat))]
+    out = tmp_path / "out"
+    code = main(["local", "--output-dir", str(out), *files])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{root / 'labels.csv'}: label sheet not found" in lines[0]
+    assert not (out / "federation").exists()
+    hospital = parse_hospital_config(
+        {
+            "hospital": "h",
+            "data-source": "dicom",
+            "data-path": str(root),
+            "dicom-label-sheet": str(tmp_path / "elsewhere.csv"),
+        }
+    )
+    preflight(hospital, RunConfig())
+    with pytest.raises(ConfigError, match="'model' = 'logreg' is not allowed"):
+        preflight(hospital, RunConfig(model="logreg"))

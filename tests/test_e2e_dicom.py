@@ -58,8 +58,16 @@ def test_local_federation_on_dicom_exports(tmp_path: Path) -> None:
         assert (tmp_path / name / "state" / CACHE_DIR).is_dir()  # decoded once, at the site
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
-    secrets = [*identifying_values(studies, tmp_path), "export/P1", "labels.csv"]
-    for file in (f for f in out.rglob("*") if f.is_file()):
+    # (not "labels.csv": the SuperLink keeps the app's code, where that default is written)
+    secrets = [*identifying_values(studies, tmp_path), "export/P1"]
+    secrets += [str(tmp_path / name) for name in HOSPITALS]  # the sites' paths
+    # the coordinator's side: the run's results and the SuperLink's database and log (the
+    # rest of federation/ is the hospitals' side of this one-machine federation)
+    work = out / "federation"
+    stored = [f for f in out.rglob("*") if f.is_file() and work not in f.parents]
+    stored += [work / "state.db", work / "superlink.log", work / "run.toml"]
+    assert {"metrics.jsonl", "audit.jsonl", "summary.json", "state.db"} <= {f.name for f in stored}
+    for file in stored:
         blob = file.read_bytes()
         for secret in secrets:
             assert secret.encode() not in blob, (file, secret)

@@ -403,12 +403,12 @@ def _row_error(path: Path, line: int, text: str) -> DataError:
     return DataError(f"{path}: row {line}: {text}", shared=f"label sheet row {line}: {text}")
 
 
-def class_names(rows: Sequence[SheetRow], num_classes: int, path: Path) -> list[str]:
-    """Label index -> name: integers 0..num-classes-1 stand for themselves; otherwise the
-    sorted names give the indices and there must be num-classes of them."""
+def class_names(rows: Sequence[SheetRow], num_classes: int, path: Path) -> dict[str, int]:
+    """Label -> class index: integers 0..num-classes-1 stand for themselves (``01`` is 1);
+    otherwise the sorted names give the indices and there must be num-classes of them."""
     labels = sorted({r.label for r in rows})
     if all(re.fullmatch(r"\d+", v) and int(v) < num_classes for v in labels):
-        return [str(i) for i in range(num_classes)]
+        return {v: int(v) for v in labels}
     if len(labels) != num_classes:
         shown = ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")
         text = (
@@ -417,7 +417,7 @@ def class_names(rows: Sequence[SheetRow], num_classes: int, path: Path) -> list[
             f"or {num_classes} class names"
         )
         raise DataError(f"{path}: {text}", shared=text)
-    return labels
+    return {name: index for index, name in enumerate(labels)}
 
 
 def label_images(
@@ -664,7 +664,8 @@ def load_classification(request: DataRequest) -> HospitalData:
     root, instances, selection, val_fraction = _prepare(request)
     sheet = sheet_path(hospital)
     rows = read_sheet(sheet, hospital.dicom_label_key)
-    names = class_names(rows, run.num_classes, sheet)
+    classes = class_names(rows, run.num_classes, sheet)
+    names = sorted(classes, key=classes.__getitem__)
     labelled = label_images(selection.images, instances, rows, hospital.dicom_label_key, sheet)
     given = {sop: row.split for sop, row in labelled.items()} if rows[0].split else None
     parts = assign_splits(selection.images, given, hospital.data_seed, val_fraction)
@@ -674,7 +675,7 @@ def load_classification(request: DataRequest) -> HospitalData:
     )  # fmt: skip
     images = selection.images
     (inputs,) = decode_all(request, images, [(i.path,) for i in images], decode)
-    labels = np.asarray([names.index(labelled[i.sop].label) for i in images], dtype=np.int64)
+    labels = np.asarray([classes[labelled[i.sop].label] for i in images], dtype=np.int64)
     rows_of = split_rows(images, parts, (inputs, labels))
     splits = {name: make_split(*rows_of[name]) for name in SPLITS}
     layout = _layout(given is not None, parts, val_fraction)

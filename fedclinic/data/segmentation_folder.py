@@ -136,9 +136,13 @@ def scan_pairs(folder: Path) -> list[Pair]:
 def _reader(kind: str) -> Any:
     from monai.transforms import LoadImage
 
-    if kind == "png":  # rows first, as the file stores them (MONAI transposes by default)
-        return LoadImage(reader="PILReader", image_only=True, dtype=None, reverse_indexing=False)
-    return LoadImage(reader="NibabelReader", image_only=True, dtype=None)
+    with warnings.catch_warnings():  # MONAI builds every reader; its DICOM one warns when
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")  # no nvImageCodec
+        if kind == "png":  # rows first, as the file stores them (MONAI transposes by default)
+            return LoadImage(
+                reader="PILReader", image_only=True, dtype=None, reverse_indexing=False
+            )
+        return LoadImage(reader="NibabelReader", image_only=True, dtype=None)
 
 
 def read_array(path: Path) -> tuple[np.ndarray, str]:
