@@ -199,20 +199,21 @@ def read_header(path: Path, number: int) -> Instance:
     """The few header elements the source needs (:data:`HEADER_TAGS`), no pixel data."""
     reference = f"DICOM file #{number}"
     try:
-        with quiet():
+        with quiet():  # values are parsed when read: pydicom's warnings come then too
             header = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            meta = "TransferSyntaxUID" in getattr(header, "file_meta", {})
+            values = {k: _text(header, k) for k in HEADER_TAGS}
     except Exception as err:  # pydicom raises many types for a broken file
         raise DataError(
             f"{path}: not a readable DICOM file ({first_line(err)})",
             shared=f"{reference}: not a readable DICOM file",
         ) from None
-    if "TransferSyntaxUID" not in getattr(header, "file_meta", {}):
+    if not meta:
         raise DataError(
             f"{path}: not a readable DICOM file (no file meta information: a broken or "
             "truncated file)",
             shared=f"{reference}: not a readable DICOM file",
         )
-    values = {k: _text(header, k) for k in HEADER_TAGS}
     missing = [k for k in REQUIRED_TAGS if not values[k]]
     if missing:
         why = " (the split is by patient)" if "PatientID" in missing else ""
