@@ -258,6 +258,10 @@ COMMANDS: dict[str, Command] = {
         "fedclinic.coordinator:configure",
         "fedclinic.coordinator:run_coordinator",
     ),
+    "datasets": Command(
+        "public benchmark data: fetch with checksums, or where it is",
+        "fedclinic.datasets:add_parser",
+    ),
 }
 
 

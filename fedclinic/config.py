@@ -10,6 +10,8 @@ validated by the options model that each algorithm module declares.
 from __future__ import annotations
 
 import difflib
+import math
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -107,7 +109,9 @@ def validate_schema(
 
 Algorithm = str
 #: Where a hospital's data comes from (``fedclinic.data`` has one loader per name).
-DATA_SOURCES = ("synthetic", "medmnist", "heart-disease", "image-folder", "segmentation-folder")
+DATA_SOURCES = (
+    "synthetic", "medmnist", "heart-disease", "image-folder", "segmentation-folder", "dicom"
+)  # fmt: skip
 
 
 def check_data_source(value: str) -> str:
@@ -237,6 +241,8 @@ def parse_run_config(
 
 
 DeviceName = str
+#: what a DICOM label sheet may be keyed by (the column of that name holds the value)
+DICOM_LABEL_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber")
 
 
 class HospitalConfig(Schema):
@@ -262,6 +268,67 @@ class HospitalConfig(Schema):
     prior_path: str = Field("", description="Fed-MAS: this site's copy of the shared prior file")
     public_data_path: str = Field("", description="FedHelp: this site's copy of the public data")
     knowledge_path: str = Field("", description="FedHelp: this site's copy of the knowledge file")
+    # data-source = "dicom" only (fedclinic.data.dicom, docs/data.md); relative paths are
+    # taken relative to data-path
+    dicom_label_sheet: str = Field(
+        "labels.csv", description="classification: the CSV label sheet (relative: in data-path)"
+    )
+    dicom_label_key: Literal[DICOM_LABEL_KEYS] = Field(  # type: ignore[valid-type]
+        "StudyInstanceUID", description="the header the label sheet is keyed by"
+    )
+    dicom_modality: str = Field(
+        "", description="keep only these modalities, e.g. 'CR,DX'; empty = any, but only one"
+    )
+    dicom_series_description: str = Field(
+        "", description="keep only series whose SeriesDescription matches (regex, any case)"
+    )
+    dicom_series: Literal["all", "largest"] = Field(
+        "all", description="per study: every selected series, or only the one with most images"
+    )
+    dicom_frame: Literal["middle", "first"] = Field(
+        "middle", description="the one frame taken from a multi-frame instance"
+    )
+    dicom_window: str = Field(
+        "file", description="file (the file's VOI window/LUT), minmax, or 'center,width'"
+    )
+    dicom_mixed_sizes: bool = Field(
+        False, description="allow images of different sizes (each resized to image-size)"
+    )
+    dicom_masks: str = Field(
+        "", description="segmentation: '' = DICOM SEG in data-path, else a folder of masks"
+    )
+    dicom_exclude: str = Field(
+        "", description="comma-separated globs of files in data-path that are not read"
+    )
+
+    @field_validator("dicom_modality")
+    @classmethod
+    def _modalities(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Z0-9]{2,16}(,[A-Z0-9]{2,16})*", value):
+            raise ValueError("expected modality codes in capitals, comma-separated, e.g. 'CR,DX'")
+        return value
+
+    @field_validator("dicom_series_description")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression ({err})") from None
+        return value
+
+    @field_validator("dicom_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if value in ("file", "minmax"):
+            return value
+        try:
+            center, width = (float(v) for v in value.split(","))
+        except ValueError:
+            raise ValueError("expected file, minmax or 'center,width', e.g. '40,400'") from None
+        if not (math.isfinite(center) and math.isfinite(width) and width >= 1):
+            raise ValueError("expected a finite window center and a width >= 1")
+        return value
 
     @field_validator("data_source")
     @classmethod
@@ -312,6 +379,12 @@ def parse_hospital_config(flat: Mapping[str, Any]) -> HospitalConfig:
         raise ConfigError(
             f"hospital config: key 'partition-id' = {config.partition_id} is not allowed: "
             f"expected 0..{config.num_partitions - 1} (num-partitions = {config.num_partitions})"
+        )
+    dicom_keys = sorted(k for k in config.model_fields_set if k.startswith("dicom_"))
+    if dicom_keys and config.data_source != "dicom":
+        raise ConfigError(
+            f"hospital config: key '{_kebab(dicom_keys[0])}' is not allowed with data-source = "
+            f"{config.data_source!r}: the dicom-* keys apply to data-source = 'dicom' only"
         )
     fractions = config.floats(config.partition_fractions)
     if fractions and len(fractions) != config.num_partitions:

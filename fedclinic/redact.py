@@ -21,7 +21,10 @@ from fedclinic.config import HospitalConfig
 from fedclinic.errors import DataError
 
 #: hospital config keys that name site paths, in the order they are replaced
-PATH_KEYS = ("data_path", "state_dir", "prior_path", "public_data_path", "knowledge_path")
+PATH_KEYS = (
+    "data_path", "state_dir", "prior_path", "public_data_path", "knowledge_path",
+    "dicom_label_sheet", "dicom_masks",
+)  # fmt: skip
 # A path runs until whitespace, a quote, a colon (``file:42``) or a closing bracket.
 _REST = r"(?:/[^\s'\":,;()\[\]]*)*"
 _ABSOLUTE = re.compile(r"(?<![\w.<>-])/[^\s'\":,;()\[\]]+")

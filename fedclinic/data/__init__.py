@@ -40,6 +40,7 @@ class Source:
 def _sources() -> dict[str, Source]:
     """Imported lazily: a hospital pays only for the data layer when it loads data."""
     from fedclinic.data import (
+        dicom,
         heart_disease,
         image_folder,
         medmnist,
@@ -64,6 +65,14 @@ def _sources() -> dict[str, Source]:
         "heart-disease": single(heart_disease),
         "image-folder": single(image_folder),
         "segmentation-folder": single(segmentation_folder, "segmentation"),
+        "dicom": Source(
+            {"classification": dicom.load_classification, "segmentation": dicom.load_segmentation},
+            dicom.check_files,
+            {
+                "classification": dicom.check_run_classification,
+                "segmentation": dicom.check_run_segmentation,
+            },
+        ),
     }
 
 

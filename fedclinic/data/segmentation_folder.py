@@ -136,9 +136,13 @@ def scan_pairs(folder: Path) -> list[Pair]:
 def _reader(kind: str) -> Any:
     from monai.transforms import LoadImage
 
-    if kind == "png":  # rows first, as the file stores them (MONAI transposes by default)
-        return LoadImage(reader="PILReader", image_only=True, dtype=None, reverse_indexing=False)
-    return LoadImage(reader="NibabelReader", image_only=True, dtype=None)
+    with warnings.catch_warnings():  # MONAI builds every reader; its DICOM one warns when
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")  # no nvImageCodec
+        if kind == "png":  # rows first, as the file stores them (MONAI transposes by default)
+            return LoadImage(
+                reader="PILReader", image_only=True, dtype=None, reverse_indexing=False
+            )
+        return LoadImage(reader="NibabelReader", image_only=True, dtype=None)
 
 
 def read_array(path: Path) -> tuple[np.ndarray, str]:
@@ -208,6 +212,14 @@ def read_mask(path: Path, size: int, num_classes: int) -> tuple[np.ndarray, tupl
             "(one integer class per pixel)"
         )
     values = array.astype(np.float64)
+    check_mask(values, path, num_classes)
+    stored = (int(array.shape[0]), int(array.shape[1]))
+    tensor = torch.from_numpy(values.astype(np.float32))[None, None]
+    return _resize(tensor, size, "nearest").round().long()[0, 0].numpy(), stored
+
+
+def check_mask(values: np.ndarray, path: Path, num_classes: int) -> None:
+    """Refuse a label map with non-integer values or labels outside ``0..num_classes-1``."""
     if not np.isfinite(values).all() or (values != np.round(values)).any():
         raise DataError(f"{path}: mask holds non-integer values; expected class labels per pixel")
     labels = np.unique(values).astype(np.int64)
@@ -221,9 +233,6 @@ def read_mask(path: Path, size: int, num_classes: int) -> tuple[np.ndarray, tupl
             f"{', '.join(str(v) for v in labels[:10])}); expected 0..{num_classes - 1} "
             f"(run config num-classes = {num_classes}){hint}"
         )
-    stored = (int(array.shape[0]), int(array.shape[1]))
-    tensor = torch.from_numpy(values.astype(np.float32))[None, None]
-    return _resize(tensor, size, "nearest").round().long()[0, 0].numpy(), stored
 
 
 def read_pairs(
