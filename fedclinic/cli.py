@@ -127,6 +127,10 @@ def _local_parser(subparsers: Any) -> None:
         "--app-dir", type=Path, metavar="DIR",
         help="project holding the Flower app's pyproject.toml (default: this checkout)",
     )  # fmt: skip
+    parser.add_argument(
+        "--dashboard", type=int, nargs="?", const=8080, metavar="PORT",
+        help="serve the run's dashboard on 127.0.0.1:PORT while it runs (PORT: 8080 if not given)",
+    )  # fmt: skip
     parser.set_defaults(handler="fedclinic.local.command:run_local")
 
 
@@ -243,6 +247,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(
         "quality benchmarks on real medical data and their report", "fedclinic.bench:add_parser"
     ),
+    "dashboard": Command("the runs in a browser, live", "fedclinic.dashboard.command:add_parser"),
     # one line per command from another module, e.g. (fedclinic coordinator):
     # "coordinator": Command("...", "fedclinic.coordinator:configure", "fedclinic.coordinator:run"),
 }
