@@ -249,7 +249,8 @@
     chart.plot = new uPlot({
       width: Math.max(320, container.clientWidth || 800),
       height: 320,
-      scales: { x: { time: false } },
+      // whole rounds from 0; one round so far still gets a visible axis
+      scales: { x: { time: false, range: (u, min, max) => [Math.min(0, min), Math.max(max, 1)] } },
       axes: [{ label: "model round", incrs: [1, 2, 5, 10, 20, 50, 100] }, { label: metric }],
       series: [{ label: "model round" }, ...curves.hospitals.map((h, i) => ({
         label: h, stroke: PALETTE[i % PALETTE.length], width: 2, spanGaps: true,
