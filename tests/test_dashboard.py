@@ -5,11 +5,13 @@ command's checks). The pages in a real browser: tests/test_dashboard_browser.py.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +21,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from starlette.testclient import TestClient
 
 from fedclinic.cli import main
@@ -31,9 +37,11 @@ from fedclinic.dashboard.app import (
     create_app,
     host_of,
 )
-from fedclinic.dashboard.command import TOKEN_VARIABLE, Dashboard
+from fedclinic.dashboard.command import TOKEN_VARIABLE, Dashboard, Tls
 from fedclinic.dashboard.nodes import SuperLinkNodes
 from fedclinic.dashboard.runs import RunsRoot, RunView
+from fedclinic.errors import ConfigError
+from fedclinic.pki import Provisioned, provision
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -442,3 +450,68 @@ def test_served_by_uvicorn_without_logging_the_token(
         assert opened.status_code == 200 and "study-fedavg" in http.get("/api/runs").text
     out, err = capfd.readouterr()
     assert TOKEN not in caplog.text + out + err  # uvicorn logs to stderr (its own handler)
+
+
+def client_certificate(authority: Provisioned, folder: Path) -> tuple[str, str]:
+    """An operator's client certificate signed by ``authority``'s CA, as ``openssl x509 -req
+    -extfile <(echo extendedKeyUsage=clientAuth)`` makes one (docs/operators.md)."""
+    ca_key = serialization.load_pem_private_key(authority.ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(authority.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "operator")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    folder.mkdir(parents=True)
+    (folder / "operator.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
+    (folder / "operator.key").write_bytes(key.private_bytes(*pem, serialization.NoEncryption()))
+    return str(folder / "operator.crt"), str(folder / "operator.key")
+
+
+def test_https_with_client_certificates_of_the_consortium_ca(runs: Path, tmp_path: Path) -> None:
+    consortium, other = provision(tmp_path / "consortium"), provision(tmp_path / "other")
+    operator = client_certificate(consortium, tmp_path / "operator")
+    stranger = client_certificate(other, tmp_path / "stranger")
+    tls = Tls(consortium.server_cert, consortium.server_key, consortium.ca_cert)
+    dashboard = Dashboard.bind(Settings(runs=RunsRoot(runs)), "127.0.0.1", 0, tls)
+    assert dashboard.url.startswith("https://127.0.0.1:")
+
+    def get(certificate: tuple[str, str] | None) -> httpx.Response:
+        context = ssl.create_default_context(cafile=str(consortium.ca_cert))
+        if certificate:
+            context.load_cert_chain(*certificate)
+        with httpx.Client(verify=context, timeout=10) as http:
+            return http.get(dashboard.url + "/api/runs")
+
+    with dashboard.in_background():
+        for _ in range(50):
+            try:
+                response = get(operator)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert response.status_code == 200 and "study-fedavg" in response.text
+        for certificate in (None, stranger):  # no certificate, or one another CA signed
+            with pytest.raises(httpx.TransportError):
+                get(certificate)
+
+
+def test_command_checks_its_tls_options(runs: Path, tmp_path: Path) -> None:
+    base = ["dashboard", "--runs", str(runs), "--port", "1"]
+    pem = tmp_path / "x.pem"
+    pem.write_text("not a certificate")
+    assert main([*base, "--client-ca", str(pem)]) == 2  # client certificates need HTTPS
+    assert main([*base, "--tls-cert", str(pem)]) == 2  # no key
+    assert main([*base, "--tls-cert", str(pem), "--tls-key", str(tmp_path / "none")]) == 2
+    settings = Settings(runs=RunsRoot(runs))
+    with pytest.raises(ConfigError, match="TLS certificate or key is unusable"):
+        Dashboard.bind(settings, "127.0.0.1", 0, Tls(pem, pem))

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -75,8 +75,8 @@ class Settings:
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     #: seconds between the pages' polls while a run goes on
     poll_seconds: float = 2.0
+    #: HTTPS: the session cookie is sent over HTTPS only
     secure_cookie: bool = False
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 def session_value(token: str) -> str:
@@ -108,7 +108,7 @@ class Guard(BaseHTTPMiddleware):
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         response = await self.check(request, call_next)
-        for key, value in {**SECURITY_HEADERS, **self.settings.extra_headers}.items():
+        for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
         return response
 
@@ -130,8 +130,8 @@ class Guard(BaseHTTPMiddleware):
             target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
             response: Response = RedirectResponse(target, status_code=303)
             response.set_cookie(
-                COOKIE, session_value(token), httponly=True, samesite="strict",
-                secure=settings.secure_cookie, path="/",
+                COOKIE, session_value(token), httponly=True, samesite="strict", path="/",
+                secure=settings.secure_cookie,
             )  # fmt: skip
             return response
         authorization = request.headers.get("authorization", "")
@@ -235,12 +235,12 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(routes=routes, middleware=[Middleware(Guard, settings=settings)])
 
 
-def allowed_hosts(host: str, extra: Sequence[str], token: str | None) -> tuple[str, ...]:
-    """Loopback names when bound to loopback; any name when a token guards the dashboard
-    (``extra`` narrows that to the names given); ``extra`` added otherwise."""
+def allowed_hosts(host: str, extra: Sequence[str], guarded: bool) -> tuple[str, ...]:
+    """Loopback names when bound to loopback; any name when bound elsewhere and guarded (a
+    token or client certificates); ``extra`` names narrow that, or add to loopback's."""
     if extra:
         return (*LOOPBACK_HOSTS, *(h.lower() for h in extra))
-    if token is not None and not is_loopback(host):
+    if guarded and not is_loopback(host):
         return ("*",)
     return LOOPBACK_HOSTS
 

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -62,6 +63,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file", type=Path, metavar="FILE",
         help=f"file holding the access token (its first line; default: ${TOKEN_VARIABLE})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tls-cert", type=Path, metavar="FILE.pem",
+        help="serve HTTPS with this certificate (e.g. the coordinator's server.pem)",
+    )  # fmt: skip
+    parser.add_argument("--tls-key", type=Path, metavar="FILE.key", help="its private key")
+    parser.add_argument(
+        "--client-ca", type=Path, metavar="FILE.crt",
+        help="with --tls-cert: accept only browsers holding a client certificate this CA "
+        "signed (the consortium CA); stands in for the token off loopback",
     )  # fmt: skip
     parser.add_argument(
         "--allowed-host", action="append", default=[], metavar="NAME",
@@ -114,6 +125,29 @@ def read_token(token_file: Path | None) -> str | None:
     return token
 
 
+@dataclass(frozen=True)
+class Tls:
+    """HTTPS, and optionally client certificates signed by ``client_ca``."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Tls | None:
+        if args.tls_cert is None and args.tls_key is None:
+            if args.client_ca is not None:
+                raise ConfigError("--client-ca needs HTTPS: add --tls-cert and --tls-key")
+            return None
+        if args.tls_cert is None or args.tls_key is None:
+            raise ConfigError("--tls-cert and --tls-key go together")
+        for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                             ("--client-ca", args.client_ca)):  # fmt: skip
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{option} '{path}' does not exist")
+        return cls(args.tls_cert, args.tls_key, args.client_ca)
+
+
 @dataclass
 class Dashboard:
     """A bound socket and the uvicorn server that will serve the app on it."""
@@ -123,8 +157,9 @@ class Dashboard:
     url: str
 
     @classmethod
-    def bind(cls, settings: Settings, host: str, port: int) -> Dashboard:
-        """Bind now (a taken port is one clear line, before anything starts)."""
+    def bind(cls, settings: Settings, host: str, port: int, tls: Tls | None = None) -> Dashboard:
+        """Bind now (a taken port, an unusable certificate: one clear line, before anything
+        starts)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -143,9 +178,19 @@ class Dashboard:
             access_log=False,  # a URL may carry ?token=...: nothing logs requests
             timeout_graceful_shutdown=2,
             lifespan="off",
+            ssl_certfile=tls.cert if tls else None,
+            ssl_keyfile=tls.key if tls else None,
+            ssl_ca_certs=tls.client_ca if tls else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
         )
+        try:
+            config.load()  # builds the TLS context now
+        except (OSError, ssl.SSLError) as err:
+            sock.close()
+            raise ConfigError(f"dashboard: the TLS certificate or key is unusable: {err}") from None
         shown = f"[{host}]" if ":" in host else host
-        return cls(uvicorn.Server(config), sock, f"http://{shown}:{sock.getsockname()[1]}")
+        scheme = "https" if tls else "http"
+        return cls(uvicorn.Server(config), sock, f"{scheme}://{shown}:{sock.getsockname()[1]}")
 
     def serve(self) -> None:
         """Serve until stopped (Ctrl-C / SIGTERM when run in the main thread)."""
@@ -189,11 +234,13 @@ def superlink_nodes(args: argparse.Namespace, home: Path) -> SuperLinkNodes | No
 def run_dashboard(args: argparse.Namespace) -> int:
     """Check the options, bind, serve until Ctrl-C/SIGTERM."""
     token = read_token(args.token_file)
-    if not is_loopback(args.host) and token is None:
+    tls = Tls.from_args(args)
+    client_certificates = tls is not None and tls.client_ca is not None
+    if not is_loopback(args.host) and token is None and not client_certificates:
         raise ConfigError(
             f"--host {args.host} is not loopback: the dashboard then needs a token "
-            f"(--token-file FILE or ${TOKEN_VARIABLE}); or keep 127.0.0.1 and open it "
-            "through an SSH tunnel"
+            f"(--token-file FILE or ${TOKEN_VARIABLE}) or client certificates (--tls-cert, "
+            "--tls-key, --client-ca); or keep 127.0.0.1 and open it through an SSH tunnel"
         )
     if not 0 < args.poll <= 600 or not 0 < args.nodes_every <= 3600:
         raise ConfigError("--poll and --nodes-every take seconds > 0 (--poll at most 600)")
@@ -206,11 +253,16 @@ def run_dashboard(args: argparse.Namespace) -> int:
         settings = Settings(
             runs=RunsRoot(runs_dir, nodes.snapshot if nodes else lambda: None),
             token=token,
-            allowed_hosts=allowed_hosts(args.host, args.allowed_host, token),
+            allowed_hosts=allowed_hosts(
+                args.host, args.allowed_host, token is not None or client_certificates
+            ),
             poll_seconds=args.poll,
+            secure_cookie=tls is not None,
         )
-        dashboard = Dashboard.bind(settings, args.host, args.port)
-        guard = "token required" if token else "no token (loopback only)"
+        dashboard = Dashboard.bind(settings, args.host, args.port, tls)
+        guards = [g for g, on in (("token", token), ("client certificate", client_certificates))
+                  if on]  # fmt: skip
+        guard = " and ".join(guards) + " required" if guards else "no token (loopback only)"
         source = f"node status from {args.superlink}" if nodes else "no SuperLink node list"
         Console(soft_wrap=True).print(
             f"dashboard: {dashboard.url}/ · runs in {runs_dir.resolve()} · {guard} · {source} "
