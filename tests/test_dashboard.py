@@ -21,13 +21,14 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from starlette.testclient import TestClient
 
-from fedclinic.cli import main
+from fedclinic.cli import build_parser, main
 from fedclinic.dashboard.app import (
     CONTENT_SECURITY_POLICY,
     COOKIE,
@@ -450,6 +451,20 @@ def test_served_by_uvicorn_without_logging_the_token(
         assert opened.status_code == 200 and "study-fedavg" in http.get("/api/runs").text
     out, err = capfd.readouterr()
     assert TOKEN not in caplog.text + out + err  # uvicorn logs to stderr (its own handler)
+
+
+def test_compose_dashboard_service_is_read_only_and_guarded() -> None:
+    """The compose file's dashboard: only with its profile, the runs volume read-only,
+    published on the host's loopback, and (bound to 0.0.0.0 in its container) a token."""
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["dashboard"]
+    assert service["profiles"] == ["dashboard"] and service["attach"] is False
+    assert set(service["volumes"]) == {"runs:/runs:ro", "certs:/certs:ro"}
+    assert service["ports"] == ["127.0.0.1:8080:8080"]
+    args = build_parser().parse_args(service["command"])
+    assert (args.host, args.port, str(args.runs)) == ("0.0.0.0", 8080, "/runs")
+    assert args.superlink == "coordinator:8000" and str(args.ca) == "/certs/ca.crt"
+    assert TOKEN_VARIABLE in service["environment"]
+    assert "/healthz" in " ".join(service["healthcheck"]["test"])
 
 
 def client_certificate(authority: Provisioned, folder: Path) -> tuple[str, str]:
