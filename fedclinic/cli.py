@@ -132,6 +132,10 @@ def _local_parser(subparsers: Any) -> None:
         "--app-dir", type=Path, metavar="DIR",
         help="project holding the Flower app's pyproject.toml (default: this checkout)",
     )  # fmt: skip
+    parser.add_argument(
+        "--dashboard", type=int, nargs="?", const=8080, metavar="PORT",
+        help="serve the run's dashboard on 127.0.0.1:PORT while it runs (PORT: 8080 if not given)",
+    )  # fmt: skip
     parser.set_defaults(handler="fedclinic.local.command:run_local")
 
 
@@ -261,6 +265,9 @@ COMMANDS: dict[str, Command] = {
     "datasets": Command(
         "public benchmark data: fetch with checksums, or where it is",
         "fedclinic.datasets:add_parser",
+    ),
+    "dashboard": Command(
+        "the runs in a browser, live and read-only", "fedclinic.dashboard.command:add_parser"
     ),
 }
 

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from fedclinic import checkpoint
 from fedclinic.config import RunConfig
+from fedclinic.dashboard.command import beside_local
 from fedclinic.data import preflight
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.local.configs import (
@@ -163,5 +164,7 @@ def run_local(args: argparse.Namespace) -> int:
     console = Console()
     if args.insecure and not args.no_node_auth:
         console.print("[yellow]--insecure: node authentication is off too (it needs TLS)[/]")
-    outcome = LocalFederation(options, console).run()
+    federation = LocalFederation(options, console)
+    with beside_local(args.dashboard, options.output_dir, federation.cli, console):
+        outcome = federation.run()
     return outcome.exit_code
