@@ -143,6 +143,42 @@ def test_a_refused_request_fails_the_run_with_the_hospitals_line(tmp_path: Path)
     assert {r["hospital"] for r in errors} == {"hospital-a", "hospital-b"}
 
 
+class SilentForHistograms(InProcessGrid):
+    """Node 102 answers the first statistics exchange, then nothing."""
+
+    def deliver(self, message: Any) -> Any:
+        config = dict(message.content.config_records.get(keys.CONFIG, {}))
+        asked = json.loads(str(config.get(keys.STATS_REQUEST, "{}")))
+        if message.metadata.dst_node_id == 102 and asked.get("histograms"):
+            return None
+        return super().deliver(message)
+
+
+def test_a_hospital_lost_in_the_second_exchange_keeps_its_moments(
+    tmp_path: Path, task_identity: None, clock: Any
+) -> None:
+    nodes = synthetic_nodes(tmp_path, 3)
+    flat = {"min-hospitals": 2, "round-timeout": 30.0}
+    run_config = load_run_config({**flat, "run-kind": "stats"})
+    results = ResultsWriter(tmp_path / "out")
+    algorithm = get_algorithm("fedavg").strategy(run_config, results)
+    engine = RoundEngine(run_config, algorithm, results, "lost", clock=clock)
+    result = run_statistics(engine, SilentForHistograms(nodes, flat))
+    late = result["hospitals"]["hospital-c"]["splits"]["train"]
+    assert late["variables"]["channel-0"]["mean"] is not None and late["histograms"] == {}
+    pooled = result["pooled"]["train"]
+    assert pooled["variables"]["channel-0"]["hospitals"] == ["hospital-a", "hospital-b",
+                                                             "hospital-c"]  # fmt: skip
+    for i, cell in enumerate(pooled["histograms"]["channel-0"]["counts"]):
+        sites = [result["hospitals"][h]["splits"]["train"]["histograms"]["channel-0"]["counts"][i]
+                 for h in ("hospital-a", "hospital-b")]  # fmt: skip
+        assert cell["value"] == sum(c for c in sites if isinstance(c, int))
+        assert "hospital-c" not in cell["incomplete"]
+    errors = [r for r in rows_of(tmp_path / "out") if r["kind"] == "error"]
+    assert [r["hospital"] for r in errors] == ["hospital-c"]
+    assert "no reply within round-timeout" in errors[0]["reason"]
+
+
 def raw_split(node: dict[str, Any], flat: dict[str, Any]) -> Any:
     request = DataRequest(load_run_config(flat), parse_hospital_config(node), "raw")
     return load_hospital_data(request).train

@@ -103,7 +103,9 @@ def run_statistics(engine: RoundEngine, grid: GridLike) -> dict[str, Any]:
         if second is not None:
             histograms = ask(engine, transport, second)
             _audit_exchange(engine, "histograms", second, histograms)
-            answers = {h: _merge(a, histograms[h]) for h, a in answers.items() if h in histograms}
+            # a hospital that answered only the first exchange keeps its moments
+            answers = {h: _merge(a, histograms[h]) if h in histograms else a
+                       for h, a in answers.items()}  # fmt: skip
         sites = pool.per_site(answers)
         pooled = pool.pool(answers)
         result = {

@@ -137,6 +137,7 @@ def plot_cases(result: Mapping[str, Any], path: Path) -> Path:
 
 
 def _hospital_axis(axis: Any, hospitals: Sequence[str], flagged: set[str]) -> None:
+    axis.set_xlim(-0.6, len(hospitals) - 0.4)
     axis.set_xticks(range(len(hospitals)))
     axis.set_xticklabels(hospitals, rotation=20, ha="right", fontsize=8)
     for label, name in zip(axis.get_xticklabels(), hospitals, strict=True):
@@ -210,7 +211,7 @@ def plot_histogram(result: Mapping[str, Any], name: str, path: Path) -> Path:
         axis.bar(centres, [n / total for n in numbers], widths, color=colour, alpha=0.8)
         for x, cell, w in zip(centres, cells, widths, strict=True):
             if not _numeric(cell):
-                axis.bar(x, 1.0, w, bottom=0, fill=False, hatch="xx", edgecolor="grey", lw=0)
+                axis.bar(x, 1.0, w, bottom=0, fill=False, hatch="//", edgecolor="#bbbbbb", lw=0)
         axis.set_title(label, fontsize=9, color=colour if label in flagged else "black")
         axis.axvline(low, color="black", lw=0.5)
         axis.axvline(high, color="black", lw=0.5)
