@@ -1,6 +1,7 @@
 """The round engine: one federated run, whatever the algorithm.
 
-:class:`RoundEngine` drives an algorithm's server half (:class:`ServerAlgorithm`): an optional
+:class:`RoundEngine` drives an algorithm's server half (:class:`ServerAlgorithm`): with
+``normalisation = federated`` a statistics exchange (:mod:`fedclinic.engine.survey`), an optional
 setup query, ``rounds`` rounds of the algorithm's exchanges, and one final evaluation. For
 every exchange it waits for hospitals, sends, polls with retries and re-sends within the
 deadline (:mod:`fedclinic.engine.exchange`), accepts or refuses each reply

@@ -145,10 +145,10 @@ def parse_request(text: str) -> StatsRequest:
     try:
         return StatsRequest.model_validate(data)
     except ValidationError as err:
-        raise ConfigError("statistics request: " + _problems(err, data)) from None
+        raise ConfigError("statistics request: " + _problems(err)) from None
 
 
-def _problems(err: ValidationError, data: Any) -> str:
+def _problems(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
         where = ".".join(str(p) for p in item["loc"]) or "<request>"
@@ -229,7 +229,7 @@ def parse_answer(text: object) -> SiteAnswer:
     try:
         return SiteAnswer.model_validate_json(text)
     except ValidationError as err:
-        raise FedClinicError(f"malformed statistics: {_problems(err, None)}") from None
+        raise FedClinicError(f"malformed statistics: {_problems(err)}") from None
 
 
 # ------------------------------------------------------------------------------ normalisation
