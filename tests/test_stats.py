@@ -406,3 +406,25 @@ def test_a_shifted_scanner_is_flagged() -> None:
     assert ("h3", "shifted") in found and ("h3", "distribution") in found
     assert not [h for h, _ in found if h != "h3"]
     assert answers["h3"].splits["train"].variables["stored-height"].sum == 20 * 8.0
+
+
+def test_stats_report_command_renders_a_stats_json_and_refuses_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedclinic.cli import main
+
+    answers = one_class_answers()
+    sites, pooled = pool.per_site(answers), pool.pool(answers)
+    result = {"kind": "fedclinic-statistics", "config": {}, "hospitals": sites, "pooled": pooled,
+              "flags": pool.flags(sites, pooled), "no_histogram": {}, "requests": []}  # fmt: skip
+    write_statistics(tmp_path / "run", result)
+    assert main(["stats", "report", "--stats", str(tmp_path / "run" / "stats.json"),
+                 "--out", str(tmp_path / "again")]) == 0  # fmt: skip
+    assert (tmp_path / "again" / "report.html").is_file()
+    assert (tmp_path / "again" / "plots" / "hist-x.png").is_file()
+    capsys.readouterr()
+    assert main(["stats", "report", "--stats", str(tmp_path / "missing.json")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "missing.json' is not a readable stats.json" in error
+    assert main(["stats", "local", "--resume", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "a statistics run has no rounds to resume" in capsys.readouterr().err
