@@ -20,8 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from fedclinic.config import HospitalConfig, RunConfig
+from fedclinic.cli import main
+from fedclinic.config import HospitalConfig, RunConfig, parse_hospital_config
+from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.data.base import HospitalData, Split, Standardise
 from fedclinic.errors import ConfigError, DataError, FedClinicError
 from fedclinic.stats import pool
@@ -204,8 +207,6 @@ def test_hospital_minimum_cell_size_is_its_own() -> None:
     assert answer.min_count == 30 and answer.splits["train"].cases == "<30"
     assert answer.splits["train"].variables["age"].sum is None
     with pytest.raises(ConfigError, match="stats-min-count"):
-        from fedclinic.config import parse_hospital_config
-
         parse_hospital_config({"hospital": "h", "data-source": "synthetic", "stats-min-count": 0})
 
 
@@ -411,8 +412,6 @@ def test_a_shifted_scanner_is_flagged() -> None:
 def test_stats_report_command_renders_a_stats_json_and_refuses_others(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fedclinic.cli import main
-
     answers = one_class_answers()
     sites, pooled = pool.per_site(answers), pool.pool(answers)
     result = {"kind": "fedclinic-statistics", "config": {}, "hospitals": sites, "pooled": pooled,
@@ -428,3 +427,20 @@ def test_stats_report_command_renders_a_stats_json_and_refuses_others(
     assert error.startswith("error: ") and "missing.json' is not a readable stats.json" in error
     assert main(["stats", "local", "--resume", "--output-dir", str(tmp_path / "x")]) == 2
     assert "a statistics run has no rounds to resume" in capsys.readouterr().err
+
+
+def test_stored_image_sizes_come_from_the_file_headers(tmp_path: Path) -> None:
+    for name, (height, width) in (("a", (10, 12)), ("b", (20, 16))):
+        (tmp_path / name).mkdir()
+        for i in range(20):
+            image = Image.new("L", (width, height), color=40 * (name == "b"))
+            image.save(tmp_path / name / f"{i}.png")
+    run = RunConfig(in_channels=1, image_size=8)
+    hospital = HospitalConfig(hospital="h", data_source="image-folder", data_path=str(tmp_path))
+    data = load_hospital_data(DataRequest(run, hospital, "raw"))
+    answer = describe(data, run, hospital, StatsRequest(splits=("train",)))
+    train = answer.splits["train"]
+    per_class = np.bincount(data.train.labels.numpy(), minlength=2)  # a: 10 x 12, b: 20 x 16
+    assert train.variables["stored-height"].sum == 10.0 * per_class[0] + 20.0 * per_class[1]
+    assert train.variables["stored-width"].sum == 12.0 * per_class[0] + 16.0 * per_class[1]
+    assert answer.shape == [1, 8, 8]  # what the model sees
