@@ -11,7 +11,7 @@ the full message.
 from __future__ import annotations
 
 import traceback
-from logging import ERROR
+from logging import ERROR, INFO
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -19,11 +19,13 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedclinic import messages as keys
-from fedclinic.config import HospitalConfig, parse_hospital_config
+from fedclinic.config import HospitalConfig, RunConfig, parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import FedClinicError
 from fedclinic.redact import shareable
 from fedclinic.site import SiteState
+from fedclinic.stats.protocol import normalisation_of, parse_request
+from fedclinic.stats.site import describe
 from fedclinic.training import select_device
 from strategies import get_algorithm, load_run_config
 from strategies.base import ClientContext
@@ -44,7 +46,9 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         records = message.content.config_records
         config: dict[str, Any] = dict(records[keys.CONFIG]) if keys.CONFIG in records else {}
         server_round = int(config.get(keys.SERVER_ROUND, 0))
-        data = load_hospital_data(DataRequest(run, hospital))
+        if keys.STATS_REQUEST in config:  # a statistics exchange (fedclinic.stats)
+            return Message(content=statistics(run, hospital, config), reply_to=message)
+        data = load_hospital_data(DataRequest(run, hospital, normalisation_of(run, config)))
         client_context = ClientContext(
             run=run,
             hospital=hospital,
@@ -80,6 +84,21 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
             sent = f"{type(err).__name__} at the hospital: {shareable(err, hospital)}"
         content = RecordDict({"info": ConfigRecord({"hospital": name, "error": sent})})
     return Message(content=content, reply_to=message)
+
+
+def statistics(run: RunConfig, hospital: HospitalConfig, config: dict[str, Any]) -> RecordDict:
+    """Answer a statistics request on the raw data, the hospital's privacy rules applied
+    (:mod:`fedclinic.stats.site`). No data fingerprint: its exact counts would undo them."""
+    request = parse_request(str(config[keys.STATS_REQUEST]))
+    log(INFO, "fedclinic hospital %s: statistics request: %s", hospital.hospital, request.summary())
+    data = load_hospital_data(DataRequest(run, hospital, "raw"))
+    answer = describe(data, run, hospital, request)
+    info = {
+        keys.HOSPITAL: hospital.hospital,
+        keys.DATA_SOURCE: hospital.data_source,
+        keys.STATS: answer.model_dump_json(),
+    }
+    return RecordDict({keys.INFO: ConfigRecord(info)})
 
 
 @app.train()

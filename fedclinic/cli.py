@@ -254,6 +254,7 @@ COMMANDS: dict[str, Command] = {
         "the shared frozen self-supervised prior of Fed-MAS (train once, hash)",
         "fedclinic.prior:add_parser",
     ),
+    "stats": Command("statistics of the hospitals' data", "fedclinic.stats.command:add_parser"),
     "bench": Command(
         "quality benchmarks on real medical data and their report", "fedclinic.bench:add_parser"
     ),

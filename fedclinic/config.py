@@ -121,6 +121,10 @@ def check_data_source(value: str) -> str:
     close = difflib.get_close_matches(value, DATA_SOURCES, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ValueError(f"expected one of {', '.join(DATA_SOURCES)}{hint}")
+
+
+#: the most histogram bins a statistics request may ask for (a hospital refuses more)
+STATS_MAX_BINS = 200
 ModelName = Literal["logreg", "cnn", "resnet18", "resnet101", "densenet121", "unet", "unet-large"]
 
 
@@ -163,6 +167,19 @@ class RunConfig(Schema):
     resume: bool = Field(
         False, description="go on from the checkpoint in output-dir (fedclinic.checkpoint)"
     )
+    run_kind: Literal["train", "stats"] = Field(
+        "train", description="train: a federated training run; stats: federated statistics "
+        "of the hospitals' data (fedclinic.stats, docs/statistics.md)"
+    )
+    normalisation: Literal["site", "federated"] = Field(
+        "site", description="site: each data source's own preprocessing (Heart: the centre's "
+        "train statistics); federated: pooled train mean/std from a statistics exchange "
+        "before round 1 (docs/statistics.md)"
+    )
+    stats_bins: int = Field(20, ge=1, le=STATS_MAX_BINS, description="histogram bins (stats)")
+    stats_features: str = Field(
+        "", description="comma-separated features/channels to describe (stats); empty = all"
+    )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -183,6 +200,15 @@ class RunConfig(Schema):
             raise ConfigError(
                 "run config: resume = true needs output-dir: the directory of the run to "
                 "resume, where its checkpoint.pkl is"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _stats_run_has_no_rounds_to_resume(self) -> RunConfig:
+        if self.resume and self.run_kind == "stats":
+            raise ConfigError(
+                "run config: resume = true is not allowed with run-kind = 'stats': a statistics "
+                "run has no rounds to resume; start it again"
             )
         return self
 
@@ -268,6 +294,13 @@ class HospitalConfig(Schema):
     prior_path: str = Field("", description="Fed-MAS: this site's copy of the shared prior file")
     public_data_path: str = Field("", description="FedHelp: this site's copy of the public data")
     knowledge_path: str = Field("", description="FedHelp: this site's copy of the knowledge file")
+    stats_min_count: int = Field(
+        5, ge=1, description="statistics: smallest count this hospital discloses; smaller "
+        "cells are sent as '<N' (set here only: no request can lower it)"
+    )
+    stats_allow_extremes: bool = Field(
+        False, description="statistics: whether this hospital discloses per-feature min/max"
+    )
     # data-source = "dicom" only (fedclinic.data.dicom, docs/data.md); relative paths are
     # taken relative to data-path
     dicom_label_sheet: str = Field(

@@ -32,6 +32,11 @@ EXCHANGE = "exchange"
 EVALUATE = "evaluate"
 #: 1 for the first message of an exchange to a hospital, 2.. when it is asked again
 ATTEMPT = "attempt"
+#: a statistics exchange's request, JSON (fedclinic.stats.request.StatsRequest)
+STATS_REQUEST = "stats-request"
+#: the pooled train mean/std every hospital normalises with (normalisation = federated)
+NORMALISATION_MEAN = "normalisation-mean"
+NORMALISATION_STD = "normalisation-std"
 FEDHELP_ROLE = "fedhelp-role"
 PFEDNET_SKETCH = "pfednet-sketch"
 
@@ -46,6 +51,8 @@ PHASE = "phase"
 #: where the hospital's data came from, and a fingerprint of it (sent by every hospital)
 DATA_SOURCE = "data_source"
 DATA_FINGERPRINT = "data_fingerprint"
+#: a hospital's answer to a statistics request, JSON (fedclinic.stats.request.SiteAnswer)
+STATS = "stats"
 
 # ------------------------------------------------------------------- metrics (<- hospital)
 NUM_EXAMPLES = "num-examples"

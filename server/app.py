@@ -14,8 +14,10 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedclinic.engine import RoundEngine
+from fedclinic.engine.survey import run_statistics
 from fedclinic.results import ResultsWriter
 from fedclinic.site import run_site_key
+from fedclinic.stats.report import write_statistics
 from strategies import get_algorithm, load_run_config
 
 app = ServerApp()
@@ -39,5 +41,9 @@ def main(grid: Grid, context: Context) -> None:
     engine = RoundEngine(
         run, algorithm.strategy(run, results), results, run_site_key(run.run_name, context.run_id)
     )
+    if run.run_kind == "stats":  # federated statistics of the hospitals' data, no training
+        written = write_statistics(results.directory, run_statistics(engine, grid))
+        log(INFO, "fedclinic: statistics written: %s", ", ".join(str(p) for p in written))
+        return
     engine.start(grid)
     log(INFO, "fedclinic: run finished; summary in %s", results.directory / "summary.json")

@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run a quality suite (seeds x algorithms, in process) into a results directory",
     )
     quality.add_argument(
-        "--suite", choices=("heart", "pneumonia", "all"), required=True, help="which benchmark"
+        "--suite", choices=("heart", "heart-federated", "pneumonia", "all"), required=True,
+        help="which benchmark (heart-federated: Heart with normalisation = federated)",
     )
     quality.add_argument(
         "--mode",

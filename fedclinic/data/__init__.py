@@ -21,6 +21,7 @@ from fedclinic.data.base import (
     DataSource,
     HospitalData,
     Split,
+    Standardise,
     check_hospital_data,
     source_of,
 )
@@ -125,6 +126,8 @@ def load_hospital_data(request: DataRequest) -> HospitalData:
     source = _source(request.source, request.run.task)
     data = source.loaders[request.run.task](request)
     origin = request.hospital.data_path or request.source
+    if isinstance(request.normalisation, Standardise):  # the sources load it raw
+        data = request.normalisation.apply(data, origin)
     return check_hospital_data(data, request, origin)
 
 
@@ -133,6 +136,7 @@ __all__ = [
     "DataRequest",
     "HospitalData",
     "Split",
+    "Standardise",
     "load_hospital_data",
     "preflight",
 ]

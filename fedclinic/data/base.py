@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 
@@ -79,11 +80,45 @@ def source_of(hospital: HospitalConfig) -> str:
 
 
 @dataclass(frozen=True)
+class Standardise:
+    """Pooled statistics every split is normalised with: ``(x - mean) / (std + 1e-9)`` per
+    feature (tabular) or channel (images), as FLamby z-scores (``normalisation = federated``,
+    docs/statistics.md)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def apply(self, data: HospitalData, origin: str) -> HospitalData:
+        """``data`` with every split's inputs normalised (labels untouched)."""
+        width = int(data.train.inputs.shape[1])
+        if len(self.mean) != width or len(self.std) != width:
+            raise DataError(
+                f"{origin}: the pooled statistics have {len(self.mean)} means and "
+                f"{len(self.std)} stds, but the inputs have {width} features/channels"
+            )
+        shape = (1, width) + (1,) * (data.train.inputs.ndim - 2)
+        mean = torch.tensor(self.mean, dtype=torch.float32).reshape(shape)
+        std = torch.tensor(self.std, dtype=torch.float32).reshape(shape)
+
+        def scaled(split: Split) -> Split:
+            return Split(((split.inputs - mean) / (std + 1e-9)).to(torch.float32), split.labels)
+
+        return replace(data, train=scaled(data.train), val=scaled(data.val), test=scaled(data.test))
+
+
+#: how a source's inputs are normalised: "site", its own preprocessing (Heart: the centre's
+#: train statistics; images: [0, 1] intensities); "raw", none (what statistics describe);
+#: or pooled statistics from the federation
+Normalisation = Literal["site", "raw"] | Standardise
+
+
+@dataclass(frozen=True)
 class DataRequest:
     """Everything a source needs: the run's task and the hospital's own settings."""
 
     run: RunConfig
     hospital: HospitalConfig
+    normalisation: Normalisation = "site"
 
     @property
     def source(self) -> str:

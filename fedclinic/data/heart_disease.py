@@ -20,7 +20,9 @@ switzerland or va), following ``flamby/datasets/fed_heart_disease/dataset.py``:
 5. label = ``num > 0`` (``num`` is the UCI diagnosis 0..4; any other value is refused);
 6. z-score with the centre's train mean and unbiased std (float32, as torch computes it):
    ``(x - mean) / (std + 1e-9)``. :func:`load_pooled` uses the pooled train statistics instead
-   (FLamby's pooled mode).
+   (FLamby's pooled mode). With ``normalisation = federated`` (or ``raw``, for statistics)
+   the features stay raw here and every split is z-scored with the federation's pooled
+   train statistics (:class:`~fedclinic.data.base.Standardise`, docs/statistics.md).
 
 Validation: FLamby has none, so this source's default ``val-fraction`` is 0 (empty val split,
 train keeps FLamby's sizes). With ``val-fraction`` > 0 the validation rows are carved out of
@@ -228,7 +230,8 @@ def check_run(request: DataRequest) -> None:
 
 
 def load(request: DataRequest) -> HospitalData:
-    """One centre's train/val/test splits, normalised with its own train statistics."""
+    """One centre's train/val/test splits, normalised with its own train statistics (raw
+    unless the request's normalisation is ``site``)."""
     check_run(request)
     path = require_data_path(request, WHAT)
     centre = read_centre(path)
@@ -243,11 +246,9 @@ def load(request: DataRequest) -> HospitalData:
         train_rows, val_rows = train_rows[keep], train_rows[val]
     train = subset(whole, train_rows)
     mean, std = statistics(train.inputs)
-    splits = {
-        "train": normalise(train, mean, std),
-        "val": normalise(subset(whole, val_rows), mean, std),
-        "test": normalise(subset(whole, centre.test), mean, std),
-    }
+    splits = {"train": train, "val": subset(whole, val_rows), "test": subset(whole, centre.test)}
+    if request.normalisation == "site":  # otherwise raw: pooled statistics come later
+        splits = {name: normalise(split, mean, std) for name, split in splits.items()}
     counts = ", ".join(
         f"{name} {len(s)} ({int(s.labels.sum())} positive)" for name, s in splits.items()
     )

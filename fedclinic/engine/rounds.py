@@ -1,6 +1,7 @@
 """The round engine: one federated run, whatever the algorithm.
 
-:class:`RoundEngine` drives an algorithm's server half (:class:`ServerAlgorithm`): an optional
+:class:`RoundEngine` drives an algorithm's server half (:class:`ServerAlgorithm`): with
+``normalisation = federated`` a statistics exchange (:mod:`fedclinic.engine.survey`), an optional
 setup query, ``rounds`` rounds of the algorithm's exchanges, and one final evaluation. For
 every exchange it waits for hospitals, sends, polls with retries and re-sends within the
 deadline (:mod:`fedclinic.engine.exchange`), accepts or refuses each reply
@@ -37,6 +38,7 @@ from fedclinic.engine.algorithm import (
 )
 from fedclinic.engine.exchange import Clock, GridLike, ResendPolicy, Transport
 from fedclinic.engine.records import Selection, evaluate_row, hospital_summaries, train_row
+from fedclinic.engine.survey import federated_normalisation
 from fedclinic.errors import FedClinicError
 from fedclinic.results import ResultsWriter
 from fedclinic.rows import Row
@@ -82,6 +84,9 @@ class RoundEngine:
         self.selection = Selection(run.selection_key)
         self.audit = AuditLog(results.directory) if results else None
         self.model_spec: UpdateSpec | None = None
+        #: normalisation = federated: the pooled statistics (``config``: what every message
+        #: carries; ``summary``) from the statistics exchange before round 1; checkpointed
+        self.normalisation: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the run
     def start(self, grid: GridLike, initial_arrays: ArrayRecord | None = None) -> RunResult:
@@ -166,6 +171,7 @@ class RoundEngine:
             keys.EXCHANGE: exchange.name,
             keys.EVALUATE: exchange.evaluate,
             keys.SITE_KEY: self.site_key,
+            **self.normalisation.get("config", {}),
             **({keys.FINAL: True} if exchange is FINAL_EVALUATION else {}),
             **algorithm.round_config(server_round, exchange),
         }
@@ -226,6 +232,8 @@ class RoundEngine:
         return outcome.accepted
 
     def setup(self, transport: Transport, arrays: ArrayRecord) -> None:
+        if self.run.normalisation == "federated":  # first: the setup query uses the data too
+            self.normalisation = federated_normalisation(self, transport)
         config = self.algorithm.setup_query()
         if config is not None:
             replies = self.query(transport, {keys.SITE_KEY: self.site_key, **config})
@@ -239,7 +247,8 @@ class RoundEngine:
 
     def _ask(self, transport: Transport, nodes: list[int], config: dict[str, Any]) -> Acceptance:
         """A QUERY exchange: the replies' names are learned, the rest is the caller's."""
-        content = RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 0, **config})})
+        config = {keys.SERVER_ROUND: 0, **self.normalisation.get("config", {}), **config}
+        content = RecordDict({keys.CONFIG: ConfigRecord(config)})
         messages = {
             n: Message(content=content, message_type=QUERY.message_type, dst_node_id=n)
             for n in nodes
@@ -272,7 +281,11 @@ class RoundEngine:
     def state_dict(self) -> dict[str, Any]:
         """Round-to-round state besides the model: names, model selection, the algorithm's."""
         return {
-            "engine": {"names": dict(self.names), "selection": self.selection.state_dict()},
+            "engine": {
+                "names": dict(self.names),
+                "selection": self.selection.state_dict(),
+                "normalisation": self.normalisation,
+            },
             "algorithm": self.algorithm.state_dict(),
         }
 
@@ -280,6 +293,7 @@ class RoundEngine:
         engine = state.get("engine", {})
         self.names = dict(engine.get("names", {}))
         self.selection.load_state_dict(engine.get("selection", {}))
+        self.normalisation = dict(engine.get("normalisation", {}))
         self.algorithm.load_state_dict(state.get("algorithm", {}))
 
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> dict[str, str]:
@@ -348,6 +362,7 @@ class RoundEngine:
                 ),
                 "model": model_info,
                 "selected_model": selected_info,
+                "normalisation": self.normalisation.get("summary", {"kind": "site"}),
                 **self.algorithm.summary_extra(),
             }
         )

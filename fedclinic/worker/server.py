@@ -58,14 +58,19 @@ class DataMemo:
 
     def __init__(self, loader: DataSource = load_hospital_data) -> None:
         self.loader = loader
-        self.key: tuple[str, str, str] | None = None
+        self.key: tuple[str, str, str, str] | None = None
         self.data: HospitalData | None = None
         self.last = ""  # "loaded" or "reused": how the last request got its data
 
     def load(self, request: DataRequest) -> HospitalData:
         path = Path(request.hospital.data_path).expanduser() if request.hospital.data_path else None
         files = tree_identity(path) if path is not None and path.exists() else ""
-        key = (request.run.model_dump_json(), request.hospital.model_dump_json(), files)
+        key = (  # raw (statistics) and normalised (training) data are different data
+            request.run.model_dump_json(),
+            request.hospital.model_dump_json(),
+            files,
+            repr(request.normalisation),
+        )
         if self.data is not None and key == self.key:
             self.last = "reused"
             return self.data
