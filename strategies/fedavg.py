@@ -14,6 +14,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from fedclinic.serialization import numpy_to_record
+from strategies.balanced_loss import BalancedLossObjective, LocalLossOptions
 from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, Reply, replies_to_numpy
 
 
@@ -46,7 +47,7 @@ class FedAvgStrategy(FedClinicStrategy):
         return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
 
 
-class FedAvgObjective(ClientObjective):
+class FedAvgObjective(BalancedLossObjective, ClientObjective):
     """Plain task loss (cross-entropy, or Dice + CE for segmentation) from the global model."""
 
 
@@ -54,6 +55,7 @@ ALGORITHM = Algorithm(
     name="fedavg",
     strategy=FedAvgStrategy,
     objective=FedAvgObjective,
+    options=LocalLossOptions,
     description="FedAvg: sample-weighted averaging of local SGD updates",
     tasks=("classification", "segmentation"),
 )

@@ -120,6 +120,7 @@ from fedclinic.segmentation import output_channels
 from fedclinic.serialization import State, numpy_to_record
 from fedclinic.tasks import task_of
 from fedclinic.training import make_loader, make_optimizer, seeded_generator
+from strategies.balanced_loss import LocalLoss, Loss, local_loss
 from strategies.base import (
     Algorithm,
     ClientContext,
@@ -180,6 +181,11 @@ class FedHelpOptions(Schema):
     )
     knowledge_sha256: str = Field(
         "", pattern=r"^([0-9a-fA-F]{64})?$", description="SHA-256 of the agreed knowledge file"
+    )
+    local_loss: LocalLoss = Field(
+        "bsm",
+        description="supervised loss of every local step on a hospital's own data: balanced "
+        "softmax with the hospital's class prior (bsm) or plain cross-entropy (ce, reference)",
     )
     knowledge: Literal["file", "none"] = Field(
         "file",
@@ -445,6 +451,11 @@ class FedHelpObjective(ClientObjective):
             for inputs, labels in loader:
                 yield inputs.to(device), labels.to(device)
 
+    def private_loss(self) -> Loss:
+        """The supervised loss on this hospital's own data (``fedhelp.local-loss``)."""
+        counts = self.context.data.train.class_counts(self.run.num_classes)
+        return local_loss(self.run, self.options.local_loss, counts)
+
     def budget(self) -> int:
         batches = math.ceil(len(self.context.data.train) / self.run.batch_size)
         return self.run.local_steps or self.run.local_epochs * batches
@@ -456,7 +467,7 @@ class FedHelpObjective(ClientObjective):
     def fit_large(self, received: State) -> LocalUpdate:
         """Asymmetric dual KD (3a forward KL, 3b CE + KL + beta * ranking); upload the proxy."""
         opts, run, device = self.options, self.run, self.context.device
-        task_loss = task_of(run).loss
+        task_loss = self.private_loss()
         temperature, amp = opts.temperature, self.use_amp()
         proxy = self.build(received).to(device)
         large = self.large_model().to(device)
@@ -622,7 +633,8 @@ class FedHelpObjective(ClientObjective):
         if self.options.knowledge == "none":
             return self.fit_small_private(received)
         opts, run, device = self.options, self.run, self.context.device
-        task_loss = task_of(run).loss
+        task_loss = task_of(run).loss  # the public head's CE: the public labels' own mix
+        private_loss_of = self.private_loss()
         shared = self.shared_knowledge()
         model = self.build(received)
         head_name = find_head(model, head_prefix(run))
@@ -654,7 +666,7 @@ class FedHelpObjective(ClientObjective):
             index = index.cpu()
             # (i) private step on (phi, private head).
             with torch.autocast(device.type, enabled=amp):
-                private_loss = task_loss(private(phi(x)), y)
+                private_loss = private_loss_of(private(phi(x)), y)
             private_step.step(private_loss)
             # (ii) public step on (phi, public head): KL to the stored probabilities (+ CE, FH-5).
             with torch.autocast(device.type, enabled=amp):
@@ -716,7 +728,7 @@ class FedHelpObjective(ClientObjective):
         the global architecture, the large hospitals still run the dual distillation.
         """
         run, device = self.run, self.context.device
-        task_loss = task_of(run).loss
+        task_loss = self.private_loss()
         model = self.build(received)
         head_name = find_head(model, head_prefix(run))
         private, _ = self.heads(get_module(model, head_name), run.num_classes)

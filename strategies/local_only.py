@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from fedclinic.serialization import State
+from strategies.balanced_loss import BalancedLossObjective, LocalLossOptions
 from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, LocalUpdate, Reply
 
 LOCAL_MODEL = "local_model"
@@ -32,7 +33,7 @@ class LocalOnlyStrategy(FedClinicStrategy):
         return None
 
 
-class LocalOnlyObjective(ClientObjective):
+class LocalOnlyObjective(BalancedLossObjective, ClientObjective):
     """Trains and evaluates the hospital's own persistent model."""
 
     deployed_kind = "local"
@@ -56,6 +57,7 @@ ALGORITHM = Algorithm(
     name="local-only",
     strategy=LocalOnlyStrategy,
     objective=LocalOnlyObjective,
+    options=LocalLossOptions,
     description="Local-only: each hospital trains alone on its own data",
     tasks=("classification", "segmentation"),
 )

@@ -77,6 +77,7 @@ from fedclinic.serialization import (
 )
 from fedclinic.training import seeded_generator, train_local
 from strategies import pfednet_math as pm
+from strategies.balanced_loss import BalancedLossObjective, LocalLoss
 from strategies.base import Algorithm, ClientObjective, FedClinicStrategy, LocalUpdate, Reply
 from strategies.fedavg import weighted_average
 
@@ -107,6 +108,11 @@ class PFedNetOptions(Schema):
     compression_ratio: float = Field(0.2, gt=0, le=1)
     compression_chunk: int = Field(3000, ge=2, le=20_000)
     compression_iterations: int = Field(50, ge=1, le=10_000)
+    local_loss: LocalLoss = Field(
+        "bsm",
+        description="supervised loss of both phases: balanced softmax with the hospital's "
+        "class prior (bsm) or plain cross-entropy (ce, reference)",
+    )
 
 
 def options_of(run: RunConfig) -> PFedNetOptions:
@@ -223,10 +229,11 @@ def split_of(run: RunConfig) -> LayerSplit:
 # ------------------------------------------------------------------------------------ client
 
 
-class PFedNetObjective(ClientObjective):
+class PFedNetObjective(BalancedLossObjective, ClientObjective):
     """Hospital half: sketch once, then the shared and personal phases of every round."""
 
     deployed_kind = "personal"
+    local_loss_options = PFedNetOptions
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)

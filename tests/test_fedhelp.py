@@ -242,14 +242,18 @@ def test_without_public_data_the_small_hospital_trains_on_its_own_data_only(
     assert "train_public_kl" not in metrics and metrics["train_private_loss"] > 0
     assert info["uploaded"] == "surrogate" and info["knowledge_source"] == "none"
     # the same steps by hand: the received model, its classifier kept (head-init = global),
-    # trained with the task loss on the same batches with the run's optimiser
+    # trained with the default balanced softmax (CE of the logits shifted by the log of this
+    # hospital's training class frequencies) on the same batches with the run's optimiser
     by_hand = build_model(run)
     by_hand.load_state_dict(received)
     optimizer = torch.optim.Adam(by_hand.parameters(), lr=run.learning_rate)
-    batches = objective.batches(objective.context.data.train, run.batch_size, objective.generator())
+    train = objective.context.data.train
+    counts = torch.bincount(train.labels, minlength=run.num_classes).double()
+    log_prior = torch.log(counts / counts.sum() + 1e-12).float()
+    batches = objective.batches(train, run.batch_size, objective.generator())
     for _ in range(run.local_steps):
         x, y = next(batches)
-        loss = nn.functional.cross_entropy(by_hand(x), y)
+        loss = nn.functional.cross_entropy(by_hand(x) + log_prior, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
