@@ -166,7 +166,9 @@ class FedHelpOptions(Schema):
     public_ce: bool = Field(True, description="FH-5: add CE on the public head when labelled")
     public_batch_size: int = Field(0, ge=0, description="public batch; 0 = batch-size")
     head_init: Literal["fresh", "kept", "global"] = Field(
-        "fresh", description="FH-3: fresh heads each round, kept at the site, or global head"
+        "global",
+        description="FH-3: private head from the global classifier, public head kept (default); "
+        "fresh heads each round (reference); or both kept at the site",
     )
     forward_kd_weight: float = Field(1.0, ge=0, description="KL weight, large -> proxy")
     backward_kd_weight: float = Field(1.0, ge=0, description="KL weight, proxy -> large")
@@ -174,7 +176,7 @@ class FedHelpOptions(Schema):
     rank_k: int = Field(1, ge=1, description="top-k classes of the proxy in the ranking loss")
     rank_margin: float = Field(0.0, ge=0, description="hinge margin m (FH-8)")
     rank_reduction: Literal["sum", "mean"] = Field(
-        "sum", description="ranking loss summed over the batch (reference) or averaged"
+        "mean", description="ranking loss averaged over the batch (default) or summed (reference)"
     )
     kl_reduction: Literal["batchmean", "mean"] = Field(
         "batchmean", description="per-sample KL, or divided by B*C like nn.KLDivLoss()"

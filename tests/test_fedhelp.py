@@ -186,7 +186,7 @@ def test_small_hospital_uploads_the_surrogate_with_its_private_head(
     assert info["deployed"] == "global" and info["uploaded"] == "surrogate"
     assert info["knowledge_sha256"] == shared["sha"]
     assert metrics["train_public_kl"] > 0 and metrics["train_public_ce"] > 0  # FH-5: labelled
-    assert not objective.context.site.has(HEADS)  # FH-3 default: fresh heads every round
+    assert objective.context.site.has(HEADS)  # default head-init = global: public head kept
     assert not objective.context.site.has(LARGE_MODEL)
 
 
@@ -222,8 +222,9 @@ def test_head_init_global_starts_the_private_head_from_the_global_classifier(
     private, public = make_objective(run, shared, tmp_path, "small").heads(global_head, 2)
     assert torch.equal(public.weight.detach(), kept["public.weight"])  # public head kept
     assert torch.equal(private.weight.detach(), global_head.weight.detach())  # not the kept one
-    fresh = make_objective(make_run(shared), shared, tmp_path, "small").heads(global_head, 2)
-    assert not torch.equal(fresh[0].weight.detach(), global_head.weight.detach())  # FH-3 default
+    run = make_run(shared, **{"head-init": "fresh"})
+    fresh = make_objective(run, shared, tmp_path, "small").heads(global_head, 2)
+    assert not torch.equal(fresh[0].weight.detach(), global_head.weight.detach())  # reference
 
 
 def test_without_public_data_the_small_hospital_trains_on_its_own_data_only(
