@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: the quality suites (``fedclinic bench quality --suite``)
+SUITES = ("heart", "pneumonia", "pneumonia-skew")
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``fedclinic bench quality`` and ``fedclinic bench report``."""
@@ -22,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quality",
         help="run a quality suite (seeds x algorithms, in process) into a results directory",
     )
-    quality.add_argument("--suite", choices=("heart", "pneumonia", "all"), required=True)
+    quality.add_argument("--suite", choices=(*SUITES, "all"), required=True)
     quality.add_argument(
         "--mode",
         choices=("quick", "full"),
@@ -64,6 +67,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=run_report)
 
     # the runtime benchmarks (real SuperLink/SuperNode processes) declare their own options
+    gate = commands.add_parser(
+        "gate",
+        help="short accuracy gate on the real data: exit 1 when a method falls below its floor",
+    )
+
+    def run_gate(args: argparse.Namespace) -> int:
+        from fedclinic.bench.gate import gate_command
+
+        return gate_command(args)
+
+    gate.set_defaults(handler=run_gate)
+
     from fedclinic.bench.load import add_load_parser
     from fedclinic.bench.system import add_system_parser
 
