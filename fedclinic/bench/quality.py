@@ -372,6 +372,10 @@ def pick_data_seed(
     raise FedClinicError("bench quality pneumonia: no data-seed below 1000 fits the partition")
 
 
+#: data-seeds found by :func:`pick_data_seed`, per (fractions, alpha, min test, min val)
+DATA_SEEDS: dict[tuple[Any, ...], int] = {}
+
+
 def pneumonia_plan(mode: str, work: Path, suite: str = "pneumonia") -> Plan:
     """Six unequal PneumoniaMNIST hospitals (quick: 1 seed, 2 rounds of 3 steps).
 
@@ -416,7 +420,10 @@ def pneumonia_plan(mode: str, work: Path, suite: str = "pneumonia") -> Plan:
         "local-steps": 3 if quick else 0,
     }
     labels = official_labels()
-    data_seed = pick_data_seed(hospitals, base, labels, min_test, min_val)
+    key = (fractions, alpha, min_test, min_val)
+    if key not in DATA_SEEDS:  # a few hundred partitions: found once per process
+        DATA_SEEDS[key] = pick_data_seed(hospitals, base, labels, min_test, min_val)
+    data_seed = DATA_SEEDS[key]
     hospitals = [{**node, "data-seed": data_seed} for node in hospitals]
     layout = partition_layout(hospitals, base, data_seed, labels)
     if skew:

@@ -57,8 +57,16 @@ LABELS = {
 def label(algorithm: str, results: dict[str, Any] | None = None) -> str:
     """A method's table label: the suite's own (controls, degraded or partial variants, as
     ``fedclinic bench quality`` named them), else the algorithm's."""
-    own = (results or {}).get("labels", {}).get(algorithm)
-    return own or LABELS.get(algorithm, algorithm)
+    results = results or {}
+    own = results.get("labels", {}).get(algorithm)
+    if own:
+        return own
+    settings = results.get("settings", {}).get(algorithm, {})  # results without labels
+    if settings.get("fedhelp.knowledge") == "none":
+        return "FedHelp, dual distillation only"
+    if settings.get("fedmas.prior-source") == "random" and settings.get("model") == "logreg":
+        return "Fed-MAS (degraded: logistic regression, random prior)"
+    return LABELS.get(algorithm, algorithm)
 
 
 def interval(cell: dict[str, Any] | None, digits: int = 3) -> str:
@@ -476,17 +484,30 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
         "Per-hospital test balanced accuracy / ROC-AUC (mean over seeds):",
         "",
     ]
+    one_class: dict[tuple[str, str], int] = {}
+    for entry in results["per_hospital"]:
+        if entry.get("one_class_test"):
+            key = (entry["algorithm"], entry["hospital"])
+            one_class[key] = one_class.get(key, 0) + 1
     per_rows = []
     for algorithm in results["algorithms"]:
         row = summary[algorithm]
         per_rows.append(
             [label(algorithm, results)]
             + [
-                f"{_mean(row, f'{h}:test_balanced_accuracy')} / {_mean(row, f'{h}:test_auc')}"
+                f"{_mean(row, f'{h}:test_balanced_accuracy')}"
+                + (f" †{one_class[(algorithm, h)]}" if (algorithm, h) in one_class else "")
+                + f" / {_mean(row, f'{h}:test_auc')}"
                 for h in hospitals
             ]
         )
     lines += table(["Method", *hospitals], per_rows)
+    if one_class:
+        lines += [
+            "",
+            "†k: at k of the seeds this hospital's reported model predicts one class for its "
+            "whole test split.",
+        ]
     if suite == "pneumonia-skew":
         lines += ["", *skew_tables(results)]
     lines += [
