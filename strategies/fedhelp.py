@@ -43,10 +43,11 @@ Design decisions (ALGORITHMS.md section 6) implemented here, with what the refer
   the private head on their own data only, large hospitals and the server are unchanged.
   For consortia without a shareable public set (tabular clinical data); results are the dual
   distillation alone and must be reported so.
-- FH-3: both heads are re-initialised every round, as in the reference, by default
-  (``fedhelp.head-init = "fresh"``); ``"kept"`` keeps both in the site state across rounds;
-  ``"global"`` starts the private head from the received global classifier and keeps the
-  public head at the site.
+- FH-3: by default (``fedhelp.head-init = "global"``) the private head starts from the
+  received global classifier and the public head is kept at the site; ``"fresh"``
+  re-initialises both every round, as the reference does, ``"kept"`` keeps both in the site
+  state. Under label skew fresh heads make the averaged classifier near random in some
+  rounds (docs/fedhelp.md, "Label skew").
 - FH-4: targets are stored as probabilities (softmax of raw logits when the knowledge file
   is built); temperature is applied as ``p^(1/T)`` renormalised, which equals
   ``softmax(s/T)``. The reference passes stored vectors to ``KLDivLoss`` as they are.
@@ -82,7 +83,13 @@ convolution (the reference's ``outconv``) and its public head a 1x1 convolution 
 channel per public class (one for two classes); the knowledge file holds per-pixel
 probabilities ``(N_pub, C_pub, H, W)`` and the public labels, when present, are masks.
 
-Project choices beyond the IDs: KL is the per-sample KL (``fedhelp.kl-reduction =
+Project choices beyond the IDs: every supervised term on a hospital's own data (the private
+step, the proxy's and the large model's CE) is the balanced softmax ``CE(z + log pi, y)`` with
+the hospital's class prior (``fedhelp.local-loss = "bsm"``; the reference's plain CE is
+``"ce"``), so that models of hospitals with different label mixes fit the same
+prior-free target before they are averaged or distilled (:mod:`strategies.balanced_loss`);
+the ranking loss is averaged over the batch (``fedhelp.rank-reduction = "mean"``; the
+reference sums); KL is the per-sample KL (``fedhelp.kl-reduction =
 "batchmean"``; ``"mean"`` reproduces the reference's B*C division); no T^2 factor (T = 1 in
 the reference); optimisers are the run's (``optimizer``, ``learning-rate``, ``weight-decay``:
 set adam / 0.001 / 0.0001 for the reference's values) and are created afresh every round;

@@ -46,6 +46,11 @@ Design decisions (ALGORITHMS.md section 6):
 - PF-4: ``(I + eta rho QQ^T)^-1`` from one eigendecomposition of QQ^T at graph build;
   ``(I + rho D^T D)^-1`` from the closed-form eigendecomposition of D^T D. The reference
   calls ``torch.inverse`` every ADMM iteration and ``eigh`` for D^T D.
+
+Project choice beyond the IDs: both phases train with the balanced softmax ``CE(z + log pi,
+y)`` of the hospital's own class prior (``pfednet.local-loss = "bsm"``; the reference's plain
+CE is ``"ce"``): personal heads trained with CE carry their hospital's label prior, which the
+fusion term mixes between hospitals (docs/pfednet.md, "Label skew").
 """
 
 from __future__ import annotations
