@@ -71,6 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "gate",
         help="short accuracy gate on the real data: exit 1 when a method falls below its floor",
     )
+    gate.add_argument(
+        "--out", type=Path, default=None, help="also write <out>/gate/gate.md and gate.json"
+    )
 
     def run_gate(args: argparse.Namespace) -> int:
         from fedclinic.bench.gate import gate_command

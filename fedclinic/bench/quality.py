@@ -950,12 +950,13 @@ def summarise(
                 if row:
                     for metric in METRICS:
                         add(f"{hospital}:{metric}", row[metric])
-            for metric in ("test_balanced_accuracy", "test_auc"):
+            for metric in METRICS:
                 for group, members in groups.items():
                     values = [table[(algorithm, seed, h)][metric] for h in members
                               if (algorithm, seed, h) in table]  # fmt: skip
                     if values:
                         add(f"{group}_mean_{metric}", float(np.nanmean(values)))
+            for metric in ("test_balanced_accuracy", "test_auc"):
                 for index, reference in enumerate(references):
                     gaps = {
                         h: table[(algorithm, seed, h)][metric] - table[(reference, seed, h)][metric]
