@@ -87,6 +87,15 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
     assert gap["mean"] == 0.0  # a method against itself
     assert "client_avg_gap_local-only-bsm_test_balanced_accuracy" in summary["fedhelp"]
 
+    # held-out variant: the same partition, test images carved from each hospital's own share
+    held = json.loads((out / "pneumonia-skew-heldout" / "results.json").read_text())
+    for name, entry in held["layout"].items():
+        own = skew["layout"][name]["development_class_counts"]
+        test = entry["test_class_counts"]
+        dev = entry["development_class_counts"]
+        assert [a + b for a, b in zip(dev, test, strict=True)] == own
+        assert sum(test) >= 0.19 * sum(own)  # 20 % held out, stratified
+
     report = tmp_path / "BENCHMARKS.md"
     plots = tmp_path / "plots"
     assert (
@@ -103,7 +112,7 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
     assert "## PneumoniaMNIST strong label skew" in text and "Meets target" in text
     assert "private wide-cnn" in text  # FedHelp's model classes are named in the table
     images = sorted(p.name for p in plots.glob("*.png"))
-    assert len(images) == 8
+    assert len(images) == 11
     for name in images:
         assert f"plots/{name}" in text
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

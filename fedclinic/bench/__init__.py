@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 #: the quality suites (``fedclinic bench quality --suite``)
-SUITES = ("heart", "pneumonia", "pneumonia-skew")
+SUITES = ("heart", "pneumonia", "pneumonia-skew", "pneumonia-skew-heldout")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

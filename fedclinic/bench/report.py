@@ -442,7 +442,10 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
     summary = {row["algorithm"]: row for row in results["summary"]}
     hospitals = results["hospitals"]
     suite = results["suite"]
-    title = "strong label skew" if suite == "pneumonia-skew" else "hospitals"
+    title = {
+        "pneumonia-skew": "strong label skew",
+        "pneumonia-skew-heldout": "strong label skew, held-out test from the train share",
+    }.get(suite, "hospitals")
     lines = [f"## PneumoniaMNIST {title} ({results['mode']} mode)", ""]
     lines += [*_protocol(results), ""]
     lines += [*_layout(results), ""]
@@ -517,7 +520,7 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
             "†k: at k of the seeds this hospital's reported model predicts one class for its "
             "whole test split.",
         ]
-    if suite == "pneumonia-skew":
+    if suite.startswith("pneumonia-skew"):
         lines += ["", *skew_tables(results)]
     lines += [
         "",
@@ -530,7 +533,9 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
         "in one place, larger models), so it is context, not an anchor.",
         "",
     ]
-    prefix = "skew" if suite == "pneumonia-skew" else "pneumonia"
+    prefix = {"pneumonia-skew": "skew", "pneumonia-skew-heldout": "skew_heldout"}.get(
+        suite, "pneumonia"
+    )
     for metric in ("test_balanced_accuracy", "test_auc"):
         bars = f"{prefix}_bars_{metric}.png"
         plot_bars(results, metric, plots / bars)
@@ -644,7 +649,7 @@ def render(results_dir: Path, out: Path, plots: Path) -> str:
         ]
     if "heart" in found:
         lines += heart_section(found["heart"], plots, relative)
-    for suite in ("pneumonia", "pneumonia-skew"):
+    for suite in SUITES[1:]:
         if suite in found:
             lines += pneumonia_section(found[suite], plots, relative)
     lines += runtime_sections(results_dir, plots, relative)
