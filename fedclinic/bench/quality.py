@@ -913,6 +913,8 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
                     **{m: _number(chosen.get(m)) for m in METRICS},
                     "one_class_test": one_class(chosen.get("test_recall")),
                     "one_class_val": one_class(chosen.get("val_recall")),
+                    "val_recall": chosen.get("val_recall"),
+                    "test_recall": chosen.get("test_recall"),
                 }
             )
         for row in rows:
