@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord
 
 from fedclinic.engine import TRAIN, Exchange, Reply, ServerAlgorithm, replies_to_numpy
 from fedclinic.serialization import numpy_to_record
+from strategies.balanced_loss import BalancedLossObjective, LocalLossOptions
 from strategies.base import Algorithm, ClientObjective
 
 
@@ -49,7 +50,7 @@ class FedAvgStrategy(ServerAlgorithm):
         return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
 
 
-class FedAvgObjective(ClientObjective):
+class FedAvgObjective(BalancedLossObjective, ClientObjective):
     """Plain task loss (cross-entropy, or Dice + CE for segmentation) from the global model."""
 
 
@@ -57,6 +58,7 @@ ALGORITHM = Algorithm(
     name="fedavg",
     strategy=FedAvgStrategy,
     objective=FedAvgObjective,
+    options=LocalLossOptions,
     description="FedAvg: sample-weighted averaging of local SGD updates",
     tasks=("classification", "segmentation"),
 )

@@ -43,10 +43,11 @@ Design decisions (ALGORITHMS.md section 6) implemented here, with what the refer
   the private head on their own data only, large hospitals and the server are unchanged.
   For consortia without a shareable public set (tabular clinical data); results are the dual
   distillation alone and must be reported so.
-- FH-3: both heads are re-initialised every round, as in the reference, by default
-  (``fedhelp.head-init = "fresh"``); ``"kept"`` keeps both in the site state across rounds;
-  ``"global"`` starts the private head from the received global classifier and keeps the
-  public head at the site.
+- FH-3: by default (``fedhelp.head-init = "global"``) the private head starts from the
+  received global classifier and the public head is kept at the site; ``"fresh"``
+  re-initialises both every round, as the reference does, ``"kept"`` keeps both in the site
+  state. Under label skew fresh heads make the averaged classifier near random in some
+  rounds (docs/fedhelp.md, "Label skew").
 - FH-4: targets are stored as probabilities (softmax of raw logits when the knowledge file
   is built); temperature is applied as ``p^(1/T)`` renormalised, which equals
   ``softmax(s/T)``. The reference passes stored vectors to ``KLDivLoss`` as they are.
@@ -82,7 +83,13 @@ convolution (the reference's ``outconv``) and its public head a 1x1 convolution 
 channel per public class (one for two classes); the knowledge file holds per-pixel
 probabilities ``(N_pub, C_pub, H, W)`` and the public labels, when present, are masks.
 
-Project choices beyond the IDs: KL is the per-sample KL (``fedhelp.kl-reduction =
+Project choices beyond the IDs: every supervised term on a hospital's own data (the private
+step, the proxy's and the large model's CE) is the balanced softmax ``CE(z + log pi, y)`` with
+the hospital's class prior (``fedhelp.local-loss = "bsm"``; the reference's plain CE is
+``"ce"``), so that models of hospitals with different label mixes fit the same
+prior-free target before they are averaged or distilled (:mod:`strategies.balanced_loss`);
+the ranking loss is averaged over the batch (``fedhelp.rank-reduction = "mean"``; the
+reference sums); KL is the per-sample KL (``fedhelp.kl-reduction =
 "batchmean"``; ``"mean"`` reproduces the reference's B*C division); no T^2 factor (T = 1 in
 the reference); optimisers are the run's (``optimizer``, ``learning-rate``, ``weight-decay``:
 set adam / 0.001 / 0.0001 for the reference's values) and are created afresh every round;
@@ -125,6 +132,7 @@ from fedclinic.training import (
     seeded_generator,
     train_local,
 )
+from strategies.balanced_loss import LocalLoss, Loss, local_loss
 from strategies.base import Algorithm, ClientContext, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 from strategies.fedhelp_math import (
@@ -162,7 +170,9 @@ class FedHelpOptions(Schema):
     public_ce: bool = Field(True, description="FH-5: add CE on the public head when labelled")
     public_batch_size: int = Field(0, ge=0, description="public batch; 0 = batch-size")
     head_init: Literal["fresh", "kept", "global"] = Field(
-        "fresh", description="FH-3: fresh heads each round, kept at the site, or global head"
+        "global",
+        description="FH-3: private head from the global classifier, public head kept (default); "
+        "fresh heads each round (reference); or both kept at the site",
     )
     forward_kd_weight: float = Field(1.0, ge=0, description="KL weight, large -> proxy")
     backward_kd_weight: float = Field(1.0, ge=0, description="KL weight, proxy -> large")
@@ -170,13 +180,18 @@ class FedHelpOptions(Schema):
     rank_k: int = Field(1, ge=1, description="top-k classes of the proxy in the ranking loss")
     rank_margin: float = Field(0.0, ge=0, description="hinge margin m (FH-8)")
     rank_reduction: Literal["sum", "mean"] = Field(
-        "sum", description="ranking loss summed over the batch (reference) or averaged"
+        "mean", description="ranking loss averaged over the batch (default) or summed (reference)"
     )
     kl_reduction: Literal["batchmean", "mean"] = Field(
         "batchmean", description="per-sample KL, or divided by B*C like nn.KLDivLoss()"
     )
     knowledge_sha256: str = Field(
         "", pattern=r"^([0-9a-fA-F]{64})?$", description="SHA-256 of the agreed knowledge file"
+    )
+    local_loss: LocalLoss = Field(
+        "bsm",
+        description="supervised loss of every local step on a hospital's own data: balanced "
+        "softmax with the hospital's class prior (bsm) or plain cross-entropy (ce, reference)",
     )
     knowledge: Literal["file", "none"] = Field(
         "file",
@@ -406,11 +421,16 @@ class FedHelpObjective(ClientObjective):
         """The hospital's training loop and the run's optimiser, created afresh every round."""
         return LocalLoop.for_run(self.run, self.context.device), OptimizerSettings.of(self.run)
 
+    def private_loss(self) -> Loss:
+        """The supervised loss on this hospital's own data (``fedhelp.local-loss``)."""
+        counts = self.context.data.train.class_counts(self.run.num_classes)
+        return local_loss(self.run, self.options.local_loss, counts)
+
     # ------------------------------------------------------------------ large hospitals
     def fit_large(self, received: State) -> LocalUpdate:
         """Asymmetric dual KD (3a forward KL, 3b CE + KL + beta * ranking); upload the proxy."""
         opts, device = self.options, self.context.device
-        task_loss = task_of(self.run).loss
+        task_loss = self.private_loss()
         temperature = opts.temperature
         loop, settings = self.loop()
         proxy = self.build(received).to(device)
@@ -577,7 +597,8 @@ class FedHelpObjective(ClientObjective):
         if self.options.knowledge == "none":
             return self.fit_small_private(received)
         opts, run, device = self.options, self.run, self.context.device
-        task_loss = task_of(run).loss
+        task_loss = task_of(run).loss  # the public head's CE: the public labels' own mix
+        private_loss_of = self.private_loss()
         shared = self.shared_knowledge()
         model = self.build(received)
         head_name = find_head(model, head_prefix(run))
@@ -610,7 +631,7 @@ class FedHelpObjective(ClientObjective):
             index = index.cpu()
             # (i) private step on (phi, private head).
             with loop.autocast():
-                private_loss = task_loss(private(phi(x)), y)
+                private_loss = private_loss_of(private(phi(x)), y)
             private_step.step(private_loss)
             # (ii) public step on (phi, public head): KL to the stored probabilities (+ CE, FH-5).
             with loop.autocast():
@@ -667,15 +688,24 @@ class FedHelpObjective(ClientObjective):
         """``knowledge = "none"``: the surrogate's private step alone, no public head.
 
         phi and the private head (FH-3 as for the public variant) train on the hospital's
-        own data with the task loss; nothing else changes: the upload is the surrogate in
-        the global architecture, the large hospitals still run the dual distillation.
+        own data with the local loss (``fedhelp.local-loss``); nothing else changes: the
+        upload is the surrogate in the global architecture, the large hospitals still run the
+        dual distillation.
         """
         run, device = self.run, self.context.device
+        task_loss = self.private_loss()
         model = self.build(received)
         head_name = find_head(model, head_prefix(run))
         private, _ = self.heads(get_module(model, head_name), run.num_classes)
         set_module(model, head_name, private)
-        stats = train_local(model, self.context.data.train, run, device, self.generator())
+        stats = train_local(
+            model,
+            self.context.data.train,
+            run,
+            device,
+            self.generator(),
+            objective=lambda _model, _inputs, labels, logits: task_loss(logits, labels),
+        )
         if self.options.head_init != "fresh":
             self.context.site.save(
                 HEADS, {f"private.{k}": v for k, v in _cpu_state(private).items()}

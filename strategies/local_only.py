@@ -14,6 +14,7 @@ from torch import nn
 
 from fedclinic.engine import TRAIN, Exchange, Reply, ServerAlgorithm
 from fedclinic.serialization import State
+from strategies.balanced_loss import BalancedLossObjective, LocalLossOptions
 from strategies.base import Algorithm, ClientObjective, LocalUpdate
 
 LOCAL_MODEL = "local_model"
@@ -33,7 +34,7 @@ class LocalOnlyStrategy(ServerAlgorithm):
         return None
 
 
-class LocalOnlyObjective(ClientObjective):
+class LocalOnlyObjective(BalancedLossObjective, ClientObjective):
     """Trains and evaluates the hospital's own persistent model."""
 
     deployed_kind = "local"
@@ -57,6 +58,7 @@ ALGORITHM = Algorithm(
     name="local-only",
     strategy=LocalOnlyStrategy,
     objective=LocalOnlyObjective,
+    options=LocalLossOptions,
     description="Local-only: each hospital trains alone on its own data",
     tasks=("classification", "segmentation"),
 )

@@ -51,6 +51,11 @@ Design decisions (ALGORITHMS.md section 6):
 - PF-4: ``(I + eta rho QQ^T)^-1`` from one eigendecomposition of QQ^T at graph build;
   ``(I + rho D^T D)^-1`` from the closed-form eigendecomposition of D^T D. The reference
   calls ``torch.inverse`` every ADMM iteration and ``eigh`` for D^T D.
+
+Project choice beyond the IDs: both phases train with the balanced softmax ``CE(z + log pi,
+y)`` of the hospital's own class prior (``pfednet.local-loss = "bsm"``; the reference's plain
+CE is ``"ce"``): personal heads trained with CE carry their hospital's label prior, which the
+fusion term mixes between hospitals (docs/pfednet.md, "Label skew").
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ from fedclinic.rows import CommunicationRow, PFedNetAdmmRow, PFedNetGraphRow
 from fedclinic.serialization import State, numpy_to_record, record_to_numpy
 from fedclinic.training import seeded_generator, train_local
 from strategies import pfednet_math as pm
+from strategies.balanced_loss import BalancedLossObjective, LocalLoss
 from strategies.base import Algorithm, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 
@@ -112,6 +118,11 @@ class PFedNetOptions(Schema):
     compression_ratio: float = Field(0.2, gt=0, le=1)
     compression_chunk: int = Field(3000, ge=2, le=20_000)
     compression_iterations: int = Field(50, ge=1, le=10_000)
+    local_loss: LocalLoss = Field(
+        "bsm",
+        description="supervised loss of both phases: balanced softmax with the hospital's "
+        "class prior (bsm) or plain cross-entropy (ce, reference)",
+    )
 
 
 def options_of(run: RunConfig) -> PFedNetOptions:
@@ -228,10 +239,11 @@ def split_of(run: RunConfig) -> LayerSplit:
 # ------------------------------------------------------------------------------------ client
 
 
-class PFedNetObjective(ClientObjective):
+class PFedNetObjective(BalancedLossObjective, ClientObjective):
     """Hospital half: sketch once, then the shared and personal phases of every round."""
 
     deployed_kind = "personal"
+    local_loss_options = PFedNetOptions
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)

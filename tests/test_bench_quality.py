@@ -35,6 +35,8 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
     assert heart["hospitals"] == ["cleveland", "hungarian", "switzerland", "va"]
     assert len(heart["runs"]) == 5 and "in process" in heart["runtime"]
     assert heart["settings"]["fedhelp"]["fedhelp.knowledge"] == "none"  # no public table
+    assert heart["labels"]["fedhelp"] == "FedHelp, dual distillation only"
+    assert "degraded" in heart["labels"]["fedmas"]
     assert heart["settings"]["fedmas"]["fedmas.prior-source"] == "random"  # degraded prior
     rows = heart["per_hospital"]
     assert len(rows) == 5 * 4
@@ -71,6 +73,29 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
     with (out / "pneumonia" / "per_hospital.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 3 * 6
 
+    skew = json.loads((out / "pneumonia-skew" / "results.json").read_text())
+    assert skew["algorithms"] == ["local-only", "local-only-bsm", "fedhelp", "pfednet"]
+    assert skew["targets"]["h1"] == 0.6 and skew["targets"]["h6"] == 0.02
+    for entry in skew["layout"].values():  # the data-seed rule: both classes everywhere
+        assert min(entry["test_class_counts"]) >= 3 and min(entry["val_class_counts"]) >= 2
+    assert skew["both_classes_hospitals"] == skew["hospitals"]
+    assert skew["references"] == ["local-only", "local-only-bsm"]
+    assert skew["settings"]["local-only-bsm"]["local-only.local-loss"] == "bsm"
+    assert skew["large_model_hospitals"] == ["h1", "h2"]  # FedHelp's private models
+    summary = {r["algorithm"]: r for r in skew["summary"]}
+    gap = summary["local-only"]["h3:gap_local-only_test_balanced_accuracy"]
+    assert gap["mean"] == 0.0  # a method against itself
+    assert "client_avg_gap_local-only-bsm_test_balanced_accuracy" in summary["fedhelp"]
+
+    # held-out variant: the same partition, test images carved from each hospital's own share
+    held = json.loads((out / "pneumonia-skew-heldout" / "results.json").read_text())
+    for name, entry in held["layout"].items():
+        own = skew["layout"][name]["development_class_counts"]
+        test = entry["test_class_counts"]
+        dev = entry["development_class_counts"]
+        assert [a + b for a, b in zip(dev, test, strict=True)] == own
+        assert sum(test) >= 0.19 * sum(own)  # 20 % held out, stratified
+
     report = tmp_path / "BENCHMARKS.md"
     plots = tmp_path / "plots"
     assert (
@@ -83,8 +108,11 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
     assert "## Fed-Heart-Disease" in text and "## PneumoniaMNIST" in text
     assert "FLamby FedAvg (published)" in text and "Quick mode" in text
     assert "instead of over gRPC" in text
+    assert "**FedHelp, dual distillation only** (ours)" in text
+    assert "## PneumoniaMNIST strong label skew" in text and "Meets target" in text
+    assert "private wide-cnn" in text  # FedHelp's model classes are named in the table
     images = sorted(p.name for p in plots.glob("*.png"))
-    assert len(images) == 5
+    assert len(images) == 11
     for name in images:
         assert f"plots/{name}" in text
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -114,12 +142,12 @@ def test_validation_score_is_the_best_rounds_mean_validation_balanced_accuracy(
     assert validation_score(tmp_path) == pytest.approx(0.75)
 
 
-def test_options_are_chosen_on_validation_and_the_chosen_run_is_kept(
+def test_options_are_chosen_on_validation_and_every_seed_is_run_afresh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Two candidates of FedAvg on two synthetic hospitals: a learning rate too small to move
     # the model and a working one; the working one must win on validation data, and the
-    # seed's run must be that candidate's run, not a new one.
+    # seed's result must come from a run of its own, not from the tuning run.
     from fedclinic.bench import quality
 
     hospitals = [
@@ -154,8 +182,9 @@ def test_options_are_chosen_on_validation_and_the_chosen_run_is_kept(
     assert tried[1]["validation_score"] > tried[0]["validation_score"]
     assert results["settings"]["fedavg"]["learning-rate"] == 0.01
     (run,) = results["runs"]
-    kept = (tmp_path / "pneumonia" / run["dir"] / "metrics.jsonl").read_text()
-    assert kept == (tmp_path / "pneumonia" / tried[1]["dir"] / "metrics.jsonl").read_text()
+    assert run["dir"] == "runs/fedavg/seed-7" and run["dir"] != tried[1]["dir"]
+    assert (tmp_path / "pneumonia" / run["dir"] / "summary.json").is_file()
+    assert (tmp_path / "pneumonia" / tried[1]["dir"] / "summary.json").is_file()
 
 
 def test_report_draws_the_cost_plots_from_system_json(tmp_path: Path) -> None:

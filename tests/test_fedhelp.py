@@ -189,7 +189,7 @@ def test_small_hospital_uploads_the_surrogate_with_its_private_head(
     assert info["deployed"] == "global" and info["uploaded"] == "surrogate"
     assert info["knowledge_sha256"] == shared["sha"]
     assert metrics["train_public_kl"] > 0 and metrics["train_public_ce"] > 0  # FH-5: labelled
-    assert not objective.context.site.has(HEADS)  # FH-3 default: fresh heads every round
+    assert objective.context.site.has(HEADS)  # default head-init = global: public head kept
     assert not objective.context.site.has(LARGE_MODEL)
 
 
@@ -225,8 +225,9 @@ def test_head_init_global_starts_the_private_head_from_the_global_classifier(
     private, public = make_objective(run, shared, tmp_path, "small").heads(global_head, 2)
     assert torch.equal(public.weight.detach(), kept["public.weight"])  # public head kept
     assert torch.equal(private.weight.detach(), global_head.weight.detach())  # not the kept one
-    fresh = make_objective(make_run(shared), shared, tmp_path, "small").heads(global_head, 2)
-    assert not torch.equal(fresh[0].weight.detach(), global_head.weight.detach())  # FH-3 default
+    run = make_run(shared, **{"head-init": "fresh"})
+    fresh = make_objective(run, shared, tmp_path, "small").heads(global_head, 2)
+    assert not torch.equal(fresh[0].weight.detach(), global_head.weight.detach())  # reference
 
 
 def test_without_public_data_the_small_hospital_trains_on_its_own_data_only(
@@ -245,16 +246,19 @@ def test_without_public_data_the_small_hospital_trains_on_its_own_data_only(
     assert "train_public_kl" not in metrics and metrics["train_private_loss"] > 0
     assert info["uploaded"] == "surrogate" and info["knowledge_source"] == "none"
     # the same steps by hand: the received model, its classifier kept (head-init = global),
-    # trained with the task loss on the same batches with the run's optimiser
+    # trained with the default balanced softmax (CE of the logits shifted by the log of this
+    # hospital's training class frequencies) on the same batches with the run's optimiser
     by_hand = build_model(run)
     by_hand.load_state_dict(received)
     optimizer = torch.optim.Adam(by_hand.parameters(), lr=run.learning_rate)
     train = objective.context.data.train
+    counts = torch.bincount(train.labels, minlength=run.num_classes).double()
+    log_prior = torch.log(counts / counts.sum() + 1e-12).float()
     loader = make_loader(train, run.batch_size, shuffle=True, generator=objective.generator())
     batches = iter(loader)
     for _ in range(run.local_steps):  # within the first pass over the data
         x, y = next(batches)
-        loss = nn.functional.cross_entropy(by_hand(x), y)
+        loss = nn.functional.cross_entropy(by_hand(x) + log_prior, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -10,6 +10,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: the quality suites (``fedclinic bench quality --suite``)
+#: the PneumoniaMNIST suites (one partition each; fedclinic.bench.quality.pneumonia_plan)
+PNEUMONIA_SUITES = ("pneumonia", "pneumonia-skew", "pneumonia-skew-heldout")
+#: every quality suite, in the order the report prints them
+SUITES = ("heart", "heart-federated", *PNEUMONIA_SUITES)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``fedclinic bench quality`` and ``fedclinic bench report``."""
@@ -23,9 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="run a quality suite (seeds x algorithms, in process) into a results directory",
     )
     quality.add_argument(
-        "--suite", choices=("heart", "heart-federated", "pneumonia", "all"), required=True,
+        "--suite", choices=(*SUITES, "all"), required=True,
         help="which benchmark (heart-federated: Heart with normalisation = federated)",
-    )
+    )  # fmt: skip
     quality.add_argument(
         "--mode",
         choices=("quick", "full"),
@@ -69,6 +75,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     report.set_defaults(handler=run_report)
 
     # the runtime benchmarks (real SuperLink/SuperNode processes) declare their own options
+    gate = commands.add_parser(
+        "gate",
+        help="short accuracy gate on the real data: exit 1 when a method falls below its floor",
+    )
+    gate.add_argument(
+        "--out", type=Path, default=None, help="also write <out>/gate/gate.md and gate.json"
+    )
+
+    def run_gate(args: argparse.Namespace) -> int:
+        from fedclinic.bench.gate import gate_command
+
+        return gate_command(args)
+
+    gate.set_defaults(handler=run_gate)
+
     from fedclinic.bench.load import add_load_parser
     from fedclinic.bench.system import add_system_parser
 

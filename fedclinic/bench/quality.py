@@ -1,6 +1,6 @@
 """``fedclinic bench quality``: does the model get better for every hospital?
 
-Two suites on real medical data, each run as many seeds x algorithms, in process
+Three suites on real medical data, each run as many seeds x methods, in process
 (:mod:`fedclinic.bench.grid`: the real strategy and ClientApp code, no gRPC):
 
 - ``heart``: Fed-Heart-Disease with FLamby's protocol (``../shared/REFERENCE-RESULTS.md``
@@ -10,7 +10,18 @@ Two suites on real medical data, each run as many seeds x algorithms, in process
 - ``pneumonia``: PneumoniaMNIST split into 6 hospitals of very unequal size with Dirichlet
   label skew (the ``medmnist`` source's partition mode); validation from each hospital's own
   train share, each tested on its share of the official test split; 3 seeds; models selected
-  on validation data only.
+  on validation data only. Beside the methods, controls for FedHelp's public data: FedAvg
+  whose small hospitals also train on the labelled public set, a pooled+public model, and
+  FedHelp with a cross-fitted knowledge file (:mod:`fedclinic.bench.crossfit`); Fed-MAS with
+  FedAvg weights (``fedmas.aggregation = avg``) beside MAS.
+- ``pneumonia-skew``: the same images split with strong label skew (the FedHelp reference's
+  size fractions 0.6..0.02, Dirichlet alpha 0.3) where every seed algorithm, with its default
+  options, is compared hospital by hospital with local-only; local-only and FedAvg also run
+  with balanced softmax (``<algo>.local-loss = "bsm"``, FedHelp's and pFedNet's default) so
+  that the loss is not what the comparison measures.
+
+A method is a registered algorithm with fixed options (``Plan.runs_as``); its key names the
+row (``fedavg-public``, ``fedhelp-crossfit``, ...).
 
 Results land in ``<out>/<suite>/``: one results directory per run under ``runs/`` (what the
 strategy writes), and ``results.json``, ``per_hospital.csv``, ``summary.csv`` and
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -36,10 +48,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from fedclinic.bench import PNEUMONIA_SUITES, SUITES
+from fedclinic.bench.crossfit import build_cross_fitted_knowledge
 from fedclinic.bench.grid import run_federation
-from fedclinic.bench.pooled import PooledData, heart_pooled, hospital_union, run_pooled
-from fedclinic.errors import FedClinicError
+from fedclinic.bench.pooled import (
+    Evaluation,
+    PooledData,
+    heart_pooled,
+    hospital_union,
+    run_pooled,
+)
+from fedclinic.config import parse_hospital_config
+from fedclinic.data import DataRequest, Split
+from fedclinic.data.medmnist import partition_plan, read_npz
+from fedclinic.data.splits import stratified_split
+from fedclinic.errors import ConfigError, FedClinicError
+from fedclinic.knowledge import build_knowledge, public_inputs, read_public_data
+from fedclinic.prior import MocoSettings, save_prior, train_moco
+from strategies import load_run_config
 
 #: the shared reference data beside the checkout (``../shared/data``), read in place, never
 #: copied; ``FEDCLINIC_SHARED_DATA`` points elsewhere
@@ -61,6 +89,34 @@ PNEUMONIA_MIN_TEST_PER_CLASS = 5
 SMALL_SHARE = 0.10
 MOCO_STEPS = 200
 ALL_ALGORITHMS = ("local-only", "pooled", "fedavg", "fedprox", "fedhelp", "pfednet", "fedmas")
+#: the strong-skew case: the FedHelp reference's client fractions (medfed_code sampling.py),
+#: Dirichlet alpha 0.3; its data-seed is the first that leaves every hospital at least this
+#: many test / validation images of each class (from the labels alone; no seed below 300
+#: gives 5 test images of each class at the 2 % hospital)
+SKEW_FRACTIONS = (0.60, 0.20, 0.08, 0.06, 0.04, 0.02)
+SKEW_ALPHA = 0.3
+SKEW_MIN_TEST_PER_CLASS = 3
+SKEW_MIN_VAL_PER_CLASS = 2
+#: the "no worse than local-only" margin of issue 16 (balanced accuracy, mean over seeds)
+SKEW_MARGIN = 0.02
+#: the strong-skew case evaluated on held-out images of the hospitals' own (train) share
+HELD_OUT = "pneumonia-skew-heldout"
+HELD_OUT_VAL = 0.1
+HELD_OUT_TEST = 0.2
+#: cross-fitted knowledge: folds of the public set
+CROSS_FIT_FOLDS = 5
+#: methods that are not a registered algorithm under their own name: what they run as, with
+#: which options, and the label the tables print
+CONTROLS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "pooled-public": ("pooled", {}, "Pooled + public labelled set"),
+    "fedavg-public": ("fedavg", {}, "FedAvg, small hospitals + public labelled set"),
+    "fedhelp-crossfit": ("fedhelp", {}, "FedHelp, cross-fitted knowledge"),
+    "fedmas-avg": ("fedmas", {"fedmas.aggregation": "avg"}, "Fed-MAS, FedAvg weights"),
+    "local-only-bsm": (
+        "local-only", {"local-only.local-loss": "bsm"}, "Local-only, balanced softmax"
+    ),
+    "fedavg-bsm": ("fedavg", {"fedavg.local-loss": "bsm"}, "FedAvg, balanced softmax"),
+}
 #: FedHelp's open design choices (FH-3 heads; the ranking loss's batch reduction, which with
 #: the reference's sum grows with the batch size: the reference's batch is 4, ours 32), tried
 #: at the first seed and chosen on validation data; the reference's settings come first
@@ -102,12 +158,36 @@ class Plan:
     candidates: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: what the choice saw: per algorithm, each candidate with its validation score
     tuning: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: per method, hospital -> node config replacing that hospital's (FedAvg + public data)
+    node_override: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    #: per method, the pooled data builder when not ``pooled_data`` (pooled + public data)
+    pooled_for: dict[str, PooledData] = field(default_factory=dict)
+    #: table labels of methods whose key is not a label of its own (report.LABELS)
+    labels: dict[str, str] = field(default_factory=dict)
 
-    def flat(self, algorithm: str, seed: int) -> dict[str, Any]:
-        flat = {**self.base, **self.per_algorithm.get(algorithm, {}), "seed": seed}
+    def runs_as(self, method: str) -> str:
+        """The registered algorithm (or ``pooled``) a method runs."""
+        return CONTROLS[method][0] if method in CONTROLS else method
+
+    def flat(self, method: str, seed: int) -> dict[str, Any]:
+        algorithm = self.runs_as(method)
+        options = CONTROLS[method][1] if method in CONTROLS else {}
+        flat = {**self.base, **options, **self.per_algorithm.get(method, {}), "seed": seed}
         flat["algorithm"] = "fedavg" if algorithm == "pooled" else algorithm
-        flat["run-name"] = f"{algorithm}-seed{seed}"
+        flat["run-name"] = f"{method}-seed{seed}"
         return flat
+
+    def nodes(self, method: str, state: Path) -> list[dict[str, Any]]:
+        """The hospitals' node configs for one run of ``method``, site state under ``state``."""
+        override = self.node_override.get(method, {})
+        return [
+            {
+                **override.get(node["hospital"], node),
+                **self.node_extra.get(method, {}),
+                "state-dir": str(state / node["hospital"]),
+            }
+            for node in self.hospitals
+        ]
 
 
 # ------------------------------------------------------------------------------ heart
@@ -164,6 +244,10 @@ def heart_plan(mode: str, work: Path) -> Plan:
         hospitals=hospitals,
         shares={},
         pooled_data=heart_pooled,
+        labels={
+            "fedhelp": "FedHelp, dual distillation only",
+            "fedmas": "Fed-MAS (degraded: logistic regression, random prior)",
+        },
         protocol=[
             "Data: UCI Heart Disease, FLamby's Fed-Heart-Disease preprocessing and split "
             "(data source `heart-disease`), per-centre z-scoring with the centre's train "
@@ -230,16 +314,23 @@ def majority_rule() -> dict[str, Any]:
 # ------------------------------------------------------------------------------ pneumonia
 
 
-def pneumonia_names() -> list[str]:
-    return [f"h{i + 1}" for i in range(len(PNEUMONIA_FRACTIONS))]
+def pneumonia_names(fractions: tuple[float, ...] = PNEUMONIA_FRACTIONS) -> list[str]:
+    return [f"h{i + 1}" for i in range(len(fractions))]
 
 
 def official_labels() -> tuple[np.ndarray, np.ndarray]:
     """The labels of the official train and test splits (no image is kept)."""
-    from fedclinic.data.medmnist import read_npz
-
     arrays = read_npz(PNEUMONIA_FILE)
     return tuple(arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in ("train", "test"))
+
+
+def hospital_plan(
+    node: dict[str, Any], flat: dict[str, Any], labels: tuple[np.ndarray, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Row numbers of one hospital's train / val (official train split) and test rows, from
+    the data source's own partitioner (labels only)."""
+    run = load_run_config({**flat, "algorithm": "fedavg"})
+    return partition_plan(*labels, DataRequest(run, parse_hospital_config(node)))
 
 
 def partition_layout(
@@ -253,45 +344,59 @@ def partition_layout(
     Computed by the data source's own partitioner from the labels alone (no image, no result
     is read): what the report shows, and what picks the data-seed.
     """
-    from fedclinic.config import parse_hospital_config
-    from fedclinic.data import DataRequest
-    from fedclinic.data.medmnist import partition_plan
-    from strategies import load_run_config
-
     train, test = labels
-    run = load_run_config({**flat, "algorithm": "fedavg"})
-    classes = run.num_classes
+    classes = int(flat["num-classes"])
     layout = {}
     for node in hospitals:
-        request = DataRequest(run, parse_hospital_config({**node, "data-seed": data_seed}))
-        plan = partition_plan(train, test, request)
-        development = np.concatenate([plan["train"], plan["val"]])
+        rows = hospital_plan({**node, "data-seed": data_seed}, flat, labels)
+        development = np.concatenate([rows["train"], rows["val"]])
         layout[node["hospital"]] = {
             "share": len(development) / len(train),
             "development_class_counts": np.bincount(train[development], minlength=classes).tolist(),
-            "test_class_counts": np.bincount(test[plan["test"]], minlength=classes).tolist(),
+            "val_class_counts": np.bincount(train[rows["val"]], minlength=classes).tolist(),
+            "test_class_counts": np.bincount(test[rows["test"]], minlength=classes).tolist(),
         }
     return layout
 
 
 def pick_data_seed(
-    hospitals: list[dict[str, Any]], flat: dict[str, Any], labels: tuple[np.ndarray, np.ndarray]
+    hospitals: list[dict[str, Any]],
+    flat: dict[str, Any],
+    labels: tuple[np.ndarray, np.ndarray],
+    min_test: int = PNEUMONIA_MIN_TEST_PER_CLASS,
+    min_val: int = 0,
 ) -> int:
-    """The first data-seed whose partition gives every hospital both classes in its test split
-    (at least ``PNEUMONIA_MIN_TEST_PER_CLASS`` images each); labels only."""
+    """The first data-seed whose partition leaves every hospital at least ``min_test`` test
+    and ``min_val`` validation images of each class; labels only."""
     for seed in range(1000):
         layout = partition_layout(hospitals, flat, seed, labels)
-        fewest = min(min(h["test_class_counts"]) for h in layout.values())
-        if fewest >= PNEUMONIA_MIN_TEST_PER_CLASS:
+        if all(
+            min(h["test_class_counts"]) >= min_test and min(h["val_class_counts"]) >= min_val
+            for h in layout.values()
+        ):
             return seed
     raise FedClinicError("bench quality pneumonia: no data-seed below 1000 fits the partition")
 
 
-def pneumonia_plan(mode: str, work: Path) -> Plan:
-    """Six unequal hospitals from PneumoniaMNIST (quick: 1 seed, 2 rounds of 3 steps)."""
-    quick = mode == "quick"
-    names = pneumonia_names()
-    fractions = ",".join(f"{f:g}" for f in PNEUMONIA_FRACTIONS)
+#: data-seeds found by :func:`pick_data_seed`, per (fractions, alpha, min test, min val)
+DATA_SEEDS: dict[tuple[Any, ...], int] = {}
+
+
+def pneumonia_plan(mode: str, work: Path, suite: str = "pneumonia") -> Plan:
+    """Six unequal PneumoniaMNIST hospitals (quick: 1 seed, 2 rounds of 3 steps).
+
+    ``pneumonia``: the benchmark's fractions and alpha 0.5, every method and the public-data
+    and Fed-MAS controls, FedHelp's FH-3 / ranking options chosen on validation data.
+    ``pneumonia-skew``: the strong-skew case, every method with its default options against
+    local-only hospital by hospital, local-only and FedAvg with both local losses.
+    """
+    quick, skew = mode == "quick", suite in ("pneumonia-skew", HELD_OUT)
+    fractions = SKEW_FRACTIONS if skew else PNEUMONIA_FRACTIONS
+    alpha = SKEW_ALPHA if skew else PNEUMONIA_ALPHA
+    min_test = SKEW_MIN_TEST_PER_CLASS if skew else PNEUMONIA_MIN_TEST_PER_CLASS
+    min_val = SKEW_MIN_VAL_PER_CLASS if skew else 0
+    names = pneumonia_names(fractions)
+    text = ",".join(f"{f:g}" for f in fractions)
     hospitals = [
         {
             "hospital": name,
@@ -299,8 +404,8 @@ def pneumonia_plan(mode: str, work: Path) -> Plan:
             "data-path": str(PNEUMONIA_FILE),
             "partition-id": i,
             "num-partitions": len(names),
-            "partition-fractions": fractions,
-            "label-skew-alpha": PNEUMONIA_ALPHA,
+            "partition-fractions": text,
+            "label-skew-alpha": alpha,
             "device": "cpu",
         }
         for i, name in enumerate(names)
@@ -321,36 +426,67 @@ def pneumonia_plan(mode: str, work: Path) -> Plan:
         "local-steps": 3 if quick else 0,
     }
     labels = official_labels()
-    data_seed = pick_data_seed(hospitals, base, labels)
+    key = (fractions, alpha, min_test, min_val)
+    if key not in DATA_SEEDS:  # a few hundred partitions: found once per process
+        DATA_SEEDS[key] = pick_data_seed(hospitals, base, labels, min_test, min_val)
+    data_seed = DATA_SEEDS[key]
     hospitals = [{**node, "data-seed": data_seed} for node in hospitals]
     layout = partition_layout(hospitals, base, data_seed, labels)
+    if suite == HELD_OUT:
+        algorithms: tuple[str, ...] = (
+            ("local-only", "fedhelp")
+            if quick
+            else ("local-only", "local-only-bsm", "fedavg", "fedhelp", "pfednet")
+        )
+    elif skew:
+        algorithms = (
+            ("local-only", "local-only-bsm", "fedhelp", "pfednet")
+            if quick
+            else ("local-only", "local-only-bsm", "pooled", "fedavg", "fedavg-bsm", "fedhelp",
+                  "pfednet", "fedmas")
+        )  # fmt: skip
+    else:
+        algorithms = (
+            ("local-only", "pooled", "fedavg")
+            if quick
+            else ("local-only", "pooled", "pooled-public", "fedavg", "fedavg-public", "fedprox",
+                  "fedhelp", "fedhelp-crossfit", "pfednet", "fedmas", "fedmas-avg")
+        )  # fmt: skip
+    fedhelp = {"fedhelp.num-large": 2, "fedhelp.large-model": "wide-cnn"}
+    rule = (
+        f"at least {min_test} test images"
+        + (f" and {min_val} validation images" if min_val else "")
+        + " of each class"
+    )
     plan = Plan(
-        suite="pneumonia",
+        suite=suite,
         mode=mode,
         seeds=(42,) if quick else (42, 43, 44),
-        algorithms=("local-only", "pooled", "fedavg") if quick else ALL_ALGORITHMS,
+        algorithms=algorithms,
         base=base,
         per_algorithm={
             "fedprox": {"fedprox.proximal-mu": 0.01},
-            "fedhelp": {"fedhelp.num-large": 2, "fedhelp.large-model": "wide-cnn"},
+            "fedhelp": dict(fedhelp),
+            "fedhelp-crossfit": dict(fedhelp),
             "fedmas": {"fedmas.prior-arch": "cnn"},
+            "fedmas-avg": {"fedmas.prior-arch": "cnn"},
         },
-        candidates={} if quick else {"fedhelp": FEDHELP_CANDIDATES},
+        candidates={} if quick or skew else {"fedhelp": FEDHELP_CANDIDATES},
         hospitals=hospitals,
         shares={name: entry["share"] for name, entry in layout.items()},
         layout=layout,
-        targets=dict(zip(names, PNEUMONIA_FRACTIONS, strict=True)),
+        targets=dict(zip(names, fractions, strict=True)),
+        labels={k: label for k, (_, _, label) in CONTROLS.items()},
         protocol=[
             "Data: PneumoniaMNIST (28x28 chest X-rays, 2 classes). The official train split is "
-            f"divided into {len(names)} hospitals with size fractions {fractions} and Dirichlet "
-            f"label skew (alpha {PNEUMONIA_ALPHA}: each hospital's class mix drawn from "
+            f"divided into {len(names)} hospitals with size fractions {text} and Dirichlet "
+            f"label skew (alpha {alpha}: each hospital's class mix drawn from "
             "Dirichlet(alpha x K x pooled mix), then fitted so that the sizes follow the "
             "fractions and every image is used; the `medmnist` source's partition mode). "
-            f"data-seed {data_seed}: the first seed from 0 up that gives every hospital at "
-            f"least {PNEUMONIA_MIN_TEST_PER_CLASS} test images of each class, chosen from the "
-            "labels alone. Each hospital carves its validation split (10 %, stratified) from "
-            "its own share and is tested on its share of the official test split (same "
-            "per-class shares). The official val split is given to no hospital.",
+            f"data-seed {data_seed}: the first seed from 0 up that gives every hospital {rule}, "
+            "chosen from the labels alone. Each hospital carves its validation split (10 %, "
+            "stratified) from its own share and is tested on its share of the official test "
+            "split (same per-class shares). The official val split is given to no hospital.",
             f"All methods: the small CNN (`model = cnn`), Adam lr 1e-3, batch 32, {rounds} rounds "
             + (
                 "of 3 local steps (quick mode)."
@@ -360,44 +496,194 @@ def pneumonia_plan(mode: str, work: Path) -> Plan:
             ),
             "Model selection: the round (pooled: epoch) with the best mean validation balanced "
             "accuracy over the hospitals; test splits are never used to choose anything.",
+            "Local losses: FedHelp and pFedNet train with their default balanced softmax "
+            "(`local-loss = bsm`: cross-entropy of the logits shifted by the hospital's own log "
+            "class prior; docs/fedhelp.md, docs/pfednet.md), Fed-MAS with its balanced softmax; "
+            "local-only, FedAvg and FedProx with plain cross-entropy unless the row says "
+            "'balanced softmax'.",
         ],
     )
+    if suite == HELD_OUT:
+        plan.protocol.append(
+            "Held-out test (this suite): the same partition, but each hospital's test split is "
+            f"carved from its own share of the official train split ({HELD_OUT_TEST:.0%}, "
+            f"stratified; train {1 - HELD_OUT_TEST - HELD_OUT_VAL:.0%}, validation "
+            f"{HELD_OUT_VAL:.0%}) instead of the official test split, whose images are shifted "
+            "against the train split (on the `pneumonia-skew` suite every shared model, the "
+            "pooled one included, has a normal-class recall of about 0.95 on validation and "
+            "0.47 on the official test split). Here test and validation come from the same "
+            "distribution, so the comparison with local-only is about label skew alone."
+        )
+    if skew:
+        plan.protocol.append(
+            "Every method runs with its default options (nothing tuned), FedHelp with its 2 "
+            "largest hospitals large (private `wide-cnn`) and the same knowledge file as the "
+            "`pneumonia` suite. The per-hospital table compares each method with local-only "
+            f"at the hospitals whose test split holds both classes; a gap below -{SKEW_MARGIN} "
+            "balanced accuracy (mean over seeds) is marked."
+        )
     return plan
 
 
+def write_held_out_hospital(
+    node: dict[str, Any], flat: dict[str, Any], labels: tuple[np.ndarray, np.ndarray], out: Path
+) -> dict[str, Any]:
+    """One hospital of the held-out suite: its share of the official train split (its train
+    and validation rows of the partition) cut again, stratified, into train / validation /
+    test, as a one-partition MedMNIST file; the official test split is not used."""
+    arrays = read_npz(PNEUMONIA_FILE)
+    rows = hospital_plan(node, flat, labels)
+    share = np.sort(np.concatenate([rows["train"], rows["val"]]))
+    targets = arrays["train_labels"].reshape(-1)[share]
+    fractions = [1 - HELD_OUT_VAL - HELD_OUT_TEST, HELD_OUT_VAL, HELD_OUT_TEST]
+    parts = stratified_split(targets, fractions, seed=[int(node["data-seed"]), 7])
+    names = ("train", "val", "test")
+    picked = {split: share[part] for split, part in zip(names, parts, strict=True)}
+    np.savez(
+        out,
+        **{f"{s}_images": arrays["train_images"][r] for s, r in picked.items()},
+        **{f"{s}_labels": arrays["train_labels"][r] for s, r in picked.items()},
+    )
+    kept = ("hospital", "device")
+    return {**{k: node[k] for k in kept}, "data-source": "medmnist", "data-path": str(out)}
+
+
+def held_out_layout(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Shares and class counts of the held-out suite's hospital files (labels only)."""
+    layout = {}
+    total = len(official_labels()[0])
+    for node in plan.hospitals:
+        arrays = np.load(node["data-path"])
+        counts = {s: np.bincount(arrays[f"{s}_labels"].reshape(-1), minlength=2).tolist()
+                  for s in ("train", "val", "test")}  # fmt: skip
+        development = [a + b for a, b in zip(counts["train"], counts["val"], strict=True)]
+        layout[node["hospital"]] = {
+            "share": (sum(development) + sum(counts["test"])) / total,
+            "development_class_counts": development,
+            "val_class_counts": counts["val"],
+            "test_class_counts": counts["test"],
+        }
+    return layout
+
+
+def small_by_size(plan: Plan, large: int = 2) -> list[str]:
+    """FedHelp's small hospitals: all but the ``large`` largest (by share, as FedHelp ranks)."""
+    ranked = sorted(plan.shares, key=lambda h: (-plan.shares[h], h))
+    return sorted(ranked[large:])
+
+
+def write_public_hospital(
+    node: dict[str, Any], flat: dict[str, Any], labels: tuple[np.ndarray, np.ndarray], out: Path
+) -> dict[str, Any]:
+    """The control "small hospital + public data": the hospital's own train split plus the
+    labelled public set (the official val split, the images FedHelp's small hospitals hold),
+    its own validation and test splits unchanged, as a one-partition MedMNIST file."""
+    arrays = read_npz(PNEUMONIA_FILE)
+    rows = hospital_plan(node, flat, labels)
+    images = {
+        "train": np.concatenate([arrays["train_images"][rows["train"]], arrays["val_images"]]),
+        "val": arrays["train_images"][rows["val"]],
+        "test": arrays["test_images"][rows["test"]],
+    }
+    targets = {
+        "train": np.concatenate([arrays["train_labels"][rows["train"]], arrays["val_labels"]]),
+        "val": arrays["train_labels"][rows["val"]],
+        "test": arrays["test_labels"][rows["test"]],
+    }
+    np.savez(
+        out,
+        **{f"{s}_images": images[s] for s in images},
+        **{f"{s}_labels": targets[s] for s in targets},
+    )
+    kept = ("hospital", "device")
+    return {**{k: node[k] for k in kept}, "data-source": "medmnist", "data-path": str(out)}
+
+
+def public_pooled(run: Any, hospitals: list[dict[str, Any]]) -> tuple[Split, Evaluation]:
+    """The union of the hospitals' train splits plus the labelled public set, once."""
+    pooled, evaluation = hospital_union(run, hospitals)
+    public = read_public_data(PNEUMONIA_FILE, "val")
+    inputs = public_inputs(public, run.in_channels, run.image_size)
+    extra = torch.from_numpy(np.asarray(public.labels, dtype=np.int64))
+    joined = Split(torch.cat([pooled.inputs, inputs]), torch.cat([pooled.labels, extra]))
+    return joined, evaluation
+
+
 def pneumonia_setup(plan: Plan, work: Path) -> None:
-    """FedHelp's knowledge file and Fed-MAS's prior, both from the official *val* split.
+    """FedHelp's knowledge files, Fed-MAS's prior and the public-data controls, all from the
+    official *val* split.
 
     No simulated hospital holds the official val split, so it can serve as the public data
     without moving any hospital's records: FedHelp's teacher (FH-2 substitute: a CNN trained
-    once on the labelled public images) and Fed-MAS's MoCo-v2 prior (MAS-2 substitute 3:
-    self-supervised on the same images, labels unused) are built from it once, here.
+    once on the labelled public images; in-sample, and cross-fitted for the control row),
+    Fed-MAS's MoCo-v2 prior (MAS-2 substitute 3: self-supervised on the same images, labels
+    unused), and the baselines' copies of the labelled public set are built from it once, here.
     """
     started = time.perf_counter()
-    if "fedhelp" in plan.algorithms:
-        from fedclinic.knowledge import build_knowledge
-
+    if plan.suite == HELD_OUT:
+        labels = official_labels()
+        plan.hospitals = [
+            write_held_out_hospital(node, plan.base, labels, work / f"{node['hospital']}.npz")
+            | {"data-seed": node["data-seed"]}
+            for node in plan.hospitals
+        ]
+        plan.layout = held_out_layout(plan)
+    public_note = (
+        "FedHelp: the 2 largest hospitals are large (private `wide-cnn`, deployed there), the "
+        "others small (they deploy the global `cnn`); public data = the official val split "
+        "(524 labelled images, held by no hospital) at the small hospitals; knowledge file "
+        "from a CNN teacher trained once on it and scoring the same images (FH-2 substitute "
+        "2, in-sample)."
+    )
+    if any(plan.runs_as(m) == "fedhelp" for m in plan.algorithms):
         knowledge = work / "knowledge.npz"
         digest, _ = build_knowledge(
             PNEUMONIA_FILE, knowledge, split="val", train_teacher_network="cnn", epochs=10
         )
-        plan.per_algorithm["fedhelp"]["fedhelp.knowledge-sha256"] = digest
-        plan.node_extra["fedhelp"] = {
-            "public-data-path": str(PNEUMONIA_FILE),
-            "knowledge-path": str(knowledge),
+        for method in plan.algorithms:
+            if plan.runs_as(method) == "fedhelp":
+                plan.per_algorithm.setdefault(method, {})["fedhelp.knowledge-sha256"] = digest
+                plan.node_extra[method] = {
+                    "public-data-path": str(PNEUMONIA_FILE),
+                    "knowledge-path": str(knowledge),
+                }
+        plan.protocol.append(public_note)
+    if "fedhelp-crossfit" in plan.algorithms:
+        crossfit = work / "knowledge-crossfit.npz"
+        digest, meta = build_cross_fitted_knowledge(
+            PNEUMONIA_FILE, crossfit, split="val", network="cnn", folds=CROSS_FIT_FOLDS, epochs=10
+        )
+        plan.per_algorithm["fedhelp-crossfit"]["fedhelp.knowledge-sha256"] = digest
+        plan.node_extra["fedhelp-crossfit"]["knowledge-path"] = str(crossfit)
+        plan.protocol.append(
+            "FedHelp, cross-fitted knowledge (control): the same run with a knowledge file "
+            f"whose every row comes from a teacher that did not see that image ({CROSS_FIT_FOLDS} "
+            "stratified folds of the public set, out-of-fold accuracy "
+            f"{meta['teacher_out_of_fold_accuracy']:.3f}). This is the closer stand-in for the "
+            "paper's setting (arXiv 2412.19654 section 3.2: a foundation model queried once, "
+            "never fitted to the public labels); the in-sample file of the FedHelp row gives "
+            "probabilities fitted to the very labels the small hospitals also train on."
+        )
+    if "fedavg-public" in plan.algorithms:
+        labels = official_labels()
+        small = small_by_size(plan)
+        plan.node_override["fedavg-public"] = {
+            node["hospital"]: write_public_hospital(
+                node, plan.base, labels, work / f"public-{node['hospital']}.npz"
+            )
+            for node in plan.hospitals
+            if node["hospital"] in small
         }
         plan.protocol.append(
-            "FedHelp: the 2 largest hospitals are large (private `wide-cnn`), the others small; "
-            "public data = the official val split (524 images, held by no hospital); knowledge "
-            "file from a CNN teacher trained once on it (FH-2 substitute: no foundation model "
-            "is available offline)."
+            "Public-data controls: FedAvg whose small hospitals (FedHelp's: "
+            f"{', '.join(small)}) train on their own train split plus the 524 labelled public "
+            "images (their validation and test splits unchanged), and a pooled model trained on "
+            "the union of the hospitals' train splits plus the public set once. They see the "
+            "labelled public data FedHelp's small hospitals see."
         )
-    if "fedmas" in plan.algorithms:
-        import torch
-
-        from fedclinic.data.medmnist import read_npz
-        from fedclinic.prior import MocoSettings, save_prior, train_moco
-
+    if "pooled-public" in plan.algorithms:
+        plan.pooled_for["pooled-public"] = public_pooled
+    if any(plan.runs_as(m) == "fedmas" for m in plan.algorithms):
         images = torch.from_numpy(read_npz(PNEUMONIA_FILE)["val_images"]).float()[:, None] / 255
         state, stats = train_moco(images, MocoSettings(arch="cnn", steps=MOCO_STEPS, seed=0))
         prior = work / "prior.pt"
@@ -408,12 +694,22 @@ def pneumonia_setup(plan: Plan, work: Path) -> None:
             {"tool": "fedclinic bench", "images": "pneumoniamnist official val split",
              "steps": MOCO_STEPS, "final_loss": stats["final_loss"]},
         )  # fmt: skip
-        plan.per_algorithm["fedmas"]["fedmas.prior-sha256"] = digest
-        plan.node_extra["fedmas"] = {"prior-path": str(prior)}
+        for method in plan.algorithms:
+            if plan.runs_as(method) == "fedmas":
+                plan.per_algorithm.setdefault(method, {})["fedmas.prior-sha256"] = digest
+                plan.node_extra[method] = {"prior-path": str(prior)}
         plan.protocol.append(
             "Fed-MAS: `cnn` backbone; prior = a small conv encoder pretrained once with MoCo-v2 "
             f"({MOCO_STEPS} steps) on the official val images without labels (MAS-2 substitute "
             "3: the MoCo ResNet-50 checkpoint cannot be downloaded here)."
+            + (
+                " Fed-MAS, FedAvg weights (ablation): the same local training with the server "
+                "weighting by training-set size (`fedmas.aggregation = avg`) instead of MAS's "
+                "robust factors, so the gain can be split between the balanced-softmax local "
+                "training and the MAS weighting."
+                if "fedmas-avg" in plan.algorithms
+                else ""
+            )
         )
     plan.setup_seconds = time.perf_counter() - started
 
@@ -439,13 +735,17 @@ def heart_federated_plan(mode: str, work: Path) -> Plan:
 PLANS: dict[str, Callable[[str, Path], Plan]] = {
     "heart": heart_plan,
     "heart-federated": heart_federated_plan,
-    "pneumonia": pneumonia_plan,
+    **{suite: functools.partial(pneumonia_plan, suite=suite) for suite in PNEUMONIA_SUITES},
 }
 
 
 def make_plan(suite: str, mode: str, work: Path, rounds: int = 0) -> Plan:
     """The suite's plan; ``rounds`` > 0 cuts every federated run to that many rounds
     (recorded as ``reduced`` and printed in the report)."""
+    if suite not in PLANS:
+        raise ConfigError(
+            f"bench quality: suite {suite!r} is unknown: expected one of {', '.join(SUITES)}"
+        )
     plan = PLANS[suite](mode, work)
     if rounds:
         full = plan.base["rounds"]
@@ -455,7 +755,7 @@ def make_plan(suite: str, mode: str, work: Path, rounds: int = 0) -> Plan:
                 settings["rounds"] = rounds
         plan.reduced = f"rounds cut from {full} to {rounds} (time budget of the session)"
         plan.protocol.append(f"**REDUCED: {plan.reduced}.**")
-    if suite == "pneumonia":
+    if suite != "heart":
         pneumonia_setup(plan, work)
     return plan
 
@@ -489,26 +789,20 @@ def run_suite(
         work = Path(scratch)
         plan = make_plan(suite, mode, work, rounds)
 
-        def execute(algorithm: str, flat: dict[str, Any], target: Path, state: Path) -> float:
+        def execute(method: str, flat: dict[str, Any], target: Path, state: Path) -> float:
             """One run into ``target``; its site state lives in ``state`` and is deleted."""
-            nodes = [
-                {
-                    **node,
-                    **plan.node_extra.get(algorithm, {}),
-                    "state-dir": str(state / node["hospital"]),
-                }
-                for node in plan.hospitals
-            ]
+            nodes = plan.nodes(method, state)
             run_started = time.perf_counter()
-            if algorithm == "pooled":
-                run_pooled(flat, nodes, target, plan.pooled_data)
+            if plan.runs_as(method) == "pooled":
+                run_pooled(flat, nodes, target, plan.pooled_for.get(method, plan.pooled_data))
             else:
                 run_federation(flat, nodes, target)
             shutil.rmtree(state, ignore_errors=True)
             return time.perf_counter() - run_started
 
-        # Options chosen on validation data at the first seed; that run is kept as the seed's.
-        done: dict[tuple[str, int], tuple[Path, float]] = {}
+        # Options chosen on validation data at the first seed, then applied to every method
+        # that runs the algorithm; the tuning runs are not reused as seed results (every seed,
+        # the first included, is run again with the chosen options).
         for algorithm, candidates in plan.candidates.items():
             if algorithm not in plan.algorithms:
                 continue
@@ -522,33 +816,29 @@ def run_suite(
                 tried.append({"options": options, "validation_score": validation_score(target),
                               "dir": target, "seconds": seconds})  # fmt: skip
             best = max(tried, key=lambda t: t["validation_score"])  # ties: the first listed
-            plan.per_algorithm.setdefault(algorithm, {}).update(best["options"])
-            done[(algorithm, seed)] = (best["dir"], best["seconds"])
+            for method in plan.algorithms:
+                if plan.runs_as(method) == algorithm:
+                    plan.per_algorithm.setdefault(method, {}).update(best["options"])
             plan.tuning[algorithm] = [
                 {**t, "dir": str(t["dir"].relative_to(directory)), "chosen": t is best}
                 for t in tried
             ]
-        jobs = [(a, s) for a in plan.algorithms for s in plan.seeds]
         runs: list[dict[str, Any]] = []
-        for algorithm, seed in jobs:
-            target = directory / "runs" / algorithm / f"seed-{seed}"
-            if (algorithm, seed) in done:  # the chosen candidate is this very run
-                chosen, seconds = done[(algorithm, seed)]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(chosen, target)
-            else:
+        for method in plan.algorithms:
+            for seed in plan.seeds:
+                target = directory / "runs" / method / f"seed-{seed}"
                 if progress:
-                    progress(f"{suite}: {algorithm} seed {seed}")
-                flat = plan.flat(algorithm, seed)
-                seconds = execute(algorithm, flat, target, work / "state" / f"{algorithm}-{seed}")
-            runs.append(
-                {
-                    "algorithm": algorithm,
-                    "seed": seed,
-                    "dir": str(target.relative_to(directory)),
-                    "seconds": seconds,
-                }
-            )
+                    progress(f"{suite}: {method} seed {seed}")
+                flat = plan.flat(method, seed)
+                seconds = execute(method, flat, target, work / "state" / f"{method}-{seed}")
+                runs.append(
+                    {
+                        "algorithm": method,
+                        "seed": seed,
+                        "dir": str(target.relative_to(directory)),
+                        "seconds": seconds,
+                    }
+                )
     results = aggregate(plan, directory, runs)
     results["seconds"] = time.perf_counter() - started
     results["environment"] = {
@@ -619,6 +909,16 @@ def read_run(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return summary, [r for r in rows if r.get("kind") == "evaluate"]
 
 
+def one_class(recall: Any) -> bool:
+    """Whether per-class recalls are those of a model predicting one class for every image
+    (one recall 1, the others 0; classes absent from the split, recall null, left out). For
+    two classes this is exact."""
+    if not isinstance(recall, list):
+        return False
+    present = [r for r in recall if isinstance(r, int | float) and math.isfinite(r)]
+    return len(present) >= 2 and sorted(present) == [0.0] * (len(present) - 1) + [1.0]
+
+
 def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-hospital rows, per-round curves and per-method intervals over seeds."""
     per_hospital: list[dict[str, Any]] = []
@@ -637,6 +937,10 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
                     "model": entry.get("model"),
                     "num_test": chosen.get("num_test"),
                     **{m: _number(chosen.get(m)) for m in METRICS},
+                    "one_class_test": one_class(chosen.get("test_recall")),
+                    "one_class_val": one_class(chosen.get("val_recall")),
+                    "val_recall": chosen.get("val_recall"),
+                    "test_recall": chosen.get("test_recall"),
                 }
             )
         for row in rows:
@@ -654,12 +958,28 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
             )
     hospitals = [n["hospital"] for n in plan.hospitals]
     small = [h for h in hospitals if plan.shares.get(h, 1.0) < SMALL_SHARE]
-    summary_rows = summarise(plan.algorithms, plan.seeds, hospitals, small, per_hospital)
+    # hospitals whose test split holds every class: where balanced accuracy and AUC mean
+    # something (from the partition's labels; heart: every centre)
+    both = [
+        h
+        for h in hospitals
+        if h not in plan.layout or min(plan.layout[h]["test_class_counts"]) > 0
+    ]
+    # where every method deploys the run's own architecture: FedHelp's small hospitals (its
+    # large ones deploy a private model of another class)
+    large = {r["hospital"] for r in per_hospital if r["model"] == "large"}
+    like = [h for h in hospitals if h not in large]
+    references = [r for r in ("local-only", "local-only-bsm") if r in plan.algorithms]
+    groups = {"small": small, "both": both, "like": like}
+    summary_rows = summarise(
+        plan.algorithms, plan.seeds, hospitals, groups, references, per_hospital
+    )
     results: dict[str, Any] = {
         "suite": plan.suite,
         "mode": plan.mode,
         "seeds": list(plan.seeds),
         "algorithms": list(plan.algorithms),
+        "labels": plan.labels,
         "not_run": plan.not_run,
         "hospitals": hospitals,
         "shares": plan.shares,
@@ -668,6 +988,11 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
         "tuning": plan.tuning,
         "reduced": plan.reduced,
         "small_hospitals": small,
+        "both_classes_hospitals": both,
+        "like_for_like_hospitals": like,
+        "large_model_hospitals": sorted(large),
+        "references": references,
+        "margin": SKEW_MARGIN,
         "protocol": plan.protocol,
         "settings": {a: plan.flat(a, plan.seeds[0]) for a in plan.algorithms},
         "runs": runs,
@@ -686,10 +1011,19 @@ def summarise(
     algorithms: tuple[str, ...],
     seeds: tuple[int, ...],
     hospitals: list[str],
-    small: list[str],
+    groups: dict[str, list[str]],
+    references: list[str],
     per_hospital: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """One row per method: each headline metric's mean and 95 % interval over seeds."""
+    """One row per method: each headline metric's mean and 95 % interval over seeds.
+
+    Per seed: the client average and worst hospital of each metric, pooled-test accuracy, each
+    hospital's value, the mean over each hospital group (``small``, ``both`` = test split with
+    every class, ``like`` = hospitals deploying the run's architecture under every method), and
+    the gap to each reference method (local-only, ...) on the same hospital and seed: per
+    hospital, over the client average, and over the small hospitals (``small_gain_*``, against
+    the first reference).
+    """
     table = {(r["algorithm"], r["seed"], r["hospital"]): r for r in per_hospital}
     out = []
     for algorithm in algorithms:
@@ -709,29 +1043,33 @@ def summarise(
             counts = [r["num_test"] or 0 for r in rows]
             accuracy = [r["test_accuracy"] for r in rows]
             add("pooled_test_accuracy", float(np.dot(accuracy, counts) / max(sum(counts), 1)))
+            add("one_class_test", float(sum(r["one_class_test"] for r in rows)))
             for hospital in hospitals:
                 row = table.get((algorithm, seed, hospital))
                 if row:
                     for metric in METRICS:
                         add(f"{hospital}:{metric}", row[metric])
-            if small:
-                gains = {}
-                for metric in ("test_balanced_accuracy", "test_auc"):
-                    pairs = [
-                        (
-                            table[(algorithm, seed, h)][metric],
-                            table[("local-only", seed, h)][metric],
-                        )
-                        for h in small
-                        if (algorithm, seed, h) in table and ("local-only", seed, h) in table
-                    ]
-                    if pairs:
-                        gains[metric] = float(np.nanmean([a - b for a, b in pairs]))
-                        add(f"small_gain_{metric}", gains[metric])
-                    add(
-                        f"small_mean_{metric}",
-                        float(np.nanmean([table[(algorithm, seed, h)][metric] for h in small])),
-                    )
+            for metric in METRICS:
+                for group, members in groups.items():
+                    values = [table[(algorithm, seed, h)][metric] for h in members
+                              if (algorithm, seed, h) in table]  # fmt: skip
+                    if values:
+                        add(f"{group}_mean_{metric}", float(np.nanmean(values)))
+            for metric in ("test_balanced_accuracy", "test_auc"):
+                for index, reference in enumerate(references):
+                    gaps = {
+                        h: table[(algorithm, seed, h)][metric] - table[(reference, seed, h)][metric]
+                        for h in hospitals
+                        if (algorithm, seed, h) in table and (reference, seed, h) in table
+                    }
+                    for hospital, gap in gaps.items():
+                        add(f"{hospital}:gap_{reference}_{metric}", gap)
+                    if gaps:
+                        mean_gap = float(np.nanmean(list(gaps.values())))
+                        add(f"client_avg_gap_{reference}_{metric}", mean_gap)
+                    small = [gaps[h] for h in groups.get("small", []) if h in gaps]
+                    if small and index == 0:
+                        add(f"small_gain_{metric}", float(np.nanmean(small)))
         out.append({"algorithm": algorithm, **{k: t_interval(v) for k, v in per_seed.items()}})
     return out
 
@@ -771,12 +1109,13 @@ def quality_command(args: argparse.Namespace) -> int:
 
     from fedclinic.errors import ConfigError
 
-    suites = ["heart", "pneumonia"] if args.suite == "all" else [args.suite]
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
     console = Console(stderr=True)
     try:
         for suite in suites:
             plan = PLANS[suite](args.mode, Path("."))
-            total = len(plan.algorithms) * len(plan.seeds)
+            tuning = sum(len(c) for a, c in plan.candidates.items() if a in plan.algorithms)
+            total = len(plan.algorithms) * len(plan.seeds) + tuning
             with Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),

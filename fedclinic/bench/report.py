@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from fedclinic.bench import PNEUMONIA_SUITES, SUITES
+
 #: FLamby's published Fed-Heart-Disease accuracies (../shared/REFERENCE-RESULTS.md 2.6:
 #: mean over the 5 seeds of the client average, sd over seeds, pooled test set), anchors only.
 FLAMBY_HEART: tuple[tuple[str, float, float, float, tuple[float, ...]], ...] = (
@@ -52,7 +54,18 @@ LABELS = {
 }
 
 
-def label(algorithm: str) -> str:
+def label(algorithm: str, results: dict[str, Any] | None = None) -> str:
+    """A method's table label: the suite's own (controls, degraded or partial variants, as
+    ``fedclinic bench quality`` named them), else the algorithm's."""
+    results = results or {}
+    own = results.get("labels", {}).get(algorithm)
+    if own:
+        return own
+    settings = results.get("settings", {}).get(algorithm, {})  # results without labels
+    if settings.get("fedhelp.knowledge") == "none":
+        return "FedHelp, dual distillation only"
+    if settings.get("fedmas.prior-source") == "random" and settings.get("model") == "logreg":
+        return "Fed-MAS (degraded: logistic regression, random prior)"
     return LABELS.get(algorithm, algorithm)
 
 
@@ -121,7 +134,7 @@ def plot_curves(results: dict[str, Any], metric: str, path: Path) -> None:
             if points:
                 rounds = sorted(points)
                 means = [np.mean(points[r]) for r in rounds]
-                axis.plot(rounds, means, marker=".", markersize=3, label=label(algorithm))
+                axis.plot(rounds, means, marker=".", markersize=3, label=label(algorithm, results))
         share = results["shares"].get(hospital)
         axis.set_title(hospital + (f" ({share:.0%} of data)" if share else ""), fontsize=9)
         axis.set_xlabel("round (pooled/local: epoch)", fontsize=8)
@@ -159,7 +172,7 @@ def plot_bars(results: dict[str, Any], metric: str, path: Path) -> None:
             width,
             yerr=errors,
             capsize=2,
-            label=label(algorithm),
+            label=label(algorithm, results),
         )
     axis.set_xticks(positions)
     axis.set_xticklabels(hospitals, fontsize=8)
@@ -241,7 +254,7 @@ def _protocol(results: dict[str, Any]) -> list[str]:
         "instead of over gRPC; the transport is benchmarked separately."
     )
     for algorithm, reason in results["not_run"].items():
-        lines.append(f"- **{label(algorithm)}: {reason}.**")
+        lines.append(f"- **{label(algorithm, results)}: {reason}.**")
     return lines
 
 
@@ -251,11 +264,12 @@ def _tuning(results: dict[str, Any]) -> list[str]:
     for algorithm, tried in results.get("tuning", {}).items():
         keys = sorted({k for t in tried for k in t["options"]})
         lines += [
-            f"{label(algorithm)}'s options were chosen before the seeds ran: each candidate "
-            f"below ran at seed {results['seeds'][0]}, and the one whose best round has the "
-            "highest mean **validation** balanced accuracy over the hospitals (what model "
-            "selection maximises) was used for every seed (its seed run is that candidate's "
-            "run). No test split was read for the choice.",
+            f"{label(algorithm, results)}'s options were chosen before the seeds ran: each "
+            f"candidate below ran at seed {results['seeds'][0]} (tuning runs, kept apart), and "
+            "the one whose best round has the highest mean **validation** balanced accuracy "
+            "over the hospitals (what model selection maximises) was then run afresh at every "
+            "seed, the tuning seed included: no tuning run is reported as a result. No test "
+            "split was read for the choice.",
             "",
             "| " + " | ".join(f"`{k}`" for k in keys) + " | validation score | chosen |",
             "|" + "---|" * (len(keys) + 2),
@@ -277,7 +291,7 @@ def _runtime(results: dict[str, Any]) -> list[str]:
         extra = sum(t["seconds"] for t in tried if not t["chosen"])
         per_algorithm[algorithm] = per_algorithm.get(algorithm, 0.0) + extra
     env = results.get("environment", {})
-    parts = ", ".join(f"{label(a)} {minutes(s)}" for a, s in per_algorithm.items())
+    parts = ", ".join(f"{label(a, results)} {minutes(s)}" for a, s in per_algorithm.items())
     return [
         f"Command: `{results['command']}`",
         "",
@@ -298,14 +312,19 @@ def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[s
     summary = {row["algorithm"]: row for row in results["summary"]}
     hospitals = results["hospitals"]
     majority = results.get("majority_rule", {})
-    lines = [f"## Fed-Heart-Disease ({results['mode']} mode)", ""]
+    federated = results.get("suite") == "heart-federated"
+    title = "Fed-Heart-Disease, normalisation = federated" if federated else "Fed-Heart-Disease"
+    lines = [f"## {title} ({results['mode']} mode)", ""]
     lines += [*_protocol(results), ""]
+    like = results.get("like_for_like_hospitals", hospitals)
     header = [
         "Method",
+        "Deployed models",
         "Client-avg accuracy",
         "Pooled-test accuracy",
         "Client-avg ROC-AUC",
         "Client-avg balanced acc.",
+        f"Like for like ({', '.join(CENTRE_NAMES.get(h, h) for h in like)}): accuracy",
         *[CENTRE_NAMES.get(h, h) for h in hospitals],
     ]
     rows = []
@@ -313,11 +332,13 @@ def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[s
         row = summary[algorithm]
         rows.append(
             [
-                f"**{label(algorithm)}** (ours)",
+                f"**{label(algorithm, results)}** (ours)",
+                deployed_models(results, algorithm),
                 interval(row.get("client_avg_test_accuracy")),
                 interval(row.get("pooled_test_accuracy")),
                 interval(row.get("client_avg_test_auc")),
                 interval(row.get("client_avg_test_balanced_accuracy")),
+                interval(row.get("like_mean_test_accuracy")),
                 *[interval(row.get(f"{h}:test_accuracy"), 2) for h in hospitals],
             ]
         )
@@ -325,17 +346,19 @@ def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[s
         rows.append(
             [
                 "Per-centre majority rule (computed on this split)",
+                "-",
                 f"{majority['client_avg_accuracy']:.3f} (reference: {REFERENCE_MAJORITY})",
                 f"{majority['pooled_accuracy']:.3f}",
                 "0.5 (constant score)",
                 "0.500",
+                "-",
                 *[f"{majority['per_centre'].get(h, math.nan):.2f}" for h in hospitals],
             ]
         )
     for name, mean, sd, pooled, centres in FLAMBY_HEART:
         rows.append(
-            [f"FLamby {name} (published)", f"{mean:.4f} ± {sd:.4f} sd", f"{pooled:.4f}",
-             "not published", "not published", *[f"{c:.2f}" for c in centres]]
+            [f"FLamby {name} (published)", "-", f"{mean:.4f} ± {sd:.4f} sd", f"{pooled:.4f}",
+             "not published", "not published", "-", *[f"{c:.2f}" for c in centres]]
         )  # fmt: skip
     lines += table(header, rows)
     lines += [
@@ -345,7 +368,9 @@ def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[s
         "(FLamby's metric); pooled-test accuracy = accuracy on the 4 test sets concatenated "
         "(each centre evaluated with the model it deploys). ROC-AUC and balanced accuracy are "
         "client-averaged. FLamby rows: mean ± standard deviation over seeds (not an interval), "
-        "from REFERENCE-RESULTS.md section 2.6.",
+        "from REFERENCE-RESULTS.md section 2.6. FedHelp's large centres deploy a private "
+        "model of another class (the MLP); the like-for-like column averages the centres where "
+        "every method deploys the logistic regression.",
         "",
         "Reading notes: FedProx with mu = 0.01 is indistinguishable from FedAvg here, as in "
         "FLamby (their lines coincide in the plot). Local-only is each centre's own model on its "
@@ -360,7 +385,8 @@ def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[s
         "",
     ]
     for metric in ("test_accuracy",):
-        curves, bars = f"heart_curves_{metric}.png", f"heart_bars_{metric}.png"
+        prefix = str(results.get("suite", "heart")).replace("-", "_")
+        curves, bars = f"{prefix}_curves_{metric}.png", f"{prefix}_bars_{metric}.png"
         plot_curves(results, metric, plots / curves)
         plot_bars(results, metric, plots / bars)
         lines += [
@@ -393,61 +419,112 @@ def _layout(results: dict[str, Any]) -> list[str]:
     return [*lines, "", f"Small hospitals (under 10 % of the data): {small}."]
 
 
+def deployed_models(results: dict[str, Any], algorithm: str) -> str:
+    """What each hospital deploys under a method: the architecture and its kind, hospitals
+    named where the class differs (FedHelp's large hospitals deploy a private model)."""
+    settings = results.get("settings", {}).get(algorithm, {})
+    kinds: dict[str, list[str]] = {}
+    seed = results["seeds"][0]
+    for row in results["per_hospital"]:
+        if row["algorithm"] == algorithm and row["seed"] == seed:
+            kinds.setdefault(row.get("model") or "?", []).append(row["hospital"])
+    base = settings.get("model", "?")
+    names = {
+        "large": f"private {settings.get('fedhelp.large-model', '?')}",
+        "global": f"global {base}",
+        "local": f"own {base}",
+        "personal": f"personalised {base}",
+        "pooled": f"pooled {base}",
+    }
+    if len(kinds) == 1:
+        return names.get(next(iter(kinds)), next(iter(kinds)))
+    return "; ".join(f"{', '.join(h)}: {names.get(k, k)}" for k, h in sorted(kinds.items()))
+
+
 def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> list[str]:
     summary = {row["algorithm"]: row for row in results["summary"]}
     hospitals = results["hospitals"]
-    lines = [f"## PneumoniaMNIST hospitals ({results['mode']} mode)", ""]
+    suite = results["suite"]
+    title = {
+        "pneumonia-skew": "strong label skew",
+        "pneumonia-skew-heldout": "strong label skew, held-out test from the train share",
+    }.get(suite, "hospitals")
+    lines = [f"## PneumoniaMNIST {title} ({results['mode']} mode)", ""]
     lines += [*_protocol(results), ""]
     lines += [*_layout(results), ""]
     lines += _tuning(results)
+    like = results.get("like_for_like_hospitals", hospitals)
+    large = results.get("large_model_hospitals", [])
     header = [
         "Method",
+        "Deployed models",
         "Client-avg balanced acc.",
         "Worst-hospital balanced acc.",
         "Client-avg AUC",
-        "Worst-hospital AUC",
+        f"Like for like ({', '.join(like)}): balanced acc.",
         "Small hospitals: balanced acc.",
         "Small: gain over local-only (bal. acc.)",
         "Small: gain over local-only (AUC)",
+        "One-class models",
     ]
     rows = []
+    seeds = len(results["seeds"])
     for algorithm in results["algorithms"]:
         row = summary[algorithm]
+        one = row.get("one_class_test") or {}
+        count = round((one.get("mean") or 0.0) * seeds)
         rows.append(
             [
-                f"**{label(algorithm)}**",
+                f"**{label(algorithm, results)}**",
+                deployed_models(results, algorithm),
                 interval(row.get("client_avg_test_balanced_accuracy")),
                 interval(row.get("worst_test_balanced_accuracy")),
                 interval(row.get("client_avg_test_auc")),
-                interval(row.get("worst_test_auc")),
+                interval(row.get("like_mean_test_balanced_accuracy")),
                 interval(row.get("small_mean_test_balanced_accuracy")),
                 signed(row.get("small_gain_test_balanced_accuracy")),
                 signed(row.get("small_gain_test_auc")),
+                f"{count} of {seeds * len(hospitals)}",
             ]
         )
     lines += table(header, rows)
-    lines += ["", "Per-hospital test balanced accuracy / ROC-AUC (mean over seeds):", ""]
+    lines += [
+        "",
+        f"Deployed models: under FedHelp, {', '.join(large) or 'no hospital'} deploy a private "
+        "large model of another class than every other method's; the like-for-like column "
+        "averages only the hospitals where every method deploys the run's own architecture. "
+        "One-class models: hospital x seed results whose model predicts a single class for "
+        "the whole test split (per-class recalls 1 and 0), of all hospital x seed results.",
+        "",
+        "Per-hospital test balanced accuracy / ROC-AUC (mean over seeds):",
+        "",
+    ]
+    one_class: dict[tuple[str, str], int] = {}
+    for entry in results["per_hospital"]:
+        if entry.get("one_class_test"):
+            key = (entry["algorithm"], entry["hospital"])
+            one_class[key] = one_class.get(key, 0) + 1
     per_rows = []
     for algorithm in results["algorithms"]:
         row = summary[algorithm]
         per_rows.append(
-            [label(algorithm)]
+            [label(algorithm, results)]
             + [
-                f"{interval(row.get(f'{h}:test_balanced_accuracy'), 2).split(' [')[0]} / "
-                f"{interval(row.get(f'{h}:test_auc'), 2).split(' [')[0]}"
+                f"{_mean(row, f'{h}:test_balanced_accuracy')}"
+                + (f" †{one_class[(algorithm, h)]}" if (algorithm, h) in one_class else "")
+                + f" / {_mean(row, f'{h}:test_auc')}"
                 for h in hospitals
             ]
         )
     lines += table(["Method", *hospitals], per_rows)
-    constant = constant_predictors(results)
-    if constant:
-        parts = ", ".join(f"{label(a)} {n} of {total}" for a, (n, total) in constant.items())
+    if one_class:
         lines += [
             "",
-            "Reported models that predict one class for a whole test split (balanced accuracy "
-            f"exactly 0.5; hospital x seed pairs): {parts}. At the selected round these "
-            "hospitals' models are no better than always predicting one class.",
+            "†k: at k of the seeds this hospital's reported model predicts one class for its "
+            "whole test split.",
         ]
+    if suite.startswith("pneumonia-skew"):
+        lines += ["", *skew_tables(results), *recall_table(results)]
     lines += [
         "",
         "Each hospital's model chosen on validation data (the round with the best mean "
@@ -459,24 +536,107 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
         "in one place, larger models), so it is context, not an anchor.",
         "",
     ]
+    prefix = {"pneumonia-skew": "skew", "pneumonia-skew-heldout": "skew_heldout"}.get(
+        suite, "pneumonia"
+    )
     for metric in ("test_balanced_accuracy", "test_auc"):
-        bars = f"pneumonia_bars_{metric}.png"
+        bars = f"{prefix}_bars_{metric}.png"
         plot_bars(results, metric, plots / bars)
         lines += [f"![per-hospital bars]({relative}/{bars})", ""]
-    curves = "pneumonia_curves_test_balanced_accuracy.png"
+    curves = f"{prefix}_curves_test_balanced_accuracy.png"
     plot_curves(results, "test_balanced_accuracy", plots / curves)
     lines += [f"![per-round curves]({relative}/{curves})", ""]
     lines += [*_runtime(results), ""]
     return lines
 
 
-def constant_predictors(results: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """Per method, how many (hospital, seed) results are a one-class predictor."""
-    counts: dict[str, tuple[int, int]] = {}
-    for row in results["per_hospital"]:
-        hits, total = counts.get(row["algorithm"], (0, 0))
-        counts[row["algorithm"]] = (hits + (row["test_balanced_accuracy"] == 0.5), total + 1)
-    return {a: c for a, c in counts.items() if c[0]}
+def _mean(row: dict[str, Any], key: str, digits: int = 2, sign: bool = False) -> str:
+    cell = row.get(key) or {}
+    if cell.get("mean") is None:
+        return "n/a"
+    return f"{cell['mean']:{'+' if sign else ''}.{digits}f}"
+
+
+def meets_target(row: dict[str, Any], reference: str, hospitals: list[str], margin: float) -> bool:
+    """Issue 16's bar: no hospital (of ``hospitals``) more than ``margin`` balanced accuracy
+    below ``reference`` on the mean over seeds, and above it on the client average."""
+    gaps = [row.get(f"{h}:gap_{reference}_test_balanced_accuracy") or {} for h in hospitals]
+    client = row.get(f"client_avg_gap_{reference}_test_balanced_accuracy") or {}
+    if client.get("mean") is None or any(g.get("mean") is None for g in gaps):
+        return False
+    return all(g["mean"] >= -margin for g in gaps) and client["mean"] > 0
+
+
+def recall_table(results: dict[str, Any]) -> list[str]:
+    """Per-class recall on the validation and on the test splits (mean over hospitals and
+    seeds): where the test split is shifted against the train split, the two differ for
+    every model, and no choice made on validation data can see it."""
+    rows = []
+    for algorithm in results["algorithms"]:
+        entries = [r for r in results["per_hospital"] if r["algorithm"] == algorithm]
+        cells = []
+        for split in ("val", "test"):
+            recalls = [r.get(f"{split}_recall") for r in entries if r.get(f"{split}_recall")]
+            if not recalls:
+                return []  # results written before recalls were recorded
+            values = np.array([[np.nan if v is None else v for v in r] for r in recalls], float)
+            cells += [f"{np.nanmean(values[:, c]):.2f}" for c in range(values.shape[1])]
+        rows.append([label(algorithm, results), *cells])
+    classes = len(rows[0]) // 2 if rows else 0
+    names = ["normal", "pneumonia"] if classes == 2 else [f"class {c}" for c in range(classes)]
+    header = ["Method", *[f"val recall {n}" for n in names], *[f"test recall {n}" for n in names]]
+    return [
+        "Per-class recall of the reported models on the validation and the test splits (mean "
+        "over hospitals and seeds):",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
+def skew_tables(results: dict[str, Any]) -> list[str]:
+    """Each method against each local-only reference at the hospitals whose test split holds
+    both classes: balanced accuracy (gap), the client average, and the target's verdict."""
+    summary = {row["algorithm"]: row for row in results["summary"]}
+    both, margin = results["both_classes_hospitals"], results["margin"]
+    lines: list[str] = []
+    for reference in results.get("references", []):
+        lines += [
+            f"Against {label(reference, results)}: test balanced accuracy, mean over seeds, with "
+            f"the gap to {label(reference, results)} on the same hospital and seed in brackets, "
+            f"at the hospitals whose test split holds both classes ({', '.join(both)}); a gap "
+            f"below -{margin:g} is in bold. Target (issue 16): no such gap, and a client-average "
+            "gap above 0.",
+            "",
+        ]
+        rows = []
+        for algorithm in results["algorithms"]:
+            if algorithm == reference:
+                continue
+            row = summary[algorithm]
+            cells = []
+            for h in both:
+                gap = (row.get(f"{h}:gap_{reference}_test_balanced_accuracy") or {}).get("mean")
+                text = (
+                    f"{_mean(row, f'{h}:test_balanced_accuracy')} "
+                    f"({_mean(row, f'{h}:gap_{reference}_test_balanced_accuracy', sign=True)})"
+                )
+                cells.append(f"**{text}**" if gap is not None and gap < -margin else text)
+            client = (
+                f"{_mean(row, 'client_avg_test_balanced_accuracy', 3)} "
+                f"({_mean(row, f'client_avg_gap_{reference}_test_balanced_accuracy', 3, True)})"
+            )
+            verdict = "yes" if meets_target(row, reference, both, margin) else "no"
+            rows.append([label(algorithm, results), *cells, client, verdict])
+        ref = summary.get(reference, {})
+        rows.append(
+            [f"*{label(reference, results)}*"]
+            + [_mean(ref, f"{h}:test_balanced_accuracy") for h in both]
+            + [_mean(ref, "client_avg_test_balanced_accuracy", 3), "-"]
+        )
+        lines += table(["Method", *both, "Client avg (gap)", "Meets target"], rows)
+        lines.append("")
+    return lines
 
 
 def render(results_dir: Path, out: Path, plots: Path) -> str:
@@ -484,7 +644,7 @@ def render(results_dir: Path, out: Path, plots: Path) -> str:
     plots.mkdir(parents=True, exist_ok=True)
     relative = os.path.relpath(plots, out.resolve().parent)
     found = {}
-    for suite in ("heart", "pneumonia"):
+    for suite in SUITES:
         path = results_dir / suite / "results.json"
         if path.is_file():
             found[suite] = json.loads(path.read_text())
@@ -492,8 +652,8 @@ def render(results_dir: Path, out: Path, plots: Path) -> str:
         from fedclinic.errors import ConfigError
 
         raise ConfigError(
-            f"no results in '{results_dir}': expected heart/results.json or "
-            "pneumonia/results.json (written by 'fedclinic bench quality')"
+            f"no results in '{results_dir}': expected <suite>/results.json for a suite of "
+            f"{', '.join(SUITES)} (written by 'fedclinic bench quality')"
         )
     lines = [
         "# Benchmarks",
@@ -517,16 +677,21 @@ def render(results_dir: Path, out: Path, plots: Path) -> str:
             "below are not comparable with the anchors.**",
             "",
         ]
-    if "heart" in found:
-        lines += heart_section(found["heart"], plots, relative)
-    if "pneumonia" in found:
-        lines += pneumonia_section(found["pneumonia"], plots, relative)
+    for suite in SUITES:
+        if suite not in found:
+            continue
+        if suite in PNEUMONIA_SUITES:
+            lines += pneumonia_section(found[suite], plots, relative)
+        else:
+            lines += heart_section(found[suite], plots, relative)
     lines += runtime_sections(results_dir, plots, relative)
     return "\n".join(lines).rstrip() + "\n"
 
 
-#: runtime benchmarks (real processes over gRPC) write a Markdown section of their own
+#: the accuracy gate and the runtime benchmarks (real processes over gRPC) write a Markdown
+#: section of their own
 RUNTIME_SECTIONS = (
+    ("gate", "Accuracy gate (CI)"),
     ("system", "Runtime cost on the real deployment runtime (gRPC + TLS)"),
     ("load", "Load: many hospitals on one machine"),
 )
@@ -574,7 +739,7 @@ def report_command(args: argparse.Namespace) -> int:
         print(f"fedclinic bench report: {err}", file=sys.stderr)
         return 2
     args.out.write_text(text, encoding="utf-8")
-    for suite in ("heart", "pneumonia"):  # the small tables travel with the plots
+    for suite in SUITES:  # the small tables travel with the plots
         for name in ("summary.csv", "per_hospital.csv"):
             source = args.results / suite / name
             if source.is_file():

@@ -1,0 +1,89 @@
+"""Balanced softmax: the local loss for hospitals whose label mixes differ (``<algo>.local-loss``).
+
+Why: trained with plain cross-entropy, a model learns its hospital's label prior in its
+biases. Under label skew that prior differs from hospital to hospital (95 % pneumonia at one,
+88 % normal at another), so the global model of an average, or a model distilled from another
+hospital's, carries a prior that fits no hospital, and its operating point lands on one class
+at the hospitals whose mix differs most (balanced accuracy 0.5 with a high AUC: the ranking is
+fine, the threshold is not). Balanced softmax (Ren et al., arXiv 2007.10740; the logit
+adjustment of Menon et al., arXiv 2007.07314, section 4, with tau = 1) trains on
+``CE(z + log pi, y)`` with ``pi`` the hospital's own training class frequencies. The raw logits
+``z`` then estimate class scores free of the local prior (for an ideal model ``z_c = log
+p(x | c)`` up to a constant), so
+
+- the argmax of ``z`` is the decision that minimises the balanced error, the metric models are
+  selected and reported on;
+- hospitals with different label mixes fit the same target, so averaging their models or
+  distilling between them no longer mixes label priors (FedLC's calibration, Zhang et al.,
+  arXiv 2209.00189, section 4).
+
+Fed-MAS uses it as its local loss (``fedmas.local-loss = "bsm"``, the same
+:func:`~strategies.fedmas_math.class_log_prior`). Classification only: a segmentation run
+keeps its task loss (Dice + CE). The prior is the hospital's own training split; nothing
+leaves the site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from fedclinic.config import RunConfig, Schema
+from fedclinic.tasks import task_of
+from strategies.fedmas_math import class_log_prior
+
+LocalLoss = Literal["bsm", "ce"]
+#: (logits, labels) -> scalar loss
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def shift_logits(logits: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """``z + log pi`` per class; a single binary logit ``z`` (the classes ``[0, z]``) gets
+    ``log pi_1 - log pi_0``."""
+    log_prior = log_prior.to(logits.device, torch.float32)
+    if logits.shape[1] == 1:
+        return logits.float() + (log_prior[1] - log_prior[0])
+    return logits.float() + log_prior
+
+
+def local_loss(run: RunConfig, kind: LocalLoss, class_counts: Sequence[int]) -> Loss:
+    """The supervised loss of a hospital's local steps: balanced softmax (``bsm``) with this
+    hospital's class counts, or the task loss as it is (``ce``, and every segmentation run)."""
+    task_loss = task_of(run).loss
+    if kind == "ce" or run.task != "classification":
+        return task_loss
+    log_prior = class_log_prior(torch.tensor(list(class_counts)))
+    return lambda logits, labels: task_loss(shift_logits(logits, log_prior), labels)
+
+
+class LocalLossOptions(Schema):
+    """The options of the baselines that offer the balanced loss as a control (FedAvg,
+    local-only): plain cross-entropy by default, as the baselines are usually run."""
+
+    local_loss: LocalLoss = Field(
+        "ce", description="supervised local loss: cross-entropy (ce) or balanced softmax (bsm)"
+    )
+
+
+class BalancedLossObjective:
+    """Mixin for objectives that train through :meth:`ClientObjective.loss`: the task term uses
+    the algorithm's ``local-loss`` option (its options model's default when the run config
+    carries no options section)."""
+
+    #: the options model holding ``local_loss`` (its default applies to a bare RunConfig)
+    local_loss_options: ClassVar[type[Schema]] = LocalLossOptions
+    _local_loss: Loss | None = None
+
+    def loss(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
+        if self._local_loss is None:
+            run: RunConfig = self.run  # type: ignore[attr-defined]
+            options = run.options.get(run.algorithm) or self.local_loss_options()
+            counts = self.context.data.train.class_counts(run.num_classes)  # type: ignore[attr-defined]
+            self._local_loss = local_loss(run, options.local_loss, counts)
+        return self._local_loss(logits, labels)
