@@ -256,7 +256,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "stats": Command("statistics of the hospitals' data", "fedclinic.stats.command:add_parser"),
     "bench": Command(
-        "quality benchmarks on real medical data and their report", "fedclinic.bench:add_parser"
+        "quality benchmarks on real medical data and their report",
+        "fedclinic.bench.command:add_parser",
     ),
     "coordinator": Command(
         "run the coordinator: the SuperLink with TLS and hospital authentication",

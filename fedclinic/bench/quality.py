@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedclinic.bench import PNEUMONIA_SUITES, SUITES
 from fedclinic.bench.crossfit import build_cross_fitted_knowledge
 from fedclinic.bench.grid import run_federation
 from fedclinic.bench.pooled import (
@@ -60,6 +59,7 @@ from fedclinic.bench.pooled import (
     hospital_union,
     run_pooled,
 )
+from fedclinic.bench.suites import PNEUMONIA_SUITES, SUITES
 from fedclinic.config import parse_hospital_config
 from fedclinic.data import DataRequest, Split
 from fedclinic.data.medmnist import partition_plan, read_npz

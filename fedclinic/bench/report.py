@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedclinic.bench import PNEUMONIA_SUITES, SUITES
+from fedclinic.bench.suites import PNEUMONIA_SUITES, SUITES
 
 #: FLamby's published Fed-Heart-Disease accuracies (../shared/REFERENCE-RESULTS.md 2.6:
 #: mean over the 5 seeds of the client average, sd over seeds, pooled test set), anchors only.

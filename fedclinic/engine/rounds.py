@@ -101,7 +101,7 @@ class RoundEngine:
         if run.resume:
             completed, arrays = self.resume()
         flat = run.to_flat()
-        self._audit(
+        self.audit_event(
             "run_resumed" if run.resume else "run_start",
             from_round=completed + 1,
             algorithm=run.algorithm,
@@ -128,9 +128,9 @@ class RoundEngine:
             self._audit_round("final_evaluation", final, [outcome], arrays)
             self.finish(arrays)
         except BaseException as error:
-            self._audit("run_end", status="failed", reason=f"{type(error).__name__}: {error}")
+            self.audit_event("run_end", status="failed", reason=f"{type(error).__name__}: {error}")
             raise
-        self._audit("run_end", status="completed", rounds=run.rounds)
+        self.audit_event("run_end", status="completed", rounds=run.rounds)
         return RunResult(arrays, run.rounds)
 
     def round(
@@ -213,7 +213,7 @@ class RoundEngine:
             self.selection.observe(keys.model_round(server_round), evaluated, sent)
         if exchange.train:
             rows.extend(train_row(server_round, r) for r in outcome.accepted)
-        self._record(rows)
+        self.record(rows)
         self._log(outcome)
         problem = outcome.shortfall(run.min_hospitals)
         if problem:
@@ -224,7 +224,7 @@ class RoundEngine:
         """Ask every connected hospital (setup query, names after a resume)."""
         nodes = transport.wait_for_hospitals(self.run.min_hospitals, self.run.round_timeout)
         outcome = self._ask(transport, nodes, config)
-        self._record(outcome.rows)
+        self.record(outcome.rows)
         self._log(outcome)
         problem = outcome.shortfall(self.run.min_hospitals)
         if problem:
@@ -367,7 +367,7 @@ class RoundEngine:
             }
         )
 
-    def _record(self, rows: Sequence[Row]) -> None:
+    def record(self, rows: Sequence[Row]) -> None:
         if self.results is not None and rows:
             self.results.append(rows)
 
@@ -380,7 +380,7 @@ class RoundEngine:
         for name, count in outcome.duplicates.items():
             log(WARNING, "round %d: %d late duplicate reply(ies) of %s discarded", r, count, name)
 
-    def _audit(self, event: str, **fields: Any) -> None:
+    def audit_event(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
             self.audit.record(event, **fields)
 
@@ -404,7 +404,7 @@ class RoundEngine:
             "resent": _sum_counts(o.resent for o in outcomes),
             "duplicates": _sum_counts(o.duplicates for o in outcomes),
         }
-        self._audit(
+        self.audit_event(
             event,
             round=server_round,
             **merged,

@@ -14,21 +14,37 @@ Two uses:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from flwr.common import log
 
 from fedclinic import messages as keys
 from fedclinic.audit import certificate_fingerprints, code_version, config_sha256
-from fedclinic.engine.exchange import GridLike, Transport
+from fedclinic.config import RunConfig
+from fedclinic.engine.algorithm import Reply
+from fedclinic.engine.exchange import Clock, GridLike, ResendPolicy, Transport
 from fedclinic.errors import FedClinicError
-from fedclinic.rows import ErrorRow
+from fedclinic.rows import ErrorRow, Row
 from fedclinic.stats import pool
 from fedclinic.stats.protocol import SiteAnswer, StatsRequest, parse_answer
 
-if TYPE_CHECKING:  # the engine imports this module; the type only, for the annotations
-    from fedclinic.engine.rounds import RoundEngine
+
+class RoundEngine(Protocol):
+    """What a statistics exchange uses of :class:`fedclinic.engine.rounds.RoundEngine` (which
+    runs it before round 1 and so imports this module, not the other way round)."""
+
+    run: RunConfig
+    site_key: str
+    clock: Clock
+    resend: ResendPolicy
+
+    def query(self, transport: Transport, config: dict[str, Any]) -> list[Reply]: ...
+
+    def record(self, rows: Sequence[Row]) -> None: ...
+
+    def audit_event(self, event: str, **fields: Any) -> None: ...
 
 
 def ask(engine: RoundEngine, transport: Transport, request: StatsRequest) -> dict[str, SiteAnswer]:
@@ -52,7 +68,7 @@ def ask(engine: RoundEngine, transport: Transport, request: StatsRequest) -> dic
                                      kind="rejected", reason=str(err)))  # fmt: skip
             continue
         answers[reply.hospital] = answer
-    engine._record(rejected)
+    engine.record(rejected)
     if len(answers) < engine.run.min_hospitals:
         reasons = "; ".join(f"{r.hospital}: {r.reason}" for r in rejected)
         raise FedClinicError(
@@ -79,7 +95,7 @@ def federated_normalisation(engine: RoundEngine, transport: Transport) -> dict[s
     log(INFO, "federated normalisation: pooled train statistics of %d inputs from %s%s",
         len(summary["variables"]), ", ".join(sorted(answers)),
         f" (withheld at the site: {excluded})" if excluded else "")
-    engine._audit("normalisation", hospitals=sorted(answers), mean=summary["mean"],
+    engine.audit_event("normalisation", hospitals=sorted(answers), mean=summary["mean"],
                   std=summary["std"], variables=summary["variables"],
                   excluded=excluded)  # fmt: skip
     config = {keys.NORMALISATION_MEAN: summary["mean"], keys.NORMALISATION_STD: summary["std"]}
@@ -92,8 +108,10 @@ def run_statistics(engine: RoundEngine, grid: GridLike) -> dict[str, Any]:
     run = engine.run
     transport = Transport(grid, engine.clock, engine.resend)
     flat = run.to_flat()
-    engine._audit("run_start", run_kind="stats", config=flat, config_sha256=config_sha256(flat),
-                  code=code_version(), certificates=certificate_fingerprints())  # fmt: skip
+    engine.audit_event(
+        "run_start", run_kind="stats", config=flat, config_sha256=config_sha256(flat),
+        code=code_version(), certificates=certificate_fingerprints(),
+    )  # fmt: skip
     try:
         names = tuple(n.strip() for n in run.stats_features.split(",") if n.strip())
         first = StatsRequest(variables=names, moments=True)
@@ -118,9 +136,9 @@ def run_statistics(engine: RoundEngine, grid: GridLike) -> dict[str, Any]:
             "requests": [first.model_dump()] + ([second.model_dump()] if second else []),
         }
     except BaseException as error:
-        engine._audit("run_end", status="failed", reason=f"{type(error).__name__}: {error}")
+        engine.audit_event("run_end", status="failed", reason=f"{type(error).__name__}: {error}")
         raise
-    engine._audit("run_end", status="completed", run_kind="stats", hospitals=sorted(answers))
+    engine.audit_event("run_end", status="completed", run_kind="stats", hospitals=sorted(answers))
     return result
 
 
@@ -138,5 +156,5 @@ def _merge(moments: SiteAnswer, histograms: SiteAnswer) -> SiteAnswer:
 def _audit_exchange(
     engine: RoundEngine, name: str, request: StatsRequest, answers: dict[str, SiteAnswer]
 ) -> None:
-    engine._audit("statistics", exchange=name, request=request.model_dump(),
+    engine.audit_event("statistics", exchange=name, request=request.model_dump(),
                   answered=sorted(answers))  # fmt: skip
