@@ -3,8 +3,8 @@
 core (``fedclinic`` without its apps) <- algorithms (``strategies``) <- apps (``server``,
 ``client``, ``fedclinic.cli``, ``fedclinic.local``, ``fedclinic.bench``, ``fedclinic.operate``,
 ``fedclinic.hospital``, and the other commands' modules: ``APPS`` below). The graph comes
-from grimp (import-linter's import parser), which reads every import in a module, those inside functions included, so an import moved into a
-function to dodge a cycle is still seen.
+from grimp (import-linter's import parser), which reads every import in a module, those
+inside functions included, so an import moved into a function to dodge a cycle is still seen.
 """
 
 from __future__ import annotations
