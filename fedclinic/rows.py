@@ -50,10 +50,16 @@ class EvaluateRow(HospitalRow):
     are extra keys."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+    omitted_when_none = frozenset({"node_id", "flags"})
     kind: Literal["evaluate"] = "evaluate"
     model_round: int
     #: which model the hospital evaluated: "global", "local", "personal", "large"
     model: str
+    #: why these scores mean little: "predicts-one-class-on-val" / "-on-test" (the model
+    #: predicts one class for every sample of a split holding several), "val-split-one-class"
+    #: / "test-split-one-class" (the split holds one class); fedclinic.engine.records.
+    #: Absent when nothing is flagged.
+    flags: list[str] | None = None
 
 
 class TrainRow(HospitalRow):

@@ -36,7 +36,14 @@ from fedclinic.engine.algorithm import (
     ServerAlgorithm,
 )
 from fedclinic.engine.exchange import Clock, GridLike, ResendPolicy, Transport
-from fedclinic.engine.records import Selection, evaluate_row, hospital_summaries, train_row
+from fedclinic.engine.records import (
+    Selection,
+    evaluate_row,
+    flag_line,
+    flagged,
+    hospital_summaries,
+    train_row,
+)
 from fedclinic.errors import FedClinicError
 from fedclinic.results import ResultsWriter
 from fedclinic.rows import Row
@@ -204,6 +211,9 @@ class RoundEngine:
         if exchange.evaluate:
             evaluated = [evaluate_row(server_round, r) for r in outcome.accepted]
             rows.extend(evaluated)
+            for row in evaluated:  # a one-class model or split: scores that mean little
+                if row.flags:
+                    log(WARNING, "%s", flag_line(row, final=exchange is FINAL_EVALUATION))
             self.selection.observe(keys.model_round(server_round), evaluated, sent)
         if exchange.train:
             rows.extend(train_row(server_round, r) for r in outcome.accepted)
@@ -330,6 +340,7 @@ class RoundEngine:
                 )
         final_model = keys.model_round(keys.final_round(rounds))
         selected_round = selection.best[0] if selection.best else final_model
+        hospitals = hospital_summaries(selection, final_model, selected_round, self.results.rows)
         self.results.write_summary(
             {
                 "status": "completed",
@@ -343,9 +354,8 @@ class RoundEngine:
                     if selection.best
                     else "no validation data: the final round is reported"
                 ),
-                "hospitals": hospital_summaries(
-                    selection, final_model, selected_round, self.results.rows
-                ),
+                "hospitals": hospitals,
+                "flags": flagged(hospitals),
                 "model": model_info,
                 "selected_model": selected_info,
                 **self.algorithm.summary_extra(),
