@@ -140,6 +140,11 @@ class ClientObjective:
             keys.CLASS_COUNTS: [float(c) for c in data.train.class_counts(self.run.num_classes)],
         }
 
+    def data_fingerprint(self) -> str:
+        """What the hospital trained and was tested on, sent with every reply
+        (``HospitalData.fingerprint``: class counts per split and a content hash)."""
+        return self.context.data.fingerprint(self.run.num_classes)
+
     def query(self, content: RecordDict) -> RecordDict:
         """Reply to a QUERY message with :meth:`describe`."""
         hospital = self.context.hospital

@@ -56,6 +56,7 @@ Design decisions (ALGORITHMS.md section 6):
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,11 @@ class PFedNetOptions(Schema):
     sketch: Literal["auto", "label-ratio", "covariance", "feature-mean"] = "auto"
     sketch_image_size: int = Field(32, ge=1, le=256)
     sketch_epsilon: float = Field(0.0, ge=0, description="Laplace DP on counts; 0 = exact")
+    allow_rank_deficient_sketch: bool = Field(
+        False,
+        description="send a covariance sketch of fewer image rows than pixels, which reveals "
+        "the span of the hospital's images; refused at the hospital otherwise",
+    )
     knn_k: int = Field(3, ge=1, le=1000)
     fusion_lambda: float = Field(0.144, ge=0)
     server_step_size: float = Field(0.0, ge=0, description="eta; 0 = number of graph hospitals")
@@ -250,30 +256,66 @@ class PFedNetObjective(ClientObjective):
         """The data sketch for the similarity graph (PF-1); aggregate statistics only."""
         config = dict(content[keys.CONFIG]) if keys.CONFIG in content.config_records else {}
         answer = super().describe(content)
+        if self.hides_counts:  # any query, the setup's or a name-only one
+            answer.pop(keys.CLASS_COUNTS)
         if not config.get(SKETCH_KEY, False):
             return answer  # a name-only query (a hospital that reconnected)
         kind = resolve_sketch(self.run)
         train = self.context.data.train
         if kind == "label-ratio":
             counts = [float(c) for c in train.class_counts(self.run.num_classes)]
-            if self.options.sketch_epsilon > 0:
+            if self.hides_counts:
                 rng = np.random.default_rng()  # fresh OS entropy: the server must not know it
                 noisy = pm.noisy_counts(counts, self.options.sketch_epsilon, rng)
-                return {"num_train": len(train), "sketch": [float(c) for c in noisy]}
+                return {**answer, "sketch": [float(c) for c in noisy]}
             return {**answer, "sketch": counts}
         if kind == "covariance":
-            rows = len(train) * (train.inputs.shape[1] if train.inputs.ndim == 4 else 1)
-            if rows < 50:
-                log(
-                    WARNING,
-                    "pFedNet: the covariance sketch of %d image rows reveals much about each "
-                    "image; consider pfednet.sketch = label-ratio",
-                    rows,
-                )
+            self.check_sketch_rank(train.inputs)
             sketch = pm.covariance_sketch(train.inputs, self.options.sketch_image_size)
         else:
             sketch = pm.feature_mean_sketch(train.inputs, self.options.sketch_image_size)
         return {**answer, "sketch": [float(v) for v in sketch]}
+
+    def check_sketch_rank(self, inputs: torch.Tensor) -> None:
+        """A covariance of fewer rows than columns has rank at most rows: the coordinator
+        would learn the span of this hospital's centred images (PF-1). Refused in one line
+        unless the run opts in; with the opt-in, one warning in the hospital's log."""
+        size = self.options.sketch_image_size
+        rows, columns, what = pm.covariance_shape(inputs, size)
+        if rows >= columns:
+            return
+        if not self.options.allow_rank_deficient_sketch:
+            smaller = (
+                f", pfednet.sketch-image-size <= {math.isqrt(rows)}" if inputs.ndim == 4 else ""
+            )
+            raise ConfigError(
+                f"pFedNet covariance sketch refused: {rows} training image rows for {what} at "
+                f"pfednet.sketch-image-size = {size} give a covariance of rank at most {rows}, "
+                f"which reveals the span of this hospital's images; use pfednet.sketch = "
+                f"\"label-ratio\"{smaller}, or set pfednet.allow-rank-deficient-sketch = true "
+                "to send it anyway"
+            )
+        log(
+            WARNING,
+            "pFedNet: sending a rank-deficient covariance sketch "
+            "(pfednet.allow-rank-deficient-sketch = true): %d image rows for %s; the "
+            "coordinator learns the span of this hospital's centred training images (at most "
+            "%d dimensions of %d): every one of them lies in it",
+            rows,
+            what,
+            rows,
+            columns,
+        )
+
+    @property
+    def hides_counts(self) -> bool:
+        """Under the noised sketch no exact class count leaves the site on any path (PF-1):
+        not in a query's answer, not in the data fingerprint of any reply."""
+        return self.options.sketch_epsilon > 0
+
+    def data_fingerprint(self) -> str:
+        data = self.context.data
+        return data.fingerprint(self.run.num_classes, class_counts=not self.hides_counts)
 
     # -- the received model
     def resolve(self, received: State) -> tuple[State, bool]:

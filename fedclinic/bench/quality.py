@@ -334,6 +334,8 @@ def pneumonia_plan(mode: str, work: Path) -> Plan:
             "fedprox": {"fedprox.proximal-mu": 0.01},
             "fedhelp": {"fedhelp.num-large": 2, "fedhelp.large-model": "wide-cnn"},
             "fedmas": {"fedmas.prior-arch": "cnn"},
+            # public images; small hospitals have fewer than 784 (docs/pfednet.md, PF-1)
+            "pfednet": {"pfednet.allow-rank-deficient-sketch": True},
         },
         candidates={} if quick else {"fedhelp": FEDHELP_CANDIDATES},
         hospitals=hospitals,

@@ -407,6 +407,7 @@ def run_fedclinic(
         config["round-timeout"] = round_timeout
     if algorithm == "pfednet":
         config["pfednet.compression"] = compression
+        config["pfednet.allow-rank-deficient-sketch"] = True  # synthetic images: no patient
     outcome = run_federation(app_dir, config, hospitals, out, plain=False)
     metrics = out / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
