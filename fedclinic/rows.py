@@ -140,13 +140,15 @@ class PFedNetAdmmRow(Row):
 
 
 class CommunicationRow(Row):
-    """pFedNet's bytes per hospital and round, beside what FedAvg would have sent."""
+    """pFedNet's bytes per hospital and round, beside what FedAvg would have sent; round 0 is
+    the setup, whose upload is the one-time data sketch (``sketch_upload_bytes``)."""
 
     kind: Literal["communication"] = "communication"
     hospital: str
     compression: str
     upload_bytes: int
     upload_deflate_bytes: int
+    sketch_upload_bytes: int = 0
     shared_upload_bytes: int
     personal_upload_bytes: int
     download_bytes: int

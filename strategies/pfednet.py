@@ -497,7 +497,7 @@ class PFedNetStrategy(ServerAlgorithm):
         self.graph = pm.Graph.build([r.hospital for r in replies], distances, self.options.knn_k)
         z0 = self.split.flatten(self.state, self.split.personal)
         self.columns = np.repeat(z0[:, None], len(replies), axis=1)
-        sketch_bytes = [pm.record_bytes(MetricRecord(self._sketch_only(r)))[0] for r in replies]
+        sketch_bytes = self._count_sketches(replies)
         log(
             INFO,
             "pFedNet graph (%s sketch, k = %d): %d hospitals, edges %s",
@@ -520,6 +520,20 @@ class PFedNetStrategy(ServerAlgorithm):
                 )
             ]
         )
+        self._write_traffic(0)
+
+    def _count_sketches(self, replies: list[Reply]) -> list[int]:
+        """The sketch's bytes (its MetricRecord, as on the wire), counted as the hospital's
+        upload of round 0 (the setup): FedAvg sends nothing then."""
+        self.round = 0
+        sizes = []
+        for reply in replies:
+            size, deflated = pm.record_bytes(MetricRecord(self._sketch_only(reply)))
+            self._count(reply.hospital, "sketch_upload_bytes", size)
+            self._count(reply.hospital, "upload_bytes", size)
+            self._count(reply.hospital, "upload_deflate_bytes", deflated)
+            sizes.append(size)
+        return sizes
 
     @staticmethod
     def _sketch(reply: Reply) -> list[float]:
@@ -689,44 +703,47 @@ class PFedNetStrategy(ServerAlgorithm):
             self.fedavg_bytes[server_round] = pm.record_bytes(numpy_to_record(self.global_state()))
         return self.fedavg_bytes[server_round]
 
+    def _traffic_of(self, server_round: int, counts: Mapping[str, float]) -> dict[str, int]:
+        """One hospital's bytes of one round beside FedAvg's: the full model down in every
+        round, up in a round the hospital trained in; nothing at the setup (round 0), where
+        pFedNet sends its sketch."""
+        fedavg = {"fedavg_upload_bytes": 0, "fedavg_upload_deflate_bytes": 0}
+        full = 0
+        if server_round > 0:
+            full, deflated = self._fedavg_bytes(server_round)
+            if "shared_upload_bytes" in counts or "personal_upload_bytes" in counts:
+                fedavg = {"fedavg_upload_bytes": full, "fedavg_upload_deflate_bytes": deflated}
+        own = ("upload_bytes", "upload_deflate_bytes", "sketch_upload_bytes",
+               "shared_upload_bytes", "personal_upload_bytes", "download_bytes")  # fmt: skip
+        return {
+            **{key: int(counts.get(key, 0)) for key in own},
+            **fedavg,
+            "fedavg_download_bytes": full,
+        }
+
     def _write_traffic(self, server_round: int) -> None:
-        full, deflated = self._fedavg_bytes(server_round)
-        rows = []
-        for hospital, counts in sorted(self.traffic.get(server_round, {}).items()):
-            trained = "upload_bytes" in counts
-            rows.append(
-                CommunicationRow(
-                    round=server_round,
-                    hospital=hospital,
-                    compression=self.options.compression,
-                    upload_bytes=int(counts.get("upload_bytes", 0)),
-                    upload_deflate_bytes=int(counts.get("upload_deflate_bytes", 0)),
-                    shared_upload_bytes=int(counts.get("shared_upload_bytes", 0)),
-                    personal_upload_bytes=int(counts.get("personal_upload_bytes", 0)),
-                    download_bytes=int(counts.get("download_bytes", 0)),
-                    fedavg_upload_bytes=full if trained else 0,
-                    fedavg_upload_deflate_bytes=deflated if trained else 0,
-                    fedavg_download_bytes=full,
-                )
+        rows = [
+            CommunicationRow(
+                round=server_round,
+                hospital=hospital,
+                compression=self.options.compression,
+                **self._traffic_of(server_round, counts),
             )
+            for hospital, counts in sorted(self.traffic.get(server_round, {}).items())
+        ]
         self.record(rows)
 
     def summary_extra(self) -> dict[str, Any]:
         totals: dict[str, dict[str, int]] = {}
+        summed = ("upload_bytes", "upload_deflate_bytes", "sketch_upload_bytes",
+                  "download_bytes", "fedavg_upload_bytes", "fedavg_upload_deflate_bytes",
+                  "fedavg_download_bytes")  # fmt: skip
         for server_round, hospitals in self.traffic.items():
-            full, deflated = self._fedavg_bytes(server_round)
             for hospital, counts in hospitals.items():
                 slot = totals.setdefault(hospital, {})
-                trained = "upload_bytes" in counts
-                for key, value in (
-                    ("upload_bytes", counts.get("upload_bytes", 0)),
-                    ("upload_deflate_bytes", counts.get("upload_deflate_bytes", 0)),
-                    ("download_bytes", counts.get("download_bytes", 0)),
-                    ("fedavg_upload_bytes", full if trained else 0),
-                    ("fedavg_upload_deflate_bytes", deflated if trained else 0),
-                    ("fedavg_download_bytes", full),
-                ):
-                    slot[key] = slot.get(key, 0) + int(value)
+                traffic = self._traffic_of(server_round, counts)
+                for key in summed:
+                    slot[key] = slot.get(key, 0) + traffic[key]
         graph = self.graph
         return {
             "pfednet": {
