@@ -32,6 +32,9 @@ EXCHANGE = "exchange"
 EVALUATE = "evaluate"
 #: 1 for the first message of an exchange to a hospital, 2.. when it is asked again
 ATTEMPT = "attempt"
+#: the model round selected on validation data so far (absent before any evaluation): the
+#: hospital keeps the site versions that round deployed (fedclinic.site)
+SELECTED_ROUND = "selected-round"
 FEDHELP_ROLE = "fedhelp-role"
 PFEDNET_SKETCH = "pfednet-sketch"
 
@@ -42,6 +45,8 @@ ROLE = "role"
 DEVICE = "device"
 #: which model the hospital evaluated: "global", "local", "personal", "large"
 DEPLOYED = "deployed"
+#: SHA-256 of the site file of the model it evaluated, when that model lives at the site
+DEPLOYED_SHA256 = "deployed_sha256"
 PHASE = "phase"
 #: where the hospital's data came from, and a fingerprint of it (sent by every hospital)
 DATA_SOURCE = "data_source"

@@ -50,7 +50,7 @@ class EvaluateRow(HospitalRow):
     are extra keys."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
-    omitted_when_none = frozenset({"node_id", "flags"})
+    omitted_when_none = frozenset({"node_id", "flags", "deployed_sha256"})
     kind: Literal["evaluate"] = "evaluate"
     model_round: int
     #: which model the hospital evaluated: "global", "local", "personal", "large"
@@ -60,6 +60,9 @@ class EvaluateRow(HospitalRow):
     #: / "test-split-one-class" (the split holds one class); fedclinic.engine.records.
     #: Absent when nothing is flagged.
     flags: list[str] | None = None
+    #: SHA-256 of the site file of the model evaluated (local-only, pFedNet's personal,
+    #: FedHelp's large models); absent for the coordinator's model
+    deployed_sha256: str | None = None
 
 
 class TrainRow(HospitalRow):

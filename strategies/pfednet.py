@@ -90,7 +90,7 @@ PERSONAL = Exchange("personal", evaluate=False)
 PERSONAL_ONLY = Exchange("personal")
 MARKER = "pfednet.column"  # array naming the hospital whose personalised column was sent
 PERSONAL_STATE = "pfednet_personal"  # site state: this hospital's personalised parameters
-DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model, final round
+DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model as evaluated
 SketchKind = Literal["label-ratio", "covariance", "feature-mean"]
 
 
@@ -349,9 +349,10 @@ class PFedNetObjective(ClientObjective):
         return self._resolved
 
     def deployed_model(self, received: State) -> nn.Module:
+        """``x + z_n``, saved at the site each time it is evaluated (the final one is the model
+        to deploy, the selected round's is kept beside it: fedclinic.site)."""
         state, _ = self.resolve(received)
-        if self.context.server_config.get(keys.FINAL):
-            self.context.site.save(DEPLOYED_STATE, state)
+        self.deployed_sha256 = self.context.site.save(DEPLOYED_STATE, state)["sha256"]
         return self.build(state)
 
     # -- training

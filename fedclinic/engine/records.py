@@ -54,6 +54,7 @@ def evaluate_row(server_round: int, reply: Reply) -> EvaluateRow:
         model_round=keys.model_round(server_round),
         model=str(reply.info.get(keys.DEPLOYED, "global")),
         flags=evaluation_flags(metrics) or None,
+        deployed_sha256=reply.info.get(keys.DEPLOYED_SHA256),
         **metrics,
     )
 
@@ -89,8 +90,9 @@ def train_row(server_round: int, reply: Reply) -> TrainRow:
         data_source=text(keys.DATA_SOURCE),
         data_fingerprint=text(keys.DATA_FINGERPRINT),
         phase=text(keys.PHASE),
-        # hashes of models kept at the site (local-only, personalised, large)
-        **{k: v for k, v in info.items() if k.endswith("sha256")},
+        # hashes of models kept at the site (local-only, personalised, large); the evaluated
+        # model's is in the evaluate row
+        **{k: v for k, v in info.items() if k.endswith("sha256") and k != keys.DEPLOYED_SHA256},
         **{
             k: v
             for k, v in metrics.items()
@@ -139,12 +141,9 @@ class Selection:
 
 
 def metric_view(row: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation's scores, sizes and flags for the summary."""
-    return {
-        k: v
-        for k, v in row.items()
-        if k.startswith(EVALUATION_PREFIXES) or k in (keys.NUM_VAL, keys.NUM_TEST, "flags")
-    }
+    """An evaluation's scores, sizes, flags, and the site file of the model it scored."""
+    extra = (keys.NUM_VAL, keys.NUM_TEST, "flags", keys.DEPLOYED_SHA256)
+    return {k: v for k, v in row.items() if k.startswith(EVALUATION_PREFIXES) or k in extra}
 
 
 def flag_union(*views: Mapping[str, Any]) -> list[str]:

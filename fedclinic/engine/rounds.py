@@ -174,6 +174,7 @@ class RoundEngine:
             keys.EVALUATE: exchange.evaluate,
             keys.SITE_KEY: self.site_key,
             **({keys.FINAL: True} if exchange is FINAL_EVALUATION else {}),
+            **({keys.SELECTED_ROUND: self.selection.best[0]} if self.selection.best else {}),
             **algorithm.round_config(server_round, exchange),
         }
         messages = {}
