@@ -292,7 +292,7 @@ class PFedNetObjective(ClientObjective):
                 f"pFedNet covariance sketch refused: {rows} training image rows for {what} at "
                 f"pfednet.sketch-image-size = {size} give a covariance of rank at most {rows}, "
                 f"which reveals the span of this hospital's images; use pfednet.sketch = "
-                f"\"label-ratio\"{smaller}, or set pfednet.allow-rank-deficient-sketch = true "
+                f'"label-ratio"{smaller}, or set pfednet.allow-rank-deficient-sketch = true '
                 "to send it anyway"
             )
         log(

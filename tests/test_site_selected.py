@@ -50,9 +50,7 @@ class Favour(ScriptedGrid):
 
 @pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("algorithm", ["local-only", "pfednet", "fedhelp"])
-def test_the_selected_rounds_site_model_is_kept_and_named(
-    tmp_path: Path, algorithm: str
-) -> None:
+def test_the_selected_rounds_site_model_is_kept_and_named(tmp_path: Path, algorithm: str) -> None:
     flat, nodes = setting(algorithm, tmp_path)
     flat = {**flat, "rounds": ROUNDS, "run-name": "selected"}
     run(flat, Favour(nodes, flat), tmp_path / "out")
