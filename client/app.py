@@ -72,7 +72,7 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         # Every reply says what the hospital trained and was tested on (results record it).
         info = content[keys.INFO] if keys.INFO in content else ConfigRecord()
         info[keys.DATA_SOURCE] = hospital.data_source
-        info[keys.DATA_FINGERPRINT] = data.fingerprint(run.num_classes)
+        info[keys.DATA_FINGERPRINT] = objective.data_fingerprint()
         content[keys.INFO] = info
     except Exception as err:  # nothing unexpected may carry a site path off-site either
         name = str(context.node_config.get("hospital", f"node-{context.node_id}"))

@@ -37,6 +37,9 @@ STATS_REQUEST = "stats-request"
 #: the pooled train mean/std every hospital normalises with (normalisation = federated)
 NORMALISATION_MEAN = "normalisation-mean"
 NORMALISATION_STD = "normalisation-std"
+#: the model round selected on validation data so far (absent before any evaluation): the
+#: hospital keeps the site versions that round deployed (fedclinic.site)
+SELECTED_ROUND = "selected-round"
 FEDHELP_ROLE = "fedhelp-role"
 PFEDNET_SKETCH = "pfednet-sketch"
 
@@ -47,6 +50,8 @@ ROLE = "role"
 DEVICE = "device"
 #: which model the hospital evaluated: "global", "local", "personal", "large"
 DEPLOYED = "deployed"
+#: SHA-256 of the site file of the model it evaluated, when that model lives at the site
+DEPLOYED_SHA256 = "deployed_sha256"
 PHASE = "phase"
 #: where the hospital's data came from, and a fingerprint of it (sent by every hospital)
 DATA_SOURCE = "data_source"

@@ -2,7 +2,10 @@
 
 Metrics come from scikit-learn so that they match what clinicians' statisticians compute.
 A metric that is undefined on a split (ROC-AUC with one class present, recall of an absent
-class) is ``nan`` rather than a made-up number; results files write it as ``null``.
+class) is ``nan`` rather than a made-up number; results files write it as ``null``. Two counts
+say when balanced accuracy and AUC mean little: ``classes_present`` (distinct labels in the
+split) and ``classes_predicted`` (distinct predicted classes): 1 is a one-class split or a
+model that predicts one class for every sample (the engine flags both, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
 def classification_metrics(
     probabilities: np.ndarray, labels: np.ndarray, num_classes: int, loss: float
 ) -> dict[str, float | list[float]]:
-    """Loss, accuracy, balanced accuracy, ROC-AUC and per-class recall of one split."""
+    """Loss, accuracy, balanced accuracy, ROC-AUC, per-class recall of one split, and how many
+    classes the split holds and the model predicts."""
     if len(labels) == 0:
         return {}
     predictions = probabilities.argmax(axis=1)
@@ -62,6 +66,8 @@ def classification_metrics(
         "balanced_accuracy": balanced,
         "auc": auc,
         "recall": [float(r) for r in recall],
+        "classes_present": len(present),
+        "classes_predicted": len(np.unique(predictions)),
     }
 
 

@@ -50,10 +50,19 @@ class EvaluateRow(HospitalRow):
     are extra keys."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+    omitted_when_none = frozenset({"node_id", "flags", "deployed_sha256"})
     kind: Literal["evaluate"] = "evaluate"
     model_round: int
     #: which model the hospital evaluated: "global", "local", "personal", "large"
     model: str
+    #: why these scores mean little: "predicts-one-class-on-val" / "-on-test" (the model
+    #: predicts one class for every sample of a split holding several), "val-split-one-class"
+    #: / "test-split-one-class" (the split holds one class); fedclinic.engine.records.
+    #: Absent when nothing is flagged.
+    flags: list[str] | None = None
+    #: SHA-256 of the site file of the model evaluated (local-only, pFedNet's personal,
+    #: FedHelp's large models); absent for the coordinator's model
+    deployed_sha256: str | None = None
 
 
 class TrainRow(HospitalRow):
@@ -134,13 +143,15 @@ class PFedNetAdmmRow(Row):
 
 
 class CommunicationRow(Row):
-    """pFedNet's bytes per hospital and round, beside what FedAvg would have sent."""
+    """pFedNet's bytes per hospital and round, beside what FedAvg would have sent; round 0 is
+    the setup, whose upload is the one-time data sketch (``sketch_upload_bytes``)."""
 
     kind: Literal["communication"] = "communication"
     hospital: str
     compression: str
     upload_bytes: int
     upload_deflate_bytes: int
+    sketch_upload_bytes: int = 0
     shared_upload_bytes: int
     personal_upload_bytes: int
     download_bytes: int

@@ -15,6 +15,11 @@ one channel per class (softmax). Labels are int64 label maps ``(N, H, W)`` with 
   without that class is not counted. Per-class values are the mean over the images that have
   the class; a class absent from the whole split is ``nan`` (written as null), never 0.
   ``dice`` and ``iou`` are the means over the foreground classes that have a value.
+- One class: ``classes_present`` / ``classes_predicted`` count the pixel labels that occur
+  anywhere in the split's masks / predictions, background included. A model that predicts
+  no foreground anywhere on a split with foreground predicts one class (1); a split whose
+  masks hold no foreground is a one-class split (its Dice is null). The engine flags both,
+  as for classification.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ class SegmentationScores:
         self.iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
         self.loss_sum = 0.0
         self.count = 0
+        self.present = torch.zeros(num_classes, dtype=torch.bool)
+        self.predicted = torch.zeros(num_classes, dtype=torch.bool)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """One batch: logits ``(B, C, H, W)``, label maps ``(B, H, W)``."""
@@ -74,13 +81,17 @@ class SegmentationScores:
         logits, labels = logits.float().cpu(), labels.cpu()
         self.loss_sum += float(segmentation_loss(logits, labels)) * len(labels)
         self.count += len(labels)
-        prediction = one_hot(predicted_labels(logits)[:, None], self.num_classes)
+        hard = predicted_labels(logits)
+        self.present[torch.unique(labels)] = True
+        self.predicted[torch.unique(hard)] = True
+        prediction = one_hot(hard[:, None], self.num_classes)
         truth = one_hot(labels[:, None], self.num_classes)
         self.dice(y_pred=prediction, y=truth)
         self.iou(y_pred=prediction, y=truth)
 
     def result(self) -> dict[str, float | list[float]]:
-        """``loss``, ``dice``, ``iou`` and ``dice_c1``.. (one per foreground class)."""
+        """``loss``, ``dice``, ``iou``, ``dice_c1``.. (one per foreground class), and the pixel
+        classes present in the masks and in the predictions."""
         if self.count == 0:
             return {}
         dice = _class_means(self.dice.aggregate())
@@ -89,6 +100,8 @@ class SegmentationScores:
             "loss": self.loss_sum / self.count,
             "dice": _nan_mean(dice),
             "iou": _nan_mean(iou),
+            "classes_present": int(self.present.sum()),
+            "classes_predicted": int(self.predicted.sum()),
         }
         metrics.update({f"dice_c{c}": value for c, value in enumerate(dice, start=1)})
         return metrics

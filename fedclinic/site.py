@@ -6,10 +6,17 @@ every round's config: the run's ``run-name``, or the id of the Flower run that s
 so a run resumed under a new Flower run id finds the same state again.
 
 Every save is versioned by the round that wrote it (``<name>.round-<r>.pt``, the newest
-three kept). A message of round ``r`` reads the newest version from a round before ``r``:
-when a coordinator crash makes a hospital train round ``r`` a second time, it starts from
-the same site state as the first time, so a resumed run equals an uninterrupted one. What a
-message saved itself it reads back as saved.
+three kept, and the versions of the model round selected on validation data, below). A
+message of round ``r`` reads the newest version from a round before ``r``: when a
+coordinator crash makes a hospital train round ``r`` a second time, it starts from the same
+site state as the first time, so a resumed run equals an uninterrupted one. What a message
+saved itself it reads back as saved.
+
+The selected model must outlive the newest three: every message says which model round the
+coordinator has selected so far (``selected-round``), and the versions a message of the
+round that evaluated it may have deployed stay on disk: the newest version up to that model
+round (what it read) and the version of the round after it (what it wrote before
+evaluating: pFedNet's personal model).
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ class SiteState:
         self.directory = directory
         self.server_round = server_round
         self.written: set[str] = set()
+        self.selected_round: int | None = None
 
     @classmethod
     def for_run(
@@ -145,13 +153,23 @@ class SiteState:
     def load(self, name: str) -> State:
         return load_checkpoint(self.path(name))
 
+    def keep_selected(self, model_round: int) -> None:
+        """Keep the versions the selected model round deployed (the coordinator's
+        ``selected-round``) when older versions are removed."""
+        self.selected_round = model_round
+
     def save(self, name: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
         """Save this round's version and return the file and content hashes (reported to the
-        coordinator); versions beyond the newest :data:`KEPT_VERSIONS` are removed."""
+        coordinator); versions beyond the newest :data:`KEPT_VERSIONS` are removed, but for
+        those of the selected model round."""
         saved = save_checkpoint(self.directory / f"{name}.round-{self.server_round}.pt", state)
         self.written.add(name)
         versions = self.versions(name)
-        for old in sorted(versions)[:-KEPT_VERSIONS]:
+        kept = set(sorted(versions)[-KEPT_VERSIONS:])
+        if self.selected_round is not None:
+            selected = self.selected_round
+            kept |= {max((r for r in versions if r <= selected), default=-1), selected + 1}
+        for old in set(versions) - kept:
             versions[old].unlink(missing_ok=True)
         return saved
 

@@ -31,7 +31,7 @@ from fedclinic.config import HospitalConfig, NoOptions, RunConfig, Schema
 from fedclinic.data.base import HospitalData
 from fedclinic.engine import ServerAlgorithm
 from fedclinic.models import build_model
-from fedclinic.serialization import State, record_to_state, state_to_record
+from fedclinic.serialization import State, file_sha256, record_to_state, state_to_record
 from fedclinic.site import SiteState
 from fedclinic.tasks import task_of
 from fedclinic.training import evaluate, seeded_generator, train_local
@@ -75,6 +75,11 @@ class ClientObjective:
     def __init__(self, context: ClientContext) -> None:
         self.context = context
         self.run = context.run
+        #: the site file of the model evaluated, when it lives at the site (deploy_from_site)
+        self.deployed_sha256: str | None = None
+        selected = context.server_config.get(keys.SELECTED_ROUND)
+        if selected is not None:  # the site keeps what that round deployed
+            context.site.keep_selected(int(selected))
 
     # -- hooks
     def build(self, state: State | None = None) -> nn.Module:
@@ -87,6 +92,13 @@ class ClientObjective:
     def deployed_model(self, received: State) -> nn.Module:
         """The model this hospital would use now; by default the received global model."""
         return self.build(received)
+
+    def deploy_from_site(self, name: str) -> None:
+        """The model about to be evaluated is the site's version of ``name``: its file's
+        SHA-256 goes in the reply (``deployed_sha256``), so that the summary names it."""
+        site = self.context.site
+        if site.has(name):
+            self.deployed_sha256 = file_sha256(site.path(name))
 
     def loss(
         self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
@@ -140,6 +152,11 @@ class ClientObjective:
             keys.CLASS_COUNTS: [float(c) for c in data.train.class_counts(self.run.num_classes)],
         }
 
+    def data_fingerprint(self) -> str:
+        """What the hospital trained and was tested on, sent with every reply
+        (``HospitalData.fingerprint``: class counts per split and a content hash)."""
+        return self.context.data.fingerprint(self.run.num_classes)
+
     def query(self, content: RecordDict) -> RecordDict:
         """Reply to a QUERY message with :meth:`describe`."""
         hospital = self.context.hospital
@@ -161,6 +178,8 @@ class ClientObjective:
             keys.DEVICE: str(self.context.device),
             keys.DEPLOYED: self.deployed_kind,
         }
+        if self.deployed_sha256 is not None:
+            info[keys.DEPLOYED_SHA256] = self.deployed_sha256
         records: dict[str, Any] = {}
         if train:
             torch.manual_seed(int(self.generator().initial_seed() % (2**31)))

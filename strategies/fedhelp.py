@@ -397,7 +397,10 @@ class FedHelpObjective(ClientObjective):
         return {**super().describe(content), "fedhelp_has_knowledge": float(has_knowledge)}
 
     def deployed_model(self, received: State) -> nn.Module:
-        return self.large_model() if self.role == "large" else self.build(received)
+        if self.role == "large":
+            self.deploy_from_site(LARGE_MODEL)
+            return self.large_model()
+        return self.build(received)
 
     def fit(self, received: State) -> LocalUpdate:
         check_options(self.run, self.options)

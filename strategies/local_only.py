@@ -44,6 +44,7 @@ class LocalOnlyObjective(BalancedLossObjective, ClientObjective):
         return site.load(LOCAL_MODEL) if site.has(LOCAL_MODEL) else received
 
     def deployed_model(self, received: State) -> nn.Module:
+        self.deploy_from_site(LOCAL_MODEL)
         return self.build(self.starting_state(received))
 
     def fit(self, received: State) -> LocalUpdate:

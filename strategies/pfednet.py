@@ -61,6 +61,7 @@ fusion term mixes between hospitals (docs/pfednet.md, "Label skew").
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ PERSONAL = Exchange("personal", evaluate=False)
 PERSONAL_ONLY = Exchange("personal")
 MARKER = "pfednet.column"  # array naming the hospital whose personalised column was sent
 PERSONAL_STATE = "pfednet_personal"  # site state: this hospital's personalised parameters
-DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model, final round
+DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model as evaluated
 SketchKind = Literal["label-ratio", "covariance", "feature-mean"]
 
 
@@ -108,6 +109,11 @@ class PFedNetOptions(Schema):
     sketch: Literal["auto", "label-ratio", "covariance", "feature-mean"] = "auto"
     sketch_image_size: int = Field(32, ge=1, le=256)
     sketch_epsilon: float = Field(0.0, ge=0, description="Laplace DP on counts; 0 = exact")
+    allow_rank_deficient_sketch: bool = Field(
+        False,
+        description="send a covariance sketch of fewer image rows than pixels, which reveals "
+        "the span of the hospital's images; refused at the hospital otherwise",
+    )
     knn_k: int = Field(3, ge=1, le=1000)
     fusion_lambda: float = Field(0.144, ge=0)
     server_step_size: float = Field(0.0, ge=0, description="eta; 0 = number of graph hospitals")
@@ -262,30 +268,66 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
         """The data sketch for the similarity graph (PF-1); aggregate statistics only."""
         config = dict(content[keys.CONFIG]) if keys.CONFIG in content.config_records else {}
         answer = super().describe(content)
+        if self.hides_counts:  # any query, the setup's or a name-only one
+            answer.pop(keys.CLASS_COUNTS)
         if not config.get(SKETCH_KEY, False):
             return answer  # a name-only query (a hospital that reconnected)
         kind = resolve_sketch(self.run)
         train = self.context.data.train
         if kind == "label-ratio":
             counts = [float(c) for c in train.class_counts(self.run.num_classes)]
-            if self.options.sketch_epsilon > 0:
+            if self.hides_counts:
                 rng = np.random.default_rng()  # fresh OS entropy: the server must not know it
                 noisy = pm.noisy_counts(counts, self.options.sketch_epsilon, rng)
-                return {"num_train": len(train), "sketch": [float(c) for c in noisy]}
+                return {**answer, "sketch": [float(c) for c in noisy]}
             return {**answer, "sketch": counts}
         if kind == "covariance":
-            rows = len(train) * (train.inputs.shape[1] if train.inputs.ndim == 4 else 1)
-            if rows < 50:
-                log(
-                    WARNING,
-                    "pFedNet: the covariance sketch of %d image rows reveals much about each "
-                    "image; consider pfednet.sketch = label-ratio",
-                    rows,
-                )
+            self.check_sketch_rank(train.inputs)
             sketch = pm.covariance_sketch(train.inputs, self.options.sketch_image_size)
         else:
             sketch = pm.feature_mean_sketch(train.inputs, self.options.sketch_image_size)
         return {**answer, "sketch": [float(v) for v in sketch]}
+
+    def check_sketch_rank(self, inputs: torch.Tensor) -> None:
+        """A covariance of fewer rows than columns has rank at most rows: the coordinator
+        would learn the span of this hospital's centred images (PF-1). Refused in one line
+        unless the run opts in; with the opt-in, one warning in the hospital's log."""
+        size = self.options.sketch_image_size
+        rows, columns, what = pm.covariance_shape(inputs, size)
+        if rows >= columns:
+            return
+        if not self.options.allow_rank_deficient_sketch:
+            smaller = (
+                f", pfednet.sketch-image-size <= {math.isqrt(rows)}" if inputs.ndim == 4 else ""
+            )
+            raise ConfigError(
+                f"pFedNet covariance sketch refused: {rows} training image rows for {what} at "
+                f"pfednet.sketch-image-size = {size} give a covariance of rank at most {rows}, "
+                f"which reveals the span of this hospital's images; use pfednet.sketch = "
+                f'"label-ratio"{smaller}, or set pfednet.allow-rank-deficient-sketch = true '
+                "to send it anyway"
+            )
+        log(
+            WARNING,
+            "pFedNet: sending a rank-deficient covariance sketch "
+            "(pfednet.allow-rank-deficient-sketch = true): %d image rows for %s; the "
+            "coordinator learns the span of this hospital's centred training images (at most "
+            "%d dimensions of %d): every one of them lies in it",
+            rows,
+            what,
+            rows,
+            columns,
+        )
+
+    @property
+    def hides_counts(self) -> bool:
+        """Under the noised sketch no exact class count leaves the site on any path (PF-1):
+        not in a query's answer, not in the data fingerprint of any reply."""
+        return self.options.sketch_epsilon > 0
+
+    def data_fingerprint(self) -> str:
+        data = self.context.data
+        return data.fingerprint(self.run.num_classes, class_counts=not self.hides_counts)
 
     # -- the received model
     def resolve(self, received: State) -> tuple[State, bool]:
@@ -319,9 +361,10 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
         return self._resolved
 
     def deployed_model(self, received: State) -> nn.Module:
+        """``x + z_n``, saved at the site each time it is evaluated (the final one is the model
+        to deploy, the selected round's is kept beside it: fedclinic.site)."""
         state, _ = self.resolve(received)
-        if self.context.server_config.get(keys.FINAL):
-            self.context.site.save(DEPLOYED_STATE, state)
+        self.deployed_sha256 = self.context.site.save(DEPLOYED_STATE, state)["sha256"]
         return self.build(state)
 
     # -- training
@@ -467,7 +510,7 @@ class PFedNetStrategy(ServerAlgorithm):
         self.graph = pm.Graph.build([r.hospital for r in replies], distances, self.options.knn_k)
         z0 = self.split.flatten(self.state, self.split.personal)
         self.columns = np.repeat(z0[:, None], len(replies), axis=1)
-        sketch_bytes = [pm.record_bytes(MetricRecord(self._sketch_only(r)))[0] for r in replies]
+        sketch_bytes = self._count_sketches(replies)
         log(
             INFO,
             "pFedNet graph (%s sketch, k = %d): %d hospitals, edges %s",
@@ -490,6 +533,20 @@ class PFedNetStrategy(ServerAlgorithm):
                 )
             ]
         )
+        self._write_traffic(0)
+
+    def _count_sketches(self, replies: list[Reply]) -> list[int]:
+        """The sketch's bytes (its MetricRecord, as on the wire), counted as the hospital's
+        upload of round 0 (the setup): FedAvg sends nothing then."""
+        self.round = 0
+        sizes = []
+        for reply in replies:
+            size, deflated = pm.record_bytes(MetricRecord(self._sketch_only(reply)))
+            self._count(reply.hospital, "sketch_upload_bytes", size)
+            self._count(reply.hospital, "upload_bytes", size)
+            self._count(reply.hospital, "upload_deflate_bytes", deflated)
+            sizes.append(size)
+        return sizes
 
     @staticmethod
     def _sketch(reply: Reply) -> list[float]:
@@ -659,44 +716,47 @@ class PFedNetStrategy(ServerAlgorithm):
             self.fedavg_bytes[server_round] = pm.record_bytes(numpy_to_record(self.global_state()))
         return self.fedavg_bytes[server_round]
 
+    def _traffic_of(self, server_round: int, counts: Mapping[str, float]) -> dict[str, int]:
+        """One hospital's bytes of one round beside FedAvg's: the full model down in every
+        round, up in a round the hospital trained in; nothing at the setup (round 0), where
+        pFedNet sends its sketch."""
+        fedavg = {"fedavg_upload_bytes": 0, "fedavg_upload_deflate_bytes": 0}
+        full = 0
+        if server_round > 0:
+            full, deflated = self._fedavg_bytes(server_round)
+            if "shared_upload_bytes" in counts or "personal_upload_bytes" in counts:
+                fedavg = {"fedavg_upload_bytes": full, "fedavg_upload_deflate_bytes": deflated}
+        own = ("upload_bytes", "upload_deflate_bytes", "sketch_upload_bytes",
+               "shared_upload_bytes", "personal_upload_bytes", "download_bytes")  # fmt: skip
+        return {
+            **{key: int(counts.get(key, 0)) for key in own},
+            **fedavg,
+            "fedavg_download_bytes": full,
+        }
+
     def _write_traffic(self, server_round: int) -> None:
-        full, deflated = self._fedavg_bytes(server_round)
-        rows = []
-        for hospital, counts in sorted(self.traffic.get(server_round, {}).items()):
-            trained = "upload_bytes" in counts
-            rows.append(
-                CommunicationRow(
-                    round=server_round,
-                    hospital=hospital,
-                    compression=self.options.compression,
-                    upload_bytes=int(counts.get("upload_bytes", 0)),
-                    upload_deflate_bytes=int(counts.get("upload_deflate_bytes", 0)),
-                    shared_upload_bytes=int(counts.get("shared_upload_bytes", 0)),
-                    personal_upload_bytes=int(counts.get("personal_upload_bytes", 0)),
-                    download_bytes=int(counts.get("download_bytes", 0)),
-                    fedavg_upload_bytes=full if trained else 0,
-                    fedavg_upload_deflate_bytes=deflated if trained else 0,
-                    fedavg_download_bytes=full,
-                )
+        rows = [
+            CommunicationRow(
+                round=server_round,
+                hospital=hospital,
+                compression=self.options.compression,
+                **self._traffic_of(server_round, counts),
             )
+            for hospital, counts in sorted(self.traffic.get(server_round, {}).items())
+        ]
         self.record(rows)
 
     def summary_extra(self) -> dict[str, Any]:
         totals: dict[str, dict[str, int]] = {}
+        summed = ("upload_bytes", "upload_deflate_bytes", "sketch_upload_bytes",
+                  "download_bytes", "fedavg_upload_bytes", "fedavg_upload_deflate_bytes",
+                  "fedavg_download_bytes")  # fmt: skip
         for server_round, hospitals in self.traffic.items():
-            full, deflated = self._fedavg_bytes(server_round)
             for hospital, counts in hospitals.items():
                 slot = totals.setdefault(hospital, {})
-                trained = "upload_bytes" in counts
-                for key, value in (
-                    ("upload_bytes", counts.get("upload_bytes", 0)),
-                    ("upload_deflate_bytes", counts.get("upload_deflate_bytes", 0)),
-                    ("download_bytes", counts.get("download_bytes", 0)),
-                    ("fedavg_upload_bytes", full if trained else 0),
-                    ("fedavg_upload_deflate_bytes", deflated if trained else 0),
-                    ("fedavg_download_bytes", full),
-                ):
-                    slot[key] = slot.get(key, 0) + int(value)
+                traffic = self._traffic_of(server_round, counts)
+                for key in summed:
+                    slot[key] = slot.get(key, 0) + traffic[key]
         graph = self.graph
         return {
             "pfednet": {

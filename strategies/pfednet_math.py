@@ -396,6 +396,17 @@ def covariance_sketch(inputs: torch.Tensor, max_size: int = 32) -> np.ndarray:
     return covariance.numpy()[rows, cols]
 
 
+def covariance_shape(inputs: torch.Tensor, max_size: int = 32) -> tuple[int, int, str]:
+    """Rows and columns of the matrix X whose X^T X/rows is the covariance sketch, and what a
+    column is ("28x28 pixels", "13 features"). With fewer rows than columns the covariance
+    has rank at most rows: it reveals the span of the hospital's centred images."""
+    if inputs.ndim == 2:
+        return int(inputs.shape[0]), int(inputs.shape[1]), f"{inputs.shape[1]} features"
+    height, width = (min(int(side), max_size) for side in inputs.shape[-2:])
+    rows = int(inputs.shape[0]) * int(inputs.shape[1])
+    return rows, height * width, f"{height * width} pixels ({height}x{width})"
+
+
 def triangle_weights(size: int) -> np.ndarray:
     """Weights that make an L1 distance on upper triangles equal the full-matrix L1 distance."""
     side = round(float(np.sqrt(8 * size + 1) - 1) / 2)

@@ -24,6 +24,7 @@ from fedclinic.bench.system import (
     plain_config,
     plain_round_ends,
     plain_round_overheads,
+    sketch_upload,
     value_at,
     wire_per_round,
     write_csv,
@@ -115,6 +116,17 @@ def test_payload_per_round_sums_hospitals_and_skips_final_evaluation() -> None:
     ]
     assert payload_per_round(rows, rounds=2) == {"up_bytes": 30.0, "down_bytes": 200.0}
     assert payload_per_round([{"kind": "train", "round": 1}], rounds=2) is None
+
+
+def test_the_sketch_is_its_own_column_not_in_the_per_round_payload() -> None:
+    rows = [
+        {"kind": "communication", "round": 0, "upload_bytes": 7, "sketch_upload_bytes": 7},
+        {"kind": "communication", "round": 0, "upload_bytes": 9, "sketch_upload_bytes": 9},
+        {"kind": "communication", "round": 1, "upload_bytes": 10, "download_bytes": 100},
+    ]
+    assert sketch_upload(rows) == 16
+    assert payload_per_round(rows, rounds=1) == {"up_bytes": 10.0, "down_bytes": 100.0}
+    assert sketch_upload(rows[2:]) is None  # FedAvg, the plain app: no sketch
 
 
 def test_plain_app_config_uses_the_same_run_settings() -> None:

@@ -200,7 +200,12 @@ def test_pfednet_personal_exchange_has_the_same_retries_and_validation(
             bad["personal.delta"].flat[0] = np.nan
             reply.content["arrays"] = numpy_to_record(bad)
 
-    flat = {**fedavg(rounds=1), "algorithm": "pfednet", "pfednet.admm-iterations": 10}
+    flat = {
+        **fedavg(rounds=1),
+        "algorithm": "pfednet",
+        "pfednet.admm-iterations": 10,
+        "pfednet.allow-rank-deficient-sketch": True,  # 28 synthetic images of 784 pixels
+    }
     out = tmp_path / "out"
     grid = ScriptedGrid(
         synthetic_nodes(tmp_path, 3), flat, lose=[(1, "personal", 100, 1)], edit=poison

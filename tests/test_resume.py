@@ -52,7 +52,13 @@ def setting(algorithm: str, folder: Path) -> tuple[dict[str, Any], dict[int, dic
     }
     nodes = synthetic_nodes(folder, 2)
     if algorithm == "pfednet":
-        flat.update({"pfednet.compression": "stc", "pfednet.admm-iterations": 10})
+        flat.update(
+            {
+                "pfednet.compression": "stc",
+                "pfednet.admm-iterations": 10,
+                "pfednet.allow-rank-deficient-sketch": True,  # 28 images of 784 pixels
+            }
+        )
     if algorithm == "fedmas":
         flat.update({"fedmas.prior-source": "random", "fedmas.prior-arch": "cnn"})
     if algorithm == "fedhelp":

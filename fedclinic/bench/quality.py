@@ -470,6 +470,8 @@ def pneumonia_plan(mode: str, work: Path, suite: str = "pneumonia") -> Plan:
             "fedhelp-crossfit": dict(fedhelp),
             "fedmas": {"fedmas.prior-arch": "cnn"},
             "fedmas-avg": {"fedmas.prior-arch": "cnn"},
+            # public images; small hospitals have fewer than 784 (docs/pfednet.md, PF-1)
+            "pfednet": {"pfednet.allow-rank-deficient-sketch": True},
         },
         candidates={} if quick or skew else {"fedhelp": FEDHELP_CANDIDATES},
         hospitals=hospitals,

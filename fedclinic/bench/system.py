@@ -19,7 +19,8 @@ message), through :class:`fedclinic.local.federation.LocalFederation`:
   compression (``cnn``: pFedNet only). ``--transfer`` picks cases by name
   (``resnet101-pfednet-stc``, ...).
   Bytes per round: the payload (model bytes times messages; pFedNet's own ``communication``
-  rows) and the bytes on the wire, read from the kernel's per-socket TCP counters
+  rows; pFedNet's one-time sketch, sent before round 1, in a column of its own) and the
+  bytes on the wire, read from the kernel's per-socket TCP counters
   (``ss -ti``, TLS and gRPC framing included) of the SuperLink's Fleet API port. Seconds per
   round: the round overhead at that model size.
 """
@@ -237,6 +238,14 @@ def payload_per_round(rows: Sequence[Mapping[str, Any]], rounds: int) -> dict[st
     }
 
 
+def sketch_upload(rows: Sequence[Mapping[str, Any]]) -> int | None:
+    """pFedNet's one-time sketch, all hospitals together (the round-0 ``communication``
+    rows); None for a run that sends none."""
+    sizes = [int(r.get("sketch_upload_bytes", 0)) for r in rows
+             if r.get("kind") == "communication" and int(r["round"]) == 0]  # fmt: skip
+    return sum(sizes) if sizes else None
+
+
 def mean_wire(per_round: Sequence[Mapping[str, float]]) -> dict[str, float] | None:
     if not per_round:
         return None
@@ -407,6 +416,7 @@ def run_fedclinic(
         config["round-timeout"] = round_timeout
     if algorithm == "pfednet":
         config["pfednet.compression"] = compression
+        config["pfednet.allow-rank-deficient-sketch"] = True  # synthetic images: no patient
     outcome = run_federation(app_dir, config, hospitals, out, plain=False)
     metrics = out / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -432,6 +442,7 @@ def run_fedclinic(
         "median_round_overhead_seconds": median_or_none(overheads),
         "model_bytes": model_bytes,
         "payload_bytes_per_round": payload,
+        "sketch_up_bytes": sketch_upload(rows),
         "wire_bytes_per_round": mean_wire(wire),
         "wire_rounds": wire,
         **outcome,
@@ -540,7 +551,8 @@ def system_command(args: argparse.Namespace) -> int:
 
 CSV_FIELDS = ("section", "app", "model", "compression", "hospitals", "rounds", "completed",
               "median_round_overhead_seconds", "model_bytes", "payload_down_bytes",
-              "payload_up_bytes", "wire_down_bytes", "wire_up_bytes", "peak_rss_clientapp_mib",
+              "payload_up_bytes", "sketch_up_bytes", "wire_down_bytes", "wire_up_bytes",
+              "peak_rss_clientapp_mib",
               "peak_rss_supernode_mib", "peak_rss_superlink_mib", "peak_rss_serverapp_mib",
               "wall_seconds")  # fmt: skip
 
@@ -562,6 +574,7 @@ def flat_row(section: str, r: Mapping[str, Any]) -> dict[str, Any]:
         "model_bytes": r.get("model_bytes"),
         "payload_down_bytes": payload.get("down_bytes"),
         "payload_up_bytes": payload.get("up_bytes"),
+        "sketch_up_bytes": r.get("sketch_up_bytes"),
         "wire_down_bytes": wire.get("down_bytes"),
         "wire_up_bytes": wire.get("up_bytes"),
         "peak_rss_clientapp_mib": peaks.get("flwr-clientapp"),
@@ -617,7 +630,7 @@ def scale_table(entries: Sequence[Mapping[str, Any]]) -> Table:
 def transfer_table(entries: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="transfer per round, 2 hospitals")
     for column in ("model", "MB", "app", "compression", "round overhead s",
-                   "payload MB down / up", "wire MB down / up"):  # fmt: skip
+                   "payload MB down / up", "sketch MB up, once", "wire MB down / up"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in entries:
         payload = r.get("payload_bytes_per_round") or {}
@@ -629,6 +642,7 @@ def transfer_table(entries: Sequence[Mapping[str, Any]]) -> Table:
             str(r.get("compression", "none")),
             _num(r.get("median_round_overhead_seconds")),
             f"{_mb(payload.get('down_bytes'))} / {_mb(payload.get('up_bytes'))}",
+            _mb(r.get("sketch_up_bytes")),
             f"{_mb(wire.get('down_bytes'))} / {_mb(wire.get('up_bytes'))}",
         )
     return table
@@ -724,13 +738,16 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         "",
         "**Transfer per round, 2 hospitals** (hospitals capped at "
         f"{TRANSFER_SAMPLES} samples so ResNet compute stays small; payload = model bytes "
-        "times messages, or pFedNet's own `communication` rows; wire = the kernel's TCP byte "
-        "counters of the SuperLink's Fleet API sockets, TLS and gRPC framing included; down = "
+        "times messages, or pFedNet's own `communication` rows; sketch = pFedNet's one-time "
+        "data sketch, all hospitals, sent once before round 1 and not in the per-round "
+        "payload: FedAvg's saving over R rounds is R x its payload minus R x pFedNet's minus "
+        "the sketch; wire = the kernel's TCP byte counters of the SuperLink's Fleet API "
+        "sockets, TLS and gRPC framing included, round 1 and the setup left out; down = "
         "coordinator to hospitals).",
         "",
         "| model | model MB | app | compression | complete | round overhead s (median) "
-        "| payload MB down / up | wire MB down / up |",
-        "|---|---:|---|---|---|---:|---|---|",
+        "| payload MB down / up | sketch MB up, once | wire MB down / up |",
+        "|---|---:|---|---|---|---:|---|---:|---|",
     ]
     for r in results["transfer"]:
         payload = r.get("payload_bytes_per_round") or {}
@@ -740,10 +757,11 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
             f"{r.get('compression', 'none')} | {'yes' if r['completed'] else 'NO'} | "
             f"{_num(r.get('median_round_overhead_seconds'))} | "
             f"{_md_mb(payload.get('down_bytes'))} / {_md_mb(payload.get('up_bytes'))} | "
+            f"{_md_mb(r.get('sketch_up_bytes'))} | "
             f"{_md_mb(wire.get('down_bytes'))} / {_md_mb(wire.get('up_bytes'))} |"
         )
     if not results["transfer"]:
-        lines.append("| (not run: `--no-transfer`) | | | | | | | |")
+        lines.append("| (not run: `--no-transfer`) | | | | | | | | |")
     lines += [
         "",
         "Every model is from fedclinic's registry (`resnet101`: ResNet-101 with the registry's "

@@ -47,25 +47,28 @@ class HospitalData:
     description: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
-    def fingerprint(self, num_classes: int) -> str:
+    def fingerprint(self, num_classes: int, class_counts: bool = True) -> str:
         """What this hospital trained and was tested on, as compact JSON, safe to send.
 
-        ``counts``: per split, samples per class (pixels per class for segmentation);
-        ``sha256``: a hash of the loaded splits' content (inputs and labels, in order), so
-        any change of files, partition, preprocessing or image size changes it and two
-        sites reading the same data show the same value. Nothing in it identifies a
-        patient or names a file. Hashing costs about a second per GB of loaded tensors.
+        ``counts``: per split, samples per class (pixels per class for segmentation); with
+        ``class_counts`` false (a run that hides them: pFedNet's noised sketch) ``sizes``,
+        samples per split, instead; ``sha256``: a hash of the loaded splits' content
+        (inputs and labels, in order), so any change of files, partition, preprocessing or
+        image size changes it and two sites reading the same data show the same value.
+        Nothing in it identifies a patient or names a file. Hashing costs about a second per
+        GB of loaded tensors.
         """
         digest = hashlib.sha256()
-        counts: dict[str, list[int]] = {}
+        counts: dict[str, list[int] | int] = {}
         for name in ("train", "val", "test"):
             split: Split = getattr(self, name)
-            counts[name] = split.class_counts(num_classes)
+            counts[name] = split.class_counts(num_classes) if class_counts else len(split)
             for tensor in (split.inputs, split.labels):
                 digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
                 digest.update(tensor.contiguous().numpy().tobytes())
         return json.dumps(
-            {"counts": counts, "sha256": digest.hexdigest()}, separators=(",", ":")
+            {"counts" if class_counts else "sizes": counts, "sha256": digest.hexdigest()},
+            separators=(",", ":"),
         )
 
 

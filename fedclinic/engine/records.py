@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,26 @@ EVALUATION_KEYS = (keys.NUM_VAL, keys.NUM_TEST, keys.EVAL_SECONDS)
 TRAIN_COLUMNS = (keys.TRAIN_LOSS, keys.TRAIN_SECONDS, keys.TRAIN_STEPS)
 
 
+def evaluation_flags(metrics: Mapping[str, Any]) -> list[str]:
+    """Why a hospital's scores mean little, from the class counts its evaluation reports
+    (``val_``/``test_`` ``classes_present`` and ``classes_predicted``): a model that predicts
+    one class for every sample of a split holding several (balanced accuracy is then at
+    chance whatever the AUC), or a split holding one class (balanced accuracy and AUC are
+    then undefined or trivial). A split without those counts is not judged."""
+    model: list[str] = []
+    split: list[str] = []
+    for name in ("val", "test"):
+        present = metrics.get(f"{name}_classes_present")
+        predicted = metrics.get(f"{name}_classes_predicted")
+        if not isinstance(present, int | float) or present < 1:
+            continue
+        if present < 2:
+            split.append(f"{name}-split-one-class")
+        elif isinstance(predicted, int | float) and predicted < 2:
+            model.append(f"predicts-one-class-on-{name}")
+    return model + split
+
+
 def evaluate_row(server_round: int, reply: Reply) -> EvaluateRow:
     metrics = {
         k: v
@@ -33,7 +53,20 @@ def evaluate_row(server_round: int, reply: Reply) -> EvaluateRow:
         node_id=reply.node_id,
         model_round=keys.model_round(server_round),
         model=str(reply.info.get(keys.DEPLOYED, "global")),
+        flags=evaluation_flags(metrics) or None,
+        deployed_sha256=reply.info.get(keys.DEPLOYED_SHA256),
         **metrics,
+    )
+
+
+def flag_line(row: EvaluateRow, final: bool = False) -> str:
+    """The coordinator's log line for a flagged evaluation (empty when nothing is flagged)."""
+    if not row.flags:
+        return ""
+    where = "final evaluation" if final else f"round {row.round}"
+    return (
+        f"{where}: {row.hospital}'s {row.model} model r{row.model_round} flagged: "
+        f"{', '.join(row.flags)} (balanced accuracy and AUC mean little there)"
     )
 
 
@@ -57,8 +90,9 @@ def train_row(server_round: int, reply: Reply) -> TrainRow:
         data_source=text(keys.DATA_SOURCE),
         data_fingerprint=text(keys.DATA_FINGERPRINT),
         phase=text(keys.PHASE),
-        # hashes of models kept at the site (local-only, personalised, large)
-        **{k: v for k, v in info.items() if k.endswith("sha256")},
+        # hashes of models kept at the site (local-only, personalised, large); the evaluated
+        # model's is in the evaluate row
+        **{k: v for k, v in info.items() if k.endswith("sha256") and k != keys.DEPLOYED_SHA256},
         **{
             k: v
             for k, v in metrics.items()
@@ -107,11 +141,23 @@ class Selection:
 
 
 def metric_view(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in row.items()
-        if k.startswith(EVALUATION_PREFIXES) or k in (keys.NUM_VAL, keys.NUM_TEST)
-    }
+    """An evaluation's scores, sizes, flags, and the site file of the model it scored."""
+    extra = (keys.NUM_VAL, keys.NUM_TEST, "flags", keys.DEPLOYED_SHA256)
+    return {k: v for k, v in row.items() if k.startswith(EVALUATION_PREFIXES) or k in extra}
+
+
+def flag_union(*views: Mapping[str, Any]) -> list[str]:
+    """The flags of several evaluations, each once, in their first order."""
+    return list(dict.fromkeys(flag for view in views for flag in view.get("flags") or ()))
+
+
+def flagged(hospitals: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``summary.json``'s top-level ``flags``: every flagged hospital with its flags."""
+    return [
+        {"hospital": name, "flags": entry["flags"]}
+        for name, entry in sorted(hospitals.items())
+        if entry.get("flags")
+    ]
 
 
 def hospital_summaries(
@@ -131,6 +177,7 @@ def hospital_summaries(
         hospitals[name] = {
             "final": metric_view(final),
             "selected": metric_view(selected),
+            "flags": flag_union(final, selected),  # of the final or the selected model
             "num_train": trained.get("num_train"),
             "model": final.get("model"),
             "site_models": {k: v for k, v in trained.items() if k.endswith("sha256")},

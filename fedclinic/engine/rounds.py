@@ -37,7 +37,14 @@ from fedclinic.engine.algorithm import (
     ServerAlgorithm,
 )
 from fedclinic.engine.exchange import Clock, GridLike, ResendPolicy, Transport
-from fedclinic.engine.records import Selection, evaluate_row, hospital_summaries, train_row
+from fedclinic.engine.records import (
+    Selection,
+    evaluate_row,
+    flag_line,
+    flagged,
+    hospital_summaries,
+    train_row,
+)
 from fedclinic.engine.survey import federated_normalisation
 from fedclinic.errors import FedClinicError
 from fedclinic.results import ResultsWriter
@@ -173,6 +180,7 @@ class RoundEngine:
             keys.SITE_KEY: self.site_key,
             **self.normalisation.get("config", {}),
             **({keys.FINAL: True} if exchange is FINAL_EVALUATION else {}),
+            **({keys.SELECTED_ROUND: self.selection.best[0]} if self.selection.best else {}),
             **algorithm.round_config(server_round, exchange),
         }
         messages = {}
@@ -210,6 +218,9 @@ class RoundEngine:
         if exchange.evaluate:
             evaluated = [evaluate_row(server_round, r) for r in outcome.accepted]
             rows.extend(evaluated)
+            for row in evaluated:  # a one-class model or split: scores that mean little
+                if row.flags:
+                    log(WARNING, "%s", flag_line(row, final=exchange is FINAL_EVALUATION))
             self.selection.observe(keys.model_round(server_round), evaluated, sent)
         if exchange.train:
             rows.extend(train_row(server_round, r) for r in outcome.accepted)
@@ -344,6 +355,7 @@ class RoundEngine:
                 )
         final_model = keys.model_round(keys.final_round(rounds))
         selected_round = selection.best[0] if selection.best else final_model
+        hospitals = hospital_summaries(selection, final_model, selected_round, self.results.rows)
         self.results.write_summary(
             {
                 "status": "completed",
@@ -357,9 +369,8 @@ class RoundEngine:
                     if selection.best
                     else "no validation data: the final round is reported"
                 ),
-                "hospitals": hospital_summaries(
-                    selection, final_model, selected_round, self.results.rows
-                ),
+                "hospitals": hospitals,
+                "flags": flagged(hospitals),
                 "model": model_info,
                 "selected_model": selected_info,
                 "normalisation": self.normalisation.get("summary", {"kind": "site"}),

@@ -100,6 +100,7 @@ def format_row(row: Mapping[str, Any], rounds: int | None = None) -> str:
             f"{head} eval model r{row.get('model_round', '?')}: "
             f"val Dice {_number(row.get('val_dice'))} IoU {_number(row.get('val_iou'))} | "
             f"test Dice {_number(row.get('test_dice'))} IoU {_number(row.get('test_iou'))}"
+            + _flags(row)
         )
     if kind == "evaluate":
         return (
@@ -108,6 +109,7 @@ def format_row(row: Mapping[str, Any], rounds: int | None = None) -> str:
             f"AUC {_number(row.get('val_auc'))} | "
             f"test acc {_number(row.get('test_accuracy'))} "
             f"AUC {_number(row.get('test_auc'))}"
+            + _flags(row)
         )
     if kind == "train":
         return (
@@ -121,6 +123,14 @@ def format_row(row: Mapping[str, Any], rounds: int | None = None) -> str:
     extra = {k: v for k, v in row.items() if k not in ("round", "hospital", "kind", "time")}
     text = ", ".join(f"{k}={_number(v)}" for k, v in extra.items())
     return f"[dim]{head} {escape(str(kind))}: {escape(text[:160])}[/dim]"
+
+
+def _flags(row: Mapping[str, Any]) -> str:
+    """An evaluation's flags (a one-class model or split), as a warning after its scores."""
+    flags = row.get("flags")
+    if not flags or not isinstance(flags, list):
+        return ""
+    return f" [yellow]FLAGGED: {escape(', '.join(str(f) for f in flags))}[/yellow]"
 
 
 class ProgressView:
@@ -162,13 +172,22 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     """Per hospital: training size, the final model's metrics, the selected model's."""
     selected = summary.get("selected_round", "?")
     metrics = summary_metrics(summary)
+    hospitals = summary.get("hospitals") or {}
+    flagged = any(_flag_list(info or {}) for info in hospitals.values())
     table = Table(
         title=(
             f"{summary.get('algorithm', '?')}: {summary.get('rounds', '?')} rounds; "
             f"selected: round {selected} by {summary.get('selection_metric', '?')}"
         ),
         caption="train n = the hospital's training-set size; final = model after the last "
-        "round; sel = the selected round's model",
+        "round; sel = the selected round's model"
+        + (
+            "; flags: model 1-class = the final or selected model predicts one class for "
+            "every sample of that split, split 1-class = the split holds one class; balanced "
+            "accuracy and AUC mean little there (summary.json: flags)"
+            if flagged
+            else ""
+        ),
     )
     table.add_column("hospital", style="bold", no_wrap=True)
     table.add_column("train n", justify="right")
@@ -176,7 +195,8 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         table.add_column(f"final\n{label}", justify="right")
     for _, label in metrics[:2]:
         table.add_column(f"sel\n{label}", justify="right")
-    hospitals = summary.get("hospitals") or {}
+    if flagged:
+        table.add_column("flags", style="yellow", overflow="fold")
     for name in sorted(hospitals):
         info = hospitals[name] or {}
         final = info.get("final") or {}
@@ -186,5 +206,22 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             _number(info.get("num_train")),
             *(_number(final.get(key)) for key, _ in metrics),
             *(_number(chosen.get(key)) for key, _ in metrics[:2]),
+            *([_flag_cell(_flag_list(info))] if flagged else []),
         )
     return table
+
+
+def _flag_list(info: Mapping[str, Any]) -> list[str]:
+    flags = info.get("flags")
+    return [str(f) for f in flags] if isinstance(flags, list) else []
+
+
+def _flag_cell(flags: list[str]) -> str:
+    """``predicts-one-class-on-val``, ``test-split-one-class``.. as ``model 1-class: val`` and
+    ``split 1-class: test`` (the caption says what they mean)."""
+    model = [f.removeprefix("predicts-one-class-on-") for f in flags if f.startswith("predicts")]
+    split = [f.removesuffix("-split-one-class") for f in flags if f.endswith("-split-one-class")]
+    other = [f for f in flags if not f.startswith("predicts") and not f.endswith("-one-class")]
+    lines = [f"{what} 1-class: {','.join(splits)}" for what, splits in
+             (("model", model), ("split", split)) if splits] + other  # fmt: skip
+    return escape("\n".join(lines))
