@@ -129,6 +129,16 @@ def assert_same_update(
 # ------------------------------------------------------------------------------ set-up
 
 
+def supervised(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The local supervised loss by hand: plain CE, or balanced softmax ``CE(z + log pi, y)``
+    with ``pi`` the class frequencies of ``y`` (the full training split: one batch)."""
+    if kind == "ce":
+        return F.cross_entropy(logits, y)
+    assert kind == "bsm", kind
+    counts = torch.bincount(y, minlength=logits.shape[1]).double()
+    return F.cross_entropy(logits + torch.log(counts / counts.sum()).float(), y)
+
+
 def full_batch_run(algorithm: str, lr: float, **extra: Any) -> RunConfig:
     """Plain SGD (no momentum, no weight decay) on three classes, one batch per pass."""
     return load_run_config(

@@ -5,6 +5,8 @@ the formulas (``tests/by_hand.py``) and compares every weight. Three classes and
 temperature other than 1 make every KL asymmetric and every temperature visible, so a
 reversed KL, a KL whose teacher is computed before the proxy's step, a detached ranking
 loss, a dropped CE, a missing ``T`` or another KL reduction each move the weights elsewhere.
+Imbalanced classes (0.6, 0.3, 0.1) make the balanced softmax (the default ``local-loss``)
+differ from plain CE, so a missing or misapplied prior shift (on the public CE, say) shows too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from by_hand import (
     kl_to_probabilities,
     ranking,
     sgd_step,
+    supervised,
 )
 from torch import nn
 
@@ -99,6 +102,7 @@ LARGE_CASES = {
         "temperature": 2.0,
         "rank-margin": 1.0,
         "rank-weight": 0.5,
+        "local-loss": "ce",
     },
     "T=0.5, KL over B*C, mean ranking, top-2": {
         "temperature": 0.5,
@@ -108,6 +112,7 @@ LARGE_CASES = {
         "rank-margin": 2.0,
         "forward-kd-weight": 2.0,
         "backward-kd-weight": 3.0,
+        "local-loss": "bsm",
     },
 }
 
@@ -135,13 +140,13 @@ def test_large_hospital_steps_match_the_dual_distillation_by_hand(
         with torch.no_grad():
             teacher = large(x)
         student = proxy(x)
-        proxy_ce = F.cross_entropy(student, y)
+        proxy_ce = supervised(opts.local_loss, student, y)
         forward = kl(teacher, student, t, opts.kl_reduction)
         sgd_step(proxy.parameters(), proxy_ce + opts.forward_kd_weight * forward, LR)
         with torch.no_grad():
             after_step = proxy(x)  # recomputed: the proxy has just moved
         logits = large(x)
-        large_ce = F.cross_entropy(logits, y)
+        large_ce = supervised(opts.local_loss, logits, y)
         backward = kl(logits, after_step, t, opts.kl_reduction)  # gradient through F's side
         rank = ranking(logits, after_step, opts.rank_k, opts.rank_margin, opts.rank_reduction)
         loss = large_ce + opts.backward_kd_weight * backward + opts.rank_weight * rank
@@ -193,11 +198,13 @@ SMALL_CASES = {
         "temperature": 2.0,
         "public-weight": 1.5,
         "head-init": "kept",
+        "local-loss": "bsm",
     },
     "T=0.5, KL over B*C, no public CE": {
         "temperature": 0.5,
         "kl-reduction": "mean",
         "public-ce": False,
+        "local-loss": "ce",
     },
 }
 
@@ -231,7 +238,7 @@ def test_small_hospital_steps_match_the_surrogate_training_by_hand(
     t = opts.temperature
     kls = []
     for _ in range(run.local_steps):
-        private_loss = F.cross_entropy(private(phi(x)), y)
+        private_loss = supervised(opts.local_loss, private(phi(x)), y)
         sgd_step([*phi.parameters(), *private.parameters()], private_loss, LR)
         logits = public(phi(x_public))
         if opts.kl_reduction == "batchmean":

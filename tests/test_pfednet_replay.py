@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from by_hand import assert_same_update, clone_state, full_batch_run, hospital_context, sgd_step
+from by_hand import (
+    assert_same_update,
+    clone_state,
+    full_batch_run,
+    hospital_context,
+    sgd_step,
+    supervised,
+)
 
 from fedclinic.config import RunConfig
 from fedclinic.engine import Reply
@@ -26,8 +32,8 @@ LR = 0.2
 HEAD = "classifier."  # the cnn's personalised component by default
 
 
-def make_run() -> RunConfig:
-    return full_batch_run("pfednet", LR, **{"local-steps": 2})
+def make_run(local_loss: str = "bsm") -> RunConfig:
+    return full_batch_run("pfednet", LR, **{"local-steps": 2, "pfednet.local-loss": local_loss})
 
 
 def make_objective(run: RunConfig, tmp_path: Path) -> PFedNetObjective:
@@ -41,11 +47,14 @@ def flat_delta(
     return torch.cat([(before[k] - after[k]).reshape(-1) for k in keys])
 
 
+@pytest.mark.parametrize("local_loss", ["bsm", "ce"])
 @pytest.mark.parametrize("phase", ["shared", "personal"])
 def test_each_phase_trains_only_its_layers_and_uploads_before_minus_after(
-    phase: str, tmp_path: Path
+    phase: str, local_loss: str, tmp_path: Path
 ) -> None:
-    run = make_run()
+    """Both phases on the balanced softmax (the default; imbalanced classes make it differ
+    from CE) and on plain CE."""
+    run = make_run(local_loss)
     objective = make_objective(run, tmp_path)
     net = build_model(run, seed=5)
     received = clone_state(net)
@@ -56,7 +65,7 @@ def test_each_phase_trains_only_its_layers_and_uploads_before_minus_after(
     x, y = objective.context.data.train.inputs, objective.context.data.train.labels
     trained = [p for n, p in net.named_parameters() if n.startswith(HEAD) == (phase == "personal")]
     for _ in range(run.local_steps):
-        sgd_step(trained, F.cross_entropy(net(x), y), LR)
+        sgd_step(trained, supervised(local_loss, net(x), y), LR)
     expected = flat_delta(received, clone_state(net), personal=phase == "personal")
     uploaded = update.state[f"{phase}.delta"]
     zero = torch.zeros_like(expected)

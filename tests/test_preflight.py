@@ -242,6 +242,13 @@ def site(tmp_path: Path) -> dict[str, str]:
     return {"ca": str(pki.ca_cert), "key": str(pki.hospitals["st-mary"].private_key)}
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the defaults may be taken by a concurrent test's node)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def hospital_fails(
     capsys: pytest.CaptureFixture[str], site: dict[str, str], config: str, *extra: str
 ) -> str:
@@ -283,10 +290,14 @@ def test_hospital_names_a_port_in_use_and_the_option(
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        line = hospital_fails(capsys, site, config, f"--runtime-port={port}")
+        health = f"--health-server-address=127.0.0.1:{free_port()}"
+        line = hospital_fails(capsys, site, config, f"--runtime-port={port}", health)
         assert f"--runtime-port: port {port} on 127.0.0.1 is in use" in line
         assert "with --runtime-port" in line
-        line = hospital_fails(capsys, site, config, f"--health-server-address=127.0.0.1:{port}")
+        runtime = f"--runtime-port={free_port()}"
+        line = hospital_fails(
+            capsys, site, config, runtime, f"--health-server-address=127.0.0.1:{port}"
+        )
         assert f"--health-server-address: port {port} on 127.0.0.1 is in use" in line
 
 
@@ -315,7 +326,8 @@ def test_hospital_lock_is_held_while_the_node_runs(tmp_path: Path) -> None:
             [
                 sys.executable, "-m", "fedclinic.cli", "hospital", "--superlink", "127.0.0.1:1",
                 "--ca", str(pki.ca_cert), "--key", str(pki.hospitals["county"].private_key),
-                "--config", config,
+                "--config", config, f"--runtime-port={free_port()}",
+                f"--health-server-address=127.0.0.1:{free_port()}",
             ],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
