@@ -113,6 +113,7 @@ class WorkerProcess:
 def node(folder: Path, name: str = "hospital-a", **extra: Any) -> dict[str, Any]:
     return {
         "hospital": name,
+        "data-source": "synthetic",
         "num-samples": 40,
         "device": "cpu",
         "state-dir": str(folder / "state" / name),
@@ -311,7 +312,7 @@ def test_data_memo_reloads_exactly_when_the_request_or_a_file_changes(tmp_path: 
 
     memo = DataMemo(loader)
     run = RunConfig(data_source="image-folder", image_size=12)
-    hospital = HospitalConfig(hospital="h", data_path=str(root))
+    hospital = HospitalConfig(hospital="h", data_source="image-folder", data_path=str(root))
     first = memo.load(DataRequest(run, hospital))
     assert memo.load(DataRequest(run, hospital)) is first and memo.last == "reused"
     assert len(calls) == 1

@@ -18,19 +18,28 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
-# the in-process grid and the per-algorithm settings of the resume tests (same harness)
-from test_pfednet import InProcessGrid, task_identity  # noqa: F401
+from flwr.app import Message
 from test_resume import setting
 from test_worker import WorkerProcess
 
-from fedclinic.bench import grid as grid_module
-from fedclinic.results import ResultsWriter
-from fedclinic.serialization import record_to_numpy, state_to_record
+from fedclinic.bench.grid import InProcessGrid, run_in_process
+from fedclinic.engine import RunResult
+from fedclinic.serialization import record_to_numpy
+from fedclinic.site import run_site_key
 from fedclinic.worker import forwarder
-from strategies import get_algorithm, load_run_config
 
 HOSPITALS = ("hospital-a", "hospital-b")
+
+
+class WorkerGrid(InProcessGrid):
+    """The in-process grid whose hospitals answer through the forwarder and their worker."""
+
+    def deliver(self, message: Message) -> Message | None:
+        node = message.metadata.dst_node_id
+        if node not in self.nodes:
+            return None
+        self.messages += 1
+        return forwarder.forward(message, self.context(node))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +47,14 @@ def worker_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One worker per hospital for the whole module (each run uses its own site key)."""
     root = tmp_path_factory.mktemp("through-worker")
     workers = [
-        WorkerProcess.start({"hospital": name, "state-dir": str(root / "state" / name)}, root)
+        WorkerProcess.start(
+            {
+                "hospital": name,
+                "data-source": "synthetic",
+                "state-dir": str(root / "state" / name),
+            },
+            root,
+        )
         for name in HOSPITALS
     ]
     try:
@@ -52,12 +68,8 @@ def worker_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert answered > 0
 
 
-def run_once(flat: dict[str, Any], nodes: dict[int, dict[str, Any]], site_key: str) -> Any:
-    run = load_run_config(flat)
-    strategy = get_algorithm(run.algorithm).strategy(run, ResultsWriter(run.output_dir))
-    strategy.site_key = site_key
-    grid = InProcessGrid(nodes, flat)
-    result = strategy.start(grid=grid, initial_arrays=state_to_record(strategy.initial_state()))
+def run_once(flat: dict[str, Any], grid: InProcessGrid) -> tuple[RunResult, InProcessGrid]:
+    _, result = run_in_process(flat, grid, Path(flat["output-dir"]))
     return result, grid
 
 
@@ -82,14 +94,14 @@ def site_state(root: Path, site_key: str) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-@pytest.mark.usefixtures("task_identity")
 @pytest.mark.parametrize("algorithm", ["fedavg", "pfednet", "fedhelp", "fedmas"])
 def test_a_run_through_the_worker_equals_the_direct_run(
     tmp_path: Path, worker_root: Path, algorithm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    site_key = f"same-{algorithm}"
     flat, nodes = setting(algorithm, tmp_path / "direct")
-    direct, direct_grid = run_once(flat, nodes, site_key)
+    flat["run-name"] = f"same-{algorithm}"  # its own site key in the module's workers
+    site_key = run_site_key(flat["run-name"], 1)
+    direct, direct_grid = run_once(flat, InProcessGrid(nodes, flat))
 
     # the same inputs (FedHelp's public and knowledge files too); only where results and
     # site state go differs
@@ -99,15 +111,11 @@ def test_a_run_through_the_worker_equals_the_direct_run(
         for node, config in nodes.items()
     }
 
-    def through_the_worker(message: Any, context: Any, train: Any) -> Any:
-        return forwarder.forward(message, context)
-
     def never(message: Any, context: Any) -> Any:
         raise AssertionError("a message was answered in process, not by the worker")
 
-    monkeypatch.setattr(grid_module, "answer", through_the_worker)
     monkeypatch.setattr(forwarder, "in_process", never)
-    worker, worker_grid = run_once(flat, nodes, site_key)
+    worker, worker_grid = run_once(flat, WorkerGrid(nodes, flat))
 
     assert worker_grid.messages == direct_grid.messages > 0
     ours, theirs = record_to_numpy(worker.arrays), record_to_numpy(direct.arrays)

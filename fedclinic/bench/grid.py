@@ -83,24 +83,27 @@ class InProcessGrid:
             if reply is not None:
                 self.replies[message_id] = reply
 
-    def deliver(self, message: Message) -> Message | None:
-        """Answer one message with a fresh context, like one ClientApp process each; a node
-        that left the grid answers nothing."""
-        node = message.metadata.dst_node_id
-        if node not in self.nodes:
-            return None
-        context = Context(
+    def context(self, node: int) -> Context:
+        """The fresh context a ClientApp process of ``node`` gets for one message."""
+        return Context(
             run_id=RUN_ID,
             node_id=node,
             node_config=self.nodes[node],
             state=RecordDict(),
             run_config=self.run_config,
         )
+
+    def deliver(self, message: Message) -> Message | None:
+        """Answer one message with a fresh context, like one ClientApp process each; a node
+        that left the grid answers nothing."""
+        node = message.metadata.dst_node_id
+        if node not in self.nodes:
+            return None
         kind = message.metadata.message_type
         train = {MessageType.TRAIN: True, MessageType.EVALUATE: False}.get(kind)
         self.messages += 1
         try:
-            return answer(message, context, train)
+            return answer(message, self.context(node), train)
         except Exception as err:
             raise HospitalCrash(f"node {node}: {type(err).__name__}: {err}") from err
 

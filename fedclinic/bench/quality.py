@@ -757,7 +757,7 @@ def make_plan(suite: str, mode: str, work: Path, rounds: int = 0) -> Plan:
                 settings["rounds"] = rounds
         plan.reduced = f"rounds cut from {full} to {rounds} (time budget of the session)"
         plan.protocol.append(f"**REDUCED: {plan.reduced}.**")
-    if suite != "heart":
+    if suite in PNEUMONIA_SUITES:  # public data, knowledge and the MoCo prior: not for heart
         pneumonia_setup(plan, work)
     return plan
 
