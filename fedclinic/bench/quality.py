@@ -23,6 +23,9 @@ Three suites on real medical data, each run as many seeds x methods, in process
 A method is a registered algorithm with fixed options (``Plan.runs_as``); its key names the
 row (``fedavg-public``, ``fedhelp-crossfit``, ...).
 
+Decision IDs (FH-n, MAS-n, PF-n) are defined in docs/fedhelp.md, docs/fedmas.md and
+docs/pfednet.md (section "Decisions").
+
 Results land in ``<out>/<suite>/``: one results directory per run under ``runs/`` (what the
 strategy writes), and ``results.json``, ``per_hospital.csv``, ``summary.csv`` and
 ``curves.csv`` aggregated from them. ``fedclinic bench report`` renders them.
