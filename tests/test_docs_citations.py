@@ -38,7 +38,8 @@ def tracked(*suffixes: str) -> list[Path]:
 
 
 def sources() -> list[Path]:
-    return tracked(".py", ".md", ".toml")
+    """Code, docs and build files: where a reader follows a citation."""
+    return tracked(".py", ".md", ".toml", ".yml", ".yaml", "Makefile", "Dockerfile")
 
 
 def decisions_section(page: Path) -> list[str]:
