@@ -1,8 +1,9 @@
 """FedHelp's one-time knowledge acquisition: foundation-model probabilities on public data.
 
-FedHelp (arXiv 2412.19654; docs/fedhelp.md) guides the small hospitals with the outputs of a
-foundation model on a **public** data set, computed **once** before federated training and
-never updated. This module produces that file and checks it where it is used.
+FedHelp (arXiv 2412.19654 §3.2; docs/fedhelp.md, decision IDs FH-n defined at #decisions)
+guides the small hospitals with the outputs of a foundation model on a **public** data set,
+computed **once** before federated training and never updated. This module produces that
+file and checks it where it is used.
 
 ``fedclinic knowledge build`` writes a *knowledge file* (``.npz``: ``probabilities``
 ``(N_pub, C_pub)`` float32, or ``(N_pub, C_pub, H, W)`` per pixel for segmentation, plus a

@@ -1,8 +1,9 @@
 """The shared frozen self-supervised prior of Fed-MAS: encoders, checkpoint loading, MoCo-v2.
 
-Fed-MAS (docs/fedmas.md) measures every hospital's class-wise divergence against one
-frozen self-supervised encoder ``f``; the measurements are comparable across hospitals only
-if every hospital runs a **bit-identical** ``f`` (design decision MAS-2). This module
+Fed-MAS (arXiv 2307.14959; docs/fedmas.md, decision IDs MAS-n defined at #decisions)
+measures every hospital's class-wise divergence against one frozen self-supervised encoder
+``f``; the measurements are comparable across hospitals only if every hospital runs a
+**bit-identical** ``f`` (design decision MAS-2). This module
 
 - builds the encoder architectures (``resnet50`` as in the reference's MoCo-v2 prior,
   ``resnet18``, and a small conv-BatchNorm ``cnn`` encoder for tests and CPU demos), each with

@@ -1,4 +1,4 @@
-"""FedAvg (ALGORITHMS.md section 4): local SGD from the global model, server mean weighted by n_k.
+"""FedAvg (McMahan et al., arXiv 1602.05629): local SGD from the global model, mean weighted by n_k.
 
 ``w <- sum_k (n_k / n) w_k`` over every state entry, BatchNorm running statistics included
 (FLamby averages parameters only; averaging buffers too keeps every hospital's copy of the

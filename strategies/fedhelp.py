@@ -1,4 +1,4 @@
-"""FedHelp (ALGORITHMS.md section 1): asymmetrical reciprocity between large and small hospitals.
+"""FedHelp (arXiv 2412.19654): asymmetrical reciprocity between large and small hospitals.
 
 Roles. Each hospital is ``large`` (plenty of data and compute) or ``small``: the ``role`` key
 of its hospital config when set, otherwise by training-set size, the ``fedhelp.num-large``
@@ -8,15 +8,15 @@ hospital its own role in its round config (``fedhelp-role``, through the per-hos
 :meth:`~fedclinic.engine.ServerAlgorithm.config_for` hook). Roles are logged, written as
 ``kind = "fedhelp-role"`` rows and in ``summary.json`` under ``fedhelp``.
 
-Small hospital, per round (module 3.3): the surrogate is the received global model's feature
-extractor phi with a private head (``Linear(d, C)``) and an auxiliary public head
+Small hospital, per round (arXiv 2412.19654 §3.3): the surrogate is the received global
+model's feature extractor phi with a private head (``Linear(d, C)``) and an auxiliary public head
 (``Linear(d, C_pub)``). For each private batch (x, y), with one public batch (x_p, s_p) drawn
 alongside: (i) one step of ``CE(h_priv(phi(x)), y)`` on (phi, h_priv); (ii) one step of
 ``w_pub * [KL(temper(s_p, T) || softmax(h_pub(phi(x_p)) / T)) + CE(h_pub(phi(x_p)), y_p)]``
 on (phi, h_pub), with two separate optimisers that share phi. The upload is the global
 architecture with the private head as its classifier; the public head never leaves the site.
 
-Large hospital, per round (module 3.4): a private large model F (``fedhelp.large-model``) that
+Large hospital, per round (§3.4): a private large model F (``fedhelp.large-model``) that
 persists in the site state (``fedhelp_large_model.pt``) and never leaves the site, and a proxy
 initialised from the global model. Per batch, in the reference's order: (3a, F frozen, eval
 mode) ``CE(proxy(x), y) + w_f * KL(softmax(F(x)/T) || softmax(proxy(x)/T))``, one step on the
@@ -26,19 +26,19 @@ F; the backward KL's gradient reaches F through its first argument, as in the re
 (which passes F's probabilities as the KL target), pulling F's distribution towards the
 proxy's. The large hospital uploads the proxy.
 
-Server (module 3.5): the mean of the uploaded global-architecture states (surrogates and
+Server (§3.5): the mean of the uploaded global-architecture states (surrogates and
 proxies). Evaluation: each hospital reports the model it deploys, its large model at a large
 hospital (``deployed = "large"``), the global model at a small one (``"global"``).
 
-Design decisions (ALGORITHMS.md section 6) implemented here, with what the reference draft
-(medfed_code@1443df74) does instead:
+Design decisions (IDs defined in docs/fedhelp.md#decisions) implemented here, with what the
+reference draft (JackqqWang/medfed_code@1443df74) does instead:
 
 - FH-1: a large hospital uploads its proxy; the reference returns the large model's
   state dict, which cannot be averaged with the small architecture.
 - FH-2: the knowledge file may come from a substitute (a teacher trained once on labelled
   public data, ``fedclinic knowledge build --train-teacher``); its meta says so and the
   small hospitals log it. Contract kept: computed once, never updated, outputs only.
-- FH-2, no public data at all (a project option beyond the spec): ``fedhelp.knowledge =
+- FH-2, no public data at all (a project option beyond the paper): ``fedhelp.knowledge =
   "none"`` drops the one-time knowledge and the public step; small hospitals train phi and
   the private head on their own data only, large hospitals and the server are unchanged.
   For consortia without a shareable public set (tabular clinical data); results are the dual

@@ -1,5 +1,7 @@
 """FedHelp's mathematics, kept apart so that tests can check each term by hand.
 
+Decision IDs (FH-n) are defined in docs/fedhelp.md#decisions.
+
 - :func:`class_log_probs`: log-probabilities at temperature ``T`` (one binary logit z is
   the two classes ``[0, z]``, so every model speaks the same C-class language); per pixel for
   segmentation outputs ``(B, C, H, W)``, where ``[0, z]`` makes the KL between two one-channel

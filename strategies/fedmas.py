@@ -1,4 +1,4 @@
-"""Fed-MAS (ALGORITHMS.md section 3): aggregation weighted by divergence from a shared frozen prior.
+"""Fed-MAS (arXiv 2307.14959): aggregation weighted by divergence from a shared frozen prior.
 
 Every hospital holds the same frozen self-supervised encoder ``f`` (the *prior*). Its model is
 a backbone ``g`` with a task head ``fc``, a projector ``p_free`` (Linear(d, d) → BatchNorm1d →
@@ -25,7 +25,7 @@ encoder, ``prior-arch = "mlp"``). The backbone starts from the run's seeded rand
 initialisation; the reference loads ImageNet-1K ResNet-18 weights into it
 (``--pre_trained_tv``), which this module does not.
 
-Design decisions (ALGORITHMS.md section 6):
+Design decisions (IDs defined in docs/fedmas.md#decisions):
 
 - **MAS-1** — the prior is a :class:`~fedclinic.prior.FrozenPrior`: gradients off, pinned to
   eval mode (its ``train()`` is a no-op) and never a sub-module of the trained model, so the

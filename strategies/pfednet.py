@@ -1,4 +1,4 @@
-"""pFedNet (ALGORITHMS.md section 2): shared + personalised components coupled by a data graph.
+"""pFedNet (arXiv 2306.14483): shared + personalised components coupled by a data graph.
 
 Each hospital's model is ``w_n = M x + N z_n``: the shared part ``x`` (the feature layers)
 is averaged FedAvg-style; the personalised parts ``Z = [z_1 .. z_N]`` (by default the
@@ -8,7 +8,8 @@ different per hospital but are pulled together along a similarity graph by the s
 coupled proximal step
 ``min_Z (1/N)<G, Z> + lambda sum_(i,j) ||z_i - z_j||_2 + (1/2 eta)||Z - Z_t||^2``.
 
-Protocol (the deep version, section 2.4), one fedclinic round = two exchanges:
+Protocol (the reference's deep version; docs/pfednet.md#the-algorithm), one fedclinic round =
+two exchanges:
 
 0. Once, before round 1: the server asks every hospital for a data sketch
    (:meth:`PFedNetObjective.describe`) and builds the symmetric k-NN graph and Q.
@@ -28,7 +29,7 @@ update the decoder cannot read is ``rejected`` like any other bad update.
 Each hospital receives its own column ``z_n``, keyed by hospital name (node ids change when
 a SuperNode restarts); the hospital keeps it in its :class:`~fedclinic.site.SiteState`.
 
-Design decisions (ALGORITHMS.md section 6):
+Design decisions (IDs defined in docs/pfednet.md#decisions):
 
 - PF-1: the sketch is sent once, in the setup query, and only then. Label-ratio sketch
   (class counts; the server divides by the federation's total as the convex code does) for
@@ -138,7 +139,7 @@ def options_of(run: RunConfig) -> PFedNetOptions:
 
 def resolve_sketch(run: RunConfig) -> SketchKind:
     """The sketch kind: label ratios for tabular models, pixel covariance for images, the
-    mean image for segmentation (the deep code's ``cov`` for segmentation, section 2.3)."""
+    mean image for segmentation (the deep code's ``cov`` for segmentation; PF-1)."""
     options = options_of(run)
     kind: SketchKind
     if options.sketch == "auto" and run.task == "segmentation":
@@ -639,7 +640,7 @@ class PFedNetStrategy(ServerAlgorithm):
         return decoded
 
     def _apply_shared(self, server_round: int, replies: list[Reply]) -> None:
-        """x <- x - sum_n (n_n / n) g_n: FedAvg of the shared layers (section 2.4 step 1)."""
+        """x <- x - sum_n (n_n / n) g_n: FedAvg of the shared layers (docs/pfednet.md, step 2)."""
         decoded = self._uploads(replies, "shared.")
         weights = np.array([r.num_train for r, _, _ in decoded])
         step = sum(w * d for w, (_, d, _) in zip(weights / weights.sum(), decoded, strict=True))
@@ -657,7 +658,7 @@ class PFedNetStrategy(ServerAlgorithm):
         return self.options.server_step_size or float(n)
 
     def _apply_personal(self, server_round: int, replies: list[Reply]) -> None:
-        """The coupled proximal step over every graph hospital's column (section 2.4 step 3)."""
+        """The coupled proximal step over every graph hospital's column (docs/pfednet.md step 4)."""
         assert self.graph is not None
         decoded = self._uploads(replies, "personal.")
         g = np.zeros_like(self.columns)
@@ -701,7 +702,7 @@ class PFedNetStrategy(ServerAlgorithm):
         mean = self.columns.mean(axis=1) if self.columns.shape[1] else self._template()
         return {**self.state, **self.split.unflatten(mean, self.split.personal, self.state)}
 
-    # -- byte accounting (section 2.5): rows per round per hospital, beside FedAvg's
+    # -- byte accounting (PF-3): rows per round per hospital, beside FedAvg's
     def _count(self, hospital: str, key: str, value: float) -> None:
         slot = self.traffic.setdefault(self.round, {}).setdefault(hospital, {})
         slot[key] = slot.get(key, 0) + value

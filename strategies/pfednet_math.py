@@ -1,17 +1,19 @@
 """pFedNet maths (arXiv 2306.14483): similarity graph, server ADMM, update compression.
 
+Steps and decision IDs (PF-1 .. PF-4) as defined in docs/pfednet.md (#the-algorithm, #decisions).
+
 Kept apart from :mod:`strategies.pfednet` so that every formula can be checked against an
 independent solver without Flower in the way. Numpy float64 for the server's small problems
 (the personalised columns), torch for the hospital-side compression (it runs on the
 hospital's device and may see millions of entries).
 
-- Graph (section 2.3): symmetric k-NN graph over data sketches and its incidence matrix Q
+- Graph (step 1): symmetric k-NN graph over data sketches and its incidence matrix Q
   (column of edge (i, j) = e_i - e_j).
-- Server step (section 2.4):
+- Server step (step 4):
   ``min_Z (1/N)<G, Z> + lambda sum_m ||Z q_m||_2 + (1/2 eta)||Z - Z_t||_F^2``
   by ADMM with the splitting W = ZQ, using the deep code's sign convention; the inverse
   ``(I + eta rho QQ^T)^-1`` comes from one eigendecomposition of the Laplacian QQ^T (PF-4).
-- Compression (section 2.5, PF-3): the fused-lasso proximal step
+- Compression (PF-3): the fused-lasso proximal step
   ``y* = argmin gamma ||D(y - w)||_1 + (1/2 eta)||y - (w - eta g)||^2``, which with
   ``v = (w - y)/eta`` is ``v* = argmin 1/2 ||v - g||^2 + gamma ||D v||_1`` (w and eta cancel),
   solved by ADMM with ``(I + rho D^T D)^-1`` from the closed-form eigendecomposition of
@@ -107,7 +109,7 @@ def group_soft_threshold(v: np.ndarray, threshold: float) -> np.ndarray:
 def personal_objective(
     z: np.ndarray, z_t: np.ndarray, g: np.ndarray, q: np.ndarray, lam: float, eta: float
 ) -> float:
-    """The server's coupled proximal objective (section 2.4), for checks and logs."""
+    """The server's coupled proximal objective (step 4), for checks and logs."""
     n = z.shape[1]
     fusion = float(np.linalg.norm(z @ q, axis=0).sum()) if q.shape[1] else 0.0
     return float((g * z).sum() / n + lam * fusion + ((z - z_t) ** 2).sum() / (2 * eta))
@@ -155,7 +157,7 @@ def admm_personal_step(
 
 
 def difference_matrix(length: int) -> np.ndarray:
-    """``D``: ``D_ii = 1``, ``D_{i,i+1} = -1``; the last row is ``e_L`` (section 2.5)."""
+    """``D``: ``D_ii = 1``, ``D_{i,i+1} = -1``; the last row is ``e_L`` (PF-3)."""
     return np.eye(length) - np.eye(length, k=1)
 
 
@@ -217,7 +219,7 @@ def fused_lasso_denoise(
 def fused_lasso_prox(
     w: np.ndarray, g: np.ndarray, gamma: float, eta: float, rho: float = 1.0, iterations: int = 2000
 ) -> np.ndarray:
-    """The section 2.5 step in its original variables:
+    """The PF-3 proximal step in its original variables:
     ``y* = argmin_y gamma ||D(y - w)||_1 + (1/2 eta)||y - (w - eta g)||^2``.
 
     Substituting ``y = w - eta v`` gives ``eta (gamma ||Dv||_1 + 1/2 ||v - g||^2)``, so
@@ -262,7 +264,7 @@ def compress_update(
     """Codes and levels of a pseudo-gradient ``g`` (1-D) under ``stc`` or ``fused-stc``.
 
     ``fused-stc`` first replaces each chunk of ``chunk`` entries by its fused-lasso proximal
-    point, clipped to the chunk's [min g, max g] (section 2.5). ``gamma`` is relative to the
+    point, clipped to the chunk's [min g, max g] (PF-3). ``gamma`` is relative to the
     RMS of ``g`` (PF-3 in docs/pfednet.md: the reference's absolute gamma = 50 zeroes any
     update whose partial sums stay below 50), so the solve runs on ``g / rms`` with rho = 1.
     """

@@ -19,7 +19,8 @@ needs_heart = pytest.mark.skipif(
     not (SHARED / "processed.cleveland.data").is_file(),
     reason=f"reference data {SHARED} is not on this machine",
 )
-# REFERENCE-RESULTS.md section 2.3: (train n, train positives, test n, test positives).
+# FLamby's split (owkin/FLamby@edacf54, fed_heart_disease): sizes as FLamby's; label balance as
+# re-implemented with scikit-learn: (train n, train positives, test n, test positives).
 EXPECTED = {
     "cleveland": (199, 91, 104, 48),
     "hungarian": (172, 65, 89, 33),

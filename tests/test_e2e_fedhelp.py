@@ -5,7 +5,8 @@ comes from the synthetic generator under another seed (``fedclinic knowledge
 synthetic-public``); the knowledge file from ``fedclinic knowledge build --train-teacher``
 (the FH-2 substitute). Checks: roles recorded, the large hospital evaluates its private large
 model (kept in its state directory) and uploads the proxy, the small hospitals evaluate the
-global model, the server takes the unweighted mean of all three uploads.
+global model, the server takes the unweighted mean of all three uploads. Decision IDs:
+docs/fedhelp.md#decisions.
 """
 
 from __future__ import annotations

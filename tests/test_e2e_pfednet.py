@@ -3,6 +3,7 @@
 Three synthetic hospitals with the cnn model and compressed uploads (shared + personal
 phases, covariance-sketch graph); then the two heart-disease centres with logistic
 regression (label-ratio graph, one exchange per round), read in place by ``data-path``.
+Decision IDs: docs/pfednet.md#decisions.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any
 
 import pytest
 
+from fedclinic.datasets import SHARED
 from fedclinic.site import SiteState
 
 ROOT = Path(__file__).resolve().parents[1]
-HEART = Path("/work/shared/data/heart_disease")
+HEART = SHARED / "heart_disease"
 
 
 def hospital_file(tmp_path: Path, name: str, lines: list[str]) -> Path:

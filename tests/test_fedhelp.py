@@ -1,4 +1,7 @@
-"""FedHelp at the hospitals (large and small updates, site state) and at the coordinator."""
+"""FedHelp at the hospitals (large and small updates, site state) and at the coordinator.
+
+Decision IDs (FH-n): docs/fedhelp.md#decisions.
+"""
 
 from __future__ import annotations
 

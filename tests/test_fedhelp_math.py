@@ -1,4 +1,7 @@
-"""FedHelp's loss terms against hand computations and independent implementations."""
+"""FedHelp's loss terms against hand computations and independent implementations.
+
+Decision IDs (FH-n): docs/fedhelp.md#decisions.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Fed-MAS mathematics and client/server halves against hand computations (docs/fedmas.md)."""
+"""Fed-MAS mathematics and client/server halves against hand computations (docs/fedmas.md).
+
+Decision IDs (MAS-n): docs/fedmas.md#decisions.
+"""
 
 from __future__ import annotations
 

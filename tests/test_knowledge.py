@@ -1,4 +1,7 @@
-"""``fedclinic knowledge``: the three sources, the stored probabilities and the hash checks."""
+"""``fedclinic knowledge``: the three sources, the stored probabilities and the hash checks.
+
+Decision IDs (FH-n): docs/fedhelp.md#decisions.
+"""
 
 from __future__ import annotations
 

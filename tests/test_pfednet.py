@@ -1,6 +1,7 @@
 """pFedNet protocol: layer split, hospital-side state, and whole rounds (two declared
 exchanges through the round engine) with the real ClientApp handler on an in-process grid
-(the Flower transport is the e2e test's job)."""
+(the Flower transport is the e2e test's job). Decision IDs: docs/pfednet.md#decisions.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What pFedNet's hospitals let the coordinator learn about their data (docs/pfednet.md, PF-1).
+"""What pFedNet's hospitals let the coordinator learn about their data (PF-1, docs/pfednet.md).
 
 - With a noised sketch (``pfednet.sketch-epsilon`` > 0) no exact class count of a hospital
   reaches the coordinator on any path: the setup query, the name-only queries (a SuperNode

@@ -1,5 +1,7 @@
 """FedHelp on segmentation: the per-pixel distillation terms (FH-11) against hand computations,
-the dense knowledge file, and the large and small hospitals' updates."""
+the dense knowledge file, and the large and small hospitals' updates. Decision IDs:
+docs/fedhelp.md#decisions.
+"""
 
 from __future__ import annotations
 

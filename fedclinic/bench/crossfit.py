@@ -1,10 +1,11 @@
 """A cross-fitted knowledge file: each public image scored by a teacher that never saw it.
 
-Why: ``fedclinic knowledge build --train-teacher`` (FH-2 substitute 2) trains one teacher on
+Why: ``fedclinic knowledge build --train-teacher`` (FH-2 substitute 2; decision IDs as in
+docs/fedhelp.md#decisions) trains one teacher on
 the labelled public images and exports its outputs on those same images, so the small
 hospitals distil from probabilities fitted to the very labels they also train on (close to
 one-hot on a memorised set). A foundation model queried once, as in the paper (arXiv
-2412.19654, section 3.2), has not been fitted to the public labels. Cross-fitting is the
+2412.19654 §3.2), has not been fitted to the public labels. Cross-fitting is the
 closer substitute: the public set is cut into K stratified folds, a teacher is trained on
 K - 1 of them and scores the held-out fold, and every row of the file is such an out-of-fold
 output. Built from :mod:`fedclinic.knowledge`'s public functions; the file has the same format

@@ -3,10 +3,11 @@
 Three suites on real medical data, each run as many seeds x methods, in process
 (:mod:`fedclinic.bench.grid`: the real strategy and ClientApp code, no gRPC):
 
-- ``heart``: Fed-Heart-Disease with FLamby's protocol (``../shared/REFERENCE-RESULTS.md``
-  section 2): logistic regression, 4 centres, 15 rounds x 100 SGD steps of batch 4, client lr
-  1e-3 (FedProx mu 0.01), seeds 42-46; local and pooled baselines with FLamby's Adam 1e-3,
-  batch 4, 50 epochs. FLamby has no validation split, so every run reports its final model.
+- ``heart``: Fed-Heart-Disease with FLamby's protocol (``owkin/FLamby@edacf54``,
+  ``flamby/datasets/fed_heart_disease``, ``flamby/config_heart_disease.json``): logistic
+  regression, 4 centres, 15 rounds x 100 SGD steps of batch 4, client lr 1e-3 (FedProx mu
+  0.01), seeds 42-46; local and pooled baselines with FLamby's Adam 1e-3, batch 4, 50 epochs.
+  FLamby has no validation split, so every run reports its final model.
 - ``pneumonia``: PneumoniaMNIST split into 6 hospitals of very unequal size with Dirichlet
   label skew (the ``medmnist`` source's partition mode); validation from each hospital's own
   train share, each tested on its share of the official test split; 3 seeds; models selected
@@ -22,6 +23,9 @@ Three suites on real medical data, each run as many seeds x methods, in process
 
 A method is a registered algorithm with fixed options (``Plan.runs_as``); its key names the
 row (``fedavg-public``, ``fedhelp-crossfit``, ...).
+
+Decision IDs (FH-n, MAS-n, PF-n) are defined in docs/fedhelp.md, docs/fedmas.md and
+docs/pfednet.md (section "Decisions").
 
 Results land in ``<out>/<suite>/``: one results directory per run under ``runs/`` (what the
 strategy writes), and ``results.json``, ``per_hospital.csv``, ``summary.csv`` and
@@ -289,7 +293,7 @@ HEART_FEDMAS = {"fedmas.prior-source": "random", "fedmas.prior-arch": "mlp"}
 
 
 def majority_rule() -> dict[str, Any]:
-    """Predict each centre's train-majority class on its test split (REFERENCE-RESULTS 2.7).
+    """Predict each centre's train-majority class on its test split (client average 0.721).
 
     Computed from the same split the benchmark uses, not copied: it is the bar a per-centre
     bias term alone reaches.

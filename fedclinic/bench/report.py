@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -21,7 +22,8 @@ import numpy as np
 
 from fedclinic.bench.suites import PNEUMONIA_SUITES, SUITES
 
-#: FLamby's published Fed-Heart-Disease accuracies (../shared/REFERENCE-RESULTS.md 2.6:
+#: FLamby's published Fed-Heart-Disease accuracies, aggregated from its result files
+#: (owkin/FLamby@edacf54, flamby/results/results_benchmark_fed_heart_disease/heart_seed4*.csv:
 #: mean over the 5 seeds of the client average, sd over seeds, pooled test set), anchors only.
 FLAMBY_HEART: tuple[tuple[str, float, float, float, tuple[float, ...]], ...] = (
     # (method, client-avg mean, sd over seeds, pooled test, per centre 0..3)
@@ -35,7 +37,8 @@ FLAMBY_HEART: tuple[tuple[str, float, float, float, tuple[float, ...]], ...] = (
     ("FedAdagrad", 0.7314, 0.0112, 0.7787, (0.7596, 0.7528, 0.7375, 0.6756)),
     ("Cyclic", 0.7180, 0.0257, 0.7850, (0.7577, 0.7618, 0.7125, 0.6400)),
 )
-#: the per-centre-majority rule as REFERENCE-RESULTS.md 2.7 states it
+#: the per-centre-majority rule's client-averaged accuracy expected on FLamby's split, printed
+#: beside the value fedclinic.bench.quality.majority_rule computes from the data
 REFERENCE_MAJORITY = 0.721
 CENTRE_NAMES = {
     "cleveland": "Cleveland",
@@ -283,6 +286,12 @@ def _tuning(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def portable_command(command: str) -> str:
+    """The recorded command with its ``--out`` folder written ``DIR``: the committed report
+    should not name a folder of the machine that ran it."""
+    return re.sub(r"(--out )('[^']*'|\S+)", r"\1DIR", command)
+
+
 def _runtime(results: dict[str, Any]) -> list[str]:
     per_algorithm: dict[str, float] = {}
     for run in results["runs"]:
@@ -293,7 +302,7 @@ def _runtime(results: dict[str, Any]) -> list[str]:
     env = results.get("environment", {})
     parts = ", ".join(f"{label(a, results)} {minutes(s)}" for a, s in per_algorithm.items())
     return [
-        f"Command: `{results['command']}`",
+        f"Command: `{portable_command(results['command'])}`",
         "",
         f"Measured wall time: **{minutes(results['seconds'])}** for {len(results['runs'])} runs "
         f"(setup {minutes(results.get('setup_seconds', 0.0))}; {parts}) on "
@@ -368,7 +377,9 @@ def heart_section(results: dict[str, Any], plots: Path, relative: str) -> list[s
         "(FLamby's metric); pooled-test accuracy = accuracy on the 4 test sets concatenated "
         "(each centre evaluated with the model it deploys). ROC-AUC and balanced accuracy are "
         "client-averaged. FLamby rows: mean ± standard deviation over seeds (not an interval), "
-        "from REFERENCE-RESULTS.md section 2.6. FedHelp's large centres deploy a private "
+        "aggregated from FLamby's published result files (`owkin/FLamby@edacf54`, "
+        "`flamby/results/results_benchmark_fed_heart_disease/`). FedHelp's large centres "
+        "deploy a private "
         "model of another class (the MLP); the like-for-like column averages the centres where "
         "every method deploys the logistic regression.",
         "",
