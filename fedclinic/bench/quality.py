@@ -852,9 +852,8 @@ def run_suite(
         "load_average_1min": [round(load_start, 2), round(os.getloadavg()[0], 2)],
     }
     extra = ("--rounds", str(rounds)) if rounds else ()
-    # the results folder is this machine's: the report names it DIR
     results["command"] = "fedclinic bench quality " + " ".join(
-        shlex.quote(a) for a in ("--suite", suite, "--mode", mode, *extra, "--out", "DIR")
+        shlex.quote(a) for a in ("--suite", suite, "--mode", mode, *extra, "--out", str(out))
     )
     write_results(directory, results)
     return results
