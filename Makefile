@@ -16,7 +16,7 @@ BASE_IMAGE ?=
 DOCKER_BUILD_FLAGS ?=
 BUILD_ARGS := $(if $(BASE_IMAGE),--build-arg PYTHON_IMAGE=$(BASE_IMAGE)) $(DOCKER_BUILD_FLAGS)
 
-.PHONY: install demo test lint clean wheelhouse images compose-test
+.PHONY: install demo test e2e lint clean wheelhouse images compose-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,17 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# End-to-end tests mostly wait on Flower's 3 s polling: four workers overlap them.
+# `make test`: lint and everything that runs in this process or starts a few short helper
+# processes (in-process federations through the real ClientApp handler included); <= 10 min on
+# 2 cores. `make e2e`: the federations on real SuperLink/SuperNode processes over gRPC with TLS
+# (marked `e2e`); they mostly wait on Flower's 3 s polling, so four workers overlap them.
+# `.ci/run` runs both, then `make compose-test`.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -n 4 --dist load --maxschedchunk 1 --durations=20
+	$(BIN)/pytest -m "not e2e" -n 3 --dist load --maxschedchunk 1 --durations=15
+
+e2e: $(STAMP)
+	$(BIN)/pytest -m e2e -n 4 --dist load --maxschedchunk 1 --durations=25
 
 # The project's pins as wheels (CPU torch where the PyTorch CPU index answers), for a Python 3.11
 # on x86_64 Linux like the images'. `make images` builds from wheelhouse/ (the build context).

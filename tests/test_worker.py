@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -50,6 +51,9 @@ from strategies import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 180.0  # the worker imports torch: seconds on a loaded 2-core machine
+#: torch threads of the worker and of the in-process answers compared with it: another
+#: thread count sums in another order, and bit equality needs the same one
+WORKER_THREADS = 1
 
 
 # ------------------------------------------------------------------------------ harness
@@ -83,6 +87,7 @@ class WorkerProcess:
             process = subprocess.Popen(
                 [sys.executable, "-m", "fedclinic.worker", "--config", str(path)],
                 cwd=REPO,
+                env={**os.environ, "OMP_NUM_THREADS": str(WORKER_THREADS)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -108,6 +113,17 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+@pytest.fixture
+def worker_threads() -> Iterator[None]:
+    """This process computes with the worker's torch thread count while the test runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(WORKER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def node(folder: Path, name: str = "hospital-a", **extra: Any) -> dict[str, Any]:
@@ -347,6 +363,7 @@ def worker_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess
         yield worker
 
 
+@pytest.mark.usefixtures("worker_threads")
 def test_worker_socket_is_private_and_answers_like_the_handler(worker_a: WorkerProcess) -> None:
     config = worker_a.config
     path = protocol.socket_path(config)

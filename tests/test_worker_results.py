@@ -20,7 +20,7 @@ import pytest
 import torch
 from flwr.app import Message
 from test_resume import setting
-from test_worker import WorkerProcess
+from test_worker import WorkerProcess, worker_threads  # noqa: F401 (a fixture)
 
 from fedclinic.bench.grid import InProcessGrid, run_in_process
 from fedclinic.engine import RunResult
@@ -94,6 +94,7 @@ def site_state(root: Path, site_key: str) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
+@pytest.mark.usefixtures("worker_threads")
 @pytest.mark.parametrize("algorithm", ["fedavg", "pfednet", "fedhelp", "fedmas"])
 def test_a_run_through_the_worker_equals_the_direct_run(
     tmp_path: Path, worker_root: Path, algorithm: str, monkeypatch: pytest.MonkeyPatch
