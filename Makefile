@@ -34,6 +34,7 @@ lint: $(STAMP)
 # End-to-end tests mostly wait on Flower's 3 s polling: four workers overlap them.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -n 4 --dist load --maxschedchunk 1 --durations=20
 
 # The project's pins as wheels (CPU torch where the PyTorch CPU index answers), for a Python 3.11
@@ -55,4 +56,4 @@ compose-test: $(STAMP)
 	.ci/compose-test
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

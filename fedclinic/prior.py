@@ -522,7 +522,7 @@ def synthetic_images(
 # ------------------------------------------------------------------------------ CLI
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic prior train`` and ``fedclinic prior hash``."""
     prior = subparsers.add_parser(
         "prior", help="the shared frozen self-supervised prior of Fed-MAS (train once, hash)"

@@ -123,7 +123,7 @@ def run_stats_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``fedclinic stats local|submit|report``."""
     stats = subparsers.add_parser(
         "stats", help="federated statistics of the hospitals' data (stats.json, HTML report)"
