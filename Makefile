@@ -31,13 +31,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# `make test`: lint and everything that runs in this process or starts a few short helper
+# `make test`: lint, type check (mypy) and everything that runs in this process or starts a few short helper
 # processes (in-process federations through the real ClientApp handler included); <= 10 min on
 # 2 cores. `make e2e`: the federations on real SuperLink/SuperNode processes over gRPC with TLS
 # (marked `e2e`); they mostly wait on Flower's 3 s polling, so four workers overlap them.
 # `.ci/run` runs both, then `make compose-test`.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -m "not e2e" -n 3 --dist load --maxschedchunk 1 --durations=15
 
 e2e: $(STAMP)
@@ -62,4 +63,4 @@ compose-test: $(STAMP)
 	.ci/compose-test
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import traceback
 from logging import ERROR, INFO
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -70,7 +70,8 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         else:
             content = objective.respond(message.content, train=train)
         # Every reply says what the hospital trained and was tested on (results record it).
-        info = content[keys.INFO] if keys.INFO in content else ConfigRecord()
+        # the objective's own info record, a ConfigRecord by the protocol (fedclinic.messages)
+        info = cast(ConfigRecord, content[keys.INFO]) if keys.INFO in content else ConfigRecord()
         info[keys.DATA_SOURCE] = hospital.data_source
         info[keys.DATA_FINGERPRINT] = objective.data_fingerprint()
         content[keys.INFO] = info
@@ -93,12 +94,14 @@ def statistics(run: RunConfig, hospital: HospitalConfig, config: dict[str, Any])
     log(INFO, "fedclinic hospital %s: statistics request: %s", hospital.hospital, request.summary())
     data = load_hospital_data(DataRequest(run, hospital, "raw"))
     answer = describe(data, run, hospital, request)
-    info = {
-        keys.HOSPITAL: hospital.hospital,
-        keys.DATA_SOURCE: hospital.data_source,
-        keys.STATS: answer.model_dump_json(),
-    }
-    return RecordDict({keys.INFO: ConfigRecord(info)})
+    info = ConfigRecord(
+        {
+            keys.HOSPITAL: hospital.hospital,
+            keys.DATA_SOURCE: hospital.data_source,
+            keys.STATS: answer.model_dump_json(),
+        }
+    )
+    return RecordDict({keys.INFO: info})
 
 
 @app.train()

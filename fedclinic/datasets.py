@@ -241,7 +241,7 @@ def fetch(name: str, directory: Path | None = None, mirror: str = "") -> Path:
 # ---------------------------------------------------------------------------- command line
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic datasets fetch NAME`` and ``fedclinic datasets path NAME``."""
     parser = subparsers.add_parser(
         "datasets",

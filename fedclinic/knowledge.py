@@ -780,7 +780,7 @@ def build_knowledge(
 # ------------------------------------------------------------------------------ CLI
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic knowledge build``, ``fedclinic knowledge check``, ``fedclinic knowledge
     synthetic-public``."""
     knowledge = subparsers.add_parser(

@@ -105,7 +105,7 @@ def run_submit(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``fedclinic register`` and ``fedclinic submit``."""
     register = subparsers.add_parser(
         "register", help="register hospitals' public keys with the coordinator"

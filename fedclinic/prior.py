@@ -350,12 +350,14 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class MoCo(nn.Module):
     """MoCo-v2: query/key encoders with an MLP head, momentum update and a queue of keys."""
 
+    queue: torch.Tensor  # registered as a buffer in __init__
+
     def __init__(self, settings: MocoSettings, in_channels: int) -> None:
         super().__init__()
         self.settings = settings
         dim_mlp = PRIOR_DIMS[settings.arch]
         self.encoder_q = build_encoder(settings.arch, in_channels)
-        self.encoder_q.fc = nn.Sequential(  # type: ignore[assignment]
+        self.encoder_q.fc = nn.Sequential(
             nn.Linear(dim_mlp, dim_mlp), nn.ReLU(inplace=True), nn.Linear(dim_mlp, settings.dim)
         )
         self.encoder_k = copy.deepcopy(self.encoder_q)
@@ -376,7 +378,7 @@ class MoCo(nn.Module):
     def _enqueue(self, keys: torch.Tensor) -> None:
         size = self.settings.queue_size
         index = (self.pointer + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue[:, index] = keys.T  # type: ignore[index]
+        self.queue[:, index] = keys.T
         self.pointer = int((self.pointer + keys.shape[0]) % size)
 
     def forward(
@@ -391,7 +393,7 @@ class MoCo(nn.Module):
             shuffled = torch.cat([self.encoder_k(c) for c in im_k[perm].chunk(2)])
             k = F.normalize(shuffled[torch.argsort(perm)], dim=1)
         positive = (q * k).sum(dim=1, keepdim=True)
-        negative = q @ self.queue.clone().detach()  # type: ignore[operator]
+        negative = q @ self.queue.clone().detach()
         logits = torch.cat([positive, negative], dim=1) / self.settings.temperature
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, labels)
@@ -521,7 +523,7 @@ def synthetic_images(
 # ------------------------------------------------------------------------------ CLI
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic prior train`` and ``fedclinic prior hash``."""
     prior = subparsers.add_parser(
         "prior", help="the shared frozen self-supervised prior of Fed-MAS (train once, hash)"

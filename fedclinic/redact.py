@@ -38,8 +38,8 @@ def scrub(message: str, hospital: HospitalConfig | None = None) -> str:
         if not configured:
             continue
         forms = {configured.rstrip("/") or "/"}
-        for form in (Path(configured).expanduser(), Path(configured).expanduser().resolve()):
-            forms.add(str(form))
+        for path in (Path(configured).expanduser(), Path(configured).expanduser().resolve()):
+            forms.add(str(path))
         placeholder = f"<{key.replace('_', '-')}>"
         for form in sorted(forms, key=len, reverse=True):  # longest first: /a/b before /a
             text = re.sub(re.escape(form) + _REST, placeholder, text)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
+from typing import cast
 
 import torch
 from torch import nn
@@ -94,8 +95,9 @@ class SegmentationScores:
         classes present in the masks and in the predictions."""
         if self.count == 0:
             return {}
-        dice = _class_means(self.dice.aggregate())
-        iou = _class_means(self.iou.aggregate())
+        # without get_not_nans, MONAI's aggregate() gives the tensor alone (not a pair)
+        dice = _class_means(cast(torch.Tensor, self.dice.aggregate()))
+        iou = _class_means(cast(torch.Tensor, self.iou.aggregate()))
         metrics: dict[str, float | list[float]] = {
             "loss": self.loss_sum / self.count,
             "dice": _nan_mean(dice),

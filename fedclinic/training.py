@@ -65,7 +65,7 @@ def make_loader(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
-) -> DataLoader:
+) -> DataLoader[tuple[torch.Tensor, ...]]:
     dataset = TensorDataset(split.inputs, split.labels)
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last

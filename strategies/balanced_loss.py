@@ -26,7 +26,7 @@ leaves the site.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -83,7 +83,9 @@ class BalancedLossObjective:
     ) -> torch.Tensor:
         if self._local_loss is None:
             run: RunConfig = self.run  # type: ignore[attr-defined]
-            options = run.options.get(run.algorithm) or self.local_loss_options()
+            # the algorithm's options model: any with a local_loss field (LocalLossOptions,
+            # PFedNetOptions)
+            options: Any = run.options.get(run.algorithm) or self.local_loss_options()
             counts = self.context.data.train.class_counts(run.num_classes)  # type: ignore[attr-defined]
             self._local_loss = local_loss(run, options.local_loss, counts)
         return self._local_loss(logits, labels)

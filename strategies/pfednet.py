@@ -737,11 +737,13 @@ class PFedNetStrategy(ServerAlgorithm):
 
     def _write_traffic(self, server_round: int) -> None:
         rows = [
-            CommunicationRow(
-                round=server_round,
-                hospital=hospital,
-                compression=self.options.compression,
-                **self._traffic_of(server_round, counts),
+            CommunicationRow.model_validate(
+                {
+                    "round": server_round,
+                    "hospital": hospital,
+                    "compression": self.options.compression,
+                    **self._traffic_of(server_round, counts),
+                }
             )
             for hospital, counts in sorted(self.traffic.get(server_round, {}).items())
         ]

@@ -431,8 +431,8 @@ def noisy_counts(counts: Sequence[float], epsilon: float, rng: np.random.Generat
     2, so Laplace noise of scale 2/epsilon per count; negative results are clipped to 0
     (post-processing keeps the guarantee).
     """
-    counts = np.asarray(counts, dtype=np.float64)
-    return np.clip(counts + rng.laplace(0.0, 2.0 / epsilon, size=counts.shape), 0.0, None)
+    exact = np.asarray(counts, dtype=np.float64)
+    return np.clip(exact + rng.laplace(0.0, 2.0 / epsilon, size=exact.shape), 0.0, None)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from fedclinic.bench.suites import SUITES
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic bench quality`` and ``fedclinic bench report``."""
     bench = subparsers.add_parser(
         "bench", help="quality benchmarks on real medical data and their report"

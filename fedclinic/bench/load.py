@@ -262,7 +262,7 @@ def load_table(results: list[dict[str, Any]]) -> Table:
     return table
 
 
-def add_load_parser(commands: argparse._SubParsersAction) -> None:
+def add_load_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic bench load``."""
     load = commands.add_parser(
         "load", help="real federations of 2..16 hospitals: every round complete, round overhead"

@@ -77,7 +77,7 @@ def run_pooled(
                 int(seeded_generator(run.seed, epoch, "pooled").initial_seed() % 2**31)
             )
             train_local(model, train, run, device, seeded_generator(run.seed, epoch, "pooled"))
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, val, test in evaluation:
             metrics = {
                 **evaluate(model, val, device, run.num_classes, "val_", run.task),

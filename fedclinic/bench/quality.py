@@ -325,7 +325,8 @@ def pneumonia_names(fractions: tuple[float, ...] = PNEUMONIA_FRACTIONS) -> list[
 def official_labels() -> tuple[np.ndarray, np.ndarray]:
     """The labels of the official train and test splits (no image is kept)."""
     arrays = read_npz(PNEUMONIA_FILE)
-    return tuple(arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in ("train", "test"))
+    train, test = (arrays[f"{s}_labels"].reshape(-1).astype(np.int64) for s in ("train", "test"))
+    return train, test
 
 
 def hospital_plan(
@@ -812,7 +813,8 @@ def run_suite(
         for algorithm, candidates in plan.candidates.items():
             if algorithm not in plan.algorithms:
                 continue
-            seed, tried = plan.seeds[0], []
+            seed = plan.seeds[0]
+            tried: list[dict[str, Any]] = []
             for index, options in enumerate(candidates):
                 if progress:
                     progress(f"{suite}: {algorithm} candidate {index + 1}/{len(candidates)}")
@@ -975,7 +977,7 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
     # large ones deploy a private model of another class)
     large = {r["hospital"] for r in per_hospital if r["model"] == "large"}
     like = [h for h in hospitals if h not in large]
-    references = [r for r in ("local-only", "local-only-bsm") if r in plan.algorithms]
+    references: list[str] = [r for r in ("local-only", "local-only-bsm") if r in plan.algorithms]
     groups = {"small": small, "both": both, "like": like}
     summary_rows = summarise(
         plan.algorithms, plan.seeds, hospitals, groups, references, per_hospital

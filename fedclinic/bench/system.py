@@ -648,7 +648,7 @@ def transfer_table(entries: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
-def add_system_parser(commands: argparse._SubParsersAction) -> None:
+def add_system_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic bench system``."""
     system = commands.add_parser(
         "system",

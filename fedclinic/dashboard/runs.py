@@ -160,6 +160,7 @@ class RunFiles:
 
     def end_event(self) -> dict[str, Any] | None:
         """The last ``run_end``, unless the run was resumed after it."""
+        event: dict[str, Any]  # reversed() of a list of Any-valued dicts infers as Any
         for event in reversed(self.audit):
             if event.get("event") in ("run_start", "run_resumed"):
                 return None
@@ -205,7 +206,7 @@ class RunFiles:
 
 def evaluation_metrics(rows: Iterable[Mapping[str, Any]]) -> list[str]:
     """The scalar ``val_*``/``test_*`` metrics the evaluate rows carry, sorted."""
-    names = set()
+    names: set[str] = set()
     for row in rows:
         if row.get("kind") == "evaluate":
             names.update(
@@ -294,7 +295,7 @@ class RunView:
         start = files.start_event() or {}
         rounds = files.rounds()
         done = [r for r in self.completed_rounds if rounds is None or r <= rounds]
-        return clean(
+        built: dict[str, Any] = clean(  # clean() keeps the dict a dict
             {
                 "id": files.run_id,
                 "status": status,
@@ -323,6 +324,7 @@ class RunView:
                 "models": self.models(),
             }
         )
+        return built
 
     # ---------------------------------------------------------------- hospitals
     def outcome_in(self, event: Mapping[str, Any], name: str) -> str | None:
@@ -452,16 +454,16 @@ class RunView:
                 cell["outcome"] = "refused"
         starts = {}
         previous = None
-        for event in files.audit:
-            kind = event.get("event")
+        for audited in files.audit:
+            kind = audited.get("event")
             if kind in ("run_start", "run_resumed"):
-                previous = number(event.get("time"))
-                if isinstance(event.get("from_round"), int):
-                    starts[event["from_round"]] = previous
-            elif kind in ("round", "final_evaluation") and isinstance(event.get("round"), int):
-                starts.setdefault(event["round"], previous)
-                previous = number(event.get("time"))
-                starts.setdefault(event["round"] + 1, previous)
+                previous = number(audited.get("time"))
+                if isinstance(audited.get("from_round"), int):
+                    starts[audited["from_round"]] = previous
+            elif kind in ("round", "final_evaluation") and isinstance(audited.get("round"), int):
+                starts.setdefault(audited["round"], previous)
+                previous = number(audited.get("time"))
+                starts.setdefault(audited["round"] + 1, previous)
         status, _ = files.status(self.now)
         last_round = max([*per_round, *self.completed_rounds, 0])
         entries = []
@@ -593,7 +595,7 @@ class RunView:
             if differ:
                 note = f"left out, trained on other data in the baseline: {', '.join(differ)}"
         sign = -1.0 if lower_is_better(metric) else 1.0
-        table = []
+        table: list[dict[str, Any]] = []
         for name in sorted(scores):
             share = shares.get(name)
             base = baseline_scores.get(name)
@@ -705,7 +707,7 @@ class RunsRoot:
         return sorted(found, key=lambda r: self.files(r).updated or 0.0, reverse=True)
 
     def signature(self, directory: Path) -> tuple[Any, ...]:
-        stats = []
+        stats: list[tuple[str, int | None, int | None]] = []
         for name in RUN_FILES:
             try:
                 stat = (directory / name).stat()

@@ -295,7 +295,7 @@ def select(instances: list[Instance], hospital: HospitalConfig) -> Selection:
         series: dict[str, dict[str, list[Instance]]] = defaultdict(lambda: defaultdict(list))
         for image in images:
             series[image.study][image.series].append(image)
-        keep = set()
+        keep: set[str] = set()
         for by_series in series.values():  # most images; a tie goes to the first in the tree
             best = max(by_series.values(), key=lambda s: (len(s), -s[0].number))
             keep.update(i.sop for i in best)
@@ -311,8 +311,11 @@ def select(instances: list[Instance], hospital: HospitalConfig) -> Selection:
     for image in images:
         sizes.setdefault((image.rows, image.columns), image)
     if len(sizes) > 1 and not hospital.dicom_mixed_sizes:
-        (a, first), (b, second) = list(sizes.items())[:2]
-        text = f"{b[0]}x{b[1]} pixels, but {{}} is {a[0]}x{a[1]}; images of different sizes"
+        (size_a, first), (size_b, second) = list(sizes.items())[:2]
+        text = (
+            f"{size_b[0]}x{size_b[1]} pixels, but {{}} is {size_a[0]}x{size_a[1]}; "
+            "images of different sizes"
+        )
         advice = (
             " need a rule: set dicom-mixed-sizes = true to resize each to image-size, or "
             "select one kind of series (dicom-series-description, dicom-modality)"
@@ -608,7 +611,7 @@ def check_run_segmentation(request: DataRequest) -> None:
 def decode_all(
     request: DataRequest,
     images: list[Instance],
-    items: list[tuple[Path, ...]],
+    items: Sequence[tuple[Path, ...]],
     decode: Callable[[tuple[Path, ...]], tuple[np.ndarray, ...]],
 ) -> tuple[np.ndarray, ...]:
     """Decoded rows of every image, in one call to the site's cache (one entry for the

@@ -15,11 +15,10 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from flwr.common.typing import Scalar
 from rich.console import Console
 
 from fedclinic import checkpoint
-from fedclinic.config import RunConfig
+from fedclinic.config import RunConfig, Scalar
 from fedclinic.dashboard.command import beside_local
 from fedclinic.data import preflight
 from fedclinic.errors import ConfigError, FedClinicError

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -35,11 +37,11 @@ from fedclinic.stats.report import REPORT_FILE, STATS_FILE, load_statistics, ren
 STATS_RUN = "run-kind=stats"
 
 
-def statistics_table(result: dict[str, object]) -> Table:
+def statistics_table(result: Mapping[str, Any]) -> Table:
     """Per hospital: cases (per class) of each split, and its flags."""
-    hospitals: dict[str, dict[str, object]] = result["hospitals"]  # type: ignore[assignment]
-    flags: list[dict[str, str]] = result["flags"]  # type: ignore[assignment]
-    splits = [s for s in ("train", "val", "test") if s in result["pooled"]]  # type: ignore[operator]
+    hospitals: dict[str, dict[str, Any]] = result["hospitals"]
+    flags: list[dict[str, str]] = result["flags"]
+    splits = [s for s in ("train", "val", "test") if s in result["pooled"]]
     table = Table(title="federated statistics", caption="cases (per class); '<k': below the "
                   "hospital's minimum cell size; 'hidden': withheld to protect such a cell")
     table.add_column("hospital", style="bold", no_wrap=True)
@@ -47,10 +49,10 @@ def statistics_table(result: dict[str, object]) -> Table:
         table.add_column(split, justify="right")
     table.add_column("flags")
     for name in sorted(hospitals):
-        parts = hospitals[name]["splits"]  # type: ignore[index]
+        parts = hospitals[name]["splits"]
         cells = []
         for split in splits:
-            part = parts.get(split, {})  # type: ignore[union-attr]
+            part = parts.get(split, {})
             classes = "/".join(str(c) for c in part.get("classes", []))
             cells.append(f"{part.get('cases', '-')} ({classes})")
         mine = [f"{f['flag']}: {f['detail']}" for f in flags if f["hospital"] == name]
@@ -121,7 +123,7 @@ def run_stats_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Declare ``fedclinic stats local|submit|report``."""
     stats = subparsers.add_parser(
         "stats", help="federated statistics of the hospitals' data (stats.json, HTML report)"

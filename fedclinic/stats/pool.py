@@ -212,7 +212,7 @@ def histogram_request(
     around a constant). A variable without pooled train moments gets none (returned with
     the reason).
     """
-    train = pooled.get("train") or next(iter(pooled.values()), {})
+    train: Mapping[str, Any] = pooled.get("train") or next(iter(pooled.values()), {})
     specs: dict[str, HistogramSpec] = {}
     skipped: dict[str, str] = {}
     for name, moments in train.get("variables", {}).items():
@@ -361,7 +361,7 @@ def _distance(sites: Mapping[str, Any], hospital: str, name: str) -> float | Non
         for i in range(len(mine))
         if isinstance(mine[i], int) and all(isinstance(r[i], int) for r in rest)
     ]
-    a = [float(mine[i]) for i in usable]  # type: ignore[arg-type]
+    a = [float(mine[i]) for i in usable]
     b = [float(sum(r[i] for r in rest)) for i in usable]  # type: ignore[misc]
     if sum(a) <= 0 or sum(b) <= 0:
         return None

@@ -36,8 +36,8 @@ from fedclinic.config import STATS_MAX_BINS, RunConfig
 from fedclinic.data.base import Normalisation, Standardise
 from fedclinic.errors import ConfigError, FedClinicError
 
-SPLITS = ("train", "val", "test")
 SplitName = Literal["train", "val", "test"]
+SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 HIDDEN = "hidden"
 WITHHELD = "withheld"
 _MARKER = re.compile(r"^(<\d+|hidden|withheld)$")

@@ -28,9 +28,10 @@ this hospital released, never a suppressed cell.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -78,7 +79,8 @@ def variables_of(data: HospitalData, run: RunConfig) -> list[Variable]:
     inputs = data.train.inputs
     if inputs.ndim == 2:
         width = int(inputs.shape[1])
-        names = [str(n) for n in data.extra.get("features", [])]  # type: ignore[union-attr]
+        # the source's feature names (``extra`` is the sources' untyped bag)
+        names = [str(n) for n in cast(Iterable[object], data.extra.get("features", []))]
         if len(names) != width:
             names = [f"feature-{j}" for j in range(width)]
         return [

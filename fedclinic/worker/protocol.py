@@ -209,13 +209,15 @@ class Channel:
         self.send_frame(context_to_proto(context).SerializeToString())
 
     def recv_context(self) -> Context:
-        return context_from_proto(ProtoContext.FromString(self.recv_frame()))
+        # protobuf parses any buffer; its stubs name only bytes (a bytes() copy would double
+        # the frame in memory)
+        return context_from_proto(ProtoContext.FromString(self.recv_frame()))  # type: ignore[arg-type]
 
     def send_records(self, records: RecordDict) -> None:
         self.send_frame(recorddict_to_proto(records).SerializeToString())
 
     def recv_records(self) -> RecordDict:
-        return recorddict_from_proto(ProtoRecordDict.FromString(self.recv_frame()))
+        return recorddict_from_proto(ProtoRecordDict.FromString(self.recv_frame()))  # type: ignore[arg-type]
 
     def send_message(self, message: Message) -> None:
         """Layout, shell (metadata, error, small records), then one frame per array."""
@@ -231,10 +233,11 @@ class Channel:
                     layout.append({"key": key})
                     small[key] = record
         metadata = copy(message.metadata)
+        # Flower's own (internal) metadata= keyword, which its public overloads leave out
         if message.has_error():
-            shell = Message(metadata=metadata, error=message.error)
+            shell = Message(metadata=metadata, error=message.error)  # type: ignore[call-overload]
         else:
-            shell = Message(metadata=metadata, content=small)
+            shell = Message(metadata=metadata, content=small)  # type: ignore[call-overload]
         self.send_json({"records": layout})
         self.send_frame(message_to_proto(shell).SerializeToString())
         for record in arrays:
@@ -245,7 +248,7 @@ class Channel:
         layout = self.recv_json().get("records")
         if not isinstance(layout, list):
             raise ProtocolError("message layout without 'records'")
-        message = message_from_proto(ProtoMessage.FromString(self.recv_frame()))
+        message = message_from_proto(ProtoMessage.FromString(self.recv_frame()))  # type: ignore[arg-type]
         if message.has_error():
             return message
         small, content = message.content, RecordDict()
@@ -254,7 +257,9 @@ class Channel:
             if "arrays" in entry:
                 content[key] = ArrayRecord(
                     array_dict={
-                        str(name): array_from_proto(ProtoArray.FromString(self.recv_frame()))
+                        str(name): array_from_proto(
+                            ProtoArray.FromString(self.recv_frame())  # type: ignore[arg-type]
+                        )
                         for name in entry["arrays"]
                     },
                     keep_input=False,

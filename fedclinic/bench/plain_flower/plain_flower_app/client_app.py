@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedclinic.config import parse_hospital_config
@@ -25,8 +25,9 @@ def _setup(message: Message, context: Context) -> tuple[torch.nn.Module, Hospita
     hospital = parse_hospital_config(context.node_config)
     data = load_hospital_data(DataRequest(run_config(context.run_config), hospital))
     model = build(context.run_config)
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    server_round = int(message.content["config"].get("server-round", 0))
+    model.load_state_dict(message.content.array_records["arrays"].to_torch_state_dict())
+    # a ConfigRecord value may be any of Flower's types; FedAvg's server-round is an int
+    server_round = int(message.content.config_records["config"].get("server-round", 0))  # type: ignore[arg-type]
     return model, data, server_round
 
 
@@ -62,7 +63,9 @@ def evaluate_model(message: Message, context: Context) -> Message:
         **evaluate(model, data.test, device, run.num_classes, "test_", run.task),
     }
     seconds = time.perf_counter() - started
-    metrics = {k: float(v) for k, v in scores.items() if isinstance(v, int | float)}
+    metrics: dict[str, MetricRecordValues] = {
+        k: float(v) for k, v in scores.items() if isinstance(v, int | float)
+    }
     metrics.update(
         {
             "num-examples": len(data.val) + len(data.test),

@@ -34,7 +34,8 @@ class Recorder:
             for metrics in content.metric_records.values():
                 key = f"{kind}_seconds"
                 if key in metrics:
-                    partition = int(metrics.get("partition", len(self.pending[kind])))
+                    # a MetricRecord value may also be a list; these are numbers
+                    partition = int(metrics.get("partition", len(self.pending[kind])))  # type: ignore[arg-type]
                     self.pending[kind][partition] = float(metrics[key])  # type: ignore[arg-type]
         values = list(self.pending[kind].values())
         return MetricRecord({f"max_{kind}_seconds": max(values) if values else 0.0})
@@ -65,8 +66,8 @@ def main(grid: Grid, context: Context) -> None:
     config = context.run_config
     out = Path(str(config["output-dir"]))
     out.mkdir(parents=True, exist_ok=True)
-    hospitals = int(config["min-hospitals"])  # type: ignore[arg-type]
-    arrays = ArrayRecord(build(config, seed=int(config["seed"])).state_dict())  # type: ignore[arg-type]
+    hospitals = int(config["min-hospitals"])
+    arrays = ArrayRecord(build(config, seed=int(config["seed"])).state_dict())
     model_bytes = sum(len(array.data) for array in arrays.values())
     recorder = Recorder()
     strategy = FedAvg(
@@ -82,8 +83,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy.start(
         grid=grid,
         initial_arrays=arrays,
-        num_rounds=int(config["rounds"]),  # type: ignore[arg-type]
-        timeout=float(config["round-timeout"]),  # type: ignore[arg-type]
+        num_rounds=int(config["rounds"]),
+        timeout=float(config["round-timeout"]),
         train_config=ConfigRecord(),
         evaluate_fn=recorder.boundary,
     )
