@@ -24,18 +24,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.validators import ModuleValidator
 
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
-from fedclinic.models import build_model
+from fedclinic.models import MODELS, build_model
 from fedclinic.site import effective_state_dir
 from fedclinic.training import poisson_plan
 
 LEDGER = "privacy-ledger.jsonl"
 #: (noise multiplier, sample rate, steps): one entry of the accountant's history
 Steps = tuple[float, float, int]
+IN_PLACE = (
+    "its forward changes a layer's output in place (as torchvision's ResNet blocks do: "
+    "out += identity), which Opacus's per-sample hooks forbid"
+)
 _MODEL_PROBLEMS: dict[tuple[Any, ...], list[str]] = {}
 
 
@@ -60,7 +66,7 @@ def check_model(run: RunConfig) -> None:
     key = (run.model, run.task, run.num_classes, run.in_channels, run.image_size)
     key += (run.num_features, run.privacy_fix_model)
     if key not in _MODEL_PROBLEMS:  # each app validates per message: build each model once
-        _MODEL_PROBLEMS[key] = [str(e) for e in ModuleValidator.validate(build_model(run))]
+        _MODEL_PROBLEMS[key] = model_problems(run)
     errors = _MODEL_PROBLEMS[key]
     if errors:
         hint = (
@@ -72,6 +78,29 @@ def check_model(run: RunConfig) -> None:
             f"run config: model = {run.model!r} is not allowed with dp = {run.dp!r}: Opacus "
             f"cannot compute its per-sample gradients: {errors[0]}{hint}"
         )
+
+
+def model_problems(run: RunConfig) -> list[str]:
+    """Why Opacus cannot train the run's model privately: its validator's findings, else
+    what one per-sample backward pass on two random inputs raises (a forward that changes a
+    layer's output in place, as torchvision's ResNet blocks do, breaks Opacus's hooks)."""
+    model = build_model(run)
+    found = [str(e) for e in ModuleValidator.validate(model)]
+    if found:
+        return found
+    shape = (2, run.num_features) if MODELS[run.model].tabular else (
+        2, run.in_channels, run.image_size, run.image_size
+    )  # fmt: skip
+    hooks = GradSampleModule(model, loss_reduction="mean")
+    try:
+        hooks(torch.randn(shape)).float().mean().backward()
+    except RuntimeError as err:
+        if "modified inplace" in str(err):
+            return [IN_PLACE]
+        return [str(err).splitlines()[0]]
+    finally:
+        hooks._close()
+    return []
 
 
 @dataclass(frozen=True)

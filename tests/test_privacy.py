@@ -18,6 +18,7 @@ from torch import nn
 from fedclinic.cli import main
 from fedclinic.config import parse_hospital_config
 from fedclinic.errors import ConfigError
+from fedclinic.models import build_model
 from fedclinic.privacy import LEDGER, PrivacyLedger, epsilon
 from fedclinic.training import PrivateUpdater
 from strategies import load_run_config
@@ -138,8 +139,17 @@ def test_bad_run_settings_are_refused_in_one_line(flat: dict[str, Any], needle: 
 
 
 def test_batchnorm_model_is_converted_when_the_run_says_so() -> None:
-    run = load_run_config(_run(model="resnet18", **{"privacy-fix-model": True}))
-    assert run.privacy_fix_model
+    run = load_run_config(_run(model="densenet121", **{"privacy-fix-model": True}))
+    layers = {type(m) for m in build_model(run).modules()}
+    assert nn.GroupNorm in layers and not layers & {nn.BatchNorm1d, nn.BatchNorm2d}
+    assert nn.BatchNorm2d in {
+        type(m) for m in build_model(run.model_copy(update={"dp": "off"})).modules()
+    }
+
+
+def test_a_model_opacus_cannot_hook_is_refused_even_when_converted() -> None:
+    with pytest.raises(ConfigError, match="changes a layer's output in place"):
+        load_run_config(_run(model="resnet18", **{"privacy-fix-model": True}))
 
 
 @pytest.mark.parametrize(
