@@ -208,6 +208,13 @@ def test_a_hospital_refuses_at_its_ceiling_and_the_run_goes_on(tmp_path: Path) -
         assert entries[1]["epsilon_total"] == pytest.approx(epsilon(history, DELTA))
         assert entries[1]["epsilon_total"] < 2 * entries[0]["epsilon_round"]
     assert result.arrays is not None
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["privacy"]["dp"] == "dp-sgd" and summary["privacy"]["noise_multiplier"] == 1.5
+    spent = summary["hospitals"]["hospital-a"]["privacy"]
+    assert spent == {
+        "epsilon": ledger_of(tmp_path, "hospital-a")[-1]["epsilon_total"],
+        "delta": DELTA,
+    }
 
     # the same data in a second run, now with a ceiling between one and two rounds' ε
     first = ledger_of(tmp_path, "hospital-b")
