@@ -81,7 +81,9 @@ def describe_validation_error(
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            lines.append(f"{scope}: unknown key '{key}'{hint}; allowed keys: {', '.join(allowed)}")
+            lines.append(
+                f"{scope}: unknown key '{key}'{hint}; allowed keys: {', '.join(allowed)}"
+            )
         elif item["type"] == "missing":
             lines.append(f"{scope}: key '{key}' is required but missing")
         else:
@@ -166,24 +168,21 @@ class RunConfig(Schema):
         False, description="go on from the checkpoint in output-dir (fedclinic.checkpoint)"
     )
     run_kind: Literal["train", "stats"] = Field(
-        "train",
-        description="train: a federated training run; stats: federated statistics "
-        "of the hospitals' data (fedclinic.stats, docs/statistics.md)",
+        "train", description="train: a federated training run; stats: federated statistics "
+        "of the hospitals' data (fedclinic.stats, docs/statistics.md)"
     )
     normalisation: Literal["site", "federated"] = Field(
-        "site",
-        description="site: each data source's own preprocessing (Heart: the centre's "
+        "site", description="site: each data source's own preprocessing (Heart: the centre's "
         "train statistics); federated: pooled train mean/std from a statistics exchange "
-        "before round 1 (docs/statistics.md)",
+        "before round 1 (docs/statistics.md)"
     )
     stats_bins: int = Field(20, ge=1, le=STATS_MAX_BINS, description="histogram bins (stats)")
     stats_features: str = Field(
         "", description="comma-separated features/channels to describe (stats); empty = all"
     )
     dp: Literal["off", "dp-sgd"] = Field(
-        "off",
-        description="dp-sgd: sample-level differential privacy of every training step "
-        "on private data (Opacus; docs/privacy.md); each hospital's own budget applies",
+        "off", description="dp-sgd: sample-level differential privacy of every training step "
+        "on private data (Opacus; docs/privacy.md); each hospital's own budget applies"
     )
     dp_noise_multiplier: float = Field(
         1.0, gt=0, le=100, description="DP-SGD: noise std as a multiple of dp-max-grad-norm"
@@ -192,9 +191,8 @@ class RunConfig(Schema):
         1.0, gt=0, le=1e4, description="DP-SGD: each sample's gradient is clipped to this norm"
     )
     privacy_fix_model: bool = Field(
-        False,
-        description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
-        "ModuleValidator.fix); without it a model with BatchNorm is refused under dp",
+        False, description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
+        "ModuleValidator.fix); without it a model with BatchNorm is refused under dp"
     )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
@@ -320,20 +318,16 @@ class HospitalConfig(Schema):
     public_data_path: str = Field("", description="FedHelp: this site's copy of the public data")
     knowledge_path: str = Field("", description="FedHelp: this site's copy of the knowledge file")
     stats_min_count: int = Field(
-        5,
-        ge=1,
-        description="statistics: smallest count this hospital discloses; smaller "
-        "cells are sent as '<N' (set here only: no request can lower it)",
+        5, ge=1, description="statistics: smallest count this hospital discloses; smaller "
+        "cells are sent as '<N' (set here only: no request can lower it)"
     )
     stats_allow_extremes: bool = Field(
         False, description="statistics: whether this hospital discloses per-feature min/max"
     )
     # differential privacy (docs/privacy.md): set here only, no run config can change them
     privacy_epsilon: float = Field(
-        0.0,
-        ge=0,
-        description="DP ceiling: the most epsilon this hospital spends on one data "
-        "set, summed over every run (its privacy ledger); 0 = no ceiling",
+        0.0, ge=0, description="DP ceiling: the most epsilon this hospital spends on one data "
+        "set, summed over every run (its privacy ledger); 0 = no ceiling"
     )
     privacy_delta: float = Field(
         1e-5, gt=0, lt=1, description="DP: the delta epsilon is computed at (ledger, ceiling)"
