@@ -22,6 +22,7 @@ from fedclinic import messages as keys
 from fedclinic.config import HospitalConfig, RunConfig, parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import FedClinicError
+from fedclinic.privacy import dataset_hash, plan_round
 from fedclinic.redact import shareable
 from fedclinic.site import SiteState
 from fedclinic.stats.protocol import normalisation_of, parse_request
@@ -65,15 +66,36 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
             server_config=config,
         )
         objective = get_algorithm(run.algorithm).objective(client_context)
+        fingerprint = objective.data_fingerprint()
+        charge = None
+        if train:  # the hospital's own privacy rules, before any step (fedclinic.privacy)
+            charge = plan_round(run, hospital, dataset_hash(fingerprint), len(data.train))
         if train is None:
             content = objective.query(message.content)
         else:
             content = objective.respond(message.content, train=train)
-        # Every reply says what the hospital trained and was tested on (results record it).
         # the objective's own info record, a ConfigRecord by the protocol (fedclinic.messages)
         info = cast(ConfigRecord, content[keys.INFO]) if keys.INFO in content else ConfigRecord()
+        if charge is not None and keys.ARRAYS in content:  # trained: the ledger's line
+            steps = content.metric_records[keys.METRICS].get(keys.TRAIN_STEPS, charge.steps)
+            entry = charge.record(
+                context.run_id,
+                run.run_name,
+                server_round,
+                str(config.get(keys.EXCHANGE, "train")),
+                int(steps) if isinstance(steps, int | float) else charge.steps,
+            )
+            info[keys.DP_EPSILON] = entry.epsilon_total
+            info[keys.DP_DELTA] = entry.delta
+            log(
+                INFO,
+                "fedclinic hospital %s: DP round %d: ε %.3f this round, %.3f in total on %s",
+                hospital.hospital, server_round, entry.epsilon_round, entry.epsilon_total,
+                entry.dataset[:12],
+            )  # fmt: skip
+        # Every reply says what the hospital trained and was tested on (results record it).
         info[keys.DATA_SOURCE] = hospital.data_source
-        info[keys.DATA_FINGERPRINT] = objective.data_fingerprint()
+        info[keys.DATA_FINGERPRINT] = fingerprint
         content[keys.INFO] = info
     except Exception as err:  # nothing unexpected may carry a site path off-site either
         name = str(context.node_config.get("hospital", f"node-{context.node_id}"))

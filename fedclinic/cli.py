@@ -268,6 +268,10 @@ COMMANDS: dict[str, Command] = {
         "public benchmark data: fetch with checksums, or where it is",
         "fedclinic.datasets:add_parser",
     ),
+    "privacy": Command(
+        "a hospital's differential-privacy ledger (epsilon spent per data set)",
+        "fedclinic.privacy:add_parser",
+    ),
     "dashboard": Command(
         "the runs in a browser, live and read-only", "fedclinic.dashboard.command:add_parser"
     ),

@@ -180,6 +180,20 @@ class RunConfig(Schema):
     stats_features: str = Field(
         "", description="comma-separated features/channels to describe (stats); empty = all"
     )
+    dp: Literal["off", "dp-sgd"] = Field(
+        "off", description="dp-sgd: sample-level differential privacy of every training step "
+        "on private data (Opacus; docs/privacy.md); each hospital's own budget applies"
+    )
+    dp_noise_multiplier: float = Field(
+        1.0, gt=0, le=100, description="DP-SGD: noise std as a multiple of dp-max-grad-norm"
+    )
+    dp_max_grad_norm: float = Field(
+        1.0, gt=0, le=1e4, description="DP-SGD: each sample's gradient is clipped to this norm"
+    )
+    privacy_fix_model: bool = Field(
+        False, description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
+        "ModuleValidator.fix); without it a model with BatchNorm is refused under dp"
+    )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -216,6 +230,15 @@ class RunConfig(Schema):
     def _model_fits_task(self) -> RunConfig:
         # a ConfigError passes through pydantic unchanged
         check_model_fits_task(self.task, self.model, self.image_size)
+        return self
+
+    @model_validator(mode="after")
+    def _dp_without_amp(self) -> RunConfig:
+        if self.dp != "off" and self.amp:
+            raise ConfigError(
+                "run config: amp = true is not allowed with dp = 'dp-sgd': Opacus's per-sample "
+                "gradients are computed in full precision (set amp = false)"
+            )
         return self
 
     @property
@@ -300,6 +323,17 @@ class HospitalConfig(Schema):
     )
     stats_allow_extremes: bool = Field(
         False, description="statistics: whether this hospital discloses per-feature min/max"
+    )
+    # differential privacy (docs/privacy.md): set here only, no run config can change them
+    privacy_epsilon: float = Field(
+        0.0, ge=0, description="DP ceiling: the most epsilon this hospital spends on one data "
+        "set, summed over every run (its privacy ledger); 0 = no ceiling"
+    )
+    privacy_delta: float = Field(
+        1e-5, gt=0, lt=1, description="DP: the delta epsilon is computed at (ledger, ceiling)"
+    )
+    privacy_required: bool = Field(
+        False, description="refuse to train in a run without dp = 'dp-sgd'"
     )
     # data-source = "dicom" only (fedclinic.data.dicom, docs/data.md); relative paths are
     # taken relative to data-path

@@ -56,6 +56,9 @@ PHASE = "phase"
 #: where the hospital's data came from, and a fingerprint of it (sent by every hospital)
 DATA_SOURCE = "data_source"
 DATA_FINGERPRINT = "data_fingerprint"
+#: after a DP-SGD exchange: ε this hospital has spent on its data set, all runs, at δ
+DP_EPSILON = "dp_epsilon"
+DP_DELTA = "dp_delta"
 #: a hospital's answer to a statistics request, JSON (fedclinic.stats.request.SiteAnswer)
 STATS = "stats"
 

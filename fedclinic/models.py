@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedclinic.errors import ConfigError
@@ -391,7 +392,18 @@ def build_model(run: ModelConfig, seed: int | None = None) -> nn.Module:
             f"run config: key 'model' = {run.model!r} is not allowed: "
             f"expected one of {', '.join(MODELS)}"
         )
-    return build(run.model, dims_of(run), seed)
+    model = build(run.model, dims_of(run), seed)
+    if getattr(run, "dp", "off") == "off":
+        return model
+    if getattr(run, "privacy_fix_model", False):
+        # DP-SGD needs per-sample gradients, which BatchNorm mixes across samples: the run
+        # says privacy-fix-model = true, so every side builds the GroupNorm version
+        # (Opacus ModuleValidator.fix; docs/privacy.md)
+        model = ModuleValidator.fix(model)
+    for module in model.modules():  # Opacus's backward hooks forbid in-place activations
+        if getattr(module, "inplace", False):
+            module.inplace = False  # type: ignore[assignment]  # nn.ReLU & co.: a bool
+    return model
 
 
 def head_prefix(run: ModelConfig) -> str:

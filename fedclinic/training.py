@@ -9,11 +9,19 @@ what must be the same everywhere: the step budget, batches cycling over passes o
 and moved to the device, mixed precision on CUDA (autocast plus one gradient scaler per
 optimiser, :class:`Updater`), gradient clipping, sample-weighted running means of named
 losses, and timing.
+
+Under ``dp = "dp-sgd"`` (docs/privacy.md) :func:`train_local` trains with DP-SGD (Abadi et
+al., arXiv 1607.00133, section 3.1) through Opacus: Poisson-sampled batches
+(:func:`poisson_batches`), per-sample gradients clipped to ``dp-max-grad-norm`` and Gaussian
+noise (:class:`PrivateUpdater`), both drawn from secretly seeded generators, so that nobody
+who knows the run's seed can undo them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +29,9 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,6 +43,8 @@ from fedclinic.tasks import get_task, task_of
 
 # (model, inputs, labels, logits) -> scalar loss. The default is the plain task loss.
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: model -> a loss term that reads no data (FedProx's proximal pull), or None
+Regularizer = Callable[[nn.Module], torch.Tensor | None]
 Batch = TypeVar("Batch")
 #: what one step reports: its number of samples and its named losses (``"loss"`` the main one)
 StepResult = tuple[int, Mapping[str, torch.Tensor | float]]
@@ -145,6 +158,98 @@ class Updater:
     def restore(self, flat: State) -> bool:
         """Load a state saved by :meth:`state`; False (nothing loaded) if it does not fit."""
         return restore_optimizer(self.optimizer, flat)
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the operating system's randomness: DP noise and Poisson
+    sampling must not be predictable from the run's seed (the coordinator knows it)."""
+    return torch.Generator(device).manual_seed(secrets.randbits(63))
+
+
+class PrivateUpdater:
+    """DP-SGD for one model: Opacus computes each sample's gradient (GradSampleModule hooks
+    on the model's layers), :class:`~opacus.optimizers.DPOptimizer` clips each to
+    ``max_grad_norm``, sums, adds N(0, (noise * max_grad_norm)^2) and divides by the
+    expected batch size, then the wrapped optimiser steps.
+
+    The model itself is not wrapped (callers keep its parameter names); :meth:`close`
+    removes the hooks. A data-free loss term (``regularizer``) is not part of the per-sample
+    gradients: its exact gradient is added after the noise, which costs no privacy.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        noise_generator: torch.Generator | None = None,
+    ) -> None:
+        self.hooks = GradSampleModule(model, loss_reduction="mean")
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=noise_generator,
+        )
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.optimizer.params if p.requires_grad]
+
+    def step(self, loss: torch.Tensor | None, regularizer: torch.Tensor | None = None) -> None:
+        """One private step; ``loss`` None is an empty Poisson batch: a noise-only step (skipping
+        it would tell whether the batch was empty)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss is None:
+            for p in self.parameters:
+                # Opacus's per-sample gradient attribute, which torch's Tensor does not declare
+                p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                    (0, *p.shape), device=p.device, dtype=p.dtype
+                )
+        else:
+            loss.backward()
+        if not self.optimizer.pre_step():  # clip, sum, noise, scale into p.grad
+            return
+        if regularizer is not None and regularizer.requires_grad:
+            grads = torch.autograd.grad(regularizer, self.parameters, allow_unused=True)
+            for p, g in zip(self.parameters, grads, strict=True):
+                if g is not None:
+                    p.grad = p.grad + g if p.grad is not None else g
+        self.optimizer.original_optimizer.step()
+
+    def close(self) -> None:
+        """Remove the per-sample hooks: the model is an ordinary module again."""
+        self.hooks._close()
+
+
+def poisson_plan(
+    batch_size: int, num_samples: int, local_steps: int, local_epochs: int
+) -> tuple[float, int]:
+    """DP-SGD's sample rate ``q = batch-size / n`` and a round's steps (``local-steps``, else
+    ``local-epochs`` passes of ``1/q`` Poisson batches): what the accountant composes."""
+    rate = min(1.0, batch_size / max(num_samples, 1))
+    return rate, step_budget(local_steps, local_epochs, max(1, math.floor(1 / rate)))
+
+
+def poisson_batches(
+    split: Split, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches where each sample is in with probability ``q`` independently (Poisson
+    sampling: what the RDP accountant's subsampled Gaussian assumes), pass after pass; an
+    empty batch is yielded as it is."""
+    rate = min(1.0, batch_size / max(len(split), 1))
+    loader = DPDataLoader(
+        TensorDataset(split.inputs, split.labels),
+        sample_rate=rate,
+        generator=generator or secret_generator(),
+    )
+    while True:
+        for inputs, labels in loader:
+            yield inputs.to(device), labels.to(device)
 
 
 def optimizer_to_state(optimizer: torch.optim.Optimizer) -> State:
@@ -305,16 +410,23 @@ def train_local(
     generator: torch.Generator,
     objective: Objective | None = None,
     parameters: list[nn.Parameter] | None = None,
+    regularizer: Regularizer | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``local-epochs`` (or ``local-steps`` batches) on ``split``.
 
-    The one-model case of :class:`LocalLoop`: ``objective`` adds loss terms (FedProx's
-    proximal term), ``parameters`` restricts what the optimiser updates (pFedNet's phases).
+    The one-model case of :class:`LocalLoop`: ``objective`` adds loss terms that read the
+    batch, ``regularizer`` terms that read no data (FedProx's proximal term), ``parameters``
+    restricts what the optimiser updates (pFedNet's phases). Under ``dp = "dp-sgd"`` the
+    steps are DP-SGD on Poisson batches (:class:`PrivateUpdater`); ``generator`` then orders
+    nothing (the sampling is secret).
     """
     task_loss = task_of(run).loss
     loss_of = objective or (lambda _m, _x, y, logits: task_loss(logits, y))
     loop = LocalLoop.for_run(run, device)
     model.to(device).train()
+    if run.dp == "dp-sgd":
+        trainable = parameters or [p for p in model.parameters() if p.requires_grad]
+        return _train_private(model, split, run, loop, trainable, loss_of, regularizer)
     updater = loop.updater(parameters or list(model.parameters()), OptimizerSettings.of(run))
     batches, budget = loop.round_batches(split, run, generator)
 
@@ -323,10 +435,53 @@ def train_local(
         with loop.autocast():
             logits = model(inputs)
             loss = loss_of(model, inputs, labels, logits)
+            extra = regularizer(model) if regularizer is not None else None
+            if extra is not None:
+                loss = loss + extra
         updater.step(loss)
         return len(labels), {"loss": loss}
 
     return loop.run(budget, batches, step)
+
+
+def _train_private(
+    model: nn.Module,
+    split: Split,
+    run: RunConfig,
+    loop: LocalLoop,
+    trainable: list[nn.Parameter],
+    loss_of: Objective,
+    regularizer: Regularizer | None,
+) -> TrainStats:
+    """:func:`train_local` under DP-SGD: ``poisson_plan`` steps of :class:`PrivateUpdater`."""
+    for parameter in model.parameters():  # Opacus computes per-sample grads of these only
+        parameter.requires_grad_(any(parameter is p for p in trainable))
+    updater = PrivateUpdater(
+        model,
+        OptimizerSettings.of(run).build(trainable),
+        run.dp_noise_multiplier,
+        run.dp_max_grad_norm,
+        run.batch_size,
+        secret_generator(loop.device),
+    )
+    _, budget = poisson_plan(run.batch_size, len(split), run.local_steps, run.local_epochs)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
+        inputs, labels = batch
+        extra = regularizer(model) if regularizer is not None else None
+        if len(labels) == 0:
+            updater.step(None, extra)
+            return 0, {}
+        logits = model(inputs)
+        loss = loss_of(model, inputs, labels, logits)
+        updater.step(loss, extra)
+        total = loss.detach() + (extra.detach() if extra is not None else 0.0)
+        return len(labels), {"loss": total}
+
+    try:
+        return loop.run(budget, poisson_batches(split, run.batch_size, loop.device), step)
+    finally:
+        updater.close()
 
 
 # ------------------------------------------------------------------------------ evaluation

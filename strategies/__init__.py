@@ -7,6 +7,7 @@ from typing import Any
 
 from fedclinic.config import RunConfig, parse_run_config
 from fedclinic.errors import ConfigError
+from fedclinic.privacy import check_model
 from strategies import fedavg, fedhelp, fedmas, fedprox, local_only, pfednet
 from strategies.base import Algorithm
 
@@ -43,6 +44,7 @@ def load_run_config(flat: Mapping[str, Any]) -> RunConfig:
             f"{run.algorithm!r}: expected {' or '.join(algorithm.tasks)}"
         )
     algorithm.check(run)
+    check_model(run)
     return run
 
 

@@ -106,6 +106,11 @@ class ClientObjective:
         """The local objective; by default the task loss."""
         return task_of(self.run).loss(logits, labels)
 
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        """A loss term that reads no data (FedProx's proximal pull); by default none. Under
+        DP-SGD its exact gradient joins after the noise (``fedclinic.training``)."""
+        return None
+
     def fit(self, received: State) -> LocalUpdate:
         """Train from the received model on the local training split."""
         model = self.build(received)
@@ -116,6 +121,7 @@ class ClientObjective:
             self.context.device,
             self.generator(),
             objective=self.loss,
+            regularizer=self.regularizer,
         )
         return LocalUpdate(
             {k: v.detach().cpu() for k, v in model.state_dict().items()},

@@ -141,6 +141,12 @@ def options_of(run: RunConfig) -> FedMASOptions:
 
 def check_run(run: RunConfig) -> None:
     """Refuse run settings Fed-MAS cannot work with (at the coordinator and at the hospital)."""
+    if run.dp != "off":
+        raise ConfigError(
+            "run config: dp = 'dp-sgd' is not allowed with algorithm = 'fedmas' yet: its local "
+            "step also measures per-class divergence on the private data, sent unprotected, "
+            "and its projector needs BatchNorm (docs/privacy.md)"
+        )
     options = options_of(run)
     if run.model not in BACKBONES:
         raise ConfigError(

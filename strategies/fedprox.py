@@ -42,11 +42,11 @@ class FedProxObjective(ClientObjective):
         self.anchor = {k: v.detach().to(device) for k, v in received.items()}
         return super().fit(received)
 
-    def loss(
-        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
-    ) -> torch.Tensor:
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        """The proximal pull: it reads no data, so under DP-SGD it is added unclipped and
+        noise-free (docs/privacy.md)."""
         mu = self.run.algorithm_options().proximal_mu
-        return super().loss(model, inputs, labels, logits) + proximal_term(model, self.anchor, mu)
+        return proximal_term(model, self.anchor, mu)
 
 
 ALGORITHM = Algorithm(

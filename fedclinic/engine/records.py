@@ -93,11 +93,9 @@ def train_row(server_round: int, reply: Reply) -> TrainRow:
         # hashes of models kept at the site (local-only, personalised, large); the evaluated
         # model's is in the evaluate row
         **{k: v for k, v in info.items() if k.endswith("sha256") and k != keys.DEPLOYED_SHA256},
-        **{
-            k: v
-            for k, v in metrics.items()
-            if k.startswith("train_") and k not in TRAIN_COLUMNS
-        },
+        # DP-SGD: the ε this hospital has now spent on its data set (its ledger, all runs)
+        **{k: info[k] for k in (keys.DP_EPSILON, keys.DP_DELTA) if k in info},
+        **{k: v for k, v in metrics.items() if k.startswith("train_") and k not in TRAIN_COLUMNS},
     )
 
 
@@ -184,4 +182,9 @@ def hospital_summaries(
             "data_source": trained.get("data_source"),
             "data_fingerprint": trained.get("data_fingerprint"),
         }
+        if keys.DP_EPSILON in trained:  # its ledger's total after its last DP round
+            hospitals[name]["privacy"] = {
+                "epsilon": trained[keys.DP_EPSILON],
+                "delta": trained.get(keys.DP_DELTA),
+            }
     return hospitals

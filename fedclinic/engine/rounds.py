@@ -374,6 +374,13 @@ class RoundEngine:
                 "model": model_info,
                 "selected_model": selected_info,
                 "normalisation": self.normalisation.get("summary", {"kind": "site"}),
+                "privacy": {  # what the coordinator proposed; each site's ε is in hospitals
+                    "dp": run.dp,
+                    "noise_multiplier": run.dp_noise_multiplier if run.dp != "off" else None,
+                    "max_grad_norm": run.dp_max_grad_norm if run.dp != "off" else None,
+                    "model_converted": run.dp != "off" and run.privacy_fix_model,
+                    "secure_aggregation": False,
+                },
                 **self.algorithm.summary_extra(),
             }
         )

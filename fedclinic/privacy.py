@@ -1,0 +1,283 @@
+"""Each hospital's privacy budget: the RDP accountant, the site's ledger, the refusal.
+
+DP-SGD itself runs in :mod:`fedclinic.training`; this module decides whether a hospital may
+train a round and records what it spent (docs/privacy.md). The coordinator proposes the
+noise and clipping (run config ``dp``, ``dp-noise-multiplier``, ``dp-max-grad-norm``); the
+hospital's own config holds its ceiling (``privacy-epsilon`` at ``privacy-delta``) and
+whether it trains at all without DP (``privacy-required``). No run config key reaches them.
+
+The ledger, ``privacy-ledger.jsonl`` in the hospital's state dir, is append-only: one line
+per exchange trained with DP, naming the run, the round, the data set's content hash
+(``HospitalData.fingerprint``) and the steps' DP-SGD parameters. ε for a data set is computed
+by composing *every* recorded step of every run on it with Opacus's RDP accountant (Mironov,
+arXiv 1702.07476; the subsampled Gaussian of Mironov et al., arXiv 1908.10530), which is
+tighter than summing each round's ε and never looser. The accountant assumes Poisson
+sampling, which is what the DP-SGD batches are (:func:`fedclinic.training.poisson_batches`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.validators import ModuleValidator
+
+from fedclinic.config import HospitalConfig, RunConfig
+from fedclinic.errors import ConfigError, FedClinicError
+from fedclinic.models import MODELS, build_model
+from fedclinic.site import effective_state_dir
+from fedclinic.training import poisson_plan
+
+LEDGER = "privacy-ledger.jsonl"
+#: (noise multiplier, sample rate, steps): one entry of the accountant's history
+Steps = tuple[float, float, int]
+IN_PLACE = (
+    "its forward changes a layer's output in place (as torchvision's ResNet blocks do: "
+    "out += identity), which Opacus's per-sample hooks forbid"
+)
+_MODEL_PROBLEMS: dict[tuple[Any, ...], list[str]] = {}
+
+
+class PrivacyBudgetError(FedClinicError):
+    """A hospital refuses to train: DP is required, or its budget would be exceeded."""
+
+
+def epsilon(history: list[Steps], delta: float) -> float:
+    """ε at ``delta`` of every step in ``history`` composed (RDP accountant); 0 for none."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(accountant.get_epsilon(delta))
+
+
+def check_model(run: RunConfig) -> None:
+    """Under DP, a model Opacus cannot train privately is refused before anything starts
+    (BatchNorm mixes samples: ``privacy-fix-model = true`` builds it with GroupNorm)."""
+    if run.dp == "off":
+        return
+    key = (
+        run.model, run.task, run.num_classes, run.in_channels, run.image_size,
+        run.num_features, run.privacy_fix_model,
+    )  # fmt: skip
+    if key not in _MODEL_PROBLEMS:  # each app validates per message: build each model once
+        _MODEL_PROBLEMS[key] = model_problems(run)
+    errors = _MODEL_PROBLEMS[key]
+    if errors:
+        hint = (
+            " (set privacy-fix-model = true to build it with GroupNorm instead of BatchNorm)"
+            if not run.privacy_fix_model
+            else ""
+        )
+        raise ConfigError(
+            f"run config: model = {run.model!r} is not allowed with dp = {run.dp!r}: Opacus "
+            f"cannot compute its per-sample gradients: {errors[0]}{hint}"
+        )
+
+
+def model_problems(run: RunConfig) -> list[str]:
+    """Why Opacus cannot train the run's model privately: its validator's findings, else
+    what one per-sample backward pass on two random inputs raises (a forward that changes a
+    layer's output in place, as torchvision's ResNet blocks do, breaks Opacus's hooks)."""
+    model = build_model(run)
+    found = [str(e) for e in ModuleValidator.validate(model)]
+    if found:
+        return found
+    shape = (2, run.num_features) if MODELS[run.model].tabular else (
+        2, run.in_channels, run.image_size, run.image_size
+    )  # fmt: skip
+    hooks = GradSampleModule(model, loss_reduction="mean")
+    try:
+        hooks(torch.randn(shape)).float().mean().backward()
+    except RuntimeError as err:
+        if "modified inplace" in str(err):
+            return [IN_PLACE]
+        return [str(err).splitlines()[0]]
+    finally:
+        hooks._close()
+    return []
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One exchange trained with DP at one hospital."""
+
+    run_id: int
+    run_name: str
+    round: int
+    exchange: str
+    dataset: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon_round: float
+    epsilon_total: float
+    time: float
+
+    @property
+    def history(self) -> Steps:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+class PrivacyLedger:
+    """The append-only ``privacy-ledger.jsonl`` of one hospital's state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / LEDGER
+
+    @classmethod
+    def of(cls, hospital: HospitalConfig) -> PrivacyLedger:
+        return cls(effective_state_dir(hospital))
+
+    def entries(self) -> list[LedgerEntry]:
+        if not self.path.is_file():
+            return []
+        found = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                found.append(LedgerEntry(**json.loads(line)))
+            except (ValueError, TypeError) as err:
+                raise FedClinicError(
+                    f"privacy ledger {self.path} line {number} is unreadable ({err}); the "
+                    "hospital refuses DP training until it is repaired"
+                ) from None
+        return found
+
+    def history(self, dataset: str) -> list[Steps]:
+        return [e.history for e in self.entries() if e.dataset == dataset]
+
+    def append(self, entry: LedgerEntry) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(asdict(entry), separators=(",", ":")) + "\n")
+            file.flush()
+
+
+@dataclass(frozen=True)
+class RoundCharge:
+    """What one exchange will spend, checked against the ceiling before it trains."""
+
+    ledger: PrivacyLedger
+    dataset: str
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    spent: float
+    after: float
+
+    def record(
+        self, run_id: int, run_name: str, server_round: int, exchange: str, steps: int
+    ) -> LedgerEntry:
+        """Append the exchange's line, with the steps it really took."""
+        history = self.ledger.history(self.dataset)
+        step: Steps = (self.noise_multiplier, self.sample_rate, steps)
+        total = epsilon([*history, step], self.delta)
+        entry = LedgerEntry(
+            run_id=run_id,
+            run_name=run_name,
+            round=server_round,
+            exchange=exchange,
+            dataset=self.dataset,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=steps,
+            delta=self.delta,
+            epsilon_round=epsilon([step], self.delta),
+            epsilon_total=total,
+            time=time.time(),
+        )
+        self.ledger.append(entry)
+        return entry
+
+
+def plan_round(
+    run: RunConfig, hospital: HospitalConfig, dataset: str, num_train: int
+) -> RoundCharge | None:
+    """Before a training exchange: None without DP (refused if this hospital requires DP),
+    else what the exchange will spend; refused when it would pass the ceiling."""
+    name = hospital.hospital
+    if run.dp == "off":
+        if hospital.privacy_required:
+            raise PrivacyBudgetError(
+                f"privacy: hospital {name} requires differential privacy and this run has "
+                "dp = 'off'; it does not train (run with dp = 'dp-sgd')"
+            )
+        return None
+    ledger = PrivacyLedger.of(hospital)
+    rate, steps = poisson_plan(run.batch_size, num_train, run.local_steps, run.local_epochs)
+    history = ledger.history(dataset)
+    step: Steps = (run.dp_noise_multiplier, rate, steps)
+    spent = epsilon(history, hospital.privacy_delta)
+    after = epsilon([*history, step], hospital.privacy_delta)
+    ceiling = hospital.privacy_epsilon
+    if ceiling > 0 and after > ceiling:
+        raise PrivacyBudgetError(
+            f"privacy budget: ε {spent:.2f} of {ceiling:g} spent on data set {dataset[:12]}; "
+            f"this round would spend {after - spent:.2f} (to ε {after:.2f} at δ "
+            f"{hospital.privacy_delta:g}); hospital {name} does not train"
+        )
+    return RoundCharge(
+        ledger, dataset, hospital.privacy_delta, run.dp_noise_multiplier, rate, steps, spent, after
+    )
+
+
+def dataset_hash(fingerprint: str) -> str:
+    """The content hash in a ``HospitalData.fingerprint`` (train, val and test splits)."""
+    return str(json.loads(fingerprint)["sha256"])
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def report_lines(state_dir: Path) -> list[str]:
+    """The ledger as a table, then ε per data set (all runs composed)."""
+    ledger = PrivacyLedger(state_dir)
+    entries = ledger.entries()
+    if not entries:
+        return [f"no privacy ledger entries in {ledger.path}"]
+    lines = [
+        f"{'run':>20} {'name':<16} {'round':>5} {'exchange':<10} {'data set':<12} "
+        f"{'sigma':>6} {'q':>8} {'steps':>6} {'eps round':>9} {'eps total':>9}"
+    ]
+    for e in entries:
+        lines.append(
+            f"{e.run_id:>20} {e.run_name[:16]:<16} {e.round:>5} {e.exchange[:10]:<10} "
+            f"{e.dataset[:12]:<12} {e.noise_multiplier:>6.3g} {e.sample_rate:>8.4g} "
+            f"{e.steps:>6} {e.epsilon_round:>9.3f} {e.epsilon_total:>9.3f}"
+        )
+    datasets = dict.fromkeys(e.dataset for e in entries)
+    for dataset in datasets:
+        delta = next(e.delta for e in reversed(entries) if e.dataset == dataset)
+        runs = len({e.run_id for e in entries if e.dataset == dataset})
+        total = epsilon(ledger.history(dataset), delta)
+        lines.append(f"data set {dataset[:12]}: ε {total:.3f} at δ {delta:g} over {runs} run(s)")
+    return lines
+
+
+def privacy_report(args: argparse.Namespace) -> int:
+    for line in report_lines(args.state_dir):
+        print(line)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``fedclinic privacy report``."""
+    privacy = subparsers.add_parser("privacy", help="a hospital's differential-privacy ledger")
+    commands = privacy.add_subparsers(dest="privacy_command", required=True, metavar="COMMAND")
+    report = commands.add_parser("report", help="print the ledger and ε spent per data set")
+    report.add_argument(
+        "--state-dir", type=Path, required=True, metavar="DIR",
+        help="the hospital's state dir (its config's state-dir), where privacy-ledger.jsonl is",
+    )  # fmt: skip
+    report.set_defaults(handler=privacy_report)
