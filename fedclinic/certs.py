@@ -53,7 +53,7 @@ def run_hospital_keys(args: argparse.Namespace) -> int:
             "nowhere: it stays on this site (secret)",
             "fedclinic hospital --key",
         )
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)  # a fingerprint's ":AB:" is no emoji
     console.print(table)
     for keys in made.values():  # read it to the operator on another channel; register prints it
         console.print(f"{keys.public_key.name}: {public_key_fingerprint(keys.public_key)}")
@@ -94,7 +94,7 @@ def run_certs(args: argparse.Namespace) -> int:
         register = f"fedclinic register --key {name}={rel_pub}"
         table.add_row(str(rel_pub), "coordinator operator", register)
         table.add_row(str(rel_key), f"{name} only (secret)", "fedclinic hospital --key")
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)  # a fingerprint's ":AB:" is no emoji
     console.print(table)
     console.print(f"server certificate SANs: {', '.join(dns + ips)}")
     console.print(f"CA fingerprint (read it to each hospital): {openssl_fingerprint(done.ca_cert)}")

@@ -55,7 +55,7 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_register(args: argparse.Namespace) -> int:
     """Register each ``--key NAME=FILE.pub``; an already registered key is not an error."""
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, emoji=False)  # a fingerprint's ":AB:" is no emoji
     with tempfile.TemporaryDirectory() as home, ProcessSupervisor() as supervisor:
         cli = _cli(args, supervisor, Path(home))
         for assignment in args.key:

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import fedclinic.certs as certs_command
 from fedclinic.cli import main
 from fedclinic.pki import ProvisioningError, public_key_fingerprint
 
@@ -87,10 +88,15 @@ def test_valid_sans_are_written(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == [
-        "localhost", "coordinator.example.org", "node-1.local"
+        "localhost",
+        "coordinator.example.org",
+        "node-1.local",
     ]
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == [
-        "127.0.0.1", "::1", "203.0.113.10", "2001:db8::10"
+        "127.0.0.1",
+        "::1",
+        "203.0.113.10",
+        "2001:db8::10",
     ]
 
 
@@ -153,3 +159,13 @@ def test_ca_fingerprint_as_openssl_prints_it(
         assert done.stdout.strip() == line
     assert main(["certs", "--fingerprint", str(tmp_path / "ca.key")]) == 2
     assert "is not a PEM certificate" in capsys.readouterr().err
+
+
+def test_fingerprints_are_printed_verbatim(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rich turns ``:AB:`` into an emoji; a fingerprint read over the phone must stay as is."""
+    fake = "sha256 Fingerprint=56:AB:0A:CD:CL:" + ":".join(["00"] * 27)
+    monkeypatch.setattr(certs_command, "openssl_fingerprint", lambda _path: fake)
+    assert main(["certs", "--out", str(tmp_path)]) == 0
+    assert fake in capsys.readouterr().out
