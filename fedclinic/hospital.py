@@ -295,12 +295,11 @@ def _idle() -> None:
 
 
 def start_worker(
-    keeper: WorkerKeeper, spec: HospitalSpec, config: Path, env: dict[str, str], log_path: Path
+    keeper: WorkerKeeper, spec: HospitalSpec, config: Path, env: dict[str, str], echo: Echo
 ) -> Callable[[], None]:
     """Start the hospital's site worker and wait until it serves (its log echoed meanwhile);
     the watch to run while the node runs: echo the worker's log, restart it if it died."""
-    echo = Echo(log_path)
-    keeper.add(spec.name, config, spec.flat, log_path, env=env, log_hint="its lines above")
+    keeper.add(spec.name, config, spec.flat, echo.path, env=env, log_hint="its lines above")
     say(spec.name, f"starting its site worker (up to {keeper.start_timeout:g} s)")
     keeper.wait_serving(tick=echo)
     echo()
@@ -352,10 +351,14 @@ def run_hospital(args: argparse.Namespace) -> int:
         ProcessSupervisor(grace_seconds=args.stop_timeout), say, start_timeout=args.worker_timeout
     )
 
+    echoes: list[Echo] = []  # the worker's log, once there is one
+
     def stop_worker(since: float | None = None) -> None:
         """What is left of ``--stop-timeout`` after the node's stop goes to the worker."""
         spent = 0.0 if since is None else time.monotonic() - since
         keeper.stop(max(1.0, args.stop_timeout - spent))
+        for echo in echoes:  # its last lines: how it stopped
+            echo()
 
     with (
         state_dir_lock(state_dir, f"hospital {name}"),
@@ -366,7 +369,8 @@ def run_hospital(args: argparse.Namespace) -> int:
         try:
             tick = _idle
             if use_worker:
-                tick = start_worker(keeper, spec, args.config, env, Path(tmp) / "worker.log")
+                echoes.append(Echo(Path(tmp) / "worker.log"))
+                tick = start_worker(keeper, spec, args.config, env, echoes[0])
             else:
                 say(name, f"no site worker (--no-worker or {MODE_VARIABLE}=off): every message "
                     "is answered in the node's ClientApp process")  # fmt: skip
