@@ -226,8 +226,8 @@ def _hospital_parser(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--stop-timeout", type=float, default=STOP_GRACE_SECONDS, metavar="S",
-        help="on SIGTERM, how long the SuperNode and then the site worker may take to stop "
-        "before they are killed; keep it under the container's stop timeout (docker: 10 s)",
+        help="on SIGTERM, how long the SuperNode and the site worker (stopped together) may take "
+        "to stop before they are killed; keep it under the container's stop timeout (docker: 10 s)",
     )  # fmt: skip
     parser.add_argument(
         "--no-worker", action="store_true",

@@ -15,8 +15,8 @@ config, the consortium CA and the hospital's private key, and makes its failures
    ``FEDCLINIC_WORKER=off`` keep the per-message path (each ClientApp answers in process);
 3. flower-supernode runs under a :class:`ProcessSupervisor`, its log (and the worker's)
    streamed to stdout; SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the
-   node offline at once, then the worker (SIGTERM, ``docker stop``, then ends with exit 0
-   when both left within ``--stop-timeout``; no socket is left in the state dir);
+   node offline at once, and the worker with it (SIGTERM, ``docker stop``, then ends with
+   exit 0 when both left within ``--stop-timeout``; no socket is left in the state dir);
 4. when the coordinator refuses the key (Flower 2004) it tries again, a bounded number of
    times (the worker keeps running): a node that was killed hard stays "online" at the
    coordinator for up to a minute, and the operator may be registering the key right now;
@@ -249,14 +249,16 @@ def run_supernode(
     supervisor: ProcessSupervisor,
     joined: Callable[[str], None] = lambda node: None,
     tick: Callable[[], None] = lambda: None,
+    stopping: Callable[[], None] = lambda: None,
 ) -> tuple[int, str]:
     """Run one SuperNode until it exits; its status and the tail of its log.
 
     ``joined`` is called once with the node ID when the coordinator accepted the node
     (Flower logs ``SuperNode ID: <id>`` once connected and activated); ``tick`` at every
-    poll (the site worker's watch). The supervisor stops it (SIGTERM to its process group,
-    so Flower deactivates the node) and sweeps its SuperExec and ClientApps also when
-    :class:`Interrupted` unwinds.
+    poll (the site worker's watch); ``stopping`` when a signal stops us, before the node is
+    stopped (the site worker is told to stop at the same time). The supervisor stops it
+    (SIGTERM to its process group, so Flower deactivates the node) and sweeps its SuperExec
+    and ClientApps also when :class:`Interrupted` unwinds.
     """
     with tempfile.TemporaryDirectory(prefix="fedclinic-hospital-") as tmp, supervisor:
         log_path = Path(tmp) / "supernode.log"
@@ -270,6 +272,9 @@ def run_supernode(
                     node = found[1].decode()
                     joined(node)
                 time.sleep(0.2)
+        except Interrupted:
+            stopping()
+            raise
         finally:
             supervisor.stop_all()
             echo()
@@ -354,7 +359,8 @@ def run_hospital(args: argparse.Namespace) -> int:
     echoes: list[Echo] = []  # the worker's log, once there is one
 
     def stop_worker(since: float | None = None) -> None:
-        """What is left of ``--stop-timeout`` after the node's stop goes to the worker."""
+        """Wait for the worker (SIGTERMed with the node) what is left of ``--stop-timeout``
+        since the signal, then kill it."""
         spent = 0.0 if since is None else time.monotonic() - since
         keeper.stop(max(1.0, args.stop_timeout - spent))
         for echo in echoes:  # its last lines: how it stopped
@@ -377,7 +383,9 @@ def run_hospital(args: argparse.Namespace) -> int:
             for attempt in range(1, args.attempts + 1):
                 say(name, f"joining {args.superlink} (attempt {attempt}/{args.attempts})")
                 joined.clear()
-                status, log = run_supernode(command, env, supervisor, on_join, tick)
+                status, log = run_supernode(
+                    command, env, supervisor, on_join, tick, stopping=keeper.terminate
+                )
                 if status == 0:
                     left("the node stopped")
                     return EXIT_OK

@@ -23,9 +23,11 @@ opt-out (``--no-worker`` or ``FEDCLINIC_WORKER=off``).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +234,14 @@ class WorkerKeeper:
 
     def processes(self) -> list[ManagedProcess]:
         return [w.process for w in self.workers.values() if w.process is not None]
+
+    def terminate(self) -> None:
+        """SIGTERM every running worker without waiting: a hospital's stop reaches node and
+        worker at once, so both have the whole ``--stop-timeout`` (:meth:`stop` waits)."""
+        for process in self.processes():
+            if process.exit_code() is None:
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGTERM)
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop every worker (SIGTERM, then SIGKILL after the grace period) and remove a
