@@ -411,7 +411,10 @@ def run_hospital(args: argparse.Namespace) -> int:
             say(name, f"stopped ({stop})")
             # SIGTERM is how a container is stopped: a clean stop when the node left in time
             processes = [*supervisor.processes, *keeper.processes()]
-            clean = stop.signum == signal.SIGTERM and not any(p.forced for p in processes)
+            if forced := sorted({p.name for p in processes if p.forced}):
+                say(name, f"killed after --stop-timeout = {args.stop_timeout:g} s: "
+                    f"{', '.join(forced)}")  # fmt: skip
+            clean = stop.signum == signal.SIGTERM and not forced
             return EXIT_OK if clean else 128 + stop.signum
         finally:
             stop_worker()
