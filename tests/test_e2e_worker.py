@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -131,6 +132,12 @@ def one_round(federation: LocalFederation, out: Path) -> list[dict[str, Any]]:
     return rows_of(out)
 
 
+def answer_lines(log: str, name: str) -> list[str]:
+    """The forwarder's line per message: which path answered it."""
+    found = re.compile(rf"fedclinic hospital {re.escape(name)}: (train|evaluate|query) answered ")
+    return [line for line in log.splitlines() if found.search(line)]
+
+
 def sigterm(process: ManagedProcess, seconds: float) -> tuple[int, float]:
     """What ``docker stop`` does: SIGTERM to the process alone; its status, time taken."""
     started = time.monotonic()
@@ -162,8 +169,7 @@ def test_hospital_runs_its_worker_and_stops_it_on_sigterm(tmp_path: Path) -> Non
         assert {r["kind"] for r in rows} >= {"train", "evaluate"}
         assert "error" not in {r["kind"] for r in rows}
         said = text(log)
-        answers = [line for line in said.splitlines() if f"hospital {spec.name}: " in line
-                   and " answered " in line]  # fmt: skip
+        answers = answer_lines(said, spec.name)
         assert len(answers) >= 2 and all("answered by the site worker" in x for x in answers)
         # docker stop: node and worker stop, exit 0 well within docker's 10 s, no socket
         code, took = sigterm(node, 10)
@@ -181,8 +187,7 @@ def test_hospital_runs_its_worker_and_stops_it_on_sigterm(tmp_path: Path) -> Non
         rows = one_round(federation, tmp_path / "out-in-process")
         assert "error" not in {r["kind"] for r in rows}
         said = text(log)
-        answers = [line for line in said.splitlines() if f"hospital {spec.name}: " in line
-                   and " answered " in line]  # fmt: skip
+        answers = answer_lines(said, spec.name)
         assert answers and all("answered in process (FEDCLINIC_WORKER=off)" in x for x in answers)
         assert ": serving " not in said and not (state / SOCKET_NAME).exists()
         code, took = sigterm(node, 10)
