@@ -1,6 +1,8 @@
 """The hospital's ClientApp: validate the hospital config, load local data, answer the round.
 
-It runs under the hospital's SuperNode (one ``flwr-clientapp`` process per message). Data
+It runs in the hospital's site worker (:mod:`fedclinic.worker`, loaded once per run) or,
+where no worker serves, in the ``flwr-clientapp`` process the SuperNode starts per message
+(the forwarder, :mod:`client.forwarder`, then calls it in process). Data
 is read here and only here; what goes back is model weights, metrics, and where the data
 came from (``data_source``, ``data_fingerprint``: counts and a content hash, nothing that
 identifies a patient or names a file). A configuration or data problem is returned to the

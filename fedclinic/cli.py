@@ -136,6 +136,11 @@ def _local_parser(subparsers: Any) -> None:
         "--dashboard", type=int, nargs="?", const=8080, metavar="PORT",
         help="serve the run's dashboard on 127.0.0.1:PORT while it runs (PORT: 8080 if not given)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-worker", action="store_true",
+        help="no site workers: every message is answered in its own ClientApp process, which "
+        "loads torch and the data each time (also: FEDCLINIC_WORKER=off)",
+    )  # fmt: skip
     parser.set_defaults(handler="fedclinic.local.command:run_local")
 
 
@@ -221,8 +226,17 @@ def _hospital_parser(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--stop-timeout", type=float, default=STOP_GRACE_SECONDS, metavar="S",
-        help="on SIGTERM, how long the SuperNode may take to leave before it is killed; keep "
-        "it under the container's stop timeout (docker: 10 s)",
+        help="on SIGTERM, how long the SuperNode and the site worker (stopped together) may take "
+        "to stop before they are killed; keep it under the container's stop timeout (docker: 10 s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-worker", action="store_true",
+        help="no site worker: every message is answered in its own ClientApp process, which "
+        "loads torch and the data each time (also: FEDCLINIC_WORKER=off)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--worker-timeout", type=float, default=180.0, metavar="S",
+        help="how long the site worker may take to start serving (it imports torch)",
     )  # fmt: skip
     parser.set_defaults(handler="fedclinic.hospital:run_hospital")
 

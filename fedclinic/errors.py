@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 #: what numpy and torch suggest when a file holds pickled objects: never advice for a
 #: hospital (unpickling an untrusted file runs arbitrary code)
@@ -55,3 +56,4 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.at = time.monotonic()  # when it arrived: what is left of a stop's time budget

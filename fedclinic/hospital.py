@@ -7,14 +7,20 @@ config, the consortium CA and the hospital's private key, and makes its failures
    key, the data source and its path, the shared files): a mistake is one ``error:`` line
    and exit 2; ``--ca/--key/--config`` default to the image's mount points only inside a
    container; the state dir is locked while the node runs (a second node on it is refused);
-2. flower-supernode runs under a :class:`ProcessSupervisor`, its log streamed to stdout;
-   SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the node offline at once
-   (SIGTERM, ``docker stop``, then ends with exit 0 when the node left within
-   ``--stop-timeout``);
-3. when the coordinator refuses the key (Flower 2004) it tries again, a bounded number of
-   times: a node that was killed hard stays "online" at the coordinator for up to a minute,
-   and the operator may be registering the key right now;
-4. any other failure, or the last refusal, ends with one ``error:`` line saying what
+2. the hospital's site worker (:mod:`fedclinic.worker`: torch, the data and the model
+   loaded once, answering every message the node's forwarder ClientApp hands it) starts
+   first, and the node only once it serves (bounded by ``--worker-timeout``; a worker that
+   cannot start is one ``error:`` line); it is restarted when it dies while the node runs
+   (:class:`~fedclinic.worker.keeper.WorkerKeeper`). ``--no-worker`` or
+   ``FEDCLINIC_WORKER=off`` keep the per-message path (each ClientApp answers in process);
+3. flower-supernode runs under a :class:`ProcessSupervisor`, its log (and the worker's)
+   streamed to stdout; SIGTERM/Ctrl-C stop it gracefully, so the coordinator marks the
+   node offline at once, and the worker with it (SIGTERM, ``docker stop``, then ends with
+   exit 0 when both left within ``--stop-timeout``; no socket is left in the state dir);
+4. when the coordinator refuses the key (Flower 2004) it tries again, a bounded number of
+   times (the worker keeps running): a node that was killed hard stays "online" at the
+   coordinator for up to a minute, and the operator may be registering the key right now;
+5. any other failure, or the last refusal, ends with one ``error:`` line saying what
    happened and what to do (exit 1). Nothing else is retried here: connection losses are
    retried by Flower itself for ``--connect-timeout`` seconds, and a container restart
    policy covers the rest.
@@ -59,6 +65,8 @@ from fedclinic.local.supernode import (
 from fedclinic.local.supervisor import ProcessSupervisor, tail_file
 from fedclinic.site import effective_state_dir, state_dir_lock
 from fedclinic.training import select_device
+from fedclinic.worker.forwarder import MODE_VARIABLE
+from fedclinic.worker.keeper import WorkerError, WorkerKeeper, workers_disabled
 
 EXIT_OK, EXIT_FAILED = 0, 1
 __all__ = ["DEFAULT_HEALTH_ADDRESS", "run_hospital"]
@@ -198,24 +206,32 @@ def check_inputs(args: argparse.Namespace) -> HospitalSpec:
         )
     if not 0 < args.stop_timeout < 3600:
         raise ConfigError(f"--stop-timeout = {args.stop_timeout}: expected seconds in (0, 3600)")
+    if not 0 < args.worker_timeout < float("inf"):
+        raise ConfigError(f"--worker-timeout = {args.worker_timeout}: expected seconds > 0")
     return spec
 
 
 # ---------------------------------------------------------------------------- 2. one start
 
 
-def _echo(path: Path, offset: int) -> int:
-    """Copy what the SuperNode appended to its log since ``offset`` to our stdout."""
-    try:
-        with path.open("rb") as log:
-            log.seek(offset)
-            chunk = log.read()
-    except OSError:
-        return offset
-    if chunk:
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
-    return offset + len(chunk)
+class Echo:
+    """Copies what a process appends to its log file to our stdout (``docker logs``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def __call__(self) -> None:
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self.offset)
+                chunk = log.read()
+        except OSError:
+            return
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        self.offset += len(chunk)
 
 
 JOINED = re.compile(rb"SuperNode ID: (\d+)")
@@ -232,28 +248,36 @@ def run_supernode(
     env: dict[str, str],
     supervisor: ProcessSupervisor,
     joined: Callable[[str], None] = lambda node: None,
+    tick: Callable[[], None] = lambda: None,
+    stopping: Callable[[], None] = lambda: None,
 ) -> tuple[int, str]:
     """Run one SuperNode until it exits; its status and the tail of its log.
 
     ``joined`` is called once with the node ID when the coordinator accepted the node
-    (Flower logs ``SuperNode ID: <id>`` once connected and activated). The supervisor
-    stops it (SIGTERM to its process group, so Flower deactivates the node) and sweeps its
-    SuperExec and ClientApps also when :class:`Interrupted` unwinds.
+    (Flower logs ``SuperNode ID: <id>`` once connected and activated); ``tick`` at every
+    poll (the site worker's watch); ``stopping`` when a signal stops us, before the node is
+    stopped (the site worker is told to stop at the same time). The supervisor stops it
+    (SIGTERM to its process group, so Flower deactivates the node) and sweeps its SuperExec
+    and ClientApps also when :class:`Interrupted` unwinds.
     """
     with tempfile.TemporaryDirectory(prefix="fedclinic-hospital-") as tmp, supervisor:
         log_path = Path(tmp) / "supernode.log"
         process = supervisor.start("supernode", command, log_path, env=env)
-        offset, node = 0, ""
+        echo, node = Echo(log_path), ""
         try:
             while (status := process.exit_code()) is None:
-                offset = _echo(log_path, offset)
+                echo()
+                tick()
                 if not node and (found := JOINED.search(_read(log_path))):
                     node = found[1].decode()
                     joined(node)
                 time.sleep(0.2)
+        except Interrupted:
+            stopping()
+            raise
         finally:
             supervisor.stop_all()
-            _echo(log_path, offset)
+            echo()
         return status, tail_file(log_path, 80)
 
 
@@ -269,6 +293,27 @@ def _read(path: Path) -> bytes:
 
 def _error(message: str) -> None:
     print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def _idle() -> None:
+    """No site worker to watch."""
+
+
+def start_worker(
+    keeper: WorkerKeeper, spec: HospitalSpec, config: Path, env: dict[str, str], echo: Echo
+) -> Callable[[], None]:
+    """Start the hospital's site worker and wait until it serves (its log echoed meanwhile);
+    the watch to run while the node runs: echo the worker's log, restart it if it died."""
+    keeper.add(spec.name, config, spec.flat, echo.path, env=env, log_hint="its lines above")
+    say(spec.name, f"starting its site worker (up to {keeper.start_timeout:g} s)")
+    keeper.wait_serving(tick=echo)
+    echo()
+
+    def watch() -> None:
+        echo()
+        keeper.check()
+
+    return watch
 
 
 def run_hospital(args: argparse.Namespace) -> int:
@@ -304,15 +349,43 @@ def run_hospital(args: argparse.Namespace) -> int:
 
     # a stop (docker stop: SIGTERM, then SIGKILL after 10 s) leaves time to deregister
     supervisor = ProcessSupervisor(grace_seconds=args.stop_timeout)
+    use_worker = not (args.no_worker or workers_disabled(env))
+    if not use_worker:  # the forwarder then answers in process, whatever else serves
+        env[MODE_VARIABLE] = "off"
+    keeper = WorkerKeeper(
+        ProcessSupervisor(grace_seconds=args.stop_timeout), say, start_timeout=args.worker_timeout
+    )
+
+    echoes: list[Echo] = []  # the worker's log, once there is one
+
+    def stop_worker(since: float | None = None) -> None:
+        """Wait for the worker (SIGTERMed with the node) what is left of ``--stop-timeout``
+        since the signal, then kill it."""
+        spent = 0.0 if since is None else time.monotonic() - since
+        keeper.stop(max(1.0, args.stop_timeout - spent))
+        for echo in echoes:  # its last lines: how it stopped
+            echo()
+
     with (
         state_dir_lock(state_dir, f"hospital {name}"),
         signals_as_exceptions(),
+        tempfile.TemporaryDirectory(prefix="fedclinic-worker-") as tmp,
+        keeper.supervisor,
     ):
         try:
+            tick = _idle
+            if use_worker:
+                echoes.append(Echo(Path(tmp) / "worker.log"))
+                tick = start_worker(keeper, spec, args.config, env, echoes[0])
+            else:
+                say(name, f"no site worker (--no-worker or {MODE_VARIABLE}=off): every message "
+                    "is answered in the node's ClientApp process")  # fmt: skip
             for attempt in range(1, args.attempts + 1):
                 say(name, f"joining {args.superlink} (attempt {attempt}/{args.attempts})")
                 joined.clear()
-                status, log = run_supernode(command, env, supervisor, on_join)
+                status, log = run_supernode(
+                    command, env, supervisor, on_join, tick, stopping=keeper.terminate
+                )
                 if status == 0:
                     left("the node stopped")
                     return EXIT_OK
@@ -328,12 +401,21 @@ def run_hospital(args: argparse.Namespace) -> int:
                 else:
                     _error(f"hospital {name}: {found.message}")
                 return EXIT_FAILED
+        except WorkerError as err:
+            left("its site worker failed")
+            _error(str(err))
+            return EXIT_FAILED
         except Interrupted as stop:
+            stop_worker(stop.at)
             left(f"stopped by {stop}")
             say(name, f"stopped ({stop})")
             # SIGTERM is how a container is stopped: a clean stop when the node left in time
-            clean = stop.signum == signal.SIGTERM and not any(
-                p.forced for p in supervisor.processes
-            )
+            processes = [*supervisor.processes, *keeper.processes()]
+            if forced := sorted({p.name for p in processes if p.forced}):
+                say(name, f"killed after --stop-timeout = {args.stop_timeout:g} s: "
+                    f"{', '.join(forced)}")  # fmt: skip
+            clean = stop.signum == signal.SIGTERM and not forced
             return EXIT_OK if clean else 128 + stop.signum
+        finally:
+            stop_worker()
     return EXIT_FAILED  # pragma: no cover - the loop always returns

@@ -2,8 +2,9 @@
 authentication on loopback) run two FedAvg rounds of the real app on synthetic hospitals.
 
 Checks what an operator relies on: exit 0, per-hospital metric rows for every round, the
-summary and the model file it names (hash included), a better-than-chance model, and no
-process left behind.
+summary and the model file it names (hash included), a better-than-chance model, every
+message answered by the hospital's site worker (the default: fedclinic.worker), and no
+process or worker socket left behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.local.supervisor import pids_with_cmdline
+from fedclinic.local.federation import log_name
+from fedclinic.local.supervisor import ANSI_ESCAPE, pids_with_cmdline
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSPITALS = ("hospital-a", "hospital-b")
@@ -57,6 +59,20 @@ def test_local_federation_two_hospitals_two_rounds(tmp_path: Path) -> None:
     path = Path(model["path"])
     path = path if path.is_absolute() else out / path
     assert hashlib.sha256(path.read_bytes()).hexdigest() == model["sha256"]
+
+    # each hospital's forwarder ClientApp handed every message to its site worker
+    work = out / "federation"
+    for name in HOSPITALS:
+        node_log = ANSI_ESCAPE.sub("", (work / log_name(name)).read_text())
+        answers = [line for line in node_log.splitlines() if f"hospital {name}: " in line
+                   and " answered " in line]  # fmt: skip
+        assert len(answers) >= 3, node_log[-3000:]  # 2 rounds' training + final evaluation
+        assert all(" answered by the site worker in " in line for line in answers), answers
+        worker_log = ANSI_ESCAPE.sub("", (work / log_name(name, "-worker")).read_text())
+        assert worker_log.count(": serving ") == 1, worker_log[-3000:]  # never restarted
+        assert worker_log.count(f"fedclinic worker {name}: answered ") == len(answers)
+        assert "went away" not in worker_log and "stopped (SIGTERM)" in worker_log
+        assert not (out / "hospital-state" / name / "worker.sock").exists()
 
     # the runner stopped everything it started (SuperExecs and app processes included)
     assert pids_with_cmdline(str(out), environ=True) == []

@@ -100,8 +100,12 @@ def assert_corrupt_hospital_refused(
     line = f"round 2: update of {corrupt.name} REJECTED: update norm "
     logged = [x for x in serverapp.splitlines() if line in x and reasons[2] in x]
     assert len(logged) == 1 and logged[0].startswith("WARNING"), serverapp
-    site_log = (federation.work / log_name(corrupt.name)).read_text(errors="replace")
-    for n, kind in ((1, "nan"), (2, "scale")):  # written by its ClientApp processes
+    site_log = "".join(  # its SuperNode's and its site worker's (which answered)
+        path.read_text(errors="replace")
+        for path in (federation.work / log_name(corrupt.name, suffix) for suffix in ("", "-worker"))
+        if path.exists()
+    )
+    for n, kind in ((1, "nan"), (2, "scale")):  # written by the process that answered
         assert f"corrupt hospital: {corrupt.name} round {n}: {kind} update uploaded" in site_log
 
 

@@ -396,7 +396,8 @@ def test_each_hospital_gets_its_own_environment(
     options: FederationOptions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``HospitalSpec.env`` reaches that hospital's SuperNode only (and so its SuperExec and
-    ClientApps, which inherit it), on top of ours; FLWR_HOME stays the federation's."""
+    ClientApps, which inherit it) and its site worker, on top of ours; FLWR_HOME stays the
+    federation's. The worker gets the node's own config file."""
     first, second = options.hospitals
     pinned = replace(first, env={"CUDA_VISIBLE_DEVICES": "1", "PATH": "/opt/site/bin"})
     plain = FederationOptions(
@@ -405,14 +406,22 @@ def test_each_hospital_gets_its_own_environment(
     federation = LocalFederation(plain, Console(quiet=True))
     federation.prepare()
     started: dict[str, dict[str, str]] = {}
+    commands: dict[str, list[str]] = {}
 
     def start(name: str, command: list[str], log_path: Path, env: dict[str, str], tier: int):
-        started[name] = env  # instead of starting flower-supernode
+        started[name] = env  # instead of starting flower-supernode or the worker
+        commands[name] = command
 
     monkeypatch.setattr(federation.supervisor, "start", start)
     monkeypatch.setattr(federation, "_wait_online", lambda: None)
+    monkeypatch.setattr(federation, "_wait_workers", lambda: None)
     federation.start_hospitals()
     homes = federation.paths()["homes"]
+    for name in ("hospital-a", "hospital-b"):
+        assert started[f"worker-{name}"] == started[name]
+        config = commands[f"worker-{name}"][-1]
+        assert commands[name][commands[name].index("--node-config") + 1] == config
+        assert commands[f"worker-{name}"][-3:] == ["fedclinic.worker", "--config", config]
     assert started["hospital-a"]["CUDA_VISIBLE_DEVICES"] == "1"
     assert started["hospital-a"]["PATH"] == "/opt/site/bin"  # the hospital's own wins
     assert started["hospital-a"]["FLWR_HOME"] == str(homes / "hospital-a")

@@ -56,8 +56,9 @@ LOAD_RUN: dict[str, Any] = {
 HOSPITAL_NICENESS = 10
 PROCESS_KINDS = ("flwr-clientapp", "flwr-serverapp", "flower-superexec", "flower-supernode",
                  "flower-superlink")  # fmt: skip
-#: launchers that run a kind in-process under another name (``python -m fedclinic.superlink``)
-LAUNCHERS = {"fedclinic.superlink": "flower-superlink"}
+#: launchers that run a kind in-process under another name (``python -m fedclinic.superlink``);
+#: the hospital's site worker (``python -m fedclinic.worker``) is a kind of its own
+LAUNCHERS = {"fedclinic.superlink": "flower-superlink", "fedclinic.worker": "site-worker"}
 
 
 def process_kind(cmdline: str) -> str | None:
@@ -128,10 +129,15 @@ def lost(rows: list[dict[str, Any]], hospitals: list[str], rounds: int) -> list[
 
 
 def bench_options(
-    app_dir: Path, out: Path, run_config: dict[str, Any], hospitals: list[HospitalSpec]
+    app_dir: Path,
+    out: Path,
+    run_config: dict[str, Any],
+    hospitals: list[HospitalSpec],
+    site_workers: bool = True,
 ) -> FederationOptions:
     """A benchmark federation: TLS and node auth on, generous time limits (many hospitals
-    starting on few cores come online slowly)."""
+    starting on few cores come online slowly); ``site_workers`` False for an app that does
+    not forward to fedclinic's site worker (the plain Flower app)."""
     return FederationOptions(
         app_dir=app_dir,
         output_dir=out,
@@ -141,6 +147,7 @@ def bench_options(
         timeout=3600,
         startup_timeout=300,
         hospital_niceness=HOSPITAL_NICENESS,
+        site_workers=site_workers,
     )
 
 
@@ -150,9 +157,7 @@ def run_size(count: int, rounds: int, work: Path, console: Console) -> dict[str,
     hospitals = synthetic_hospitals(count, out / "hospital-state")
     run_config = {**app_defaults(find_app_dir()), **LOAD_RUN, "rounds": rounds,
                   "min-hospitals": count, "output-dir": str(out)}  # fmt: skip
-    federation = LocalFederation(
-        bench_options(find_app_dir(), out, run_config, hospitals), console
-    )
+    federation = LocalFederation(bench_options(find_app_dir(), out, run_config, hospitals), console)
     started = time.monotonic()
     with federation.supervisor:
         sampler = MemorySampler(federation.supervisor.token)

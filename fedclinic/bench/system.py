@@ -301,7 +301,8 @@ def run_federation(
 ) -> dict[str, Any]:
     """One federation on real processes; its status, memory peaks and wire-byte series."""
     federation = LocalFederation(
-        bench_options(app_dir, out, run_config, hospitals), Console(quiet=True)
+        bench_options(app_dir, out, run_config, hospitals, site_workers=not plain),
+        Console(quiet=True),
     )
     started = time.monotonic()
     load_before = os.getloadavg()[0]

@@ -151,6 +151,7 @@ def build_local_options(args: argparse.Namespace) -> FederationOptions:
         tls=not args.insecure,
         node_auth=not (args.insecure or args.no_node_auth),
         timeout=args.timeout,
+        site_workers=not getattr(args, "no_worker", False),
     )
 
 

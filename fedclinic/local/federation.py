@@ -7,7 +7,9 @@ local`` exercises the real code paths: certificates, key registration, FAB uploa
 
 1. lay out the work dir (certificates, keys, TOML configs, one ``FLWR_HOME`` per process);
 2. start the SuperLink on free ports and wait for ``/health``;
-3. register each hospital's public key, start its SuperNode, wait until all are online;
+3. register each hospital's public key, start its site worker (:mod:`fedclinic.worker`,
+   kept by :class:`~fedclinic.worker.keeper.WorkerKeeper` as ``fedclinic hospital`` keeps
+   its own) and its SuperNode, wait until all are online and every worker serves;
 4. submit the run with ``flwr run`` and follow it (``flwr ls`` status, ``metrics.jsonl``
    rows, SuperNode processes);
 5. report the outcome and stop every process it started, whatever happened.
@@ -44,6 +46,8 @@ from fedclinic.local.ports import LOOPBACK, pick_free_ports
 from fedclinic.local.supernode import diagnose, supernode_command
 from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor, tail_file
 from fedclinic.pki import Provisioned, provision
+from fedclinic.worker.forwarder import MODE_VARIABLE
+from fedclinic.worker.keeper import START_TIMEOUT, WorkerError, WorkerKeeper, workers_disabled
 
 WORK_DIR_MARKER = ".fedclinic-federation"
 PORT_IN_USE_HINTS = ("address already in use", "failed to bind", "errno 98")
@@ -71,6 +75,10 @@ class FederationOptions:
     #: CPU priority of the hospitals' processes (``nice``; 0 = the coordinator's). Many
     #: hospitals on one machine can starve the SuperLink otherwise (benchmarks use 10).
     hospital_niceness: int = 0
+    #: one site worker per hospital (``fedclinic.worker``), unless this is False or the
+    #: hospital's environment (its ``env`` or ours) says ``FEDCLINIC_WORKER=off``: then each
+    #: message is answered in its own ClientApp process (``--no-worker``)
+    site_workers: bool = True
 
     @property
     def work(self) -> Path:
@@ -127,9 +135,11 @@ def _program(cmdline: str) -> str:
     return Path(cmdline.split()[0]).name if cmdline.split() else "?"
 
 
-def log_name(hospital: str) -> str:
-    """``hospital-<name>.log`` without doubling the prefix of names like ``hospital-a``."""
-    return f"{hospital}.log" if hospital.startswith("hospital-") else f"hospital-{hospital}.log"
+def log_name(hospital: str, suffix: str = "") -> str:
+    """``hospital-<name><suffix>.log`` without doubling the prefix of names like
+    ``hospital-a`` (``suffix="-worker"``: the site worker's log)."""
+    stem = hospital if hospital.startswith("hospital-") else f"hospital-{hospital}"
+    return f"{stem}{suffix}.log"
 
 
 def health_check(url: str, ca_cert: Path | None, timeout: float = 2.0) -> bool:
@@ -167,6 +177,9 @@ class LocalFederation:
         self.cli = FlowerCli(
             self.bin_dir / "flwr", self.work / "homes" / "cli", self.supervisor, self.env
         )
+        self.keeper = WorkerKeeper(
+            self.supervisor, lambda name, message: self.say(f"{name}: {escape(message)}")
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -186,6 +199,7 @@ class LocalFederation:
                     finally:
                         self.say("[dim]stopping the local federation ...[/dim]")
             finally:
+                self.keeper.stop()  # already stopped with the rest: a killed one's socket
                 left = self.supervisor.remaining()
                 forced = [p.name for p in self.supervisor.processes if p.forced]
                 notes = []
@@ -341,8 +355,28 @@ class LocalFederation:
 
     def hospital_environment(self, spec: HospitalSpec) -> dict[str, str]:
         """The environment of one hospital's SuperNode, inherited by its SuperExec and every
-        ``flwr-clientapp`` it starts: ours, the hospital's own ``env``, its ``FLWR_HOME``."""
-        return {**self.env, **spec.env, "FLWR_HOME": str(self.paths()["homes"] / spec.name)}
+        ``flwr-clientapp`` it starts, and of its site worker: ours, the hospital's own
+        ``env``, its ``FLWR_HOME``; ``FEDCLINIC_WORKER=off`` where it has no worker."""
+        env = {**self.env, **spec.env, "FLWR_HOME": str(self.paths()["homes"] / spec.name)}
+        if not self.options.site_workers:
+            env[MODE_VARIABLE] = "off"
+        return env
+
+    def start_worker(self, spec: HospitalSpec) -> bool:
+        """Start the hospital's site worker (returns at once); False where it has none."""
+        env = self.hospital_environment(spec)
+        if workers_disabled(env):
+            return False
+        nice = self.options.hospital_niceness
+        self.keeper.add(
+            spec.name,
+            self.paths()["hospital_configs"] / f"{spec.name}.toml",
+            spec.flat,
+            self.work / log_name(spec.name, "-worker"),
+            env=env,
+            prefix=["nice", "-n", str(nice)] if nice else [],
+        )
+        return True
 
     def start_hospitals(self) -> None:
         """Register each hospital's key, start its SuperNode, wait until all are online."""
@@ -356,6 +390,8 @@ class LocalFederation:
                     )
                 except FlowerCliError as err:
                     raise FederationError(f"registering {spec.name}: {err}") from None
+        # the workers import torch while the SuperNodes come online
+        workers = [spec.name for spec in specs if self.start_worker(spec)]
         ports = pick_free_ports(len(specs))
         for spec, port in zip(specs, ports, strict=True):
             command = self.supernode_command(spec, port)
@@ -369,10 +405,22 @@ class LocalFederation:
                 tier=1,
             )
         self._wait_online()
+        self._wait_workers()
         names = ", ".join(
             f"{n} (node {self.node_ids[n]})" if n in self.node_ids else n for n in self.supernodes
         )
-        self.say(f"{len(specs)} hospitals online: {names}")
+        served = f"{len(workers)} site worker(s) serving" if workers else "no site workers"
+        self.say(f"{len(specs)} hospitals online: {names}; {served}")
+
+    def _wait_workers(self) -> None:
+        """Until every site worker serves (the run's first message would otherwise be
+        answered in process), or one could not start."""
+        try:
+            self.keeper.wait_serving(
+                max(self.options.startup_timeout, START_TIMEOUT), tick=self._check_processes
+            )
+        except WorkerError as err:
+            raise FederationError(str(err)) from None
 
     def _wait_online(self) -> None:
         """Until ``flwr supernode list`` shows every hospital online, or a SuperNode died."""
@@ -396,7 +444,8 @@ class LocalFederation:
         )
 
     def _check_processes(self) -> None:
-        """Fail at once, with its log, when the SuperLink or a SuperNode has exited."""
+        """Fail at once, with its log, when the SuperLink or a SuperNode has exited or a site
+        worker could not start; restart a site worker that died after it served."""
         if self.superlink is not None and self.superlink.exit_code() is not None:
             raise FederationError(
                 f"the SuperLink exited with status {self.superlink.exit_code()}; "
@@ -411,6 +460,10 @@ class LocalFederation:
                     f"the SuperNode of {name} exited with status {process.exit_code()}"
                     f"{reason}; see {process.log_path}:\n{tail}"
                 )
+        try:
+            self.keeper.check()
+        except WorkerError as err:
+            raise FederationError(str(err)) from None
 
     # ------------------------------------------------------------------ 4. the run
 

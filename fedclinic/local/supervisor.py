@@ -226,11 +226,12 @@ class ProcessSupervisor:
 
     def stop(self, process: ManagedProcess, grace_seconds: float | None = None) -> None:
         """SIGTERM the process group, wait up to the grace period, then SIGKILL it."""
-        self._stop_together([process], grace_seconds)
+        self.stop_together([process], grace_seconds)
 
-    def _stop_together(
+    def stop_together(
         self, processes: Sequence[ManagedProcess], grace_seconds: float | None = None
     ) -> None:
+        """SIGTERM every process group at once, wait up to one grace period, SIGKILL."""
         grace = self.grace_seconds if grace_seconds is None else grace_seconds
         # start_new_session: each daemon leads its own process group (pgid == pid).
         for process in processes:
@@ -256,7 +257,7 @@ class ProcessSupervisor:
         deregister cleanly while the SuperLink still answers.
         """
         for tier in sorted({p.tier for p in self.processes}, reverse=True):
-            self._stop_together([p for p in self.processes if p.tier == tier])
+            self.stop_together([p for p in self.processes if p.tier == tier])
         self.sweep()
 
     def sweep(self, grace_seconds: float = 3.0) -> list[int]:

@@ -26,13 +26,14 @@ holds a second copy of a large model.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import socket
 import struct
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from copy import copy
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,8 @@ MAX_DIRECT_PATH = 100
 _LENGTH = struct.Struct(">Q")
 MAX_FRAME = 2**31 - 1  # protobuf's own limit for one message
 MAX_JSON = 1 << 20
+#: frames up to this size go out with their header in one write (no copy of larger ones)
+SMALL_FRAME = 1 << 16
 
 
 class ProtocolError(Exception):
@@ -96,6 +99,32 @@ def state_root(node_config: Mapping[str, Any]) -> Path:
 
 def socket_path(node_config: Mapping[str, Any]) -> Path:
     return state_root(node_config) / SOCKET_NAME
+
+
+def remove_stale_socket(root: Path) -> bool:
+    """Remove ``<root>/worker.sock`` when no live worker holds ``worker.lock``; whether it did.
+
+    A worker killed hard (SIGKILL) cannot remove its socket; its lock went with it, so a
+    free lock proves the socket file is stale. A live worker's socket is left alone.
+    """
+    path = root / SOCKET_NAME
+    if not (path.exists() or path.is_symlink()):
+        return False
+    try:
+        lock = (root / LOCK_NAME).open("a+", encoding="utf-8")
+    except OSError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live worker serves it
+        try:
+            with suppress(FileNotFoundError):
+                path.unlink()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return True
 
 
 @contextmanager
@@ -170,7 +199,13 @@ class Channel:
     def send_frame(self, data: bytes) -> None:
         if len(data) > MAX_FRAME:
             raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
-        self.sock.sendall(_LENGTH.pack(len(data)))
+        header = _LENGTH.pack(len(data))
+        if len(data) <= SMALL_FRAME:
+            # one write: an empty frame's second sendall(b"") would fail with EPIPE once
+            # the peer read the header and hung up (an empty context state, the last frame)
+            self.sock.sendall(header + bytes(data))
+            return
+        self.sock.sendall(header)
         self.sock.sendall(data)
 
     def recv_frame(self, limit: int = MAX_FRAME) -> bytearray:

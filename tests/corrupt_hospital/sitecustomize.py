@@ -1,13 +1,14 @@
 """A deliberately corrupt hospital, for real-process tests only (never shipped in the FAB).
 
 Put this directory first on ONE hospital's ``PYTHONPATH`` (``HospitalSpec.env``): Python
-imports ``sitecustomize`` at start-up in every process of that hospital (SuperNode, SuperExec,
-each ``flwr-clientapp``), and this one wraps ``ClientObjective.respond`` of ``strategies.base``
-when that module is imported, so the hospital trains honestly and then uploads a corrupted
-update. The ClientApp imports ``strategies.base`` from the FAB it installed under
-``$FLWR_HOME/apps/`` (put first on ``sys.path`` by Flower, shadowing the checkout): the
-wrapper is applied by an import hook, whichever copy is loaded, so the shipped code carries
-no test switch.
+imports ``sitecustomize`` at start-up in every process of that hospital (SuperNode,
+SuperExec, its site worker, each ``flwr-clientapp``), and this one wraps
+``ClientObjective.respond`` of ``strategies.base`` when that module is imported, so the
+hospital trains honestly and then uploads a corrupted update. The site worker imports
+``strategies.base`` from the installation; a ClientApp answering in process imports it from
+the FAB it installed under ``$FLWR_HOME/apps/`` (put first on ``sys.path`` by Flower,
+shadowing the checkout): the wrapper is applied by an import hook, whichever copy is
+loaded, so the shipped code carries no test switch.
 
 ``FEDCLINIC_CORRUPTION`` says what to do in which training round, e.g. ``1=nan,2=scale``:
 
