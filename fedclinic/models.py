@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedclinic.errors import ConfigError
+from fedclinic.opacus_backend import ModuleValidator
 from fedclinic.segmentation import output_channels
 
 

@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.validators import ModuleValidator
 
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.models import MODELS, build_model
+from fedclinic.opacus_backend import GradSampleModule, ModuleValidator, RDPAccountant
 from fedclinic.site import effective_state_dir
 from fedclinic.training import poisson_plan
 

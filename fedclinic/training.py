@@ -29,15 +29,13 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedclinic.config import RunConfig
 from fedclinic.data.base import Split
 from fedclinic.errors import ConfigError, DataError
+from fedclinic.opacus_backend import DPDataLoader, DPOptimizer, GradSampleModule
 from fedclinic.serialization import State
 from fedclinic.tasks import get_task, task_of
 

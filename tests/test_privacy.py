@@ -5,6 +5,8 @@ refusal at the ceiling through the real ClientApp handler, and bad settings refu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +262,15 @@ def test_a_hospital_that_requires_dp_refuses_a_run_without_it(tmp_path: Path) ->
 def test_report_prints_the_ledger(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["privacy", "report", "--state-dir", str(tmp_path)]) == 0
     assert "no privacy ledger entries" in capsys.readouterr().out
+
+
+def test_opacus_leaves_the_root_logger_alone() -> None:
+    """Opacus calls logging.basicConfig on import: every Flower line would be logged twice in
+    each node, app and worker log (fedclinic.opacus_backend removes that handler)."""
+    code = (
+        "import logging, fedclinic.training, fedclinic.privacy, client.app\n"
+        "assert logging.getLogger().handlers == [], logging.getLogger().handlers"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
