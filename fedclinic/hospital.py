@@ -62,7 +62,7 @@ from fedclinic.local.supernode import (
     grpc_detail,
     supernode_command,
 )
-from fedclinic.local.supervisor import ProcessSupervisor, tail_file
+from fedclinic.local.supervisor import ProcessSupervisor, read_from, tail_file
 from fedclinic.site import effective_state_dir, state_dir_lock
 from fedclinic.training import select_device
 from fedclinic.worker.forwarder import MODE_VARIABLE
@@ -222,12 +222,7 @@ class Echo:
         self.offset = 0
 
     def __call__(self) -> None:
-        try:
-            with self.path.open("rb") as log:
-                log.seek(self.offset)
-                chunk = log.read()
-        except OSError:
-            return
+        chunk = read_from(self.path, self.offset)
         if chunk:
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()

@@ -61,6 +61,17 @@ class ManagedProcess:
         return tail_file(self.log_path, lines)
 
 
+def read_from(path: Path, offset: int) -> bytes:
+    """What ``path`` holds after byte ``offset`` (empty when it cannot be read): a log
+    followed as its process appends to it."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read()
+    except OSError:
+        return b""
+
+
 def tail_file(path: Path, lines: int = 40, max_bytes: int = 256 * 1024) -> str:
     """The last ``lines`` lines of a (possibly large, possibly missing) log file.
 

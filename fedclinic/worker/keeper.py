@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclinic.errors import FedClinicError
-from fedclinic.local.supervisor import ANSI_ESCAPE, ManagedProcess, ProcessSupervisor
+from fedclinic.local.supervisor import ANSI_ESCAPE, ManagedProcess, ProcessSupervisor, read_from
 from fedclinic.worker.forwarder import MODE_VARIABLE
 from fedclinic.worker.protocol import remove_stale_socket, state_root
 
@@ -81,12 +81,7 @@ class KeptWorker:
 
     def log_since_start(self) -> str:
         """What the current process wrote to the log (colour codes stripped)."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(self.offset)
-                data = log.read()
-        except OSError:
-            return ""
+        data = read_from(self.log_path, self.offset)
         return ANSI_ESCAPE.sub("", data.decode("utf-8", errors="replace"))
 
 
