@@ -5,17 +5,23 @@ accession numbers, institution, UIDs) through the real round engine and ClientAp
 (in process, :func:`fedclinic.bench.grid.run_federation`); a third one's label sheet names a
 study it did not export, so its error goes to the coordinator too. Then every byte the
 coordinator stored (metrics, audit, summary, config, models and their metadata, checkpoint)
-is searched for every identifying value and for the sites' paths: none may be there.
+is searched for every identifying value and for the sites' paths: none may be there; so is
+every reply the hospitals sent, serialised as Flower sends it and the SuperLink stores it
+(the transport adds nothing of the hospital's: TLS and node authentication are checked on real
+processes in the tests/test_e2e_*.py files). Decoded images stay in each site's cache.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from dicom_files import chest_export, identifying_values, write_sheet
-from harness import rows_of
+from flwr.common.serde import message_to_proto
+from harness import ScriptedGrid, rows_of, run
 
-from fedclinic.bench.grid import run_federation
+from fedclinic.bench.grid import quiet_flower
+from fedclinic.data.cache import CACHE_DIR
 
 
 def hospital(tmp_path: Path, name: str, first: int, patients: int) -> tuple[dict, Path, list]:
@@ -33,6 +39,7 @@ def hospital(tmp_path: Path, name: str, first: int, patients: int) -> tuple[dict
     return node, root, studies
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_nothing_identifying_reaches_the_coordinator(tmp_path: Path) -> None:
     a, _, studies_a = hospital(tmp_path, "st-mary", 0, 30)
     b, _, studies_b = hospital(tmp_path, "county", 100, 30)
@@ -49,7 +56,10 @@ def test_nothing_identifying_reaches_the_coordinator(tmp_path: Path) -> None:
         "min-hospitals": 2,
         "seed": 1,
     }
-    out = run_federation(flat, [a, b, c], tmp_path / "coordinator")
+    out = tmp_path / "coordinator"
+    grid = ScriptedGrid({100: a, 101: b, 102: c}, flat)
+    with quiet_flower():
+        run(flat, grid, out)
 
     metrics = rows_of(out)
     trained = {r["hospital"] for r in metrics if r["kind"] == "train"}
@@ -68,3 +78,19 @@ def test_nothing_identifying_reaches_the_coordinator(tmp_path: Path) -> None:
         blob = file.read_bytes()
         for secret in secrets:
             assert secret.encode() not in blob, (file.name, secret)
+    replies = [message_to_proto(m).SerializeToString() for m in grid.answers.values()]
+    assert len(replies) >= 8  # 2 rounds x (train + evaluate) x 2 hospitals, and more
+    for blob in replies:
+        for secret in secrets:
+            assert secret.encode() not in blob, secret
+    # decoded once, at the site (the cache lives in the hospital's state dir)
+    for name in ("st-mary", "county"):
+        assert (tmp_path / name / "state" / CACHE_DIR).is_dir(), name
+    assert trained_sources(metrics) == {"dicom"}
+
+
+def trained_sources(metrics: list[dict]) -> set[str]:
+    """Every training row names its data source (and a fingerprint of the site's data)."""
+    trained = [r for r in metrics if r["kind"] == "train"]
+    assert all(r["data_fingerprint"] for r in trained), trained
+    return {r["data_source"] for r in trained}

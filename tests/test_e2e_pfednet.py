@@ -1,8 +1,8 @@
 """pFedNet end to end: 2-round federations on real processes via ``fedclinic local``.
 
 Three synthetic hospitals with the cnn model and compressed uploads (shared + personal
-phases, covariance-sketch graph); then the two heart-disease centres with logistic
-regression (label-ratio graph, one exchange per round), read in place by ``data-path``.
+phases: two exchanges a round, covariance-sketch graph). The one-exchange pattern (logistic
+regression on two heart-disease centres) runs in process: tests/test_pfednet_heart.py.
 Decision IDs: docs/pfednet.md#decisions.
 """
 
@@ -16,11 +16,9 @@ from typing import Any
 
 import pytest
 
-from fedclinic.datasets import SHARED
 from fedclinic.site import SiteState
 
 ROOT = Path(__file__).resolve().parents[1]
-HEART = SHARED / "heart_disease"
 
 
 def hospital_file(tmp_path: Path, name: str, lines: list[str]) -> Path:
@@ -112,36 +110,3 @@ def test_pfednet_cnn_synthetic_on_real_processes(tmp_path: Path) -> None:
         personal = SiteState(site).load("pfednet_personal")  # the newest version
         assert set(personal) == {"classifier.weight", "classifier.bias"}
         assert SiteState(site).has("pfednet_model")
-
-
-@pytest.mark.e2e
-@pytest.mark.skipif(not HEART.is_dir(), reason="heart-disease files not present")
-def test_pfednet_logreg_heart_disease_on_real_processes(tmp_path: Path) -> None:
-    centres = ["cleveland", "hungarian"]  # two centres keep the run short on 2 CPU cores
-    hospitals = [
-        hospital_file(
-            tmp_path,
-            centre,
-            [
-                'data-source = "heart-disease"',
-                f'data-path = "{HEART / f"processed.{centre}.data"}"',
-            ],
-        )
-        for centre in centres
-    ]
-    rows, summary = run_local(
-        tmp_path,
-        hospitals,
-        [
-            "model=logreg",
-            'data-source="heart-disease"',
-            "batch-size=32",
-            "learning-rate=0.05",
-            f"min-hospitals={len(centres)}",
-        ],
-    )
-    check_common(rows, summary, centres)
-    graph = next(r for r in rows if r["kind"] == "pfednet-graph")
-    assert graph["sketch"] == "label-ratio" and graph["shared_entries"] == 0
-    assert {r["phase"] for r in rows if r["kind"] == "train"} == {"personal"}
-    assert summary["pfednet"]["personal_parameters"] == ["linear.weight", "linear.bias"]

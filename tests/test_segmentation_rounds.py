@@ -1,6 +1,7 @@
-"""Whole segmentation rounds of pFedNet, FedProx, local-only and FedHelp through the round
-engine and the real ClientApp handler with an in-process grid (FedAvg's real-process run:
-tests/test_e2e_segmentation.py; FedHelp's per-pixel terms: tests/test_segmentation_fedhelp.py)."""
+"""Whole segmentation rounds of FedAvg, pFedNet, FedProx, local-only and FedHelp through the
+round engine and the real ClientApp handler with an in-process grid (segmentation uses the
+same exchanges as classification, whose real-process runs are the tests/test_e2e_*.py files;
+FedHelp's per-pixel terms: tests/test_segmentation_fedhelp.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 from harness import ScriptedGrid, rows_of, run
+from rich.console import Console
 
+from fedclinic.local.progress import summary_table
 from strategies.pfednet import PFedNetStrategy
 
 SEGMENTATION = {"task": "segmentation", "model": "unet", "image-size": 32}
@@ -43,6 +46,49 @@ def run_in_process(tmp_path: Path, flat: dict[str, Any]) -> tuple[Any, list[dict
 
 def common(**extra: Any) -> dict[str, Any]:
     return {**SEGMENTATION, "rounds": 1, "local-steps": 1, "batch-size": 8, "seed": 1, **extra}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fedavg_segmentation_two_rounds_learn_and_report_dice(tmp_path: Path) -> None:
+    """What an operator relies on: Dice rows every round, selection on validation Dice, the
+    summary and the selected model, a model that beats the initial one, a final table in Dice."""
+    nodes = {
+        100: {**segmentation_nodes(tmp_path)[100], "num-samples": 80, "data-seed": 1},
+        101: {**segmentation_nodes(tmp_path)[101], "num-samples": 48, "acquisition-shift": 0.4,
+              "data-seed": 2},
+    }  # fmt: skip
+    flat = {
+        **SEGMENTATION, "algorithm": "fedavg", "run-name": "seg-fedavg", "rounds": 2,
+        "batch-size": 16, "learning-rate": 0.003, "seed": 1,
+    }  # fmt: skip
+    out = tmp_path / "out"
+    run(flat, ScriptedGrid(nodes, flat), out)
+    rows = rows_of(out)
+    assert not [r for r in rows if r["kind"] == "error"]
+    for name in ("hospital-a", "hospital-b"):
+        trained = {r["round"] for r in rows if r["kind"] == "train" and r["hospital"] == name}
+        assert trained == {1, 2}, (name, trained)
+        evaluated = {
+            r["model_round"]: r for r in rows if r["kind"] == "evaluate" and r["hospital"] == name
+        }
+        assert set(evaluated) == {0, 1, 2}
+        for row in evaluated.values():
+            assert {"val_dice", "val_iou", "val_dice_c1", "test_dice", "test_loss"} <= set(row)
+        # two rounds of Dice + CE already beat the initial random UNet on unseen test images
+        assert evaluated[2]["test_dice"] > evaluated[0]["test_dice"] + 0.1, (name, evaluated)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["task"] == "segmentation"
+    assert summary["selection_metric"] == "val_dice"
+    for name in ("hospital-a", "hospital-b"):
+        final = summary["hospitals"][name]["final"]
+        assert 0 < final["test_dice"] <= 1 and "test_dice_c1" in final
+    assert (out / "model_selected.pt").is_file()
+    # the runner's final table (fedclinic local prints it from summary.json) speaks Dice
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    assert "Dice" in text and "bacc" not in text
 
 
 @pytest.mark.usefixtures("task_identity")

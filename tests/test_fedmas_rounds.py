@@ -1,4 +1,6 @@
-"""Fed-MAS end to end: a 2-round federation on real processes via ``fedclinic local``.
+"""Fed-MAS end to end: a 2-round federation through the round engine and the real ClientApp
+handler (an in-process grid: Fed-MAS exchanges what FedAvg does, whose real-process runs are
+the tests/test_e2e_*.py files).
 
 Two imbalanced synthetic hospitals (class priors 0.9/0.1 and 0.3/0.7) share a prior made by
 ``fedclinic prior train``; a third holds a different prior file and must be refused with the
@@ -9,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from harness import ScriptedGrid, run
 
 from fedclinic.prior import add_parser
 from fedclinic.serialization import file_sha256
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_prior(path: Path, seed: int) -> str:
@@ -32,50 +32,36 @@ def make_prior(path: Path, seed: int) -> str:
     return file_sha256(path)
 
 
-def hospital_file(tmp_path: Path, name: str, priors: str, prior: Path, seed: int) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(
-        f'hospital = "{name}"\n'
-        'data-source = "synthetic"\n'
-        "num-samples = 120\n"
-        f'class-priors = "{priors}"\n'
-        f"data-seed = {seed}\n"
-        'device = "cpu"\n'
-        f'state-dir = "{tmp_path / "state" / name}"\n'
-        f'prior-path = "{prior}"\n'
-    )
-    return path
+def hospital(tmp_path: Path, name: str, priors: str, prior: Path, seed: int) -> dict[str, Any]:
+    return {
+        "hospital": name,
+        "data-source": "synthetic",
+        "num-samples": 120,
+        "class-priors": priors,
+        "data-seed": seed,
+        "device": "cpu",
+        "state-dir": str(tmp_path / "state" / name),
+        "prior-path": str(prior),
+    }
 
 
-@pytest.mark.e2e
-def test_fedmas_two_rounds_on_real_processes(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("task_identity")
+def test_fedmas_two_rounds_and_a_hospital_with_another_prior(tmp_path: Path) -> None:
     shared, rogue = tmp_path / "prior.pt", tmp_path / "rogue-prior.pt"
     digest = make_prior(shared, seed=0)
     make_prior(rogue, seed=1)
-    hospitals = [
-        hospital_file(tmp_path, "hospital-a", "0.9,0.1", shared, 1),
-        hospital_file(tmp_path, "hospital-b", "0.3,0.7", shared, 2),
-        hospital_file(tmp_path, "hospital-c", "0.5,0.5", rogue, 3),
-    ]
+    nodes = {
+        100: hospital(tmp_path, "hospital-a", "0.9,0.1", shared, 1),
+        101: hospital(tmp_path, "hospital-b", "0.3,0.7", shared, 2),
+        102: hospital(tmp_path, "hospital-c", "0.5,0.5", rogue, 3),
+    }
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fedclinic.cli", "local"]
-    for path in hospitals:
-        command += ["--hospital", str(path)]
-    for setting in (
-        "algorithm=fedmas",
-        "rounds=2",
-        "model=cnn",
-        "batch-size=16",
-        "optimizer=adam",
-        "learning-rate=0.001",
-        "min-hospitals=2",
-        "fedmas.prior-arch=cnn",
-        f'fedmas.prior-sha256="{digest}"',
-    ):
-        command += ["--set", setting]
-    command += ["--output-dir", str(out), "--timeout", "600"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    flat = {
+        "algorithm": "fedmas", "run-name": "fedmas-rounds", "rounds": 2, "model": "cnn",
+        "batch-size": 16, "optimizer": "adam", "learning-rate": 0.001, "min-hospitals": 2,
+        "fedmas.prior-arch": "cnn", "fedmas.prior-sha256": digest,
+    }  # fmt: skip
+    run(flat, ScriptedGrid(nodes, flat), out)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     aggregation = [r for r in rows if r["kind"] == "aggregation"]
