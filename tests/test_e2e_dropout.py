@@ -1,9 +1,15 @@
-"""Hospital dropout on real processes (TLS + node auth): a hospital whose whole process group
-is SIGKILLed during round 1 does not stall the federation. The round finishes with the two
-hospitals that answered (min-hospitals = 2), the missing one is written as an error row and
-listed as failed in the audit log, and after a restart with the same key it rejoins a later
-round. Flower 1.39 declares a silent node offline only after its heartbeat patience (up to
-60 s): that wait is most of this test's time.
+"""Hospitals that do not answer, on real processes (TLS + node auth), in one DP-SGD run of
+four hospitals (min-hospitals = 2):
+
+- dropout: a hospital whose whole process group is SIGKILLed during round 1 does not stall
+  the federation. The round finishes with the hospitals that answered, the missing one is
+  written as an error row and listed as failed in the audit log, and after a restart with the
+  same key it rejoins a later round. Flower 1.39 declares a silent node offline only after its
+  heartbeat patience (up to 60 s): that wait is most of this test's time.
+- a hospital's own privacy budget (docs/privacy.md): a site whose ceiling is below one round's
+  ε refuses every round with one line, the federation goes on without it, the others train
+  with DP-SGD (one of them requires it) and keep their ledgers; the summary records ε per
+  hospital.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import pytest
 from rich.console import Console
 
 from fedclinic.audit import AuditLog
+from fedclinic.config import parse_hospital_config
 from fedclinic.local.configs import HospitalSpec, synthetic_hospitals
 from fedclinic.local.federation import FederationOptions, LocalFederation, log_name
 from fedclinic.local.ports import pick_free_ports
 from fedclinic.local.supervisor import pids_with_cmdline
+from fedclinic.privacy import LEDGER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,12 +66,24 @@ def start_and_submit(federation: LocalFederation) -> int:
     return federation.submit()
 
 
+def with_settings(spec: HospitalSpec, **settings: object) -> HospitalSpec:
+    flat = {**spec.flat, **settings, "device": "cpu"}
+    return HospitalSpec(parse_hospital_config(flat), flat)
+
+
 @pytest.mark.e2e
-def test_a_killed_hospital_is_skipped_then_rejoins(tmp_path: Path) -> None:
+def test_a_killed_hospital_is_skipped_then_rejoins_and_one_at_its_ceiling_refuses(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "out"
-    hospitals = synthetic_hospitals(3, tmp_path / "state")
-    victim = hospitals[2]
-    run_config = {"rounds": 4, "min-hospitals": 2, "round-timeout": 200.0}
+    hospitals = synthetic_hospitals(4, tmp_path / "state")
+    hospitals[1] = with_settings(hospitals[1], **{"privacy-required": True})
+    hospitals[3] = with_settings(hospitals[3], **{"privacy-epsilon": 0.01})
+    victim, thrifty = hospitals[2], hospitals[3]
+    run_config = {
+        "rounds": 4, "local-steps": 2, "min-hospitals": 2, "round-timeout": 200.0,
+        "dp": "dp-sgd", "dp-noise-multiplier": 1.5,
+    }  # fmt: skip
     federation = local_federation(tmp_path, hospitals, run_config)
     with federation.supervisor:
         run_id = start_and_submit(federation)
@@ -94,17 +114,28 @@ def test_a_killed_hospital_is_skipped_then_rejoins(tmp_path: Path) -> None:
         assert outcome.exit_code == 0, outcome.details
 
     rows = rows_of(out)
-    errors = [r for r in rows if r["kind"] == "error"]
+    refused = [r for r in rows if r["kind"] == "error" and r.get("hospital") == thrifty.name]
+    assert [r["round"] for r in refused] == [1, 2, 3, 4]
+    assert all(r["reason"].startswith("privacy budget: ε 0.00 of 0.01 spent") for r in refused)
+    errors = [r for r in rows if r["kind"] == "error" and r not in refused]
     assert [(r["round"], r["node_id"]) for r in errors] == [(1, victim_node)]
     trained = {(r["round"], r["hospital"]) for r in rows if r["kind"] == "train"}
     others = [h.name for h in hospitals[:2]]
     assert {(n, h) for n in range(1, 5) for h in others} <= trained  # never stalled
     assert any(h == victim.name and n > 1 for n, h in trained)  # rejoined
+    assert not {h for _, h in trained} & {thrifty.name}
+    for name in others:  # one ledger line per round trained, on the hospital's side only
+        ledger = (tmp_path / "state" / name / LEDGER).read_text().splitlines()
+        assert [json.loads(line)["round"] for line in ledger] == [1, 2, 3, 4]
+    assert not (tmp_path / "state" / thrifty.name / LEDGER).exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed"
+    assert summary["privacy"]["dp"] == "dp-sgd"
+    assert all(summary["hospitals"][name]["privacy"]["epsilon"] > 0 for name in others)
     audit = AuditLog(out).read()
     first = next(e for e in audit if e["event"] == "round" and e["round"] == 1)
     label = f"node-{victim_node}"
     assert label in first["asked"] and label in first["failed"]
     assert first["accepted"] == sorted(others)
+    assert thrifty.name in first["failed"]
     assert audit[-1]["event"] == "run_end" and audit[-1]["status"] == "completed"
