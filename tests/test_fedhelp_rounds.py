@@ -1,4 +1,6 @@
-"""FedHelp end to end: 2 rounds on real processes via ``fedclinic local``.
+"""FedHelp end to end: 2 rounds through the round engine and the real ClientApp handler (an
+in-process grid: FedHelp has FedAvg's exchange pattern, one exchange a round, whose
+real-process runs are the tests/test_e2e_*.py files).
 
 One large hospital and two small ones (roles from their hospital TOML files). The public set
 comes from the synthetic generator under another seed (``fedclinic knowledge
@@ -13,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from harness import ScriptedGrid, run
 
 from fedclinic.knowledge import add_parser
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def knowledge_command(*argv: str) -> None:
@@ -31,28 +31,24 @@ def knowledge_command(*argv: str) -> None:
     assert args.handler(args) == 0
 
 
-def hospital_file(tmp_path: Path, name: str, role: str, samples: int, seed: int) -> Path:
-    path = tmp_path / f"{name}.toml"
-    text = (
-        f'hospital = "{name}"\n'
-        'data-source = "synthetic"\n'
-        f"num-samples = {samples}\n"
-        f"data-seed = {seed}\n"
-        'device = "cpu"\n'
-        f'state-dir = "{tmp_path / "state" / name}"\n'
-        f'role = "{role}"\n'
-    )
+def hospital(tmp_path: Path, name: str, role: str, samples: int, seed: int) -> dict[str, Any]:
+    node: dict[str, Any] = {
+        "hospital": name,
+        "data-source": "synthetic",
+        "num-samples": samples,
+        "data-seed": seed,
+        "device": "cpu",
+        "state-dir": str(tmp_path / "state" / name),
+        "role": role,
+    }
     if role == "small":
-        text += (
-            f'public-data-path = "{tmp_path / "public.npz"}"\n'
-            f'knowledge-path = "{tmp_path / "knowledge.npz"}"\n'
-        )
-    path.write_text(text)
-    return path
+        node["public-data-path"] = str(tmp_path / "public.npz")
+        node["knowledge-path"] = str(tmp_path / "knowledge.npz")
+    return node
 
 
-@pytest.mark.e2e
-def test_fedhelp_two_rounds_on_real_processes(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("task_identity")
+def test_fedhelp_two_rounds_large_and_small_hospitals(tmp_path: Path) -> None:
     public, knowledge = tmp_path / "public.npz", tmp_path / "knowledge.npz"
     knowledge_command(
         "synthetic-public", "--output", str(public), "--num-samples", "64", "--seed", "1000"
@@ -62,31 +58,19 @@ def test_fedhelp_two_rounds_on_real_processes(tmp_path: Path) -> None:
         "--train-teacher", "cnn", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
     )  # fmt: skip
     digest = (tmp_path / "knowledge.npz.sha256").read_text().split()[0]
-    hospitals = [
-        hospital_file(tmp_path, "hospital-a", "large", 200, 1),
-        hospital_file(tmp_path, "hospital-b", "small", 80, 2),
-        hospital_file(tmp_path, "hospital-c", "small", 80, 3),
-    ]
+    nodes = {
+        100: hospital(tmp_path, "hospital-a", "large", 200, 1),
+        101: hospital(tmp_path, "hospital-b", "small", 80, 2),
+        102: hospital(tmp_path, "hospital-c", "small", 80, 3),
+    }
+    flat = {
+        "algorithm": "fedhelp", "run-name": "fedhelp-rounds", "rounds": 2, "model": "cnn",
+        "batch-size": 16, "optimizer": "adam", "learning-rate": 0.001, "weight-decay": 0.0001,
+        "min-hospitals": 3, "fedhelp.large-model": "wide-cnn",
+        "fedhelp.knowledge-sha256": digest,
+    }  # fmt: skip
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fedclinic.cli", "local"]
-    for path in hospitals:
-        command += ["--hospital", str(path)]
-    for setting in (
-        "algorithm=fedhelp",
-        "rounds=2",
-        "model=cnn",
-        "batch-size=16",
-        "optimizer=adam",
-        "learning-rate=0.001",
-        "weight-decay=0.0001",
-        "min-hospitals=3",
-        "fedhelp.large-model=wide-cnn",
-        f'fedhelp.knowledge-sha256="{digest}"',
-    ):
-        command += ["--set", setting]
-    command += ["--output-dir", str(out), "--timeout", "600"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run(flat, ScriptedGrid(nodes, flat), out)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r["kind"] == "error"]
