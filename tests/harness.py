@@ -162,3 +162,27 @@ run = run_in_process
 
 def rows_of(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_pfednet_run(
+    rows: list[dict[str, Any]], summary: dict[str, Any], names: list[str]
+) -> None:
+    """What every 2-round pFedNet run shows: personal models evaluated at rounds 0..2, the
+    ADMM rows with eta = N (PF-2), per-hospital traffic rows, a completed summary."""
+    evaluated = [r for r in rows if r["kind"] == "evaluate"]
+    assert {(r["hospital"], r["model_round"]) for r in evaluated} == {
+        (name, model_round) for name in names for model_round in (0, 1, 2)
+    }
+    assert {r["model"] for r in evaluated} == {"personal"}
+    assert not [r for r in rows if r["kind"] == "error"]
+    admm = [r for r in rows if r["kind"] == "pfednet-admm"]
+    assert [r["round"] for r in admm] == [1, 2]
+    assert all(r["eta"] == float(len(names)) for r in admm)  # PF-2 default eta = N
+    traffic = [r for r in rows if r["kind"] == "communication" and 1 <= r["round"] <= 2]
+    assert sorted((r["round"], r["hospital"]) for r in traffic) == sorted(
+        (server_round, name) for server_round in (1, 2) for name in names
+    )
+    assert all(r["upload_bytes"] > 0 and r["fedavg_upload_bytes"] > 0 for r in traffic)
+    assert summary["status"] == "completed" and summary["algorithm"] == "pfednet"
+    assert set(summary["hospitals"]) == set(names)
+    assert set(summary["pfednet"]["communication"]) == set(names)

@@ -9,6 +9,11 @@ the same time; together they are exactly the quick mode. They check that every f
 completed, that the measurements are there and sane (overheads and memory positive, bytes on
 the wire, STC uploading less than the model), that the files ``bench report`` reads are
 written, that the report picks the section up, and that no process is left behind.
+
+The transfer case is also the suite's pFedNet run on real processes (its two exchanges a
+round, shared then personal, through TLS and node authentication): its results directory is
+checked as an operator's would be (the one-exchange pattern, in process:
+tests/test_pfednet_heart.py). Decision IDs: docs/pfednet.md#decisions.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import check_pfednet_run
 
 from fedclinic.bench.report import RUNTIME_SECTIONS, runtime_sections
 from fedclinic.local.supervisor import pids_with_cmdline
+from fedclinic.site import SiteState
 
 ROOT = Path(__file__).resolve().parents[1]
 # SmallCNN on 1-channel images with 2 classes, float32, counted by hand: two 3x3 convolutions
@@ -106,7 +113,7 @@ def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path)
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_system_quick_transfer_part_sends_less_with_stc(tmp_path: Path) -> None:
+def test_system_quick_transfer_part_pfednet_sends_less_with_stc(tmp_path: Path) -> None:
     out = tmp_path / "system"
     system = _run_quick(out, "--sizes", "")
     assert system["scale"] == [] and len(system["transfer"]) == 1
@@ -122,3 +129,24 @@ def test_system_quick_transfer_part_sends_less_with_stc(tmp_path: Path) -> None:
     section = (out / "system.md").read_text()
     assert "`fedclinic bench system --mode quick --sizes '' --out DIR`" in section
     assert "| fedclinic-pfednet | stc | yes |" in section
+
+    # the pFedNet run itself, as its results directory shows it
+    run = out / "transfer" / "cnn-pfednet-stc"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    names = sorted(summary["hospitals"])
+    assert len(names) == 2
+    check_pfednet_run(rows, summary, names)
+    graph = next(r for r in rows if r["kind"] == "pfednet-graph")
+    assert graph["sketch"] == "covariance" and graph["hospitals"] == names
+    assert len(graph["edges"]) == 1  # k capped at N - 1: the complete graph of 2
+    phases = [r["phase"] for r in rows if r["kind"] == "train"]
+    assert sorted(phases) == ["personal"] * 4 + ["shared"] * 4  # 2 rounds x 2 hospitals
+    for row in (r for r in rows if r["kind"] == "communication" and 1 <= r["round"] <= 2):
+        assert row["upload_bytes"] == row["shared_upload_bytes"] + row["personal_upload_bytes"]
+        assert row["upload_bytes"] < row["fedavg_upload_bytes"] / 4  # ternary codes + DEFLATE
+    for name in names:  # each hospital kept its personalised head and its final model
+        (newest,) = {p.parent for p in (run / "state" / name).rglob("pfednet_personal.round-*")}
+        personal = SiteState(newest).load("pfednet_personal")
+        assert set(personal) == {"classifier.weight", "classifier.bias"}
+        assert SiteState(newest).has("pfednet_model")

@@ -1,7 +1,7 @@
 """pFedNet's one-exchange pattern: logistic regression on two heart-disease centres (label-ratio
 graph, only personal parameters, no shared phase), read in place by ``data-path``, through the
 round engine and the real ClientApp handler (an in-process grid; the two-exchange pattern runs
-on real processes in tests/test_e2e_pfednet.py, whose checks this test shares).
+on real processes in tests/test_e2e_bench_system.py, whose pFedNet checks this test shares).
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from harness import ScriptedGrid, rows_of, run
-from test_e2e_pfednet import check_common
+from harness import ScriptedGrid, check_pfednet_run, rows_of, run
 
 from fedclinic.datasets import SHARED
 
@@ -41,7 +40,7 @@ def test_pfednet_logreg_on_two_heart_disease_centres(tmp_path: Path) -> None:
     run(flat, ScriptedGrid(nodes, flat), out)
     rows = rows_of(out)
     summary = json.loads((out / "summary.json").read_text())
-    check_common(rows, summary, centres)
+    check_pfednet_run(rows, summary, centres)
     graph = next(r for r in rows if r["kind"] == "pfednet-graph")
     assert graph["sketch"] == "label-ratio" and graph["shared_entries"] == 0
     assert {r["phase"] for r in rows if r["kind"] == "train"} == {"personal"}
