@@ -70,7 +70,8 @@ class FederationOptions:
     node_auth: bool = True
     timeout: float = 3600.0  # whole run, from submission to final status
     startup_timeout: float = 90.0  # SuperLink health, SuperNodes online
-    poll_interval: float = 10.0  # flwr ls (a CPU-second each); faster once the run ends
+    # flwr ls (a CPU-second each): the end is seen sooner in the audit log (RunFollower)
+    poll_interval: float = 20.0
     grace_seconds: float = 10.0  # SIGTERM -> SIGKILL
     #: CPU priority of the hospitals' processes (``nice``; 0 = the coordinator's). Many
     #: hospitals on one machine can starve the SuperLink otherwise (benchmarks use 10).
@@ -426,8 +427,12 @@ class LocalFederation:
         """Until ``flwr supernode list`` shows every hospital online, or a SuperNode died."""
         expected = len(self.supernodes)
         deadline = time.monotonic() + self.options.startup_timeout
-        online = 0
+        online, pause = 0, 1.0
         while time.monotonic() < deadline:
+            # each check is a `flwr` process (about a CPU-second, more on a busy machine) and
+            # a SuperNode takes seconds to connect: ask after 1, 2.5, 4.75, 8 s, then every 5 s
+            time.sleep(pause)
+            pause = min(1.5 * pause, 5.0)
             self._check_processes()
             try:
                 nodes = self.cli.supernodes()
@@ -436,7 +441,6 @@ class LocalFederation:
             online = sum(1 for n in nodes if n.get("status") == "online")
             if online >= expected:
                 return
-            time.sleep(1.5)  # each check is a `flwr` process: about a CPU-second
         tails = "\n".join(f"--- {p.log_path}:\n{p.log_tail(10)}" for p in self.supernodes.values())
         raise FederationError(
             f"only {online} of {expected} hospitals came online within "
