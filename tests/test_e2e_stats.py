@@ -1,8 +1,9 @@
 """``fedclinic stats local`` end to end on real processes (SuperLink + one SuperNode per Heart
-centre, TLS and node authentication): the pooled train mean/std of every feature equal
-numpy's on the concatenated raw data of the centres that released it, no count between 1 and
-4 leaves a hospital, Switzerland (30 train cases, all with heart disease) is flagged, the
-report is written, and no process is left behind.
+centre, TLS and node authentication), on two of the four centres (the four: in process,
+tests/test_stats_engine.py): the pooled train mean/std of every feature equal numpy's on the
+concatenated raw data of the centres that released it, no count between 1 and 4 leaves a
+hospital, Switzerland (30 train cases, all with heart disease) is flagged, the report is
+written, and no process is left behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fedclinic.local.supervisor import pids_with_cmdline
 
 ROOT = Path(__file__).resolve().parents[1]
 HEART = ROOT.parent / "shared" / "data" / "heart_disease"
-CENTRES = ("cleveland", "hungarian", "switzerland", "va")
+CENTRES = ("hungarian", "switzerland")
 
 
 @pytest.mark.e2e
@@ -30,10 +31,11 @@ CENTRES = ("cleveland", "hungarian", "switzerland", "va")
     not (HEART / "processed.cleveland.data").is_file() and os.environ.get("CI") != "true",
     reason=f"reference data {HEART} is not on this machine",
 )
-def test_stats_local_across_the_four_heart_centres(tmp_path: Path) -> None:
+def test_stats_local_across_two_heart_centres(tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "fedclinic.cli", "stats", "local",
                "--run-config", str(ROOT / "examples" / "heart-stats.toml"),
+               "--set", f"min-hospitals={len(CENTRES)}",
                "--output-dir", str(out), "--timeout", "900"]  # fmt: skip
     for centre in CENTRES:
         config = tmp_path / f"{centre}.toml"
@@ -57,6 +59,9 @@ def test_stats_local_across_the_four_heart_centres(tmp_path: Path) -> None:
     for j, name in enumerate(FEATURES):
         kept = pooled[name]["hospitals"]
         assert set(kept) | set(pooled[name]["excluded"]) == set(CENTRES)
+        if not kept:  # no centre may release it (two centres: some categories are rare)
+            assert not pooled[name]["count"], (name, pooled[name])
+            continue
         values = np.concatenate([raw[c][:, j] for c in kept])
         assert pooled[name]["count"] == len(values)
         assert pooled[name]["mean"] == pytest.approx(values.mean(), rel=1e-10, abs=1e-12), name
