@@ -10,11 +10,13 @@ and moved to the device, mixed precision on CUDA (autocast plus one gradient sca
 optimiser, :class:`Updater`), gradient clipping, sample-weighted running means of named
 losses, and timing.
 
-Under ``dp = "dp-sgd"`` (docs/privacy.md) :func:`train_local` trains with DP-SGD (Abadi et
+Under ``dp = "dp-sgd"`` (docs/privacy.md) every step on private data is DP-SGD (Abadi et
 al., arXiv 1607.00133, section 3.1) through Opacus: Poisson-sampled batches
-(:func:`poisson_batches`), per-sample gradients clipped to ``dp-max-grad-norm`` and Gaussian
-noise (:class:`PrivateUpdater`), both drawn from secretly seeded generators, so that nobody
-who knows the run's seed can undo them.
+(:func:`poisson_batches`, :meth:`LocalLoop.private_batches`), per-sample gradients clipped
+to ``dp-max-grad-norm`` and Gaussian noise (:class:`PrivateUpdater`,
+:meth:`LocalLoop.private_updater`), both drawn from secretly seeded generators, so that
+nobody who knows the run's seed can undo them: :func:`train_local` and FedHelp's and
+Fed-MAS's own steps use them.
 """
 
 from __future__ import annotations
