@@ -41,8 +41,8 @@ Steps = tuple[float, float, int]
 #: one input's shape: ``(C, H, W)`` or ``(F,)``
 Shape = tuple[int, ...]
 IN_PLACE = (
-    "its forward changes a layer's output in place (as torchvision's ResNet blocks do: "
-    "out += identity), which Opacus's per-sample hooks forbid"
+    "its forward changes a layer's output in place (such as out += identity), which Opacus's "
+    "per-sample hooks forbid"
 )
 _MODEL_PROBLEMS: dict[tuple[Any, ...], list[str]] = {}
 

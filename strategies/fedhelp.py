@@ -76,6 +76,14 @@ reference draft (JackqqWang/medfed_code@1443df74) does instead:
   here is 2-D.
 - FH-13 (baselines) is a matter for experiments; FedAvg/FedProx/local-only are registered.
 
+Differential privacy (``dp = "dp-sgd"``, docs/privacy.md): every step on a hospital's own
+data is DP-SGD through the loop's private updaters: the small hospital's private step (phi and
+the private head; its public step reads public data only and runs with the per-sample hooks
+paused), and at a large hospital both the proxy's (3a) and the large model's (3b) steps, each
+on its own Poisson batches, so that its ledger is charged twice the round's steps
+(:attr:`FedHelpObjective.private_models`). The large model is then built as Opacus needs it
+(GroupNorm with ``privacy-fix-model``).
+
 Segmentation: small = ``unet``, large = ``unet-large`` (``fedhelp.large-model``; the
 reference's ``largeUnet`` of 128..2048 channels is not CPU-sized); the task loss is Dice + CE
 (the reference: BCE + soft Dice); the surrogate's private head is the UNet's final 1x1

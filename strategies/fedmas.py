@@ -45,6 +45,12 @@ Design decisions (IDs defined in docs/fedmas.md#decisions):
 - **MAS-4** — the aggregation is named ``mas`` (lowercase) as the server code matches; the
   reference README's ``MAS`` would fail there.
 
+Differential privacy (``dp = "dp-sgd"``, docs/privacy.md): step 2 is DP-SGD (every term of
+the local loss reads one sample, so the whole loss is clipped per sample and noised; the
+per-sample clipping replaces ``grad-clip-norm``) on Poisson batches, and the model is built
+with GroupNorm for the projector's BatchNorm1d (``privacy-fix-model = true`` is required).
+``w``, ``ŵ`` and RF are still measured on the training split and sent without DP.
+
 Other differences from the reference: the local optimizer is the run's (``optimizer``,
 ``learning-rate``; the reference hard-codes Adam 3e-4), its state persists at the site
 across rounds as in the reference; ``n_k`` is the training-set size (the reference uses

@@ -30,7 +30,7 @@ from fedclinic.data.base import HospitalData, Split
 from fedclinic.errors import ConfigError
 from fedclinic.knowledge import build_knowledge, write_synthetic_public
 from fedclinic.models import build_model
-from fedclinic.privacy import LEDGER
+from fedclinic.privacy import IN_PLACE, LEDGER, network_problems
 from fedclinic.serialization import state_to_record
 from fedclinic.site import SiteState
 from fedclinic.training import PrivateUpdater, train_local
@@ -314,6 +314,26 @@ def test_resnets_are_converted_and_train_under_dp(name: str, tmp_path: Path) -> 
     stats = train_local(model, split, run, torch.device("cpu"), generator)
     assert stats.steps == 1
     assert distance(before, model.state_dict()) > 0
+
+
+class InPlaceBlock(nn.Module):
+    """A residual block written as torchvision's: the shortcut added in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm(self.conv(x))
+        out += x
+        return out.flatten(1)
+
+
+def test_an_in_place_residual_is_found_by_the_per_sample_check() -> None:
+    """What private_variant rewrites in torchvision's blocks, the check finds elsewhere."""
+    assert network_problems(InPlaceBlock(), (1, 4, 4)) == [IN_PLACE]
+    assert network_problems(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), (1, 4, 4)) == []
 
 
 # ------------------------------------------------------------------------------ refusals
