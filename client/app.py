@@ -71,7 +71,9 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         fingerprint = objective.data_fingerprint()
         charge = None
         if train:  # the hospital's own privacy rules, before any step (fedclinic.privacy)
-            charge = plan_round(run, hospital, dataset_hash(fingerprint), len(data.train))
+            charge = plan_round(
+                run, hospital, dataset_hash(fingerprint), len(data.train), objective.private_models
+            )
         if train is None:
             content = objective.query(message.content)
         else:
@@ -85,7 +87,10 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
                 run.run_name,
                 server_round,
                 str(config.get(keys.EXCHANGE, "train")),
-                int(steps) if isinstance(steps, int | float) else charge.steps,
+                # every model trained on the data takes the round's steps (plan_round)
+                int(steps) * objective.private_models
+                if isinstance(steps, int | float)
+                else charge.steps,
             )
             info[keys.DP_EPSILON] = entry.epsilon_total
             info[keys.DP_DELTA] = entry.delta

@@ -31,6 +31,7 @@ trains them, so official checkpoints load), ``encoder-cnn`` (three conv-BatchNor
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -395,14 +396,47 @@ def build_model(run: ModelConfig, seed: int | None = None) -> nn.Module:
     model = build(run.model, dims_of(run), seed)
     if getattr(run, "dp", "off") == "off":
         return model
-    if getattr(run, "privacy_fix_model", False):
-        # DP-SGD needs per-sample gradients, which BatchNorm mixes across samples: the run
-        # says privacy-fix-model = true, so every side builds the GroupNorm version
-        # (Opacus ModuleValidator.fix; docs/privacy.md)
+    return private_variant(model, bool(getattr(run, "privacy_fix_model", False)))
+
+
+def _basic_block_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``BasicBlock.forward`` with ``out + identity`` instead of ``out +=``."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    return self.relu(out + identity)
+
+
+def _bottleneck_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``Bottleneck.forward`` with ``out + identity`` instead of ``out +=``."""
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    return self.relu(out + identity)
+
+
+#: torchvision's residual blocks, whose forward adds the shortcut in place
+_OUT_OF_PLACE = {"BasicBlock": _basic_block_forward, "Bottleneck": _bottleneck_forward}
+
+
+def private_variant(model: nn.Module, fix: bool) -> nn.Module:
+    """The version of ``model`` Opacus can compute per-sample gradients of (DP-SGD,
+    docs/privacy.md): with ``fix`` (the run's ``privacy-fix-model``) every BatchNorm becomes
+    a GroupNorm (Opacus ``ModuleValidator.fix``), because BatchNorm mixes the samples of a
+    batch; in-place activations become out-of-place, and torchvision's ResNet blocks add
+    their shortcut out of place, because Opacus's backward hooks forbid changing a layer's
+    output in place. Parameter names and shapes stay those of the converted model, so every
+    side that builds it the same way exchanges the same state.
+    """
+    if fix:
         model = ModuleValidator.fix(model)
-    for module in model.modules():  # Opacus's backward hooks forbid in-place activations
+    for module in model.modules():
         if getattr(module, "inplace", False):
             module.inplace = False  # type: ignore[assignment]  # nn.ReLU & co.: a bool
+        forward = _OUT_OF_PLACE.get(type(module).__name__)
+        if forward is not None and type(module).__module__ == "torchvision.models.resnet":
+            setattr(module, "forward", types.MethodType(forward, module))  # noqa: B010
     return model
 
 

@@ -15,6 +15,7 @@ _ROOT_HANDLERS = list(logging.getLogger().handlers)
 
 from opacus import GradSampleModule  # noqa: E402
 from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 from opacus.data_loader import DPDataLoader  # noqa: E402
 from opacus.optimizers import DPOptimizer  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
@@ -23,4 +24,11 @@ for _handler in logging.getLogger().handlers:
     if _handler not in _ROOT_HANDLERS:
         logging.getLogger().removeHandler(_handler)
 
-__all__ = ["DPDataLoader", "DPOptimizer", "GradSampleModule", "ModuleValidator", "RDPAccountant"]
+__all__ = [
+    "DPDataLoader",
+    "DPOptimizer",
+    "GradSampleModule",
+    "ModuleValidator",
+    "RDPAccountant",
+    "get_noise_multiplier",
+]

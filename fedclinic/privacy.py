@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
@@ -36,9 +38,11 @@ from fedclinic.training import poisson_plan
 LEDGER = "privacy-ledger.jsonl"
 #: (noise multiplier, sample rate, steps): one entry of the accountant's history
 Steps = tuple[float, float, int]
+#: one input's shape: ``(C, H, W)`` or ``(F,)``
+Shape = tuple[int, ...]
 IN_PLACE = (
-    "its forward changes a layer's output in place (as torchvision's ResNet blocks do: "
-    "out += identity), which Opacus's per-sample hooks forbid"
+    "its forward changes a layer's output in place (such as out += identity), which Opacus's "
+    "per-sample hooks forbid"
 )
 _MODEL_PROBLEMS: dict[tuple[Any, ...], list[str]] = {}
 
@@ -59,14 +63,25 @@ def epsilon(history: list[Steps], delta: float) -> float:
 def check_model(run: RunConfig) -> None:
     """Under DP, a model Opacus cannot train privately is refused before anything starts
     (BatchNorm mixes samples: ``privacy-fix-model = true`` builds it with GroupNorm)."""
+    check_network(run, f"model = {run.model!r}", lambda: build_model(run), input_shape(run))
+
+
+def input_shape(run: RunConfig) -> Shape:
+    """One input of the run: ``(num-features,)`` for a tabular model, else ``(C, H, W)``."""
+    if MODELS[run.model].tabular:
+        return (run.num_features,)
+    return (run.in_channels, run.image_size, run.image_size)
+
+
+def check_network(run: RunConfig, what: str, build: Callable[[], nn.Module], shape: Shape) -> None:
+    """Under DP, refuse (one line) another network an algorithm trains on private data
+    (FedHelp's large model, Fed-MAS's model with its projector), built by ``build`` as the
+    algorithm builds it under the run's ``privacy-fix-model``."""
     if run.dp == "off":
         return
-    key = (
-        run.model, run.task, run.num_classes, run.in_channels, run.image_size,
-        run.num_features, run.privacy_fix_model,
-    )  # fmt: skip
+    key = (what, run.task, shape, run.num_classes, run.privacy_fix_model)
     if key not in _MODEL_PROBLEMS:  # each app validates per message: build each model once
-        _MODEL_PROBLEMS[key] = model_problems(run)
+        _MODEL_PROBLEMS[key] = network_problems(build(), shape)
     errors = _MODEL_PROBLEMS[key]
     if errors:
         hint = (
@@ -75,25 +90,21 @@ def check_model(run: RunConfig) -> None:
             else ""
         )
         raise ConfigError(
-            f"run config: model = {run.model!r} is not allowed with dp = {run.dp!r}: Opacus "
-            f"cannot compute its per-sample gradients: {errors[0]}{hint}"
+            f"run config: {what} is not allowed with dp = {run.dp!r}: Opacus cannot compute "
+            f"its per-sample gradients: {errors[0]}{hint}"
         )
 
 
-def model_problems(run: RunConfig) -> list[str]:
-    """Why Opacus cannot train the run's model privately: its validator's findings, else
-    what one per-sample backward pass on two random inputs raises (a forward that changes a
-    layer's output in place, as torchvision's ResNet blocks do, breaks Opacus's hooks)."""
-    model = build_model(run)
+def network_problems(model: nn.Module, shape: Shape) -> list[str]:
+    """Why Opacus cannot train ``model`` privately: its validator's findings, else what one
+    per-sample backward pass on two random inputs of ``shape`` raises (a forward that changes
+    a layer's output in place breaks Opacus's hooks)."""
     found = [str(e) for e in ModuleValidator.validate(model)]
     if found:
         return found
-    shape = (2, run.num_features) if MODELS[run.model].tabular else (
-        2, run.in_channels, run.image_size, run.image_size
-    )  # fmt: skip
     hooks = GradSampleModule(model, loss_reduction="mean")
     try:
-        hooks(torch.randn(shape)).float().mean().backward()
+        hooks(torch.randn((2, *shape))).float().mean().backward()
     except RuntimeError as err:
         if "modified inplace" in str(err):
             return [IN_PLACE]
@@ -200,10 +211,15 @@ class RoundCharge:
 
 
 def plan_round(
-    run: RunConfig, hospital: HospitalConfig, dataset: str, num_train: int
+    run: RunConfig, hospital: HospitalConfig, dataset: str, num_train: int, models: int = 1
 ) -> RoundCharge | None:
     """Before a training exchange: None without DP (refused if this hospital requires DP),
-    else what the exchange will spend; refused when it would pass the ceiling."""
+    else what the exchange will spend; refused when it would pass the ceiling.
+
+    ``models``: how many models the exchange trains on the private data, each with its own
+    Poisson batches (a FedHelp large hospital trains its proxy and its large model): every
+    model's steps are steps of the subsampled Gaussian on this data set, so the charge is
+    ``models`` x the round's steps (docs/privacy.md, section 2)."""
     name = hospital.hospital
     if run.dp == "off":
         if hospital.privacy_required:
@@ -213,7 +229,8 @@ def plan_round(
             )
         return None
     ledger = PrivacyLedger.of(hospital)
-    rate, steps = poisson_plan(run.batch_size, num_train, run.local_steps, run.local_epochs)
+    rate, per_model = poisson_plan(run.batch_size, num_train, run.local_steps, run.local_epochs)
+    steps = per_model * models
     history = ledger.history(dataset)
     step: Steps = (run.dp_noise_multiplier, rate, steps)
     spent = epsilon(history, hospital.privacy_delta)

@@ -10,11 +10,13 @@ and moved to the device, mixed precision on CUDA (autocast plus one gradient sca
 optimiser, :class:`Updater`), gradient clipping, sample-weighted running means of named
 losses, and timing.
 
-Under ``dp = "dp-sgd"`` (docs/privacy.md) :func:`train_local` trains with DP-SGD (Abadi et
+Under ``dp = "dp-sgd"`` (docs/privacy.md) every step on private data is DP-SGD (Abadi et
 al., arXiv 1607.00133, section 3.1) through Opacus: Poisson-sampled batches
-(:func:`poisson_batches`), per-sample gradients clipped to ``dp-max-grad-norm`` and Gaussian
-noise (:class:`PrivateUpdater`), both drawn from secretly seeded generators, so that nobody
-who knows the run's seed can undo them.
+(:func:`poisson_batches`, :meth:`LocalLoop.private_batches`), per-sample gradients clipped
+to ``dp-max-grad-norm`` and Gaussian noise (:class:`PrivateUpdater`,
+:meth:`LocalLoop.private_updater`), both drawn from secretly seeded generators, so that
+nobody who knows the run's seed can undo them: :func:`train_local` and FedHelp's and
+Fed-MAS's own steps use them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -219,6 +222,25 @@ class PrivateUpdater:
                     p.grad = p.grad + g if p.grad is not None else g
         self.optimizer.original_optimizer.step()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No per-sample hooks inside: a step on *public* data through layers this updater
+        also trains (FedHelp's shared feature extractor) is an ordinary step, and leaves no
+        per-sample gradient behind for the next private step."""
+        self.hooks.disable_hooks()
+        try:
+            yield
+        finally:
+            self.hooks.enable_hooks()
+
+    def state(self) -> State:
+        """The wrapped optimiser's state (Fed-MAS keeps it at the site): post-processing of
+        the noised gradients, so it costs no privacy."""
+        return optimizer_to_state(self.optimizer.original_optimizer)
+
+    def restore(self, flat: State) -> bool:
+        return restore_optimizer(self.optimizer.original_optimizer, flat)
+
     def close(self) -> None:
         """Remove the per-sample hooks: the model is an ordinary module again."""
         self.hooks._close()
@@ -334,6 +356,34 @@ class LocalLoop:
         clip_norm: float = 0.0,
     ) -> Updater:
         return Updater(settings.build(parameters), self.use_amp, clip_norm, self.device.type)
+
+    def private_updater(
+        self,
+        model: nn.Module,
+        settings: OptimizerSettings,
+        run: RunConfig,
+        parameters: Iterable[torch.Tensor] | None = None,
+    ) -> PrivateUpdater:
+        """DP-SGD (the run's ``dp-noise-multiplier``, ``dp-max-grad-norm``) for ``parameters``
+        (default: all of ``model``'s), per-sample gradients from hooks on ``model``'s layers,
+        noise from a secretly seeded generator. Every step on private data under ``dp`` goes
+        through one of these; :meth:`PrivateUpdater.close` when done."""
+        return PrivateUpdater(
+            model,
+            settings.build(model.parameters() if parameters is None else parameters),
+            run.dp_noise_multiplier,
+            run.dp_max_grad_norm,
+            run.batch_size,
+            secret_generator(self.device),
+        )
+
+    def private_batches(
+        self, split: Split, run: RunConfig
+    ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int]:
+        """A DP round's Poisson batches of ``split`` (secret sampling, may be empty) and its
+        step budget (:func:`poisson_plan`: what the hospital's ledger is charged per model)."""
+        _, budget = poisson_plan(run.batch_size, len(split), run.local_steps, run.local_epochs)
+        return poisson_batches(split, run.batch_size, self.device), budget
 
     def batches(
         self,
@@ -454,15 +504,8 @@ def _train_private(
     """:func:`train_local` under DP-SGD: ``poisson_plan`` steps of :class:`PrivateUpdater`."""
     for parameter in model.parameters():  # Opacus computes per-sample grads of these only
         parameter.requires_grad_(any(parameter is p for p in trainable))
-    updater = PrivateUpdater(
-        model,
-        OptimizerSettings.of(run).build(trainable),
-        run.dp_noise_multiplier,
-        run.dp_max_grad_norm,
-        run.batch_size,
-        secret_generator(loop.device),
-    )
-    _, budget = poisson_plan(run.batch_size, len(split), run.local_steps, run.local_epochs)
+    updater = loop.private_updater(model, OptimizerSettings.of(run), run, trainable)
+    batches, budget = loop.private_batches(split, run)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
         inputs, labels = batch
@@ -477,7 +520,7 @@ def _train_private(
         return len(labels), {"loss": total}
 
     try:
-        return loop.run(budget, poisson_batches(split, run.batch_size, loop.device), step)
+        return loop.run(budget, batches, step)
     finally:
         updater.close()
 

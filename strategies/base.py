@@ -81,6 +81,13 @@ class ClientObjective:
         if selected is not None:  # the site keeps what that round deployed
             context.site.keep_selected(int(selected))
 
+    @property
+    def private_models(self) -> int:
+        """How many models one training exchange trains on the hospital's private data, each
+        on its own Poisson batches for the exchange's step budget: under DP the hospital's
+        ledger is charged that many times the steps (:func:`fedclinic.privacy.plan_round`)."""
+        return 1
+
     # -- hooks
     def build(self, state: State | None = None) -> nn.Module:
         """The run's architecture, loaded with ``state`` when given."""

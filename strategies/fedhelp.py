@@ -76,6 +76,14 @@ reference draft (JackqqWang/medfed_code@1443df74) does instead:
   here is 2-D.
 - FH-13 (baselines) is a matter for experiments; FedAvg/FedProx/local-only are registered.
 
+Differential privacy (``dp = "dp-sgd"``, docs/privacy.md): every step on a hospital's own
+data is DP-SGD through the loop's private updaters: the small hospital's private step (phi and
+the private head; its public step reads public data only and runs with the per-sample hooks
+paused), and at a large hospital both the proxy's (3a) and the large model's (3b) steps, each
+on its own Poisson batches, so that its ledger is charged twice the round's steps
+(:attr:`FedHelpObjective.private_models`). The large model is then built as Opacus needs it
+(GroupNorm with ``privacy-fix-model``).
+
 Segmentation: small = ``unet``, large = ``unet-large`` (``fedhelp.large-model``; the
 reference's ``largeUnet`` of 128..2048 channels is not CPU-sized); the task loss is Dice + CE
 (the reference: BCE + soft Dice); the surrogate's private head is the UNet's final 1x1
@@ -98,6 +106,8 @@ the frozen model of each KD step is in eval mode.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from logging import INFO, WARNING
 from typing import Any, Literal
 
@@ -119,7 +129,8 @@ from fedclinic.knowledge import (
     build_network,
     load_shared_knowledge,
 )
-from fedclinic.models import MODELS, head_prefix
+from fedclinic.models import MODELS, head_prefix, private_variant
+from fedclinic.privacy import check_network
 from fedclinic.results import ResultsWriter
 from fedclinic.rows import FedHelpAggregateRow, FedHelpRoleRow
 from fedclinic.segmentation import output_channels
@@ -128,7 +139,9 @@ from fedclinic.tasks import task_of
 from fedclinic.training import (
     LocalLoop,
     OptimizerSettings,
+    PrivateUpdater,
     StepResult,
+    Updater,
     seeded_generator,
     train_local,
 )
@@ -415,7 +428,7 @@ class FedHelpObjective(ClientObjective):
         with torch.random.fork_rng(devices=[]):
             seed = seeded_generator(self.run.seed, "fedhelp-large", self.context.hospital.hospital)
             torch.manual_seed(seed.initial_seed())
-            model = build_network(name, self.run.num_classes, input_shape(self.run))
+            model = build_large_model(self.run, name)
         if site.has(LARGE_MODEL):
             model.load_state_dict(site.load(LARGE_MODEL))
         return model
@@ -423,6 +436,12 @@ class FedHelpObjective(ClientObjective):
     def loop(self) -> tuple[LocalLoop, OptimizerSettings]:
         """The hospital's training loop and the run's optimiser, created afresh every round."""
         return LocalLoop.for_run(self.run, self.context.device), OptimizerSettings.of(self.run)
+
+    @property
+    def private_models(self) -> int:
+        """A large hospital trains two models on its private data (proxy and large model),
+        each on its own Poisson batches under DP; a small one one (its surrogate)."""
+        return 2 if self.role == "large" else 1
 
     def private_loss(self) -> Loss:
         """The supervised loss on this hospital's own data (``fedhelp.local-loss``)."""
@@ -438,12 +457,26 @@ class FedHelpObjective(ClientObjective):
         loop, settings = self.loop()
         proxy = self.build(received).to(device)
         large = self.large_model().to(device)
-        proxy_step = loop.updater(proxy.parameters(), settings)
-        large_step = loop.updater(large.parameters(), settings)
+        train, run = self.context.data.train, self.run
+        proxy_step: Updater | PrivateUpdater
+        large_step: Updater | PrivateUpdater
+        batches: Iterator[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]
+        if run.dp == "dp-sgd":
+            # Both models learn from the private data, so both take DP-SGD steps, each on its
+            # own Poisson batches: the ledger counts 2 x the round's steps (private_models).
+            proxy_step = loop.private_updater(proxy, settings, run)
+            large_step = loop.private_updater(large, settings, run)
+            proxy_batches, budget = loop.private_batches(train, run)
+            large_batches, _ = loop.private_batches(train, run)
+            batches = zip(proxy_batches, large_batches, strict=False)
+        else:
+            proxy_step = loop.updater(proxy.parameters(), settings)
+            large_step = loop.updater(large.parameters(), settings)
+            shared, budget = loop.round_batches(train, run, self.generator())
+            batches = ((batch, batch) for batch in shared)
 
-        def step(batch: tuple[Tensor, Tensor]) -> StepResult:
-            x, y = batch
-            # 3a: forward KD, large -> proxy, with the large model frozen.
+        def forward_kd(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+            """3a: forward KD, large -> proxy, with the large model frozen."""
             large.eval()
             proxy.train()
             with torch.no_grad(), loop.autocast():
@@ -456,8 +489,11 @@ class FedHelpObjective(ClientObjective):
                 )
                 proxy_loss = proxy_ce + opts.forward_kd_weight * forward_kl
             proxy_step.step(proxy_loss)
-            # 3b: backward KD, proxy -> large, with the (updated) proxy frozen; the large
-            # model's logits are recomputed with gradients and its CE uses them (FH-7).
+            return {"loss": proxy_loss, "proxy_ce": proxy_ce, "forward_kl": forward_kl}
+
+        def backward_kd(x: Tensor, y: Tensor) -> dict[str, Tensor]:
+            """3b: backward KD, proxy -> large, with the (updated) proxy frozen; the large
+            model's logits are recomputed with gradients and its CE uses them (FH-7)."""
             proxy.eval()
             large.train()
             with torch.no_grad(), loop.autocast():
@@ -477,18 +513,30 @@ class FedHelpObjective(ClientObjective):
                     large_ce + opts.backward_kd_weight * backward_kl + opts.rank_weight * rank
                 )
             large_step.step(large_loss)
-            return len(y), {
-                "loss": proxy_loss,
-                "proxy_ce": proxy_ce,
-                "forward_kl": forward_kl,
+            return {
                 "large_loss": large_loss,
                 "large_ce": large_ce,
                 "backward_kl": backward_kl,
                 "rank": rank,
             }
 
-        batches, budget = loop.round_batches(self.context.data.train, self.run, self.generator())
-        stats = loop.run(budget, batches, step)
+        def step(batch: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]) -> StepResult:
+            (x, y), (x_large, y_large) = batch
+            losses: dict[str, Tensor] = {}
+            for updater, (inputs, labels), kd in (
+                (proxy_step, (x, y), forward_kd),
+                (large_step, (x_large, y_large), backward_kd),
+            ):
+                if len(labels) == 0:  # an empty Poisson batch: a noise-only DP step
+                    noise_only(updater)
+                else:
+                    losses.update(kd(inputs, labels))
+            return len(y), losses
+
+        try:
+            stats = loop.run(budget, batches, step)
+        finally:
+            close_private(proxy_step, large_step)
         saved = self.context.site.save(LARGE_MODEL, _cpu_state(large))  # FH-9: stays here
         means = stats.means
         return LocalUpdate(
@@ -498,12 +546,15 @@ class FedHelpObjective(ClientObjective):
             stats.seconds,
             stats.steps,
             metrics={
-                "train_proxy_ce": means["proxy_ce"],
-                "train_forward_kl": means["forward_kl"],
-                "train_large_loss": means["large_loss"],
-                "train_large_ce": means["large_ce"],
-                "train_backward_kl": means["backward_kl"],
-                "train_rank_loss": means["rank"],
+                f"train_{name}": means.get(key, 0.0)
+                for name, key in (
+                    ("proxy_ce", "proxy_ce"),
+                    ("forward_kl", "forward_kl"),
+                    ("large_loss", "large_loss"),
+                    ("large_ce", "large_ce"),
+                    ("backward_kl", "backward_kl"),
+                    ("rank_loss", "rank"),
+                )
             },
             info={
                 "fedhelp_role": "large",
@@ -611,7 +662,15 @@ class FedHelpObjective(ClientObjective):
         private.to(device).train()
         public.to(device).train()
         loop, settings = self.loop()
-        private_step = loop.updater([*phi.parameters(), *private.parameters()], settings)
+        private_step: Updater | PrivateUpdater
+        if run.dp == "dp-sgd":  # the private step is DP-SGD; the public step reads no record
+            private_step = loop.private_updater(nn.Sequential(phi, private), settings, run)
+            private_batches, budget = loop.private_batches(self.context.data.train, run)
+        else:
+            private_step = loop.updater([*phi.parameters(), *private.parameters()], settings)
+            private_batches, budget = loop.round_batches(
+                self.context.data.train, run, self.generator()
+            )
         public_step = loop.updater([*phi.parameters(), *public.parameters()], settings)
         labels = shared.labels
         use_public_ce = opts.public_ce and labels is not None
@@ -625,32 +684,36 @@ class FedHelpObjective(ClientObjective):
             opts.public_batch_size or run.batch_size,
             seeded_generator(run.seed, self.context.server_round, "fedhelp-public", hospital),
         )
-        private_batches, budget = loop.round_batches(
-            self.context.data.train, run, self.generator()
-        )
 
         def step(batch: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]) -> StepResult:
             (x, y), (x_public, index) = batch
             index = index.cpu()
-            # (i) private step on (phi, private head).
-            with loop.autocast():
-                private_loss = private_loss_of(private(phi(x)), y)
-            private_step.step(private_loss)
-            # (ii) public step on (phi, public head): KL to the stored probabilities (+ CE, FH-5).
-            with loop.autocast():
-                public_logits = public(phi(x_public))
-                public_kl = kl_divergence(
-                    target_log[index].to(device),
-                    class_log_probs(public_logits, opts.temperature),
-                    opts.kl_reduction,
-                )
-                public_ce = (
-                    task_loss(public_logits.float(), labels[index].to(device))
-                    if use_public_ce and labels is not None
-                    else torch.zeros((), device=device)
-                )
-                public_loss = opts.public_weight * (public_kl + public_ce)
-            public_step.step(public_loss)
+            # (i) private step on (phi, private head); under DP an empty Poisson batch is a
+            # noise-only step.
+            if len(y) == 0:
+                noise_only(private_step)
+                private_loss = torch.zeros((), device=device)
+            else:
+                with loop.autocast():
+                    private_loss = private_loss_of(private(phi(x)), y)
+                private_step.step(private_loss)
+            # (ii) public step on (phi, public head): KL to the stored probabilities (+ CE, FH-5);
+            # public data, so an ordinary step (no per-sample hooks under DP).
+            with public_only(private_step):
+                with loop.autocast():
+                    public_logits = public(phi(x_public))
+                    public_kl = kl_divergence(
+                        target_log[index].to(device),
+                        class_log_probs(public_logits, opts.temperature),
+                        opts.kl_reduction,
+                    )
+                    public_ce = (
+                        task_loss(public_logits.float(), labels[index].to(device))
+                        if use_public_ce and labels is not None
+                        else torch.zeros((), device=device)
+                    )
+                    public_loss = opts.public_weight * (public_kl + public_ce)
+                public_step.step(public_loss)
             return len(y), {
                 "loss": private_loss.detach() + public_loss.detach(),
                 "private": private_loss,
@@ -658,7 +721,10 @@ class FedHelpObjective(ClientObjective):
                 "public_ce": public_ce,
             }
 
-        stats = loop.run(budget, zip(private_batches, public_batches, strict=False), step)
+        try:
+            stats = loop.run(budget, zip(private_batches, public_batches, strict=False), step)
+        finally:
+            close_private(private_step)
         if opts.head_init != "fresh":
             self.context.site.save(
                 HEADS,
@@ -724,21 +790,50 @@ class FedHelpObjective(ClientObjective):
         )
 
 
+def build_large_model(run: RunConfig, name: str) -> nn.Module:
+    """A large hospital's private model ``name``; under DP the version Opacus trains
+    (GroupNorm with ``privacy-fix-model``, residual additions out of place)."""
+    model = build_network(name, run.num_classes, input_shape(run))
+    if run.dp == "off":
+        return model
+    return private_variant(model, run.privacy_fix_model)
+
+
+def noise_only(updater: Updater | PrivateUpdater) -> None:
+    """The step of an empty Poisson batch: noise only (only DP-SGD batches are empty)."""
+    if not isinstance(updater, PrivateUpdater):
+        raise DataError("the training split yields an empty batch (is it empty?)")
+    updater.step(None)
+
+
+def public_only(updater: Updater | PrivateUpdater) -> AbstractContextManager[None]:
+    """Around a step on public data through layers a private updater also trains: its
+    per-sample hooks paused (nothing to clip or account), else nothing."""
+    return updater.paused() if isinstance(updater, PrivateUpdater) else nullcontext()
+
+
+def close_private(*updaters: Updater | PrivateUpdater) -> None:
+    """Remove the per-sample hooks of the private updaters: ordinary modules again."""
+    for updater in updaters:
+        if isinstance(updater, PrivateUpdater):
+            updater.close()
+
+
 def _cpu_state(model: nn.Module) -> State:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def check_run(run: RunConfig) -> None:
-    """``Algorithm.check``: :func:`check_options` on the run's own FedHelp options; DP-SGD
-    is refused (its private steps share a feature extractor with the public-data steps and
-    the large model learns from private logits: not yet accounted, docs/privacy.md)."""
-    if run.dp != "off":
-        raise ConfigError(
-            "run config: dp = 'dp-sgd' is not allowed with algorithm = 'fedhelp' yet: its "
-            "private-data steps alternate with public-data and distillation steps that DP-SGD "
-            "does not cover here (docs/privacy.md)"
-        )
-    check_options(run, run.algorithm_options())
+    """``Algorithm.check``: :func:`check_options` on the run's own FedHelp options; under DP
+    the large model must be one Opacus can train (docs/privacy.md)."""
+    options: FedHelpOptions = run.algorithm_options()
+    check_options(run, options)
+    check_network(
+        run,
+        f"fedhelp.large-model = {options.large_model!r}",
+        lambda: build_large_model(run, options.large_model),
+        input_shape(run),
+    )
 
 
 ALGORITHM = Algorithm(

@@ -45,6 +45,12 @@ Design decisions (IDs defined in docs/fedmas.md#decisions):
 - **MAS-4** — the aggregation is named ``mas`` (lowercase) as the server code matches; the
   reference README's ``MAS`` would fail there.
 
+Differential privacy (``dp = "dp-sgd"``, docs/privacy.md): step 2 is DP-SGD (every term of
+the local loss reads one sample, so the whole loss is clipped per sample and noised; the
+per-sample clipping replaces ``grad-clip-norm``) on Poisson batches, and the model is built
+with GroupNorm for the projector's BatchNorm1d (``privacy-fix-model = true`` is required).
+``w``, ``ŵ`` and RF are still measured on the training split and sent without DP.
+
 Other differences from the reference: the local optimizer is the run's (``optimizer``,
 ``learning-rate``; the reference hard-codes Adam 3e-4), its state persists at the site
 across rounds as in the reference; ``n_k`` is the training-set size (the reference uses
@@ -57,7 +63,7 @@ from __future__ import annotations
 import math
 import time
 from logging import WARNING
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +77,7 @@ from fedclinic.config import HospitalConfig, RunConfig, Schema
 from fedclinic.data.base import Split
 from fedclinic.engine import TRAIN, Exchange, Reply, ServerAlgorithm, replies_to_numpy
 from fedclinic.errors import ConfigError, DataError, FedClinicError, IntegrityError
-from fedclinic.models import MODELS, dims_of
+from fedclinic.models import MODELS, dims_of, private_variant
 from fedclinic.prior import (
     IMAGE_PRIORS,
     PRIOR_DIMS,
@@ -81,12 +87,15 @@ from fedclinic.prior import (
     prior_content_sha256,
     random_prior,
 )
+from fedclinic.privacy import check_network, input_shape
 from fedclinic.rows import FedMASAggregationRow
 from fedclinic.serialization import State, file_sha256, numpy_to_record
 from fedclinic.training import (
     LocalLoop,
     OptimizerSettings,
+    PrivateUpdater,
     StepResult,
+    Updater,
     make_loader,
 )
 from strategies.base import Algorithm, ClientObjective, LocalUpdate
@@ -141,12 +150,6 @@ def options_of(run: RunConfig) -> FedMASOptions:
 
 def check_run(run: RunConfig) -> None:
     """Refuse run settings Fed-MAS cannot work with (at the coordinator and at the hospital)."""
-    if run.dp != "off":
-        raise ConfigError(
-            "run config: dp = 'dp-sgd' is not allowed with algorithm = 'fedmas' yet: its local "
-            "step also measures per-class divergence on the private data, sent unprotected, "
-            "and its projector needs BatchNorm (docs/privacy.md)"
-        )
     options = options_of(run)
     if run.model not in BACKBONES:
         raise ConfigError(
@@ -172,6 +175,8 @@ def check_run(run: RunConfig) -> None:
             "run config: key 'fedmas.prior-sha256' is empty: Fed-MAS needs the SHA-256 of the "
             "shared prior file (printed by 'fedclinic prior train' / 'fedclinic prior hash')"
         )
+    # under DP the model with its projector (BatchNorm1d) must be one Opacus can train
+    check_network(run, "algorithm = 'fedmas'", lambda: build_fedmas_model(run), input_shape(run))
 
 
 # ------------------------------------------------------------------------------ the model
@@ -225,7 +230,12 @@ def build_fedmas_model(run: RunConfig, seed: int | None = None) -> FedMASNet:
         torch.manual_seed(seed)
     backbone, feature_dim = build_backbone(run)
     prior_dim = PRIOR_DIMS[options_of(run).prior_arch]
-    return FedMASNet(backbone, feature_dim, prior_dim, run.num_classes)
+    model = FedMASNet(backbone, feature_dim, prior_dim, run.num_classes)
+    if run.dp == "off":
+        return model
+    # DP-SGD: the projector's BatchNorm1d (and the backbone's) become GroupNorm with
+    # privacy-fix-model = true; check_run refuses the run otherwise (docs/privacy.md)
+    return cast(FedMASNet, private_variant(model, run.privacy_fix_model))
 
 
 # ------------------------------------------------------------------------------ the prior
@@ -342,7 +352,12 @@ class FedMASObjective(ClientObjective):
         # Step 2, local training with state estimation.
         loop = LocalLoop.for_run(run, device)
         settings = OptimizerSettings.of(run)
-        updater = loop.updater(model.parameters(), settings, options.grad_clip_norm)
+        private = run.dp == "dp-sgd"
+        updater: Updater | PrivateUpdater = (  # DP: per-sample clipping replaces grad-clip-norm
+            loop.private_updater(model, settings, run)
+            if private
+            else loop.updater(model.parameters(), settings, options.grad_clip_norm)
+        )
         site, state_name = self.context.site, f"{OPTIMIZER_STATE}_{run.optimizer}"
         restored = (  # the optimiser's state persists at the site across rounds
             options.persist_optimizer
@@ -354,6 +369,10 @@ class FedMASObjective(ClientObjective):
 
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
             inputs, labels = batch
+            if len(labels) == 0:  # an empty Poisson batch (DP only): a noise-only step
+                assert isinstance(updater, PrivateUpdater)
+                updater.step(None)
+                return 0, {}
             with loop.autocast():
                 logits, projection, aux_logits = model.heads(inputs)
                 features = prior(inputs)
@@ -370,14 +389,21 @@ class FedMASObjective(ClientObjective):
             align = divergence.mean()
             return len(labels), {"loss": loss, "task": task, "aux": aux, "align": align}
 
-        batches, budget = loop.round_batches(
-            train,
-            run,
-            self.generator(),
-            drop_last=len(train) > run.batch_size,  # no batch of 1 for the projector's BatchNorm
-        )
+        if private:
+            batches, budget = loop.private_batches(train, run)
+        else:
+            batches, budget = loop.round_batches(
+                train,
+                run,
+                self.generator(),
+                drop_last=len(train) > run.batch_size,  # no batch of 1 for the BatchNorm
+            )
         model.train()
-        stats = loop.run(budget, batches, step)
+        try:
+            stats = loop.run(budget, batches, step)
+        finally:
+            if isinstance(updater, PrivateUpdater):
+                updater.close()
         if options.persist_optimizer:
             site.save(state_name, updater.state())
 
@@ -387,9 +413,9 @@ class FedMASObjective(ClientObjective):
             "mas_rf": rf,
             "mas_w": w,
             "mas_w_hat": w_hat.values(),
-            "train_task_loss": stats.means["task"],
-            "train_aux_loss": stats.means["aux"],
-            "train_align_loss": stats.means["align"],
+            "train_task_loss": stats.means.get("task", 0.0),
+            "train_aux_loss": stats.means.get("aux", 0.0),
+            "train_align_loss": stats.means.get("align", 0.0),
             "train_optimizer_restored": float(bool(restored)),
         }
         return LocalUpdate(

@@ -96,6 +96,19 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
         assert [a + b for a, b in zip(dev, test, strict=True)] == own
         assert sum(test) >= 0.19 * sum(own)  # 20 % held out, stratified
 
+    # DP suite: the noise keeps every hospital's ledger at or below the target ε
+    private = json.loads((out / "pneumonia-privacy" / "results.json").read_text())
+    methods = private["privacy"]["methods"]
+    assert set(methods) == set(private["algorithms"])
+    for entry in methods.values():
+        if entry["epsilon"] is None:  # the algorithm without DP
+            assert entry["spent_epsilon"] == {}
+            continue
+        assert set(entry["spent_epsilon"]) == set(private["hospitals"])
+        assert max(entry["spent_epsilon"].values()) <= entry["epsilon"]
+        assert entry["train_seconds_per_round"] > 0
+    assert methods["fedavg-dp-eps1"]["train_cost_ratio"] > 0
+
     report = tmp_path / "BENCHMARKS.md"
     plots = tmp_path / "plots"
     assert (
@@ -112,7 +125,8 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
     assert "## PneumoniaMNIST strong label skew" in text and "Meets target" in text
     assert "private wide-cnn" in text  # FedHelp's model classes are named in the table
     images = sorted(p.name for p in plots.glob("*.png"))
-    assert len(images) == 13
+    assert "DP cost (x no DP)" in text
+    assert len(images) == 16
     assert "heart_federated_bars_test_accuracy.png" in images  # every suite's runs completed
     for name in images:
         assert f"plots/{name}" in text
@@ -229,3 +243,31 @@ def test_report_adds_a_sections_notes_labelled_as_typed_in(tmp_path: Path) -> No
     # a section without notes has none
     (plots / "load_notes.md").unlink()
     assert note not in runtime_sections(tmp_path, plots, "docs/bench")
+
+
+def test_privacy_noise_keeps_the_smallest_hospital_at_its_target(tmp_path: Path) -> None:
+    """The DP suite's noise multiplier per target ε: the hospital with the largest sample
+    rate reaches the target (Opacus's RDP analysis, computed here directly), none passes it."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedclinic.bench.quality import privacy_plan, set_privacy_noise
+
+    plan = privacy_plan("full", tmp_path)
+    set_privacy_noise(plan)
+    assert len(plan.algorithms) == 6 * 4 and plan.base["rounds"] == 20
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    for method, entry in plan.privacy.items():
+        flat = plan.flat(method, 42)
+        assert flat["dp"] == "dp-sgd" and flat["dp-noise-multiplier"] == entry["noise_multiplier"]
+        spent = {}
+        for hospital, rate in entry["sample_rate"].items():
+            steps = entry["planned_steps"][hospital]
+            rdp = compute_rdp(
+                q=rate, noise_multiplier=entry["noise_multiplier"], steps=steps, orders=orders
+            )
+            spent[hospital] = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0]
+        assert max(spent.values()) <= entry["epsilon"]
+        assert max(spent.values()) >= entry["epsilon"] - 0.05 * entry["epsilon"]
+        assert max(spent, key=lambda h: spent[h]) == entry["binding_hospital"] == "h6"
+    fedhelp, fedavg = plan.privacy["fedhelp-dp-eps3"], plan.privacy["fedavg-dp-eps3"]
+    assert fedhelp["planned_steps"]["h1"] == 2 * fedavg["planned_steps"]["h1"]  # two models

@@ -70,7 +70,10 @@ from fedclinic.data.medmnist import partition_plan, read_npz
 from fedclinic.data.splits import stratified_split
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.knowledge import build_knowledge, public_inputs, read_public_data
+from fedclinic.opacus_backend import get_noise_multiplier
 from fedclinic.prior import MocoSettings, save_prior, train_moco
+from fedclinic.privacy import epsilon
+from fedclinic.training import poisson_plan
 from strategies import load_run_config
 
 #: the shared reference data beside the checkout (``../shared/data``), read in place, never
@@ -129,6 +132,24 @@ FEDHELP_CANDIDATES = [
     for head in ("fresh", "global", "kept")
     for reduction in ("sum", "mean")
 ]
+#: the DP suite (issue 23): the ``pneumonia`` partition with DP-SGD at each target ε
+PRIVACY = "pneumonia-privacy"
+PRIVACY_EPSILONS = (1.0, 3.0, 8.0)
+PRIVACY_DELTA = 1e-5
+#: every algorithm that trains under DP (docs/privacy.md, section 1)
+PRIVACY_ALGORITHMS = ("local-only", "fedavg", "fedprox", "fedhelp", "pfednet", "fedmas")
+PRIVACY_CLIP = 1.0
+#: models or phases charged per round on a hospital's data beyond one (FedHelp's large
+#: hospitals: proxy and large model; pFedNet: shared and personal phase), as an upper bound
+PRIVACY_CHARGES = {"fedhelp": 2, "pfednet": 2}
+PRIVACY_LABELS = {
+    "local-only": "Local-only",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedhelp": "FedHelp",
+    "pfednet": "pFedNet",
+    "fedmas": "Fed-MAS",
+}
 #: the metrics aggregated per hospital (test split of the model chosen on validation data)
 METRICS = ("test_accuracy", "test_balanced_accuracy", "test_auc")
 
@@ -168,14 +189,25 @@ class Plan:
     pooled_for: dict[str, PooledData] = field(default_factory=dict)
     #: table labels of methods whose key is not a label of its own (report.LABELS)
     labels: dict[str, str] = field(default_factory=dict)
+    #: methods of this suite only: key -> (the method whose settings it starts from, extra
+    #: settings); the privacy suite's ``<algorithm>-dp-eps<ε>``
+    variants: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    #: the privacy suite: per DP method, its target ε and the noise chosen for it
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def runs_as(self, method: str) -> str:
         """The registered algorithm (or ``pooled``) a method runs."""
+        if method in self.variants:
+            return self.runs_as(self.variants[method][0])
         return CONTROLS[method][0] if method in CONTROLS else method
 
     def flat(self, method: str, seed: int) -> dict[str, Any]:
         algorithm = self.runs_as(method)
-        options = CONTROLS[method][1] if method in CONTROLS else {}
+        if method in self.variants:
+            parent, extra = self.variants[method]
+            options = {**self.flat(parent, seed), **extra}
+        else:
+            options = CONTROLS[method][1] if method in CONTROLS else {}
         flat = {**self.base, **options, **self.per_algorithm.get(method, {}), "seed": seed}
         flat["algorithm"] = "fedavg" if algorithm == "pooled" else algorithm
         flat["run-name"] = f"{method}-seed{seed}"
@@ -739,10 +771,99 @@ def heart_federated_plan(mode: str, work: Path) -> Plan:
     return plan
 
 
+def privacy_plan(mode: str, work: Path) -> Plan:
+    """The ``pneumonia`` partition with DP-SGD (docs/privacy.md) at each target ε of
+    :data:`PRIVACY_EPSILONS`, δ = :data:`PRIVACY_DELTA`, per algorithm that supports it,
+    beside the same algorithm without DP (the reference of the DP cost). The noise multiplier
+    of each DP method is chosen by :func:`set_privacy_noise` once the rounds are known.
+    Quick: FedAvg at every ε and without DP, FedHelp and Fed-MAS at the largest ε."""
+    quick = mode == "quick"
+    plan = pneumonia_plan(mode, work, suite="pneumonia")
+    plan.suite = PRIVACY
+    plan.candidates = {}  # nothing tuned under DP: every algorithm with its default options
+    for node in plan.hospitals:
+        node["privacy-delta"] = PRIVACY_DELTA
+    methods: list[str] = []
+    for algorithm in ("fedavg", "fedhelp", "fedmas") if quick else PRIVACY_ALGORITHMS:
+        full = not quick or algorithm == "fedavg"
+        if full:
+            methods.append(algorithm)
+        for target in PRIVACY_EPSILONS if full else PRIVACY_EPSILONS[-1:]:
+            method = f"{algorithm}-dp-eps{target:g}"
+            extra: dict[str, Any] = {"dp": "dp-sgd", "dp-max-grad-norm": PRIVACY_CLIP}
+            if algorithm == "fedmas":  # its projector's BatchNorm1d becomes GroupNorm
+                extra["privacy-fix-model"] = True
+            plan.variants[method] = (algorithm, extra)
+            plan.privacy[method] = {"algorithm": algorithm, "epsilon": target}
+            plan.labels[method] = f"{PRIVACY_LABELS[algorithm]}, DP ε = {target:g}"
+            methods.append(method)
+    plan.algorithms = tuple(methods)
+    plan.protocol.append(
+        "Differential privacy (docs/privacy.md): DP-SGD at every hospital (Opacus: Poisson "
+        f"batches of expected size {plan.base['batch-size']}, each sample's gradient clipped to "
+        f"{PRIVACY_CLIP:g}, Gaussian noise), for every training step on private data: "
+        "FedHelp's surrogate, proxy and large-model steps, Fed-MAS's local steps (its projector "
+        "with GroupNorm, `privacy-fix-model = true`), both pFedNet phases. Per target ε "
+        f"(δ = {PRIVACY_DELTA:g}) the noise multiplier is Opacus's `get_noise_multiplier` (RDP) "
+        "for each hospital's sample rate (batch / its training rows) and its steps over the "
+        "whole run (rounds x steps per round x models or phases charged per round: 2 for "
+        "FedHelp and pFedNet), the largest over the hospitals, so that no hospital's ledger "
+        "passes the target; the ε each ledger reached is reported. Rows without 'DP' are the "
+        "same algorithm without DP, the reference of the DP cost per round."
+    )
+    return plan
+
+
+@functools.cache
+def noise_for(target: float, rate: float, steps: int) -> float:
+    """Opacus's noise multiplier for ``steps`` Poisson steps at ``rate`` to reach ``target``
+    at :data:`PRIVACY_DELTA` (RDP); the methods of one ε share most of them."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target, target_delta=PRIVACY_DELTA, sample_rate=rate, steps=steps,
+            accountant="rdp", epsilon_tolerance=0.01,
+        )
+    )  # fmt: skip
+
+
+def set_privacy_noise(plan: Plan) -> None:
+    """Each DP method's noise multiplier: the smallest that keeps every hospital's ε over
+    the run at or below the target (Opacus ``get_noise_multiplier``, RDP accountant)."""
+    train_rows = {
+        name: sum(entry["development_class_counts"]) - sum(entry["val_class_counts"])
+        for name, entry in plan.layout.items()
+    }
+    for method, entry in plan.privacy.items():
+        flat = plan.flat(method, plan.seeds[0])
+        charges = PRIVACY_CHARGES.get(entry["algorithm"], 1)
+        needed, schedule = {}, {}
+        for hospital, rows in train_rows.items():
+            rate, per_round = poisson_plan(
+                int(flat["batch-size"]), rows, int(flat["local-steps"]), int(flat["local-epochs"])
+            )
+            steps = per_round * int(flat["rounds"]) * charges
+            schedule[hospital] = (rate, steps)
+            needed[hospital] = noise_for(entry["epsilon"], rate, steps)
+        binding = max(needed, key=lambda h: needed[h])
+        sigma = math.ceil(needed[binding] * 1e4) / 1e4  # rounded up: never above the target
+        plan.variants[method][1]["dp-noise-multiplier"] = sigma
+        entry.update(
+            noise_multiplier=sigma,
+            binding_hospital=binding,
+            planned_epsilon={
+                h: epsilon([(sigma, rate, steps)], PRIVACY_DELTA)
+                for h, (rate, steps) in schedule.items()
+            },
+            planned_steps={h: steps for h, (_, steps) in schedule.items()},
+            sample_rate={h: rate for h, (rate, _) in schedule.items()},
+        )
+
+
 PLANS: dict[str, Callable[[str, Path], Plan]] = {
     "heart": heart_plan,
     "heart-federated": heart_federated_plan,
     **{suite: functools.partial(pneumonia_plan, suite=suite) for suite in PNEUMONIA_SUITES},
+    PRIVACY: privacy_plan,
 }
 
 
@@ -764,6 +885,8 @@ def make_plan(suite: str, mode: str, work: Path, rounds: int = 0) -> Plan:
         plan.protocol.append(f"**REDUCED: {plan.reduced}.**")
     if suite in PNEUMONIA_SUITES:  # public data, knowledge and the MoCo prior: not for heart
         pneumonia_setup(plan, work)
+    if plan.privacy:  # the noise depends on the rounds
+        set_privacy_noise(plan)
     return plan
 
 
@@ -945,6 +1068,7 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
                     "model": entry.get("model"),
                     "num_test": chosen.get("num_test"),
                     **{m: _number(chosen.get(m)) for m in METRICS},
+                    "epsilon": (entry.get("privacy") or {}).get("epsilon"),
                     "one_class_test": one_class(chosen.get("test_recall")),
                     "one_class_val": one_class(chosen.get("val_recall")),
                     "val_recall": chosen.get("val_recall"),
@@ -1012,7 +1136,58 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
     }
     if plan.suite.startswith("heart"):
         results["majority_rule"] = majority_rule()
+    if plan.privacy:
+        results["privacy"] = privacy_results(plan, directory, runs, per_hospital)
     return results
+
+
+def train_seconds_per_round(run_dir: Path) -> float:
+    """The hospitals' training seconds per round, summed over the hospitals (``train``
+    rows), averaged over the rounds."""
+    per_round: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind") == "train" and isinstance(row.get("seconds"), int | float):
+            key = int(row["round"])
+            per_round[key] = per_round.get(key, 0.0) + float(row["seconds"])
+    return float(np.mean(list(per_round.values()))) if per_round else math.nan
+
+
+def privacy_results(
+    plan: Plan, directory: Path, runs: list[dict[str, Any]], per_hospital: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Per method: the target ε, the noise, the ε each hospital's ledger reached (the most
+    over seeds), and the cost per round: training seconds summed over the hospitals and the
+    run's wall seconds per round, beside the same algorithm without DP."""
+    methods: dict[str, dict[str, Any]] = {}
+    for method in plan.algorithms:
+        own = [r for r in runs if r["algorithm"] == method]
+        rounds = int(plan.flat(method, plan.seeds[0])["rounds"])
+        train = [train_seconds_per_round(directory / r["dir"]) for r in own]
+        spent: dict[str, float] = {}
+        for row in per_hospital:
+            if row["algorithm"] == method and isinstance(row.get("epsilon"), int | float):
+                spent[row["hospital"]] = max(spent.get(row["hospital"], 0.0), row["epsilon"])
+        entry = plan.privacy.get(method, {"algorithm": method, "epsilon": None})
+        methods[method] = {
+            **entry,
+            "reference": entry["algorithm"] if method in plan.privacy else None,
+            "spent_epsilon": spent,
+            "train_seconds_per_round": float(np.nanmean(train)) if train else math.nan,
+            "wall_seconds_per_round": (
+                float(np.mean([r["seconds"] for r in own])) / rounds if own else math.nan
+            ),
+        }
+    for entry in methods.values():
+        reference = methods.get(entry["reference"] or "")
+        if reference:
+            entry["train_cost_ratio"] = (
+                entry["train_seconds_per_round"] / reference["train_seconds_per_round"]
+            )
+            entry["wall_cost_ratio"] = (
+                entry["wall_seconds_per_round"] / reference["wall_seconds_per_round"]
+            )
+    return {"delta": PRIVACY_DELTA, "epsilons": list(PRIVACY_EPSILONS), "methods": methods}
 
 
 def summarise(

@@ -459,6 +459,7 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
     title = {
         "pneumonia-skew": "strong label skew",
         "pneumonia-skew-heldout": "strong label skew, held-out test from the train share",
+        "pneumonia-privacy": "hospitals with differential privacy (DP-SGD)",
     }.get(suite, "hospitals")
     lines = [f"## PneumoniaMNIST {title} ({results['mode']} mode)", ""]
     lines += [*_protocol(results), ""]
@@ -536,6 +537,8 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
         ]
     if suite.startswith("pneumonia-skew"):
         lines += ["", *skew_tables(results), *recall_table(results)]
+    if results.get("privacy"):
+        lines += ["", *privacy_table(results)]
     lines += [
         "",
         "Each hospital's model chosen on validation data (the round with the best mean "
@@ -547,9 +550,11 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
         "in one place, larger models), so it is context, not an anchor.",
         "",
     ]
-    prefix = {"pneumonia-skew": "skew", "pneumonia-skew-heldout": "skew_heldout"}.get(
-        suite, "pneumonia"
-    )
+    prefix = {
+        "pneumonia-skew": "skew",
+        "pneumonia-skew-heldout": "skew_heldout",
+        "pneumonia-privacy": "privacy",
+    }.get(suite, "pneumonia")
     for metric in ("test_balanced_accuracy", "test_auc"):
         bars = f"{prefix}_bars_{metric}.png"
         plot_bars(results, metric, plots / bars)
@@ -559,6 +564,57 @@ def pneumonia_section(results: dict[str, Any], plots: Path, relative: str) -> li
     lines += [f"![per-round curves]({relative}/{curves})", ""]
     lines += [*_runtime(results), ""]
     return lines
+
+
+def privacy_table(results: dict[str, Any]) -> list[str]:
+    """The privacy suite: per method its target ε, noise, the ε the hospitals' ledgers
+    reached, balanced accuracy, and what DP costs per round against the same algorithm
+    without DP."""
+    privacy = results["privacy"]
+    summary = {row["algorithm"]: row for row in results["summary"]}
+
+    def number(value: Any, digits: int = 2, suffix: str = "") -> str:
+        ok = isinstance(value, int | float) and math.isfinite(value)
+        return f"{value:.{digits}f}{suffix}" if ok else "-"
+
+    rows = []
+    for method in results["algorithms"]:
+        entry = privacy["methods"].get(method, {})
+        spent = entry.get("spent_epsilon") or {}
+        rows.append(
+            [
+                label(method, results),
+                number(entry.get("epsilon"), 0) if entry.get("epsilon") else "no DP",
+                number(entry.get("noise_multiplier"), 3),
+                number(max(spent.values()), 2) if spent else "-",
+                interval(summary.get(method, {}).get("client_avg_test_balanced_accuracy")),
+                interval(summary.get(method, {}).get("worst_test_balanced_accuracy")),
+                number(entry.get("train_seconds_per_round"), 2),
+                number(entry.get("train_cost_ratio"), 2, " x"),
+                number(entry.get("wall_seconds_per_round"), 2),
+            ]
+        )
+    header = [
+        "Method",
+        "Target ε",
+        "σ",
+        "ε spent (most at a hospital)",
+        "Client-avg balanced acc.",
+        "Worst-hospital balanced acc.",
+        "Hospital training s / round",
+        "DP cost (x no DP)",
+        "Wall s / round",
+    ]
+    return [
+        f"Differential privacy (δ = {privacy['delta']:g}; docs/privacy.md): σ is the noise "
+        "multiplier chosen for the target ε; ε spent is the largest any hospital's ledger "
+        "reached (its own data set, every DP step of the run composed). Hospital training "
+        "seconds per round are summed over the hospitals (each trains in turn in process); "
+        "the DP cost is their ratio to the same algorithm without DP.",
+        "",
+        *table(header, rows),
+        "",
+    ]
 
 
 def _mean(row: dict[str, Any], key: str, digits: int = 2, sign: bool = False) -> str:
