@@ -41,6 +41,19 @@ NORMALISATION_STD = "normalisation-std"
 #: hospital keeps the site versions that round deployed (fedclinic.site)
 SELECTED_ROUND = "selected-round"
 FEDHELP_ROLE = "fedhelp-role"
+#: secure aggregation (fedclinic.secagg): the stage of a message, and each stage's inputs
+SECAGG_STAGE = "secagg-stage"
+SECAGG_THRESHOLD = "secagg-threshold"
+SECAGG_CLIPPING = "secagg-clipping"
+SECAGG_LEVELS = "secagg-levels"
+#: share-keys: the hospital's secure ID, its neighbours' secure IDs and public keys
+SECAGG_ID = "secagg-id"
+SECAGG_IDS = "secagg-ids"
+#: collect: the encrypted shares addressed to the hospital, and their senders
+SECAGG_SOURCES = "secagg-sources"
+#: unmask: neighbours whose seed shares (uploaded) or key shares (dropped) are asked for
+SECAGG_ACTIVE = "secagg-active"
+SECAGG_DEAD = "secagg-dead"
 PFEDNET_SKETCH = "pfednet-sketch"
 
 # ---------------------------------------------------------------------- info (<- hospital)
@@ -61,6 +74,14 @@ DP_EPSILON = "dp_epsilon"
 DP_DELTA = "dp_delta"
 #: a hospital's answer to a statistics request, JSON (fedclinic.stats.request.SiteAnswer)
 STATS = "stats"
+#: secure aggregation answers: public keys (setup); encrypted shares and their recipients
+#: (share-keys); the shares revealed and whose they are (unmask)
+SECAGG_PK1 = "secagg-pk1"
+SECAGG_PK2 = "secagg-pk2"
+SECAGG_DESTINATIONS = "secagg-destinations"
+SECAGG_CIPHERTEXTS = "secagg-ciphertexts"
+SECAGG_OWNERS = "secagg-owners"
+SECAGG_SHARES = "secagg-shares"
 
 # ------------------------------------------------------------------- metrics (<- hospital)
 NUM_EXAMPLES = "num-examples"

@@ -238,6 +238,11 @@ class FedHelpStrategy(ServerAlgorithm):
     """Roles once before round 1, each hospital's role in its round config, mean aggregation."""
 
     state_attributes = ("roles", "role_table")
+    secure_aggregation_refusal = (
+        "FedHelp's exchanges differ by role (large hospitals upload their proxy models, "
+        "small ones their private-step updates) and are not one sample-weighted sum "
+        "(docs/fedhelp.md)"
+    )
 
     def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:
         super().__init__(run, results)

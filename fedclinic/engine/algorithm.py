@@ -100,6 +100,13 @@ class ServerAlgorithm:
     #: whether :meth:`arrays_for` / :meth:`config_for` need every hospital's name: the engine
     #: then asks a node it has never heard from (a restarted SuperNode) before sending
     needs_names: ClassVar[bool] = False
+    #: why ``secure-aggregation = true`` cannot work with this algorithm (one line), or
+    #: ``None`` where its aggregation is the sample-weighted mean of the uploaded models and
+    #: its round one training exchange: the engine then aggregates it under SecAgg+
+    #: (:mod:`fedclinic.engine.secagg`)
+    secure_aggregation_refusal: ClassVar[str | None] = (
+        "its aggregation is not the sample-weighted mean of the hospitals' models"
+    )
     #: attributes that carry state from round to round; checkpointed after every round
     state_attributes: ClassVar[tuple[str, ...]] = ()
 
