@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -141,7 +141,9 @@ def dequantise_mean(
         raise SecAggError("secure aggregation: the unmasked total weight is not positive")
     names = [k for k in total if k != WEIGHT_ENTRY]
     levels_mean = [total[k].astype(np.float64) / weight for k in names]
-    return dict(zip(names, dequantize(levels_mean, clipping, levels), strict=True)), weight
+    # dequantize is affine (level x 2c/Q - c): it maps the mean level to the mean value
+    values = dequantize(cast(list[Any], levels_mean), clipping, levels)
+    return dict(zip(names, values, strict=True)), weight
 
 
 def add(a: dict[str, np.ndarray], b: Mapping[str, np.ndarray], sign: int = 1) -> None:
@@ -402,7 +404,7 @@ def masked_update(
     _remember(secrets, COLLECT, config, {"masked": True})
     folder.mkdir(parents=True, exist_ok=True)
     with stored.open("wb") as handle:
-        np.savez(handle, **vector)
+        cast(Any, np.savez)(handle, **vector)  # numpy's stub mistypes **arrays
     for old in folder.glob("round-*.masked.npz"):
         if old != stored:
             old.unlink(missing_ok=True)

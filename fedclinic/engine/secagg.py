@@ -141,7 +141,7 @@ class SecureAggregation(ServerAlgorithm):
     ) -> ArrayRecord:
         if exchange.name in KEY_EXCHANGES:
             return ArrayRecord()  # no model travels in the key stages
-        if not self.sent:
+        if exchange.name == TRAIN.name and not self.sent:
             self.sent = record_to_numpy(arrays)
         return self.inner.arrays_for(hospital, arrays, exchange)
 
@@ -164,10 +164,10 @@ class SecureAggregation(ServerAlgorithm):
                 keys.SECAGG_CIPHERTEXTS: [ciphertext for _, ciphertext in inbox],
             }
         elif stage == secagg.UNMASK:
-            ring = state.neighbours[own]
+            around = state.neighbours[own]
             extra = {
-                keys.SECAGG_ACTIVE: sorted(ring & state.uploaded),
-                keys.SECAGG_DEAD: sorted(ring & (state.shared - state.uploaded)),
+                keys.SECAGG_ACTIVE: sorted(around & state.uploaded),
+                keys.SECAGG_DEAD: sorted(around & (state.shared - state.uploaded)),
             }
         if stage in (None, secagg.COLLECT):  # the training exchange, the final evaluation
             config = self.inner.config_for(hospital, config)
@@ -195,7 +195,7 @@ class SecureAggregation(ServerAlgorithm):
         elif exchange.name == SHARE_KEYS.name:
             self._shares(server_round, replies)
         elif exchange.name == TRAIN.name:
-            self._collect(replies)
+            self._collect(server_round, replies)
         elif exchange.name == UNMASK.name:
             return self._unmask(server_round, replies)
         return None
@@ -236,21 +236,27 @@ class SecureAggregation(ServerAlgorithm):
             for destination, ciphertext in zip(destinations, ciphertexts, strict=True):
                 if destination in state.shared and destination in state.neighbours[source]:
                     state.inbox.setdefault(destination, []).append((source, ciphertext))
-        self._enough(server_round, state.shared, "shared its keys")
+        state.shared, shared = set(), state.shared  # nobody dropped yet
+        self._enough(server_round, shared, "shared their keys")
+        state.shared = shared
 
     def _enough(self, server_round: int, alive: set[int], what: str) -> None:
-        """Every hospital still in the round must have ``threshold`` neighbours in ``alive``."""
+        """Every hospital whose secrets the round may need must have ``threshold``
+        neighbours in ``alive``, else the round fails now, naming who is missing."""
         state = self.current
-        for secure_id in sorted(alive):
+        missing = sorted(state.names[i] for i in state.shared - alive) if state.shared else []
+        for secure_id in sorted(state.shared or alive):
             left = state.neighbours[secure_id] & alive
             if len(left) < state.threshold:
                 raise FedClinicError(
-                    f"secure aggregation: round {server_round} cannot go on: only "
-                    f"{len(left)} of {state.names[secure_id]}'s neighbours {what}; its "
-                    f"secrets need {state.threshold} (secagg-reconstruction-threshold)"
+                    f"secure aggregation: round {server_round} cannot be unmasked: only "
+                    f"{len(left)} of {state.names[secure_id]}'s neighbours {what}"
+                    + (f" ({', '.join(missing)} dropped after sharing keys)" if missing else "")
+                    + f"; its secrets need {state.threshold} shares "
+                    "(secagg-reconstruction-threshold)"
                 )
 
-    def _collect(self, replies: list[Reply]) -> None:
+    def _collect(self, server_round: int, replies: list[Reply]) -> None:
         state = self.current
         state.uploaded = {state.ids[r.node_id] for r in replies}
         total: dict[str, np.ndarray] | None = None
@@ -262,6 +268,7 @@ class SecureAggregation(ServerAlgorithm):
             else:
                 secagg.add(total, vector)
         state.total = total
+        self._enough(server_round, state.uploaded, "uploaded")
         # the masked vectors are not kept, only their sum
         for reply in replies:
             reply.arrays = None
