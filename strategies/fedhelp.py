@@ -239,9 +239,9 @@ class FedHelpStrategy(ServerAlgorithm):
 
     state_attributes = ("roles", "role_table")
     secure_aggregation_refusal = (
-        "FedHelp's exchanges differ by role (large hospitals upload their proxy models, "
-        "small ones their private-step updates) and are not one sample-weighted sum "
-        "(docs/fedhelp.md)"
+        "not built for FedHelp yet: its mean of surrogates and proxies could be summed "
+        "securely, but its unweighted mode, per-hospital aggregation rows and update checks "
+        "are not wired to SecAgg (docs/privacy.md)"
     )
 
     def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:

@@ -324,7 +324,7 @@ def test_dp_and_secure_aggregation_together(tmp_path: Path, task_identity: None)
     [
         ({"algorithm": "fedmas"}, "not allowed with algorithm = 'fedmas': Fed-MAS weights"),
         ({"algorithm": "pfednet"}, "not allowed with algorithm = 'pfednet': pFedNet's ADMM"),
-        ({"algorithm": "fedhelp"}, "not allowed with algorithm = 'fedhelp': FedHelp's"),
+        ({"algorithm": "fedhelp"}, "with algorithm = 'fedhelp': not built for FedHelp yet"),
         ({"algorithm": "local-only"}, "nothing to aggregate"),
         ({"secagg-num-shares": 2}, "'secagg-num-shares' = 2 is not allowed"),
         ({"secagg-reconstruction-threshold": 1}, "one share would reveal"),
