@@ -43,6 +43,9 @@ SELECTED_ROUND = "selected-round"
 FEDHELP_ROLE = "fedhelp-role"
 #: secure aggregation (fedclinic.secagg): the stage of a message, and each stage's inputs
 SECAGG_STAGE = "secagg-stage"
+#: a random name of the coordinator's round: a hospital answers a repeated message of the
+#: same session as before, and starts afresh for a new one (a resumed coordinator)
+SECAGG_SESSION = "secagg-session"
 SECAGG_THRESHOLD = "secagg-threshold"
 SECAGG_CLIPPING = "secagg-clipping"
 SECAGG_LEVELS = "secagg-levels"

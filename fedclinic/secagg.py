@@ -169,6 +169,8 @@ class SiteSecrets:
     """What a hospital keeps between the stages of one round (never sent as is)."""
 
     server_round: int
+    #: the coordinator's session of this round (a resumed coordinator starts a new one)
+    session: str = ""
     sk1: str = ""  # private key for pairwise masks (base64 of Flower's bytes)
     pk1: str = ""
     sk2: str = ""  # private key for share encryption
@@ -188,11 +190,24 @@ def _state_file(site_dir: Path, server_round: int) -> Path:
     return site_dir / STATE_FOLDER / f"round-{server_round}.json"
 
 
-def _load(site_dir: Path, server_round: int) -> SiteSecrets:
+def _load(site_dir: Path, server_round: int, config: Mapping[str, Any]) -> SiteSecrets:
+    """This round's secrets for the message's session. A new session (the coordinator
+    restarted the round after a crash) starts afresh, unless this hospital already revealed
+    its unmask shares for the round: a second sum of the same updates over other hospitals
+    would single out the difference, so that is refused."""
+    session = str(config.get(keys.SECAGG_SESSION, ""))
     path = _state_file(site_dir, server_round)
     if not path.is_file():
-        return SiteSecrets(server_round)
-    return SiteSecrets(**json.loads(path.read_text()))
+        return SiteSecrets(server_round, session)
+    secrets = SiteSecrets(**json.loads(path.read_text()))
+    if secrets.session == session:
+        return secrets
+    if UNMASK in secrets.answers:
+        raise SecAggError(
+            f"secure aggregation: round {server_round} was already unmasked in another "
+            "session; a second sum over other hospitals could single out one update; refused"
+        )
+    return SiteSecrets(server_round, session)
 
 
 def _save(site_dir: Path, secrets: SiteSecrets) -> None:
@@ -255,7 +270,7 @@ def site_stage(site_dir: Path, server_round: int, config: Mapping[str, Any]) -> 
     """The hospital's answer to a ``setup``, ``share-keys`` or ``unmask`` message, for its
     reply's info record."""
     stage = str(config[keys.SECAGG_STAGE])
-    secrets = _load(site_dir, server_round)
+    secrets = _load(site_dir, server_round, config)
     given = _repeat(secrets, stage, config)
     if given is not None:
         return _decode_answer(given)
@@ -356,10 +371,10 @@ def masked_update(
     """Stage ``collect``: store the shares addressed to this hospital, then mask its
     weighted, quantised ``update`` (``w_k - w``) with its own mask and one pairwise mask per
     neighbour whose shares arrived. A repeated message gets the vector already sent."""
-    secrets = _load(site_dir, server_round)
+    secrets = _load(site_dir, server_round, config)
     folder = site_dir / STATE_FOLDER
     stored = folder / f"round-{server_round}.masked.npz"
-    if _repeat(secrets, COLLECT, config) is not None and stored.is_file():
+    if _repeat(secrets, COLLECT, config) is not None and stored.is_file():  # same session
         with np.load(stored) as saved:
             return {name: saved[name] for name in saved.files}
     if not secrets.seed:

@@ -134,7 +134,8 @@ def test_pairwise_masks_cancel_and_look_uniform() -> None:
 def test_a_hospital_reveals_never_both_shares_of_one_neighbour(tmp_path: Path) -> None:
     """A hospital's side alone: keys, shares for three neighbours, a masked upload; then
     an unmask that asks for the seed share and the key share of the same neighbour is
-    refused, and so is the same stage asked again with other inputs."""
+    refused, and so is the same stage asked again with other inputs, and a new session of
+    a round already unmasked."""
     sites = {i: tmp_path / f"site-{i}" for i in (1, 2, 3)}
     public = {i: secagg.site_stage(d, 1, {keys.SECAGG_STAGE: "setup"}) for i, d in sites.items()}
     shares = {}
@@ -190,6 +191,13 @@ def test_a_hospital_reveals_never_both_shares_of_one_neighbour(tmp_path: Path) -
     state = json.loads((sites[1] / "secagg" / "round-1.json").read_text())
     assert state["sk1"] == state["sk2"] == state["seed"] == ""  # gone after the unmask
     assert (sites[1] / "secagg" / "round-1.json").stat().st_mode & 0o077 == 0
+    # a restarted coordinator's new session: fresh keys where nothing was unmasked yet,
+    # refused where this round's sum was already revealed
+    restart = {keys.SECAGG_STAGE: "setup", keys.SECAGG_SESSION: "after-a-crash"}
+    assert secagg.site_stage(sites[2], 1, restart) != public[2]
+    assert secagg.site_stage(sites[3], 1, {keys.SECAGG_STAGE: "setup"}) == public[3]  # re-sent
+    with pytest.raises(secagg.SecAggError, match="already unmasked in another session"):
+        secagg.site_stage(sites[1], 1, restart)
 
 
 # ------------------------------------------------------------------------------ whole runs

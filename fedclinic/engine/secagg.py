@@ -28,6 +28,7 @@ and the arithmetic are :mod:`fedclinic.secagg`.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -56,6 +57,7 @@ STAGES = {SETUP.name: secagg.SETUP, SHARE_KEYS.name: secagg.SHARE_KEYS,
 class _Round:
     """What the coordinator holds during one round: public values and the masked sum."""
 
+    session: str = ""
     #: node -> secure ID (1..n), and back; public keys by secure ID (setup's answerers)
     ids: dict[int, int] = field(default_factory=dict)
     nodes: dict[int, int] = field(default_factory=dict)
@@ -125,9 +127,13 @@ class SecureAggregation(ServerAlgorithm):
     def round_config(self, server_round: int, exchange: Exchange) -> dict[str, Any]:
         if exchange.name not in STAGES:  # the final evaluation
             return self.inner.round_config(server_round, exchange)
-        config: dict[str, Any] = {keys.SECAGG_STAGE: STAGES[exchange.name]}
         if exchange.name == SETUP.name:
-            self.current, self.sent = _Round(), {}
+            self.current, self.sent = _Round(session=os.urandom(8).hex()), {}
+        config: dict[str, Any] = {
+            keys.SECAGG_STAGE: STAGES[exchange.name],
+            keys.SECAGG_SESSION: self.current.session,
+        }
+        if exchange.name == SETUP.name:
             return config
         config[keys.SECAGG_THRESHOLD] = self.current.threshold
         if exchange.name == TRAIN.name:
