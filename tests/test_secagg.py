@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from harness import FakeClock, ScriptedGrid, rows_of, run, synthetic_nodes
+from harness import CoordinatorCrash, FakeClock, ScriptedGrid, rows_of, run, synthetic_nodes
 
 from fedclinic import messages as keys
 from fedclinic import secagg
@@ -322,6 +322,38 @@ def test_dp_and_secure_aggregation_together(tmp_path: Path, task_identity: None)
     errors = [r for r in rows_of(tmp_path / "out") if r["kind"] == "error"]
     assert [r["hospital"] for r in errors] == ["hospital-c"]
     assert errors[0]["reason"].startswith("privacy budget:")
+
+
+@pytest.mark.parametrize(("crash_at", "completes"), [(7, True), (8, False)])
+def test_a_resumed_coordinator_restarts_the_round_in_a_new_session(
+    tmp_path: Path, task_identity: None, crash_at: int, completes: bool
+) -> None:
+    """Two rounds, four pushes each. The coordinator dies after round 2's masked uploads
+    (push 7): resumed, it restarts round 2 with fresh keys and the run completes, close to
+    an uninterrupted one. Dying after round 2's unmask shares were revealed (push 8), the
+    hospitals refuse a second session of that round, and the resumed run fails saying so."""
+    nodes = synthetic_nodes(tmp_path, 3)
+    flat = secure(rounds=2, **{"run-name": "secagg-resume", "output-dir": str(tmp_path / "out")})
+    with pytest.raises(CoordinatorCrash):
+        run(flat, ScriptedGrid(nodes, flat, crash_at=crash_at), tmp_path / "out", clock=FakeClock())
+    resumed = {**flat, "resume": True}
+    if not completes:
+        with pytest.raises(FedClinicError, match="fewer than min-hospitals"):
+            run(resumed, ScriptedGrid(nodes, resumed), tmp_path / "out", clock=FakeClock())
+        errors = [r for r in rows_of(tmp_path / "out") if r["kind"] == "error"]
+        assert errors and all("already unmasked in another session" in r["reason"] for r in errors)
+        return
+    _, result = run(resumed, ScriptedGrid(nodes, resumed), tmp_path / "out", clock=FakeClock())
+    other = {**flat, "output-dir": str(tmp_path / "uninterrupted")}
+    fresh = synthetic_nodes(tmp_path / "fresh", 3)
+    _, reference = run(
+        other, ScriptedGrid(fresh, other), tmp_path / "uninterrupted", clock=FakeClock()
+    )
+    ours, theirs = record_to_numpy(result.arrays), record_to_numpy(reference.arrays)
+    for key in theirs:  # stochastic rounding differs by session: within a few steps
+        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-3, err_msg=key)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [e["round"] for e in summary["secure_aggregation_rounds"]] == [1, 2]
 
 
 # ------------------------------------------------------------------------------ refusals
