@@ -96,7 +96,7 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
                 config,
                 message.content.array_records[keys.ARRAYS],
                 content.array_records[keys.ARRAYS],
-                len(data.train),
+                1 if config.get(keys.SECAGG_WEIGHTING) == "equal" else len(data.train),
                 hospital.hospital,
             )
         # the objective's own info record, a ConfigRecord by the protocol (fedclinic.messages)

@@ -196,7 +196,7 @@ class RunConfig(Schema):
     )
     secure_aggregation: bool = Field(
         False, description="SecAgg+: the coordinator learns only the sum of the hospitals' "
-        "clipped, quantised updates (fedclinic.secagg; docs/privacy.md); FedAvg and FedProx"
+        "clipped, quantised updates (fedclinic.secagg; docs/privacy.md); FedAvg, FedProx, FedHelp"
     )
     secagg_num_shares: int = Field(
         0, ge=0, le=512, description="SecAgg+: hospitals (itself included) each hospital "

@@ -49,6 +49,8 @@ SECAGG_SESSION = "secagg-session"
 SECAGG_THRESHOLD = "secagg-threshold"
 SECAGG_CLIPPING = "secagg-clipping"
 SECAGG_LEVELS = "secagg-levels"
+#: "num-train": a hospital weights its update by its training-set size; "equal": by 1
+SECAGG_WEIGHTING = "secagg-weighting"
 #: share-keys: the hospital's secure ID, its neighbours' secure IDs and public keys
 SECAGG_ID = "secagg-id"
 SECAGG_IDS = "secagg-ids"

@@ -25,6 +25,7 @@ from fedclinic import secagg
 from fedclinic.bench.grid import task_identity as in_process_identity
 from fedclinic.checkpoint import load as load_checkpoint
 from fedclinic.errors import ConfigError, FedClinicError
+from fedclinic.knowledge import build_knowledge, write_synthetic_public
 from fedclinic.privacy import LEDGER
 from fedclinic.serialization import record_to_numpy, state_to_record
 from strategies import load_run_config
@@ -356,6 +357,61 @@ def test_a_resumed_coordinator_restarts_the_round_in_a_new_session(
     assert [e["round"] for e in summary["secure_aggregation_rounds"]] == [1, 2]
 
 
+def fedhelp_setting(folder: Path, aggregation: str) -> tuple[dict[str, Any], dict[int, Any]]:
+    """One large and one small FedHelp hospital with public data and a knowledge file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    public = write_synthetic_public(folder / "public.npz", 16, 2, seed=1000)
+    np.save(folder / "api.npy", np.random.default_rng(0).normal(scale=2.0, size=(16, 2)))
+    digest, _ = build_knowledge(public, folder / "knowledge.npz", logits_file=folder / "api.npy")
+    flat = fedavg(
+        algorithm="fedhelp",
+        **{
+            "fedhelp.large-model": "wide-cnn",
+            "fedhelp.knowledge-sha256": digest,
+            "fedhelp.aggregation": aggregation,
+        },
+    )
+    nodes = synthetic_nodes(folder, 2)
+    for node, role in zip(nodes.values(), ("large", "small"), strict=True):
+        node.update(
+            {"role": role, "public-data-path": str(public),
+             "knowledge-path": str(folder / "knowledge.npz")}
+        )  # fmt: skip
+    return flat, nodes
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "weighted"])
+def test_fedhelp_under_secure_aggregation_is_its_mean(
+    tmp_path: Path, task_identity: None, aggregation: str
+) -> None:
+    """FedHelp's aggregate is a mean of the large hospital's proxy and the small one's
+    surrogate (equal weights, or by training-set size): under SecAgg it is the same mean,
+    by hand from the plain run's uploads, within one quantisation step; its per-hospital
+    aggregation rows are still written."""
+    flat, nodes = fedhelp_setting(tmp_path / "plain", aggregation)
+    grid = ScriptedGrid(nodes, flat)
+    engine, _ = run(flat, grid, clock=FakeClock())
+    sent = record_to_numpy(state_to_record(engine.algorithm.initial_state()))
+    models = {n: record_to_numpy(grid.answers[(1, "train", n, 1)].content["arrays"]) for n in nodes}
+    weights = {
+        n: float(grid.answers[(1, "train", n, 1)].content["metrics"][keys.NUM_TRAIN])
+        if aggregation == "weighted"
+        else 1.0
+        for n in nodes
+    }
+    expected = {
+        key: sum(weights[n] * models[n][key].astype(np.float64) for n in nodes)
+        / sum(weights.values())
+        for key in sent
+    }
+    flat, nodes = fedhelp_setting(tmp_path / "secure", aggregation)
+    flat = {**flat, "secure-aggregation": True}
+    _, result = run(flat, ScriptedGrid(nodes, flat), tmp_path / "out", clock=FakeClock())
+    assert_within_quantisation(record_to_numpy(result.arrays), expected)
+    rows = [r for r in rows_of(tmp_path / "out") if r["kind"] == "fedhelp-aggregate"]
+    assert sorted(r["role"] for r in rows) == ["large", "small"]
+
+
 # ------------------------------------------------------------------------------ refusals
 
 
@@ -364,7 +420,6 @@ def test_a_resumed_coordinator_restarts_the_round_in_a_new_session(
     [
         ({"algorithm": "fedmas"}, "not allowed with algorithm = 'fedmas': Fed-MAS weights"),
         ({"algorithm": "pfednet"}, "not allowed with algorithm = 'pfednet': pFedNet's ADMM"),
-        ({"algorithm": "fedhelp"}, "with algorithm = 'fedhelp': not built for FedHelp yet"),
         ({"algorithm": "local-only"}, "nothing to aggregate"),
         ({"secagg-num-shares": 2}, "'secagg-num-shares' = 2 is not allowed"),
         ({"secagg-reconstruction-threshold": 1}, "one share would reveal"),

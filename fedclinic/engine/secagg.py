@@ -1,9 +1,10 @@
 """The coordinator's side of secure aggregation (SecAgg+, Bell et al., arXiv 2005.00781,
 section 3): four exchanges per round instead of one, and the sum instead of the updates.
 
-:class:`SecureAggregation` wraps an algorithm whose aggregation is the sample-weighted mean
-of the hospitals' models (FedAvg, FedProx: ``ServerAlgorithm.secure_aggregation_refusal``
-is ``None``); the algorithm itself is unaware of it. The round engine wraps the run's
+:class:`SecureAggregation` wraps an algorithm whose aggregation is a weighted mean of the
+hospitals' models (FedAvg, FedProx, FedHelp: ``ServerAlgorithm.secure_aggregation_refusal``
+is ``None``; ``secure_weighting`` says whether by sample count or equally); the algorithm
+itself is unaware of it beyond those declarations. The round engine wraps the run's
 algorithm when ``secure-aggregation = true`` (:mod:`fedclinic.engine.rounds`), so every
 stage is an ordinary exchange with the engine's deadlines, re-sends and acceptance:
 
@@ -71,10 +72,12 @@ class _Round:
     #: destination -> [(source, ciphertext)]
     inbox: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
     total: dict[str, np.ndarray] | None = None
+    #: the summed hospitals' replies, without their arrays (for the algorithm's rows)
+    summed: list[Reply] = field(default_factory=list)
 
 
 class SecureAggregation(ServerAlgorithm):
-    """SecAgg+ around an algorithm that averages models by sample count; see the module."""
+    """SecAgg+ around an algorithm that averages the uploaded models; see the module."""
 
     #: the uploads are masked vectors: the model's layout and norms cannot be checked (the
     #: per-entry clipping bounds what one hospital can move instead)
@@ -140,6 +143,7 @@ class SecureAggregation(ServerAlgorithm):
             config.update(self.inner.round_config(server_round, exchange))
             config[keys.SECAGG_CLIPPING] = float(self.run.secagg_clipping_range)
             config[keys.SECAGG_LEVELS] = int(self.run.secagg_quantization_range)
+            config[keys.SECAGG_WEIGHTING] = self.inner.secure_weighting()
         return config
 
     def arrays_for(
@@ -278,6 +282,7 @@ class SecureAggregation(ServerAlgorithm):
         # the masked vectors are not kept, only their sum
         for reply in replies:
             reply.arrays = None
+        state.summed = list(replies)
 
     def _unmask(self, server_round: int, replies: list[Reply]) -> ArrayRecord:
         state = self.current
@@ -328,6 +333,7 @@ class SecureAggregation(ServerAlgorithm):
                 "total_weight": weight,
             }
         )
+        self.inner.securely_aggregated(server_round, state.summed)
         sent, self.sent = self.sent, {}
         self.current = _Round()
         return numpy_to_record(apply_mean_update(sent, mean))
