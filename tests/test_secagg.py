@@ -18,14 +18,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from harness import CoordinatorCrash, FakeClock, ScriptedGrid, rows_of, run, synthetic_nodes
 
+from client.app import answer
 from fedclinic import messages as keys
 from fedclinic import secagg
 from fedclinic.bench.grid import task_identity as in_process_identity
 from fedclinic.checkpoint import load as load_checkpoint
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.knowledge import build_knowledge, write_synthetic_public
+from fedclinic.models import build_model
 from fedclinic.privacy import LEDGER
 from fedclinic.serialization import record_to_numpy, state_to_record
 from strategies import load_run_config
@@ -410,6 +413,27 @@ def test_fedhelp_under_secure_aggregation_is_its_mean(
     assert_within_quantisation(record_to_numpy(result.arrays), expected)
     rows = [r for r in rows_of(tmp_path / "out") if r["kind"] == "fedhelp-aggregate"]
     assert sorted(r["role"] for r in rows) == ["large", "small"]
+
+
+def test_a_hospital_never_uploads_in_the_clear_in_a_secure_run(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """A training message without the masked stage, in a run with secure aggregation (a
+    coordinator that skips the protocol): the hospital answers one line and no arrays."""
+    flat = secure(rounds=1)
+    model = build_model(load_run_config(flat))
+    content = RecordDict(
+        {"arrays": state_to_record(model.state_dict()),
+         "config": ConfigRecord({keys.SERVER_ROUND: 1})}
+    )  # fmt: skip
+    node = synthetic_nodes(tmp_path, 1)[100]
+    context = Context(run_id=1, node_id=100, node_config=node, state=RecordDict(), run_config=flat)
+    answered = answer(Message(content, dst_node_id=100, message_type="train"), context, True)
+    assert not answered.content.array_records
+    assert answered.content["info"]["error"] == (
+        "secure aggregation: this run uploads masked updates only; a training message "
+        "without the collect stage is refused"
+    )
 
 
 # ------------------------------------------------------------------------------ refusals
