@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from fedclinic import messages as keys
+from fedclinic import secagg
 from fedclinic.config import HospitalConfig, RunConfig, parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import FedClinicError
@@ -51,6 +52,13 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         server_round = int(config.get(keys.SERVER_ROUND, 0))
         if keys.STATS_REQUEST in config:  # a statistics exchange (fedclinic.stats)
             return Message(content=statistics(run, hospital, config), reply_to=message)
+        stage = config.get(keys.SECAGG_STAGE)
+        if stage in secagg.KEY_STAGES:  # secure aggregation's key stages: no data, no model
+            site = SiteState.for_run(hospital, run, context.run_id, server_round=server_round,
+                                     site_key=str(config.get(keys.SITE_KEY, "")))  # fmt: skip
+            payload = secagg.site_stage(site.directory, server_round, config)
+            info = ConfigRecord({keys.HOSPITAL: hospital.hospital, **payload})
+            return Message(content=RecordDict({keys.INFO: info}), reply_to=message)
         data = load_hospital_data(DataRequest(run, hospital, normalisation_of(run, config)))
         client_context = ClientContext(
             run=run,
@@ -78,6 +86,21 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
             content = objective.query(message.content)
         else:
             content = objective.respond(message.content, train=train)
+        if train and keys.ARRAYS in content and run.secure_aggregation:
+            if stage != secagg.COLLECT:
+                raise secagg.SecAggError(
+                    "secure aggregation: this run uploads masked updates only; a training "
+                    "message without the collect stage is refused"
+                )
+            content[keys.ARRAYS] = secagg.mask_upload(
+                client_context.site.directory,
+                server_round,
+                config,
+                message.content.array_records[keys.ARRAYS],
+                content.array_records[keys.ARRAYS],
+                1 if config.get(keys.SECAGG_WEIGHTING) == "equal" else len(data.train),
+                hospital.hospital,
+            )
         # the objective's own info record, a ConfigRecord by the protocol (fedclinic.messages)
         info = cast(ConfigRecord, content[keys.INFO]) if keys.INFO in content else ConfigRecord()
         if charge is not None and keys.ARRAYS in content:  # trained: the ledger's line

@@ -194,6 +194,27 @@ class RunConfig(Schema):
         False, description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
         "ModuleValidator.fix); without it a model with BatchNorm is refused under dp"
     )
+    secure_aggregation: bool = Field(
+        False, description="SecAgg+: the coordinator learns only the sum of the hospitals' "
+        "clipped, quantised updates (fedclinic.secagg; docs/privacy.md); FedAvg, FedProx, FedHelp"
+    )
+    secagg_num_shares: int = Field(
+        0, ge=0, le=512, description="SecAgg+: hospitals (itself included) each hospital "
+        "shares its secrets with and masks against; 0 = every hospital of the round"
+    )
+    secagg_reconstruction_threshold: int = Field(
+        0, ge=0, le=512, description="SecAgg+: shares needed to recover a hospital's secret; "
+        "a round unmasks only if this many of each one's neighbours answer; 0 = a majority "
+        "of the shares (at least 2)"
+    )
+    secagg_clipping_range: float = Field(
+        8.0, gt=0, le=1e6, description="SecAgg+: each entry of a hospital's update (local "
+        "model - global model) is clipped to [-range, range] before quantisation"
+    )
+    secagg_quantization_range: int = Field(
+        2**22, ge=2**8, le=2**30, description="SecAgg+: the clipped range is quantised "
+        "onto 0..this (stochastic rounding); the error per entry is below 2 x range / this"
+    )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -238,6 +259,27 @@ class RunConfig(Schema):
             raise ConfigError(
                 "run config: amp = true is not allowed with dp = 'dp-sgd': Opacus's per-sample "
                 "gradients are computed in full precision (set amp = false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_shares(self) -> RunConfig:
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares in (1, 2):
+            raise ConfigError(
+                f"run config: key 'secagg-num-shares' = {shares} is not allowed: expected 0 "
+                "(every hospital of the round) or at least 3"
+            )
+        if threshold == 1:
+            raise ConfigError(
+                "run config: key 'secagg-reconstruction-threshold' = 1 is not allowed: one "
+                "share would reveal a hospital's secret; expected 0 (a majority) or at least 2"
+            )
+        if shares and threshold > shares:
+            raise ConfigError(
+                f"run config: key 'secagg-reconstruction-threshold' = {threshold} is not "
+                f"allowed with secagg-num-shares = {shares}: a secret cannot need more shares "
+                "than there are"
             )
         return self
 

@@ -41,6 +41,24 @@ NORMALISATION_STD = "normalisation-std"
 #: hospital keeps the site versions that round deployed (fedclinic.site)
 SELECTED_ROUND = "selected-round"
 FEDHELP_ROLE = "fedhelp-role"
+#: secure aggregation (fedclinic.secagg): the stage of a message, and each stage's inputs
+SECAGG_STAGE = "secagg-stage"
+#: a random name of the coordinator's round: a hospital answers a repeated message of the
+#: same session as before, and starts afresh for a new one (a resumed coordinator)
+SECAGG_SESSION = "secagg-session"
+SECAGG_THRESHOLD = "secagg-threshold"
+SECAGG_CLIPPING = "secagg-clipping"
+SECAGG_LEVELS = "secagg-levels"
+#: "num-train": a hospital weights its update by its training-set size; "equal": by 1
+SECAGG_WEIGHTING = "secagg-weighting"
+#: share-keys: the hospital's secure ID, its neighbours' secure IDs and public keys
+SECAGG_ID = "secagg-id"
+SECAGG_IDS = "secagg-ids"
+#: collect: the encrypted shares addressed to the hospital, and their senders
+SECAGG_SOURCES = "secagg-sources"
+#: unmask: neighbours whose seed shares (uploaded) or key shares (dropped) are asked for
+SECAGG_ACTIVE = "secagg-active"
+SECAGG_DEAD = "secagg-dead"
 PFEDNET_SKETCH = "pfednet-sketch"
 
 # ---------------------------------------------------------------------- info (<- hospital)
@@ -61,6 +79,14 @@ DP_EPSILON = "dp_epsilon"
 DP_DELTA = "dp_delta"
 #: a hospital's answer to a statistics request, JSON (fedclinic.stats.request.SiteAnswer)
 STATS = "stats"
+#: secure aggregation answers: public keys (setup); encrypted shares and their recipients
+#: (share-keys); the shares revealed and whose they are (unmask)
+SECAGG_PK1 = "secagg-pk1"
+SECAGG_PK2 = "secagg-pk2"
+SECAGG_DESTINATIONS = "secagg-destinations"
+SECAGG_CIPHERTEXTS = "secagg-ciphertexts"
+SECAGG_OWNERS = "secagg-owners"
+SECAGG_SHARES = "secagg-shares"
 
 # ------------------------------------------------------------------- metrics (<- hospital)
 NUM_EXAMPLES = "num-examples"

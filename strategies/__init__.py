@@ -43,6 +43,12 @@ def load_run_config(flat: Mapping[str, Any]) -> RunConfig:
             f"run config: key 'task' = {run.task!r} is not allowed with algorithm = "
             f"{run.algorithm!r}: expected {' or '.join(algorithm.tasks)}"
         )
+    refusal = algorithm.strategy.secure_aggregation_refusal
+    if run.secure_aggregation and refusal is not None:
+        raise ConfigError(
+            f"run config: secure-aggregation = true is not allowed with algorithm = "
+            f"{run.algorithm!r}: {refusal}"
+        )
     algorithm.check(run)
     check_model(run)
     return run

@@ -43,6 +43,9 @@ def weighted_average(
 class FedAvgStrategy(ServerAlgorithm):
     """Sample-weighted mean of the hospitals' full model states."""
 
+    #: the mean is a sum: the engine can take it under SecAgg+ (fedclinic.engine.secagg)
+    secure_aggregation_refusal = None
+
     def aggregate(
         self, server_round: int, replies: list[Reply], exchange: Exchange = TRAIN
     ) -> ArrayRecord | None:

@@ -251,6 +251,8 @@ class FedHelpStrategy(ServerAlgorithm):
     """Roles once before round 1, each hospital's role in its round config, mean aggregation."""
 
     state_attributes = ("roles", "role_table")
+    #: the mean of surrogates and proxies (global architecture) is a sum: SecAgg can take it
+    secure_aggregation_refusal = None
 
     def __init__(self, run: RunConfig, results: ResultsWriter | None = None) -> None:
         super().__init__(run, results)
@@ -352,6 +354,17 @@ class FedHelpStrategy(ServerAlgorithm):
         self, server_round: int, replies: list[Reply], exchange: Exchange = TRAIN
     ) -> ArrayRecord | None:
         """FH-10: unweighted mean (reference) or weighted by training-set size."""
+        weights = self._weights(server_round, replies)
+        return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
+
+    def secure_weighting(self) -> str:
+        return "num-train" if self.options.aggregation == "weighted" else "equal"
+
+    def securely_aggregated(self, server_round: int, replies: list[Reply]) -> None:
+        self._weights(server_round, replies)
+
+    def _weights(self, server_round: int, replies: list[Reply]) -> list[float]:
+        """Each upload's weight, recorded per hospital with its role."""
         if self.options.aggregation == "weighted":
             weights = [r.num_train for r in replies]
         else:
@@ -370,7 +383,7 @@ class FedHelpStrategy(ServerAlgorithm):
                 for r, w in zip(replies, weights, strict=True)
             ]
         )
-        return numpy_to_record(weighted_average(replies_to_numpy(replies), weights))
+        return weights
 
     def summary_extra(self) -> dict[str, Any]:
         return {

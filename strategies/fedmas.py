@@ -436,6 +436,10 @@ class FedMASStrategy(ServerAlgorithm):
     """Averages full states with the weights ``RF_k / Σ RF`` (or the configured variant)."""
 
     state_attributes = ("history", "prior_seen")
+    secure_aggregation_refusal = (
+        "Fed-MAS weights each hospital by its own robust factor, which the coordinator must "
+        "see per hospital, and checks each one's prior hash (docs/fedmas.md)"
+    )
 
     def __init__(self, run: RunConfig, results: Any = None) -> None:
         super().__init__(run, results)

@@ -24,6 +24,7 @@ class LocalOnlyStrategy(ServerAlgorithm):
     """Keeps the initial model: there is no global model to aggregate or save."""
 
     has_global_model = False
+    secure_aggregation_refusal = "local-only uploads no model: there is nothing to aggregate"
     #: hospitals upload no weights (their models stay at the site): nothing to compare
     checks_update_layout = False
     checks_update_norms = False

@@ -455,6 +455,10 @@ class PFedNetStrategy(ServerAlgorithm):
     )  # fmt: skip
 
     has_global_model = False  # each hospital deploys its own x + z_n
+    secure_aggregation_refusal = (
+        "pFedNet's ADMM step needs each hospital's personal update and its graph weights "
+        "per hospital (docs/pfednet.md)"
+    )
     #: uploads are split into shared/personal parts and may be compressed (PF-4): their
     #: layout is checked by the decoder (check_update); the engine checks NaN/Inf only
     checks_update_layout = False

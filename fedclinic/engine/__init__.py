@@ -6,7 +6,9 @@
 - :mod:`~fedclinic.engine.exchange`: sending, polling, retries, deadlines, asking again;
 - :mod:`~fedclinic.engine.acceptance`: which replies count, and why the others do not;
 - :mod:`~fedclinic.engine.records`: evaluate/train rows, model selection, the summary;
-- :mod:`~fedclinic.engine.rounds`: :class:`RoundEngine`, one run from setup to summary.
+- :mod:`~fedclinic.engine.rounds`: :class:`RoundEngine`, one run from setup to summary;
+- :mod:`~fedclinic.engine.secagg`: secure aggregation (SecAgg+) around a FedAvg-like
+  algorithm, as four exchanges per round.
 
 docs/architecture.md shows how the pieces fit.
 """

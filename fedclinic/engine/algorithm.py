@@ -100,6 +100,13 @@ class ServerAlgorithm:
     #: whether :meth:`arrays_for` / :meth:`config_for` need every hospital's name: the engine
     #: then asks a node it has never heard from (a restarted SuperNode) before sending
     needs_names: ClassVar[bool] = False
+    #: why ``secure-aggregation = true`` cannot work with this algorithm (one line), or
+    #: ``None`` where its aggregation is a weighted mean of the uploaded models (weights
+    #: per :meth:`secure_weighting`) and its round one training exchange: the engine then
+    #: aggregates it under SecAgg+ (:mod:`fedclinic.engine.secagg`)
+    secure_aggregation_refusal: ClassVar[str | None] = (
+        "its aggregation is not a weighted mean of the hospitals' models"
+    )
     #: attributes that carry state from round to round; checkpointed after every round
     state_attributes: ClassVar[tuple[str, ...]] = ()
 
@@ -149,6 +156,15 @@ class ServerAlgorithm:
     ) -> ArrayRecord | None:
         """New global model from an exchange's accepted replies; ``None`` keeps the current."""
         raise NotImplementedError
+
+    def secure_weighting(self) -> str:
+        """Under secure aggregation: each hospital's weight in the masked sum,
+        ``"num-train"`` (its training-set size) or ``"equal"`` (1)."""
+        return "num-train"
+
+    def securely_aggregated(self, server_round: int, replies: list[Reply]) -> None:
+        """Under secure aggregation, after a round was unmasked: the replies summed (their
+        metrics and info; no arrays), for the algorithm's own rows."""
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """After a round's exchanges (also after the final evaluation, ``rounds + 1``)."""

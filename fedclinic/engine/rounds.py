@@ -45,6 +45,7 @@ from fedclinic.engine.records import (
     hospital_summaries,
     train_row,
 )
+from fedclinic.engine.secagg import SecureAggregation
 from fedclinic.engine.survey import federated_normalisation
 from fedclinic.errors import FedClinicError
 from fedclinic.results import ResultsWriter
@@ -81,6 +82,8 @@ class RoundEngine:
         resend: ResendPolicy | None = None,
     ) -> None:
         self.run = run
+        if run.secure_aggregation and not isinstance(algorithm, SecureAggregation):
+            algorithm = SecureAggregation(algorithm)  # the algorithm stays unaware of it
         self.algorithm = algorithm
         self.results = results
         #: where hospitals file their site state; a resumed run takes the checkpoint's
@@ -379,7 +382,19 @@ class RoundEngine:
                     "noise_multiplier": run.dp_noise_multiplier if run.dp != "off" else None,
                     "max_grad_norm": run.dp_max_grad_norm if run.dp != "off" else None,
                     "model_converted": run.dp != "off" and run.privacy_fix_model,
-                    "secure_aggregation": False,
+                    "secure_aggregation": run.secure_aggregation,
+                    **(
+                        {
+                            "secagg_num_shares": run.secagg_num_shares,
+                            "secagg_reconstruction_threshold": (
+                                run.secagg_reconstruction_threshold
+                            ),
+                            "secagg_clipping_range": run.secagg_clipping_range,
+                            "secagg_quantization_range": run.secagg_quantization_range,
+                        }
+                        if run.secure_aggregation
+                        else {}
+                    ),
                 },
                 **self.algorithm.summary_extra(),
             }
