@@ -168,7 +168,8 @@ def check_pfednet_run(
     rows: list[dict[str, Any]], summary: dict[str, Any], names: list[str]
 ) -> None:
     """What every 2-round pFedNet run shows: personal models evaluated at rounds 0..2, the
-    ADMM rows with eta = N (PF-2), per-hospital traffic rows, a completed summary."""
+    ADMM rows with eta = N (PF-2, docs/pfednet.md#decisions), per-hospital traffic rows, a
+    completed summary."""
     evaluated = [r for r in rows if r["kind"] == "evaluate"]
     assert {(r["hospital"], r["model_round"]) for r in evaluated} == {
         (name, model_round) for name in names for model_round in (0, 1, 2)
