@@ -1,5 +1,5 @@
-"""Hospitals that do not answer, on real processes (TLS + node auth), in one DP-SGD run of
-four hospitals (min-hospitals = 2):
+"""Hospitals that do not answer, on real processes (TLS + node auth, site workers), in one run
+of four hospitals with DP-SGD at the sites and secure aggregation (SecAgg+, min-hospitals = 2):
 
 - dropout: a hospital whose whole process group is SIGKILLed during round 1 does not stall
   the federation. The round finishes with the hospitals that answered, the missing one is
@@ -10,6 +10,11 @@ four hospitals (min-hospitals = 2):
   ε refuses every round with one line, the federation goes on without it, the others train
   with DP-SGD (one of them requires it) and keep their ledgers; the summary records ε per
   hospital.
+- secure aggregation with dropouts (docs/privacy.md, section 7): the hospital at its ceiling
+  drops every round after sharing its keys, and the coordinator rebuilds its pairwise masks
+  from the others' shares; the killed one never joined round 1's key agreement, and the
+  restarted one is summed again. A round is four exchanges; the hospitals keep nothing
+  usable of their secrets after the unmask.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def test_a_killed_hospital_is_skipped_then_rejoins_and_one_at_its_ceiling_refuse
     victim, thrifty = hospitals[2], hospitals[3]
     run_config = {
         "rounds": 4, "local-steps": 2, "min-hospitals": 2, "round-timeout": 200.0,
-        "dp": "dp-sgd", "dp-noise-multiplier": 1.5,
+        "dp": "dp-sgd", "dp-noise-multiplier": 1.5, "secure-aggregation": True,
     }  # fmt: skip
     federation = local_federation(tmp_path, hospitals, run_config)
     with federation.supervisor:
@@ -138,4 +143,21 @@ def test_a_killed_hospital_is_skipped_then_rejoins_and_one_at_its_ceiling_refuse
     assert label in first["asked"] and label in first["failed"]
     assert first["accepted"] == sorted(others)
     assert thrifty.name in first["failed"]
+    assert [x["exchange"] for x in first["exchanges"]] == [
+        "secagg-setup", "secagg-share-keys", "train", "secagg-unmask",
+    ]  # fmt: skip
+
+    # secure aggregation: what was summed, and whose masks were rebuilt from shares
+    assert summary["privacy"]["secure_aggregation"] is True
+    secure = {e["round"]: e for e in summary["secure_aggregation_rounds"]}
+    assert sorted(secure) == [1, 2, 3, 4]
+    for entry in secure.values():
+        assert set(others) <= set(entry["summed"]) and thrifty.name not in entry["summed"]
+        assert thrifty.name in entry["recovered"]
+    assert victim.name not in secure[1]["summed"] + secure[1]["recovered"]
+    assert any(victim.name in secure[n]["summed"] for n in (2, 3, 4))  # rejoined, summed
+    for name in others:  # nothing usable of the last round's secrets is kept
+        (state,) = (tmp_path / "state" / name).rglob("secagg/round-4.json")
+        kept = json.loads(state.read_text())
+        assert kept["sk1"] == kept["sk2"] == kept["seed"] == ""
     assert audit[-1]["event"] == "run_end" and audit[-1]["status"] == "completed"
