@@ -16,7 +16,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 
 METRIC_NAMES = ("loss", "accuracy", "balanced_accuracy", "auc")
 
@@ -43,6 +42,10 @@ def classification_metrics(
     classes the split holds and the model predicts."""
     if len(labels) == 0:
         return {}
+    # heavy (about 1 s of CPU): imported when a split is first scored, so the processes that
+    # never score one (ServerApp, CLI, SuperNode-side forwarder) do not pay for it
+    from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
+
     predictions = probabilities.argmax(axis=1)
     classes = list(range(num_classes))
     present = np.unique(labels)
@@ -57,9 +60,7 @@ def classification_metrics(
         if num_classes == 2:
             auc = float(roc_auc_score(labels, probabilities[:, 1]))
         else:
-            auc = float(
-                roc_auc_score(labels, probabilities, multi_class="ovr", labels=classes)
-            )
+            auc = float(roc_auc_score(labels, probabilities, multi_class="ovr", labels=classes))
     return {
         "loss": float(loss),
         "accuracy": float((predictions == labels).mean()),

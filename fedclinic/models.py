@@ -39,8 +39,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fedclinic import opacus_backend
 from fedclinic.errors import ConfigError
-from fedclinic.opacus_backend import ModuleValidator
 from fedclinic.segmentation import output_channels
 
 
@@ -430,7 +430,7 @@ def private_variant(model: nn.Module, fix: bool) -> nn.Module:
     side that builds it the same way exchanges the same state.
     """
     if fix:
-        model = ModuleValidator.fix(model)
+        model = opacus_backend.ModuleValidator.fix(model)
     for module in model.modules():
         if getattr(module, "inplace", False):
             module.inplace = False  # type: ignore[assignment]  # nn.ReLU & co.: a bool

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedclinic import opacus_backend
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.models import MODELS, build_model
-from fedclinic.opacus_backend import GradSampleModule, ModuleValidator, RDPAccountant
 from fedclinic.site import effective_state_dir
 from fedclinic.training import poisson_plan
 
@@ -55,7 +55,7 @@ def epsilon(history: list[Steps], delta: float) -> float:
     """ε at ``delta`` of every step in ``history`` composed (RDP accountant); 0 for none."""
     if not history:
         return 0.0
-    accountant = RDPAccountant()
+    accountant = opacus_backend.RDPAccountant()
     accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(accountant.get_epsilon(delta))
 
@@ -99,10 +99,10 @@ def network_problems(model: nn.Module, shape: Shape) -> list[str]:
     """Why Opacus cannot train ``model`` privately: its validator's findings, else what one
     per-sample backward pass on two random inputs of ``shape`` raises (a forward that changes
     a layer's output in place breaks Opacus's hooks)."""
-    found = [str(e) for e in ModuleValidator.validate(model)]
+    found = [str(e) for e in opacus_backend.ModuleValidator.validate(model)]
     if found:
         return found
-    hooks = GradSampleModule(model, loss_reduction="mean")
+    hooks = opacus_backend.GradSampleModule(model, loss_reduction="mean")
     try:
         hooks(torch.randn((2, *shape))).float().mean().backward()
     except RuntimeError as err:

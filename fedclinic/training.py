@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedclinic import opacus_backend
 from fedclinic.config import RunConfig
 from fedclinic.data.base import Split
 from fedclinic.errors import ConfigError, DataError
-from fedclinic.opacus_backend import DPDataLoader, DPOptimizer, GradSampleModule
 from fedclinic.serialization import State
 from fedclinic.tasks import get_task, task_of
 
@@ -187,8 +187,8 @@ class PrivateUpdater:
         expected_batch_size: int,
         noise_generator: torch.Generator | None = None,
     ) -> None:
-        self.hooks = GradSampleModule(model, loss_reduction="mean")
-        self.optimizer = DPOptimizer(
+        self.hooks = opacus_backend.GradSampleModule(model, loss_reduction="mean")
+        self.optimizer = opacus_backend.DPOptimizer(
             optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
@@ -262,7 +262,7 @@ def poisson_batches(
     sampling: what the RDP accountant's subsampled Gaussian assumes), pass after pass; an
     empty batch is yielded as it is."""
     rate = min(1.0, batch_size / max(len(split), 1))
-    loader = DPDataLoader(
+    loader = opacus_backend.DPDataLoader(
         TensorDataset(split.inputs, split.labels),
         sample_rate=rate,
         generator=generator or secret_generator(),

@@ -262,8 +262,24 @@ def test_opacus_leaves_the_root_logger_alone() -> None:
     """Opacus calls logging.basicConfig on import: every Flower line would be logged twice in
     each node, app and worker log (fedclinic.opacus_backend removes that handler)."""
     code = (
-        "import logging, fedclinic.training, fedclinic.privacy, client.app\n"
+        "import logging, sys, fedclinic.training, fedclinic.privacy, client.app\n"
+        "from fedclinic import opacus_backend\n"
+        "used = [getattr(opacus_backend, name) for name in opacus_backend.__all__]\n"
+        "assert 'opacus.utils.module_utils' in sys.modules\n"
         "assert logging.getLogger().handlers == [], logging.getLogger().handlers"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_processes_without_dp_import_neither_opacus_nor_sklearn() -> None:
+    """The site worker, the ServerApp and the CLI's runner import Opacus only when a run uses
+    DP and scikit-learn only when a split is scored (each about a CPU-second per process)."""
+    code = (
+        "import sys, fedclinic.worker.server, server.app, fedclinic.local.command\n"
+        "loaded = [m for m in ('opacus', 'sklearn') if m in sys.modules]\n"
+        "assert not loaded, loaded"
     )
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedclinic import opacus_backend
 from fedclinic.bench.crossfit import build_cross_fitted_knowledge
 from fedclinic.bench.grid import run_federation
 from fedclinic.bench.pooled import (
@@ -70,7 +71,6 @@ from fedclinic.data.medmnist import partition_plan, read_npz
 from fedclinic.data.splits import stratified_split
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.knowledge import build_knowledge, public_inputs, read_public_data
-from fedclinic.opacus_backend import get_noise_multiplier
 from fedclinic.prior import MocoSettings, save_prior, train_moco
 from fedclinic.privacy import epsilon
 from fedclinic.training import poisson_plan
@@ -819,7 +819,7 @@ def noise_for(target: float, rate: float, steps: int) -> float:
     """Opacus's noise multiplier for ``steps`` Poisson steps at ``rate`` to reach ``target``
     at :data:`PRIVACY_DELTA` (RDP); the methods of one ε share most of them."""
     return float(
-        get_noise_multiplier(
+        opacus_backend.get_noise_multiplier(
             target_epsilon=target, target_delta=PRIVACY_DELTA, sample_rate=rate, steps=steps,
             accountant="rdp", epsilon_tolerance=0.01,
         )
