@@ -361,3 +361,19 @@ def test_worker_memo_in_hash_mode_notices_a_change_stat_cannot_see(tmp_path: Pat
     image = value_of(changed, "a/00.png")
     assert torch.equal(image, torch.full_like(image, float(np.float32(99) / np.float32(255))))
     assert memo.load(hashed) is changed and memo.last == "reused"
+
+
+def test_segmentation_size_mismatch_names_both_files_at_the_site_only(tmp_path: Path) -> None:
+    root = seg_folder_at(tmp_path / "seg")
+    odd = root / "masks" / "c2.png"
+    Image.fromarray(np.zeros((SIZE + 8, SIZE), np.uint8)).save(odd)
+    hospital_request = request(root, tmp_path / "state", "stat", "segmentation-folder")
+    with pytest.raises(DataError) as caught:
+        load_hospital_data(hospital_request)
+    assert str(caught.value) == (
+        f"{odd}: mask is {SIZE + 8}x{SIZE} pixels but its image {root / 'images' / 'c2.png'} "
+        f"is {SIZE}x{SIZE}; every mask must have its image's size"
+    )
+    assert shareable(caught.value, hospital_request.hospital) == (
+        f"mask of pair 3: mask is {SIZE + 8}x{SIZE} pixels but its image is {SIZE}x{SIZE}"
+    )

@@ -23,10 +23,12 @@ class FileProblem(DataError):
     """A problem with one file: ``str()`` names the file (site log); ``problem`` is the same
     without the path and without any value read from the file (what may be shared). Raised
     by decoders the site's cache calls, so a source can name the file's place for the
-    coordinator (``image 8 of class 'malignant'``, ``DICOM file #12``)."""
+    coordinator (``image 8 of class 'malignant'``, ``DICOM file #12``). ``local`` replaces
+    the site log's text where it names more than this file."""
 
-    def __init__(self, path: Path, problem: str, detail: str = "") -> None:
-        super().__init__(f"{path}: {problem}{f' ({detail})' if detail else ''}", shared=problem)
+    def __init__(self, path: Path, problem: str, detail: str = "", local: str = "") -> None:
+        text = local or f"{path}: {problem}{f' ({detail})' if detail else ''}"
+        super().__init__(text, shared=problem)
         self.path = path
         self.problem = problem
 

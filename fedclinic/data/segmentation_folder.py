@@ -257,11 +257,13 @@ def decode_pair(
     except DataError as err:
         raise FileProblem(file, str(err).removeprefix(f"{file}: ")) from None
     if image_size != mask_size:
+        mask_text = f"mask is {mask_size[0]}x{mask_size[1]} pixels but its image"
+        image_text = f"is {image_size[0]}x{image_size[1]}"
         raise FileProblem(
             mask_file,
-            f"mask is {mask_size[0]}x{mask_size[1]} pixels but its image is "
-            f"{image_size[0]}x{image_size[1]}; every mask must have its image's size",
-            f"image {image_file}",
+            f"{mask_text} {image_text}",
+            local=f"{mask_file}: {mask_text} {image_file} {image_text}; every mask must have "
+            "its image's size",
         )
     return image, mask
 
