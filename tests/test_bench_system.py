@@ -224,7 +224,7 @@ def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> 
     text = system_section({**results, "data_load": loaded}, "fedclinic bench system")
     assert (
         "| image-folder | 300 | 1.00 / 2.00 | 1.00 / 1.00 | 0.250 / 0.250 | 1.000 / 1.000 "
-        "| 4x, 8x | 0.0125 / 0.0125 | 0.250 / 0.250 | 4.9 |"
+        "| 4x, 8x | 0.0125 / 0.0125 | 1.000 / 1.000 | 0.250 / 0.250 | 4.9 |"
     ) in text
 
 

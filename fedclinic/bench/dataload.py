@@ -15,7 +15,8 @@ source's own ``load`` (what a hospital runs):
 - **warm**: the same again: read from the cache (median of ``WARM_REPEATS``);
 - **warm, hash**: ``data-cache = "hash"`` (every file's SHA-256 checked), warm;
 - **per round, worker**: a round in a run served by the site worker: its data memo checks
-  the files' identity (one ``stat`` per file) and reuses the loaded data;
+  the files' identity (one ``stat`` per file; with ``hash`` every file's SHA-256) and
+  reuses the loaded data;
 - **per round, no worker**: a ClientApp process per message loads again every round: the
   warm number.
 
@@ -49,7 +50,8 @@ COUNTS: dict[str, tuple[int, int]] = {"quick": (300, 150), "full": (3000, 2000)}
 SOURCE_SIZE = 256  # pixels of each generated file (square)
 IMAGE_SIZE = 64  # the run's image-size: what the files are resized to
 WARM_REPEATS = 3
-CASES = ("cold", "first", "warm", "warm_hash", "round_worker", "round_no_worker")
+CASES = ("cold", "first", "warm", "warm_hash", "round_worker", "round_worker_hash",
+         "round_no_worker")  # fmt: skip
 
 
 def source_pixels(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
@@ -162,6 +164,8 @@ def measure(source: str, path: Path, state: Path) -> dict[str, Any]:
     memo = DataMemo()
     memo.load(stat)  # the run's first message loads
     times["round_worker"] = _timed(lambda: memo.load(stat), WARM_REPEATS)
+    memo.load(hashed)
+    times["round_worker_hash"] = _timed(lambda: memo.load(hashed), WARM_REPEATS)
     if memo.last != "reused":
         raise RuntimeError("the worker's data memo loaded again for unchanged files")
     times["round_no_worker"] = times["warm"]
@@ -206,12 +210,13 @@ def data_load_lines(results: Mapping[str, Any] | None) -> list[str]:
         'process (CPU stays meaningful on a busy machine). cold = `data-cache = "off"`; '
         "first = empty cache (decode + write); warm = read from the cache; hash = "
         '`data-cache = "hash"` warm (every file\'s SHA-256 checked); per round: with the site '
-        "worker its data memo checks one `stat` per file and keeps the loaded data, without "
-        "it every message's ClientApp loads again (= warm).",
+        "worker its data memo checks one `stat` per file (hash: its SHA-256) and keeps the "
+        "loaded data, without it every message's ClientApp loads again (= warm).",
         "",
         "| source | PNG files | cold s | first s | warm s | warm, hash s | cold / warm "
-        "(wall, CPU) | per round s: worker | per round s: no worker | cache MB |",
-        "|---|---:|---|---|---|---|---|---|---|---:|",
+        "(wall, CPU) | per round s: worker | per round s: worker, hash | per round s: no worker "
+        "| cache MB |",
+        "|---|---:|---|---|---|---|---|---|---|---|---:|",
     ]
     for e in results["entries"]:
         both = partial(_wall_cpu, e)
@@ -219,6 +224,7 @@ def data_load_lines(results: Mapping[str, Any] | None) -> list[str]:
             f"| {e['source']} | {e['files']} | {both('cold')} | {both('first')} | "
             f"{both('warm', 3)} | {both('warm_hash', 3)} | {e['speedup_warm']:.0f}x, "
             f"{e.get('speedup_warm_cpu', 0):.0f}x | {both('round_worker', 4)} | "
+            f"{both('round_worker_hash', 3)} | "
             f"{both('round_no_worker', 3)} | {e['cache_megabytes']} |"
         )
     return lines
