@@ -12,7 +12,8 @@ source's own ``load`` (what a hospital runs):
 
 - **cold**: ``data-cache = "off"``: every file decoded and resized;
 - **first**: ``data-cache = "stat"``, empty cache: decoded, then written to the cache;
-- **warm**: the same again: read from the cache (median of ``WARM_REPEATS``);
+- **warm**: the same again: read from the cache (best of ``WARM_REPEATS``, as every
+  repeated case: the least disturbed by other work on the machine);
 - **warm, hash**: ``data-cache = "hash"`` (every file's SHA-256 checked), warm;
 - **per round, worker**: a round in a run served by the site worker: its data memo checks
   the files' identity (one ``stat`` per file; with ``hash`` every file's SHA-256) and
@@ -28,7 +29,6 @@ and first, and far fewer bytes to warm).
 from __future__ import annotations
 
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -116,15 +116,16 @@ def _request(
 
 
 def _timed(action: Callable[[], object], repeats: int = 1) -> tuple[float, float]:
-    """Median wall and CPU seconds (this process, every thread) of ``action``. CPU seconds
-    stay meaningful on a machine busy with other work; wall seconds are what a site waits."""
+    """Best wall and CPU seconds (this process, every thread) of ``repeats`` calls of
+    ``action``. CPU seconds stay meaningful on a machine busy with other work; wall seconds
+    are what a site waits."""
     walls, cpus = [], []
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
         action()
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
+    return min(walls), min(cpus)
 
 
 def warm_up(source: str, path: Path, state: Path) -> None:
@@ -208,7 +209,8 @@ def data_load_lines(results: Mapping[str, Any] | None) -> list[str]:
         f"{results['megabytes']} MB of PNGs in all; files in the OS page cache, so these are "
         "decoding and cache costs, not disk reads). Seconds as wall / CPU of the loading "
         'process (CPU stays meaningful on a busy machine). cold = `data-cache = "off"`; '
-        "first = empty cache (decode + write); warm = read from the cache; hash = "
+        "first = empty cache (decode + write); warm = read from the cache (best of "
+        f"{WARM_REPEATS}, as every repeated case); hash = "
         '`data-cache = "hash"` warm (every file\'s SHA-256 checked); per round: with the site '
         "worker its data memo checks one `stat` per file (hash: its SHA-256) and keeps the "
         "loaded data, without it every message's ClientApp loads again (= warm).",
