@@ -355,6 +355,11 @@ class HospitalConfig(Schema):
     val_fraction: float = Field(-1.0, ge=-1, lt=0.9, description="-1 = the source's default")
     device: DeviceName = "auto"
     state_dir: str = ""
+    data_cache: Literal["stat", "hash", "off"] = Field(
+        "stat", description="decoded images kept in <state-dir>/data-cache (image-folder, "
+        "segmentation-folder, dicom): a file is decoded again when its size or modification "
+        "time changed (stat) or also its bytes (hash: every file read each load); off = none"
+    )
     role: Literal["", "large", "small"] = ""
     prior_path: str = Field("", description="Fed-MAS: this site's copy of the shared prior file")
     public_data_path: str = Field("", description="FedHelp: this site's copy of the public data")

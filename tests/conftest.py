@@ -8,9 +8,14 @@ queueing behind each other at the end of one worker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 from harness import FakeClock
+
+from fedclinic.config import HospitalConfig
+from fedclinic.data import cache
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,3 +34,17 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 def clock() -> FakeClock:
     """A clock for the engine that does not wait: deadlines and re-sends in no time."""
     return FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _default_state_dir_in_tmp(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A hospital config without ``state-dir`` caches decoded images in the user's default
+    state dir (``~/.fedclinic/state``); in-process tests use a temporary one instead."""
+    root = tmp_path_factory.getbasetemp() / "default-state"
+
+    def default_state_dir(hospital: HospitalConfig) -> Path:
+        return root / hospital.hospital
+
+    monkeypatch.setattr(cache, "default_state_dir", default_state_dir)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedclinic.bench import dataload
 from fedclinic.bench.system import (
     MODES,
     PLAIN_APP_DIR,
@@ -168,6 +170,10 @@ def test_parser_and_modes() -> None:
         assert case in MODES["full"].transfer
     args = parser.parse_args(["system", "--out", "x", "--transfer", "resnet101-pfednet-stc"])
     assert args.transfer == (("resnet101", "pfednet", "stc"),)
+    assert args.no_data_load is False
+    assert parser.parse_args(["system", "--out", "x", "--no-data-load"]).no_data_load
+    # quick mode's data-load part stays small (CI runs it): a few hundred files
+    assert sum(dataload.COUNTS["quick"]) <= 500 and sum(dataload.COUNTS["full"]) >= 3000
 
 
 def test_transfer_cases_by_name() -> None:
@@ -206,3 +212,40 @@ def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> 
     assert "smoke test" not in text and "no 100+ MB model" not in text
     quick = system_section({**results, "mode": "quick"}, "fedclinic bench system --mode quick")
     assert quick.startswith("**Quick mode: a smoke test, not a benchmark")
+    assert "**Data load** (not run: `--no-data-load`)." in text
+    seconds = {k: 1.0 for k in dataload.CASES}
+    seconds |= {"warm": 0.25, "round_no_worker": 0.25, "round_worker": 0.0125}
+    loaded = {
+        "image_size": 64, "origin": "synthetic", "source_pixels": 256, "megabytes": 1.5,
+        "entries": [{"source": "image-folder", "files": 300, "seconds": seconds,
+                     "cpu_seconds": {**seconds, "cold": 2.0}, "cache_megabytes": 4.9,
+                     "speedup_warm": 4.0, "speedup_warm_cpu": 8.0}],
+    }  # fmt: skip
+    text = system_section({**results, "data_load": loaded}, "fedclinic bench system")
+    assert (
+        "| image-folder | 300 | 1.00 / 2.00 | 1.00 / 1.00 | 0.250 / 0.250 | 1.000 / 1.000 "
+        "| 4x, 8x | 0.0125 / 0.0125 | 1.000 / 1.000 | 0.250 / 0.250 | 4.9 |"
+    ) in text
+
+
+def test_data_load_part_measures_every_case_on_generated_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataload, "COUNTS", {"quick": (6, 4)})
+    monkeypatch.setattr(dataload, "WARM_REPEATS", 1)
+    results = dataload.run_data_load("quick", tmp_path / "data-load")
+    assert [(e["source"], e["files"]) for e in results["entries"]] == [
+        ("image-folder", 6),
+        ("segmentation-folder", 8),  # 4 images + 4 masks
+    ]
+    for entry in results["entries"]:
+        assert set(entry["seconds"]) == set(dataload.CASES) == set(entry["cpu_seconds"])
+        assert all(v > 0 for v in entry["seconds"].values()), entry
+        assert entry["seconds"]["round_no_worker"] == entry["seconds"]["warm"]
+    # the generated files are gone; the two state dirs (the caches) stay for inspection
+    assert sorted(p.name for p in (tmp_path / "data-load").iterdir()) == [
+        "state-images",
+        "state-seg",
+    ]
+    images = next((tmp_path / "data-load" / "state-images").rglob("rows-*.npy"))
+    assert np.load(images).shape == (6, 1, dataload.IMAGE_SIZE, dataload.IMAGE_SIZE)

@@ -162,7 +162,8 @@ def test_decode_rows_without_a_cache_and_where_the_site_cache_lives(tmp_path: Pa
     (rows,) = decode_rows(None, "image-folder", PARAMS, items, decode_image)
     np.testing.assert_array_equal(rows, fresh(items))
     hospital = HospitalConfig(hospital="h", state_dir=str(tmp_path / "state"))
-    assert site_cache(hospital).directory == tmp_path / "state" / CACHE_DIR
+    found = site_cache(hospital)
+    assert found is not None and found.directory == tmp_path / "state" / CACHE_DIR
     (cached,) = decode_rows(site_cache(hospital), "image-folder", PARAMS, items, decode_image)
     np.testing.assert_array_equal(cached, rows)
     assert list((tmp_path / "state" / CACHE_DIR).rglob("*.npy"))

@@ -464,6 +464,13 @@ def test_decoded_once_then_from_the_cache(tmp_path: Path, monkeypatch: pytest.Mo
     calls.clear()
     load_hospital_data(request(root, {"image_size": 16}, dicom_window="minmax"))
     assert len(calls) == 8  # another window: other rows
+    # data-cache = "off": every file decoded at every load, the same arrays, nothing written
+    calls.clear()
+    off = request(root, {"image_size": 16}, state_dir=str(tmp_path / "off"), data_cache="off")
+    uncached = load_hospital_data(off)
+    load_hospital_data(off)
+    assert len(calls) == 16 and not (tmp_path / "off").exists()
+    assert torch.equal(uncached.train.inputs, load_hospital_data(req).train.inputs)
 
 
 # ------------------------------------------------------------------------------ segmentation

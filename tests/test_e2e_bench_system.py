@@ -3,12 +3,14 @@ benchmark (issue #8), not a timed test: nothing here checks a duration.
 
 The quick mode runs three federations, each a real SuperLink and two SuperNodes with TLS and
 node authentication: fedclinic FedAvg and the plain Flower app side by side (2 rounds), and one
-transfer case (pFedNet with STC compression). The two parts run here as two tests, through the
-command's ``--no-transfer`` and ``--sizes ''`` options, so that the suite's workers run them at
-the same time; together they are exactly the quick mode. They check that every federation
-completed, that the measurements are there and sane (overheads and memory positive, bytes on
-the wire, STC uploading less than the model), that the files ``bench report`` reads are
-written, that the report picks the section up, and that no process is left behind.
+transfer case (pFedNet with STC compression), after the data-load part (a few hundred generated
+PNGs loaded without and with the site's cache; no federation). The two parts run here as two
+tests, through the command's ``--no-transfer`` and ``--sizes '' --no-data-load`` options, so
+that the suite's workers run them at the same time; together they are exactly the quick mode.
+They check that every federation completed, that the measurements are there and sane
+(overheads and memory positive, bytes on the wire, STC uploading less than the model), that
+the files ``bench report`` reads are written, that the report picks the section up, and that
+no process is left behind.
 
 The transfer case is also the suite's pFedNet run on real processes (its two exchanges a
 round, shared then personal, through TLS and node authentication): its results directory is
@@ -102,6 +104,17 @@ def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path)
     assert "`fedclinic bench system --mode quick --no-transfer --out DIR`" in section
     assert "| 2 | fedclinic-fedavg | yes |" in section and "| 2 | plain-flower | yes |" in section
 
+    # the data-load part: both sources, every case measured, the cache written
+    loads = system["data_load"]["entries"]
+    assert [(e["source"], e["files"]) for e in loads] == [
+        ("image-folder", 300),
+        ("segmentation-folder", 300),  # 150 image/mask pairs
+    ]
+    for entry in loads:
+        assert all(_positive(entry["seconds"][k]) for k in entry["seconds"]), entry
+        assert _positive(entry["cache_megabytes"]), entry
+    assert "**Data load per hospital**" in section and "| image-folder | 300 |" in section
+
     # `fedclinic bench report` takes the section from <results>/system/system.md
     plots = tmp_path / "plots"
     plots.mkdir()
@@ -115,8 +128,9 @@ def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path)
 @pytest.mark.timeout(900)
 def test_system_quick_transfer_part_pfednet_sends_less_with_stc(tmp_path: Path) -> None:
     out = tmp_path / "system"
-    system = _run_quick(out, "--sizes", "")
+    system = _run_quick(out, "--sizes", "", "--no-data-load")
     assert system["scale"] == [] and len(system["transfer"]) == 1
+    assert system["data_load"] is None
     stc = system["transfer"][0]
     assert (stc["app"], stc["model"], stc["compression"]) == ("fedclinic-pfednet", "cnn", "stc")
     assert stc["model_bytes"] == CNN_BYTES
@@ -127,7 +141,7 @@ def test_system_quick_transfer_part_pfednet_sends_less_with_stc(tmp_path: Path) 
     assert payload["up_bytes"] < stc["model_bytes"]
     assert wire["down_bytes"] > payload["down_bytes"] / 2
     section = (out / "system.md").read_text()
-    assert "`fedclinic bench system --mode quick --sizes '' --out DIR`" in section
+    assert "`fedclinic bench system --mode quick --sizes '' --no-data-load --out DIR`" in section
     assert "| fedclinic-pfednet | stc | yes |" in section
 
     # the pFedNet run itself, as its results directory shows it

@@ -23,6 +23,9 @@ message), through :class:`fedclinic.local.federation.LocalFederation`:
   bytes on the wire, read from the kernel's per-socket TCP counters
   (``ss -ti``, TLS and gRPC framing included) of the SuperLink's Fleet API port. Seconds per
   round: the round overhead at that model size.
+- **data load**: an image folder and a segmentation folder of generated PNGs loaded cold, with
+  the site's cache (first and warm) and per round with and without the site worker
+  (:mod:`fedclinic.bench.dataload`; a few hundred files in quick mode).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedclinic.audit import AuditLog
+from fedclinic.bench.dataload import data_load_lines, run_data_load
 from fedclinic.bench.load import (
     LOAD_RUN,
     MemorySampler,
@@ -500,6 +504,7 @@ def system_command(args: argparse.Namespace) -> int:
         "cpu_count": os.cpu_count(),
         "scale": [],
         "transfer": [],
+        "data_load": None,
     }
 
     def save() -> None:
@@ -507,6 +512,12 @@ def system_command(args: argparse.Namespace) -> int:
         (out / "system.json").write_text(json.dumps(results, indent=2) + "\n")
         write_csv(out / "system.csv", results)
 
+    if not getattr(args, "no_data_load", False):
+        console.print(
+            "[bold]data load[/]: image and segmentation folders, with and without the cache ..."
+        )
+        results["data_load"] = run_data_load(args.mode, out / "data-load")
+        save()
     for count in sizes:
         console.print(f"[bold]scale[/]: fedclinic, {count} hospitals, {mode.rounds} rounds ...")
         load_before = os.getloadavg()[0]
@@ -539,6 +550,8 @@ def system_command(args: argparse.Namespace) -> int:
     command = f"fedclinic bench system --mode {args.mode}"
     if getattr(args, "sizes", None) is not None:
         command += f" --sizes '{args.sizes}'"
+    if getattr(args, "no_data_load", False):
+        command += " --no-data-load"
     if getattr(args, "no_transfer", False):
         command += " --no-transfer"
     elif getattr(args, "transfer", None) is not None:
@@ -546,6 +559,8 @@ def system_command(args: argparse.Namespace) -> int:
     (out / "system.md").write_text(system_section(results, command), encoding="utf-8")
     console.print(scale_table(results["scale"]))
     console.print(transfer_table(results["transfer"]))
+    if results["data_load"]:
+        console.print(data_load_table(results["data_load"]))
     every = results["scale"] + results["transfer"]
     return 0 if all(r["completed"] for r in every) else 1
 
@@ -649,6 +664,21 @@ def transfer_table(entries: Sequence[Mapping[str, Any]]) -> Table:
     return table
 
 
+def data_load_table(results: Mapping[str, Any]) -> Table:
+    table = Table(title=f"data load per hospital, resized to {results['image_size']}")
+    for column in ("source", "PNG files", "cold s", "first s", "warm s", "warm, hash s",
+                   "per round s: worker / no worker"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for e in results["entries"]:
+        s = e["seconds"]
+        table.add_row(
+            e["source"], str(e["files"]), f"{s['cold']:.2f}", f"{s['first']:.2f}",
+            f"{s['warm']:.3f}", f"{s['warm_hash']:.3f}",
+            f"{s['round_worker']:.4f} / {s['round_no_worker']:.3f}",
+        )  # fmt: skip
+    return table
+
+
 def add_system_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``fedclinic bench system``."""
     system = commands.add_parser(
@@ -679,6 +709,12 @@ def add_system_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     )
     system.add_argument(
         "--no-transfer", action="store_true", help="skip the transfer part (model sizes)"
+    )
+    system.add_argument(
+        "--no-data-load",
+        action="store_true",
+        help="skip the data-load part (image and segmentation folders, with and without the "
+        "site's cache)",
     )
     system.set_defaults(handler=system_command)
 
@@ -771,5 +807,7 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         "interval. On one 2-core machine the per-message ClientApp start-up (PyTorch imports) "
         "dominates the overheads of the small models; at 170 MB the bytes themselves do (each "
         "message serialises the model, goes through the SuperLink's SQLite store and TLS).",
+        "",
+        *data_load_lines(results.get("data_load")),
     ]
     return "\n".join(lines) + "\n"

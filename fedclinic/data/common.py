@@ -13,10 +13,24 @@ import torch
 from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData, Split
 from fedclinic.data.splits import DEFAULT_TEST_FRACTION, stratified_split, train_val_test_split
-from fedclinic.errors import ConfigError
+from fedclinic.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 Item = TypeVar("Item")
+
+
+class FileProblem(DataError):
+    """A problem with one file: ``str()`` names the file (site log); ``problem`` is the same
+    without the path and without any value read from the file (what may be shared). Raised
+    by decoders the site's cache calls, so a source can name the file's place for the
+    coordinator (``image 8 of class 'malignant'``, ``DICOM file #12``). ``local`` replaces
+    the site log's text where it names more than this file."""
+
+    def __init__(self, path: Path, problem: str, detail: str = "", local: str = "") -> None:
+        text = local or f"{path}: {problem}{f' ({detail})' if detail else ''}"
+        super().__init__(text, shared=problem)
+        self.path = path
+        self.problem = problem
 
 
 def require_image_model(request: DataRequest, source: str) -> None:

@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, pixel_array
 
+from fedclinic.data.common import FileProblem
 from fedclinic.data.segmentation_folder import LUMINANCE, _resize, check_mask, read_array
 from fedclinic.errors import DataError
 
@@ -54,16 +55,6 @@ DECODERS = {
     "RLE Lossless": "pylibjpeg + pylibjpeg-rle (pydicom decodes it too, slowly)",
 }
 _FUNCTIONAL_GROUPS = [0x52009229, 0x52009230]  # Shared, Per-frame Functional Groups Sequence
-
-
-class FileProblem(DataError):
-    """A problem with one file: ``str()`` names the file (site log); ``problem`` is the same
-    without the path and without any value read from the file (what may be shared)."""
-
-    def __init__(self, path: Path, problem: str, detail: str = "") -> None:
-        super().__init__(f"{path}: {problem}{f' ({detail})' if detail else ''}", shared=problem)
-        self.path = path
-        self.problem = problem
 
 
 @contextmanager

@@ -20,11 +20,14 @@ Reading (Pillow): converted to ``L`` (grey) when ``in-channels`` = 1 or ``RGB`` 
 (colour images are converted to grey and grey images replicated, as Pillow's ``convert``
 does), then **resized** to ``image-size`` x ``image-size`` with bilinear filtering (the
 aspect ratio is not kept: crop beforehand if it matters), then scaled to [0, 1]. 16-bit grey
-PNGs are scaled by 65535, not clipped to 8 bits.
+PNGs are scaled by 65535, not clipped to 8 bits. Decoded images go through the site's cache
+(:mod:`fedclinic.data.cache`, hospital config ``data-cache``): a file is decoded once, again
+only when it changes.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +35,10 @@ from PIL import Image, UnidentifiedImageError
 
 from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData, Split
+from fedclinic.data.cache import Item, decode_rows, site_cache
 from fedclinic.data.common import (
     SPLITS,
+    FileProblem,
     carve_validation,
     empty_split,
     hospital_data,
@@ -47,6 +52,7 @@ from fedclinic.data.common import (
 from fedclinic.data.splits import DEFAULT_TEST_FRACTION, resolve_val_fraction
 from fedclinic.errors import DataError
 
+SOURCE = "image-folder"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_VAL_FRACTION = 0.15
 
@@ -115,30 +121,63 @@ def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(array.clip(0.0, 1.0), dtype=np.float32)
 
 
-def _read_split(
-    classes: dict[str, list[Path]], names: list[str], size: int, channels: int, where: str = ""
-) -> tuple[Split, list[Path]]:
-    """All images of the given class folders, labelled by position in ``names``.
+def decode_image(item: Item, size: int, channels: int) -> tuple[np.ndarray]:
+    """A row for the site's cache: ``(image,)`` of the file ``item[0]``; a bad file is a
+    :class:`FileProblem` naming it."""
+    try:
+        return (read_image(item[0], size, channels),)
+    except FileProblem:
+        raise
+    except DataError as err:
+        raise FileProblem(item[0], str(err).removeprefix(f"{item[0]}: ")) from None
+
+
+def _read_splits(
+    hospital: HospitalConfig,
+    scanned: dict[str, dict[str, list[Path]]],
+    names: list[str],
+    size: int,
+    channels: int,
+) -> tuple[dict[str, Split], dict[str, list[Path]]]:
+    """All images of every split's class folders (``{split: {class: files}}``), labelled by
+    position in ``names``, decoded in one call to the site's cache (one entry for the
+    folder, so the next load reuses every unchanged file).
 
     A bad image stops loading with its path (for the site's log) and, for the coordinator,
-    a site-local reference: ``image 8 of class 'malignant'`` (its position, by name, in
-    its class folder; ``where`` names the split folder).
+    a site-local reference: ``image 8 of class 'malignant' in train/`` (its position, by
+    name, in its class folder, and its split folder).
     """
-    files = [(label, f) for label, name in enumerate(names) for f in classes[name]]
-    paths = [f for _, f in files]
-    if not files:
-        return empty_split((channels, size, size)), paths
-    images = []
-    for name in names:
-        for index, file in enumerate(classes[name], start=1):
-            try:
-                images.append(read_image(file, size, channels))
-            except DataError as err:
-                problem = str(err).removeprefix(f"{file}: ")
-                shared = f"image {index} of class '{name}'{where}: {problem}"
-                raise DataError(str(err), shared=shared) from None
-    labels = np.asarray([label for label, _ in files], dtype=np.int64)
-    return make_split(np.stack(images), labels), paths
+    files: dict[str, list[Path]] = {}
+    labels: dict[str, list[int]] = {}
+    references: dict[Path, str] = {}
+    for split, classes in scanned.items():
+        where = f" in {split}/" if split else ""
+        files[split], labels[split] = [], []
+        for label, name in enumerate(names):
+            for index, file in enumerate(classes[name], start=1):
+                files[split].append(file)
+                labels[split].append(label)
+                references[file] = f"image {index} of class '{name}'{where}"
+    items = [(f,) for split in scanned for f in files[split]]
+    if not items:
+        return {s: empty_split((channels, size, size)) for s in scanned}, files
+    decode = partial(decode_image, size=size, channels=channels)
+    params = {"size": size, "channels": channels}
+    try:
+        (images,) = decode_rows(site_cache(hospital), SOURCE, params, items, decode)
+    except FileProblem as err:
+        shared = f"{references[err.path]}: {err.problem}"
+        raise DataError(str(err), shared=shared) from None
+    splits: dict[str, Split] = {}
+    start = 0
+    for split in scanned:
+        end = start + len(files[split])
+        if end == start:
+            splits[split] = empty_split((channels, size, size))
+        else:
+            splits[split] = make_split(images[start:end], np.asarray(labels[split], np.int64))
+        start = end
+    return splits, files
 
 
 def _check_classes(where: Path, names: list[str], num_classes: int) -> None:
@@ -206,19 +245,16 @@ def load(request: DataRequest) -> HospitalData:
     files: dict[str, list[Path]] = {}
     if "" not in scanned:
         names = sorted(scanned["train"])
-        for split, classes in scanned.items():
-            splits[split], files[split] = _read_split(
-                classes, names, size, channels, f" in {split}/"
-            )
+        splits, files = _read_splits(hospital, scanned, names, size, channels)
         layout = "given split"
         if "val" not in splits:
             strata = splits["train"].labels.numpy()
             carve_validation(splits, files, strata, val_fraction, seed)
             layout = f"given train/test split, val carved from train ({val_fraction})"
     else:
-        classes = scanned[""]
-        names = sorted(classes)
-        whole, all_files = _read_split(classes, names, size, channels)
+        names = sorted(scanned[""])
+        read, read_files = _read_splits(hospital, scanned, names, size, channels)
+        whole, all_files = read[""], read_files[""]
         splits, files = split_here(whole, all_files, whole.labels.numpy(), val_fraction, seed)
         layout = f"split here (val {val_fraction}, test {DEFAULT_TEST_FRACTION})"
     return hospital_data(

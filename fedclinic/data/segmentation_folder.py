@@ -28,14 +28,16 @@ luminance as Pillow does; an alpha channel is dropped); 8-bit PNGs are scaled by
 16-bit PNGs by 65535, NIfTI images per image to [0, 1] (min-max: CT and MR intensities have
 no fixed range). Images are then **resized** to ``image-size`` x ``image-size`` (bilinear,
 antialiased) and masks with nearest-neighbour sampling, so labels stay labels; the aspect
-ratio is not kept (crop beforehand if it matters).
+ratio is not kept (crop beforehand if it matters). Decoded pairs go through the site's cache
+(:mod:`fedclinic.data.cache`, hospital config ``data-cache``): a pair is decoded once, again
+only when its image or mask file changes.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,10 @@ import torch.nn.functional as F
 
 from fedclinic.config import HospitalConfig
 from fedclinic.data.base import DataRequest, HospitalData, Split
+from fedclinic.data.cache import Item, decode_rows, site_cache
 from fedclinic.data.common import (
     SPLITS,
+    FileProblem,
     carve_validation,
     counts_text,
     make_mask_split,
@@ -59,6 +63,7 @@ from fedclinic.data.image_folder import _visible
 from fedclinic.data.splits import DEFAULT_TEST_FRACTION, resolve_val_fraction
 from fedclinic.errors import DataError
 
+SOURCE = "segmentation-folder"
 SUFFIXES = (".nii.gz", ".nii", ".png")
 PAIR_FOLDERS = ("images", "masks")
 DEFAULT_VAL_FRACTION = 0.15
@@ -235,39 +240,72 @@ def check_mask(values: np.ndarray, path: Path, num_classes: int) -> None:
         )
 
 
+def decode_pair(
+    item: Item, size: int, channels: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A row for the site's cache: the image and mask of the pair ``item`` (image file, mask
+    file), checked (a mask must have its image's size); a bad file is a
+    :class:`FileProblem` naming it."""
+    image_file, mask_file = item
+    file = image_file
+    try:
+        image, image_size = read_image(image_file, size, channels)
+        file = mask_file
+        mask, mask_size = read_mask(mask_file, size, num_classes)
+    except FileProblem:
+        raise
+    except DataError as err:
+        raise FileProblem(file, str(err).removeprefix(f"{file}: ")) from None
+    if image_size != mask_size:
+        mask_text = f"mask is {mask_size[0]}x{mask_size[1]} pixels but its image"
+        image_text = f"is {image_size[0]}x{image_size[1]}"
+        raise FileProblem(
+            mask_file,
+            f"{mask_text} {image_text}",
+            local=f"{mask_file}: {mask_text} {image_file} {image_text}; every mask must have "
+            "its image's size",
+        )
+    return image, mask
+
+
 def read_pairs(
-    pairs: list[Pair], size: int, channels: int, num_classes: int, where: str = ""
-) -> Split:
-    """Every pair read and checked (a mask must have its image's size).
+    hospital: HospitalConfig,
+    scanned: dict[str, list[Pair]],
+    size: int,
+    channels: int,
+    num_classes: int,
+) -> dict[str, Split]:
+    """Every pair of every split (``{split: pairs}``) read and checked, in one call to the
+    site's cache (one entry for the folder, so the next load reuses every unchanged pair).
 
     A bad file stops loading with its path (for the site's log) and, for the coordinator,
-    a site-local reference: ``mask of pair 17`` (its position by case name; ``where``
-    names the split folder).
+    a site-local reference: ``mask of pair 17 in train/`` (its position by case name, and
+    its split folder).
     """
-    if not pairs:
-        return Split(torch.zeros(0, channels, size, size), torch.zeros(0, size, size).long())
-    images, masks = [], []
-    for index, pair in enumerate(pairs, start=1):
-        file = pair.image
-        try:
-            image, image_size = read_image(pair.image, size, channels)
-            file = pair.mask
-            mask, mask_size = read_mask(pair.mask, size, num_classes)
-        except DataError as err:
-            kind = "image" if file == pair.image else "mask"
-            problem = str(err).removeprefix(f"{file}: ")
-            raise DataError(str(err), shared=f"{kind} of pair {index}{where}: {problem}") from None
-        if image_size != mask_size:
-            raise DataError(
-                f"{pair.mask}: mask is {mask_size[0]}x{mask_size[1]} pixels but its image "
-                f"{pair.image} is {image_size[0]}x{image_size[1]}; every mask must have its "
-                "image's size",
-                shared=f"mask of pair {index}{where} is {mask_size[0]}x{mask_size[1]} pixels "
-                f"but its image is {image_size[0]}x{image_size[1]}",
-            )
-        images.append(image)
-        masks.append(mask)
-    return make_mask_split(np.stack(images), np.stack(masks))
+    references: dict[Path, str] = {}
+    for split, pairs in scanned.items():
+        where = f" in {split}/" if split else ""
+        for index, pair in enumerate(pairs, start=1):
+            references[pair.image] = f"image of pair {index}{where}"
+            references[pair.mask] = f"mask of pair {index}{where}"
+    items = [(p.image, p.mask) for pairs in scanned.values() for p in pairs]
+    empty = Split(torch.zeros(0, channels, size, size), torch.zeros(0, size, size).long())
+    if not items:
+        return {split: empty for split in scanned}
+    decode = partial(decode_pair, size=size, channels=channels, num_classes=num_classes)
+    params = {"size": size, "channels": channels, "classes": num_classes}
+    try:
+        images, masks = decode_rows(site_cache(hospital), SOURCE, params, items, decode)
+    except FileProblem as err:
+        shared = f"{references[err.path]}: {err.problem}"
+        raise DataError(str(err), shared=shared) from None
+    splits: dict[str, Split] = {}
+    start = 0
+    for split, pairs in scanned.items():
+        end = start + len(pairs)
+        splits[split] = make_mask_split(images[start:end], masks[start:end]) if pairs else empty
+        start = end
+    return splits
 
 
 # ------------------------------------------------------------------------------ the source
@@ -323,16 +361,15 @@ def load(request: DataRequest) -> HospitalData:
     cases: dict[str, list[str]] = {}
     scanned = scan_layout(root)
     if "" not in scanned:
-        for name, pairs in scanned.items():
-            splits[name] = read_pairs(pairs, size, channels, classes, f" in {name}/")
-            cases[name] = [f"{name}/{p.case}" for p in pairs]
+        splits = read_pairs(hospital, scanned, size, channels, classes)
+        cases = {name: [f"{name}/{p.case}" for p in pairs] for name, pairs in scanned.items()}
         layout = "given split"
         if "val" not in splits:
             carve_validation(splits, cases, strata(splits["train"]), val_fraction, seed)
             layout = f"given train/test split, val carved from train ({val_fraction})"
     else:
         pairs = scanned[""]
-        whole = read_pairs(pairs, size, channels, classes)
+        whole = read_pairs(hospital, scanned, size, channels, classes)[""]
         names = [p.case for p in pairs]
         splits, cases = split_here(whole, names, strata(whole), val_fraction, seed)
         layout = f"split here (val {val_fraction}, test {DEFAULT_TEST_FRACTION})"

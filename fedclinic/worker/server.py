@@ -30,7 +30,7 @@ from flwr.common.constant import ErrorCode
 import client.app as handler
 from fedclinic.data import DataRequest, HospitalData, load_hospital_data
 from fedclinic.data.base import DataSource
-from fedclinic.data.cache import tree_identity
+from fedclinic.data.cache import Verify, tree_identity
 from fedclinic.errors import ConfigError
 from fedclinic.worker.protocol import (
     LOCK_NAME,
@@ -52,8 +52,9 @@ class DataMemo:
     """A hospital's loaded data, kept between the messages of a run.
 
     Reused only while the run config, the hospital config and every file under the
-    hospital's ``data-path`` (names, sizes, modification times) are unchanged; anything
-    else loads (and checks) the data again, as a fresh ClientApp process would.
+    hospital's ``data-path`` (names, sizes, modification times; with ``data-cache = "hash"``
+    also contents, as the site's cache then checks them) are unchanged; anything else loads
+    (and checks) the data again, as a fresh ClientApp process would.
     """
 
     def __init__(self, loader: DataSource = load_hospital_data) -> None:
@@ -64,7 +65,8 @@ class DataMemo:
 
     def load(self, request: DataRequest) -> HospitalData:
         path = Path(request.hospital.data_path).expanduser() if request.hospital.data_path else None
-        files = tree_identity(path) if path is not None and path.exists() else ""
+        verify: Verify = "hash" if request.hospital.data_cache == "hash" else "stat"
+        files = tree_identity(path, verify) if path is not None and path.exists() else ""
         key = (  # raw (statistics) and normalised (training) data are different data
             request.run.model_dump_json(),
             request.hospital.model_dump_json(),
