@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from fedclinic.errors import ConfigError
+from fedclinic.serialization import WireDtype
 from fedclinic.tasks import check_model_fits_task, check_selection_metric, selection_metric
 
 Scalar = bool | int | float | str
@@ -193,6 +194,11 @@ class RunConfig(Schema):
     privacy_fix_model: bool = Field(
         False, description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
         "ModuleValidator.fix); without it a model with BatchNorm is refused under dp"
+    )
+    wire_dtype: WireDtype = Field(
+        "float32", description="precision of the float32 weights and updates on the wire, "
+        "both ways; received values are widened to float32 before any maths "
+        "(docs/architecture.md#wire-precision)"
     )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
