@@ -9,6 +9,7 @@ float32 bit patterns to nearest even by hand (no torch), means by hand in float6
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import fedclinic.engine.acceptance
 import fedclinic.engine.rounds
 from fedclinic import messages as keys
 from fedclinic.audit import AuditLog
+from fedclinic.bench.system import MODES, effective_mb_per_s, model_size_bytes, parse_transfer
 from fedclinic.engine import TRAIN
 from fedclinic.engine.acceptance import UpdateChecks, accept
 from fedclinic.engine.exchange import Delivery
@@ -290,3 +292,38 @@ def test_float32_is_the_path_without_the_option_bit_for_bit(
         ]
 
     assert comparable(tmp_path / "a" / "out") == comparable(tmp_path / "b" / "out")
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def test_bench_transfer_cases_name_a_wire_dtype() -> None:
+    assert parse_transfer("resnet18-fedavg-none-float16, cnn-pfednet-fused-stc-bfloat16") == (
+        ("resnet18", "fedavg", "none", "float16"),
+        ("cnn", "pfednet", "fused-stc", "bfloat16"),
+    )
+    assert parse_transfer("resnet18-fedavg-none-float32") == (("resnet18", "fedavg", "none"),)
+    with pytest.raises(argparse.ArgumentTypeError, match="plain Flower app sends float32"):
+        parse_transfer("resnet18-plain-none-float16")
+    # quick mode (CI) stays one float32 case; full mode runs both narrow precisions
+    assert MODES["quick"].transfer == (("cnn", "pfednet", "stc"),)
+    for model in ("resnet18", "resnet101"):
+        for wire in ("float16", "bfloat16"):
+            assert (model, "fedavg", "none", wire) in MODES["full"].transfer
+
+
+def test_bench_model_bytes_and_effective_rate_by_hand() -> None:
+    # the cnn: 38,786 float32 parameters (tests/test_e2e_bench_system.py counts them)
+    params = (1 * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (512 * 64 + 64) + (64 * 2 + 2)
+    config = {"model": "cnn"}
+    assert model_size_bytes(config) == 4 * params
+    assert model_size_bytes(config, "float16") == model_size_bytes(config, "bfloat16") == 2 * params
+    # 2 hospitals, 10 MB model sent as 5 MB each way: 20 MB of float32 moved in 4 s
+    entry = {
+        "payload_bytes_per_round": {"down_bytes": 10e6, "up_bytes": 10e6},
+        "median_round_overhead_seconds": 4.0,
+        "model_bytes": 10e6,
+        "wire_model_bytes": 5e6,
+    }
+    assert effective_mb_per_s(entry) == pytest.approx(40e6 / 1e6 / 4.0)
+    assert effective_mb_per_s({**entry, "median_round_overhead_seconds": None}) is None
