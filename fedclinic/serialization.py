@@ -141,9 +141,10 @@ def _narrow(array: Array, dtype: str) -> Array:
         return Array(narrowed)
     if dtype == "bfloat16":
         tensor = torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16)
-        if np.isfinite(values).all() and not bool(torch.isfinite(tensor).all()):
-            return array
         bits = tensor.view(torch.int16).numpy().view(np.uint16).astype("<u2")
+        overflow = (bits & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
+        if overflow.any() and np.isfinite(values).all():
+            return array  # rounded up past bfloat16's largest value: float32 as it is
         return Array(dtype="bfloat16", shape=tuple(values.shape), stype=BFLOAT16_STYPE,
                      data=bits.tobytes())  # fmt: skip
     raise ValueError(f"unknown wire dtype {dtype!r}; expected one of {', '.join(WIRE_DTYPES)}")
