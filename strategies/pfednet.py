@@ -22,8 +22,9 @@ two exchanges:
    with the shared ones frozen and uploads ``G_n = z_n(before) - z_n(after)``; the server
    runs the ADMM and keeps ``Z``. The message carries only the entries the shared average
    changed: the hospital holds ``z_n`` and the rest in the model it saved in phase 1
-   (:meth:`PFedNetStrategy.personal_delta`, :meth:`PFedNetObjective.held_model`). With no shared parameter (logistic regression) the round's
-   only exchange is this phase, and it evaluates first.
+   (:meth:`PFedNetStrategy.personal_delta`, :meth:`PFedNetObjective.held_model`). With no
+   shared parameter (logistic regression) the round's only exchange is this phase, and it
+   evaluates first.
 
 Both exchanges go through the round engine (retries, re-sends, validation, audit); an
 update the decoder cannot read is ``rejected`` like any other bad update.

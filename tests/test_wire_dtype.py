@@ -25,6 +25,7 @@ import fedclinic.engine.rounds
 from fedclinic import messages as keys
 from fedclinic.audit import AuditLog
 from fedclinic.bench.system import MODES, effective_mb_per_s, model_size_bytes, parse_transfer
+from fedclinic.checkpoint import check_same_run
 from fedclinic.engine import TRAIN
 from fedclinic.engine.acceptance import UpdateChecks, accept
 from fedclinic.engine.exchange import Delivery
@@ -327,3 +328,13 @@ def test_bench_model_bytes_and_effective_rate_by_hand() -> None:
     }
     assert effective_mb_per_s(entry) == pytest.approx(40e6 / 1e6 / 4.0)
     assert effective_mb_per_s({**entry, "median_round_overhead_seconds": None}) is None
+
+
+def test_resume_keeps_the_wire_dtype_and_reads_older_checkpoints() -> None:
+    """A checkpoint written before the key existed was a float32 run; changing the wire
+    dtype on resume is refused in one line like any key that changes the computation."""
+    check_same_run({"seed": 1}, {"seed": 1, "wire-dtype": "float32"})
+    with pytest.raises(ConfigError, match=r"key 'wire-dtype' is 'float16'.*used 'float32'"):
+        check_same_run({"seed": 1}, {"seed": 1, "wire-dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"key 'wire-dtype' is 'float32'.*used 'bfloat16'"):
+        check_same_run({"wire-dtype": "bfloat16"}, {"wire-dtype": "float32"})
