@@ -27,6 +27,7 @@ from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import FedClinicError
 from fedclinic.privacy import dataset_hash, plan_round
 from fedclinic.redact import shareable
+from fedclinic.serialization import from_wire, to_wire
 from fedclinic.site import SiteState
 from fedclinic.stats.protocol import normalisation_of, parse_request
 from fedclinic.stats.site import describe
@@ -85,7 +86,8 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         if train is None:
             content = objective.query(message.content)
         else:
-            content = objective.respond(message.content, train=train)
+            received = widened(message.content, run.wire_dtype)
+            content = objective.respond(received, train=train)
         if train and keys.ARRAYS in content and run.secure_aggregation:
             if stage != secagg.COLLECT:
                 raise secagg.SecAggError(
@@ -96,11 +98,14 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
                 client_context.site.directory,
                 server_round,
                 config,
-                message.content.array_records[keys.ARRAYS],
+                received.array_records[keys.ARRAYS],
                 content.array_records[keys.ARRAYS],
                 1 if config.get(keys.SECAGG_WEIGHTING) == "equal" else len(data.train),
                 hospital.hospital,
             )
+        elif train is not None and keys.ARRAYS in content.array_records:
+            # the update, narrowed for the wire
+            content[keys.ARRAYS] = to_wire(content.array_records[keys.ARRAYS], run.wire_dtype)
         # the objective's own info record, a ConfigRecord by the protocol (fedclinic.messages)
         info = cast(ConfigRecord, content[keys.INFO]) if keys.INFO in content else ConfigRecord()
         if charge is not None and keys.ARRAYS in content:  # trained: the ledger's line
@@ -137,6 +142,16 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
             sent = f"{type(err).__name__} at the hospital: {shareable(err, hospital)}"
         content = RecordDict({"info": ConfigRecord({"hospital": name, "error": sent})})
     return Message(content=content, reply_to=message)
+
+
+def widened(content: RecordDict, wire_dtype: str) -> RecordDict:
+    """The message's content with the model widened back to float32 (``wire-dtype``); a new
+    RecordDict, so the message itself is left as it arrived."""
+    if wire_dtype == "float32" or keys.ARRAYS not in content.array_records:
+        return content
+    copy = RecordDict(dict(content.items()))
+    copy[keys.ARRAYS] = from_wire(content.array_records[keys.ARRAYS], wire_dtype)
+    return copy
 
 
 def statistics(run: RunConfig, hospital: HospitalConfig, config: dict[str, Any]) -> RecordDict:

@@ -35,6 +35,9 @@ CHECKPOINT_FILE = "checkpoint.pkl"
 FORMAT = 2
 #: run-config keys a resumed run may set differently (more rounds, patience, where to resume)
 MAY_CHANGE_ON_RESUME = frozenset({"rounds", "resume", "round-timeout", "min-hospitals"})
+#: keys newer than some checkpoints, with the value a run before them had: a checkpoint
+#: without the key is compared as if it had that value
+ADDED_KEYS: dict[str, Any] = {"wire-dtype": "float32"}
 
 
 @dataclass
@@ -109,7 +112,8 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any]) -> None:
     for key in sorted(set(saved) | set(current)):
         if key in MAY_CHANGE_ON_RESUME:
             continue
-        before, now = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        before = saved.get(key, ADDED_KEYS.get(key, "<unset>"))
+        now = current.get(key, "<unset>")
         if before != now:
             raise ConfigError(
                 f"run config: key '{key}' is {now!r}, but the checkpointed run used {before!r}; "

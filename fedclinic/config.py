@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from fedclinic.errors import ConfigError
+from fedclinic.serialization import WireDtype
 from fedclinic.tasks import check_model_fits_task, check_selection_metric, selection_metric
 
 Scalar = bool | int | float | str
@@ -215,6 +216,11 @@ class RunConfig(Schema):
         2**22, ge=2**8, le=2**30, description="SecAgg+: the clipped range is quantised "
         "onto 0..this (stochastic rounding); the error per entry is below 2 x range / this"
     )
+    wire_dtype: WireDtype = Field(
+        "float32", description="precision of the float32 weights and updates on the wire, "
+        "both ways; received values are widened to float32 before any maths "
+        "(docs/architecture.md#wire-precision)"
+    )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
     options: dict[str, Any] = Field(default_factory=dict, exclude=True)
@@ -280,6 +286,16 @@ class RunConfig(Schema):
                 f"run config: key 'secagg-reconstruction-threshold' = {threshold} is not "
                 f"allowed with secagg-num-shares = {shares}: a secret cannot need more shares "
                 "than there are"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secagg_at_full_precision(self) -> RunConfig:
+        if self.secure_aggregation and self.wire_dtype != "float32":
+            raise ConfigError(
+                f"run config: wire-dtype = '{self.wire_dtype}' is not allowed with "
+                "secure-aggregation = true: the masked uploads are integer vectors of their own "
+                "(docs/privacy.md, section 7); set wire-dtype = 'float32'"
             )
         return self
 

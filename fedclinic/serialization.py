@@ -1,4 +1,12 @@
-"""Model weights on the wire (Flower ArrayRecords) and on disk (checkpoints with content hashes)."""
+"""Model weights on the wire (Flower ArrayRecords) and on disk (checkpoints with content hashes).
+
+Wire precision (run key ``wire-dtype``, docs/architecture.md#wire-precision): :func:`to_wire`
+narrows a record's float32 arrays to float16 or bfloat16 for transport only and
+:func:`from_wire` widens them back to float32 on receipt, before any maths; integer and
+boolean arrays (BatchNorm's ``num_batches_tracked``, pFedNet's codes and name tag) never
+change. With ``float32`` both return the record they are given: the default path is the
+same objects and bytes as without the option.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +14,23 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 from fedclinic.errors import DataError, file_problem
 
 State = dict[str, torch.Tensor]
+
+WireDtype = Literal["float32", "float16", "bfloat16"]
+#: the wire precisions a run may choose (``wire-dtype``)
+WIRE_DTYPES: tuple[WireDtype, ...] = ("float32", "float16", "bfloat16")
+#: the serialisation type of a bfloat16 array: its raw little-endian 16-bit patterns (numpy
+#: has no bfloat16, so Flower's ``numpy.ndarray`` type cannot carry one)
+BFLOAT16_STYPE = "fedclinic.bfloat16-le"
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -81,3 +98,68 @@ def load_checkpoint(path: str | Path) -> State:
     if not isinstance(state, dict):
         raise DataError(f"checkpoint '{file}' does not hold a state dict")
     return state
+
+
+# ------------------------------------------------------------------------ wire precision
+
+
+def to_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """``record`` with its float32 arrays narrowed to ``dtype`` (round to nearest even).
+
+    An array that would overflow (a finite value beyond float16's 65504) travels in float32
+    as it is; NaN/Inf travel as NaN/Inf, for the receiver's checks to refuse. Arrays of any
+    other dtype, and arrays already narrowed, are kept, so casting twice changes nothing.
+    """
+    if dtype == "float32":
+        return record
+    return ArrayRecord({key: _narrow(array, dtype) for key, array in record.items()})
+
+
+def from_wire(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """``record`` with its ``dtype`` arrays widened back to float32 (exact: every float16
+    and bfloat16 value is a float32 value). Arrays of other dtypes are kept, so a sender on
+    another wire precision is refused by the layout check, not silently converted."""
+    if dtype == "float32":
+        return record
+    return ArrayRecord({key: _widen(array, dtype) for key, array in record.items()})
+
+
+def wire_round_trip(record: ArrayRecord, dtype: str) -> ArrayRecord:
+    """What a receiver holds after ``record`` crossed the wire in ``dtype``."""
+    return from_wire(to_wire(record, dtype), dtype)
+
+
+def _narrow(array: Array, dtype: str) -> Array:
+    if array.stype != SType.NUMPY or array.dtype != "float32":
+        return array
+    values = array.numpy()
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            narrowed = values.astype(np.float16)
+        if np.isfinite(values).all() and not np.isfinite(narrowed).all():
+            return array  # out of float16's range: float32 as it is
+        return Array(narrowed)
+    if dtype == "bfloat16":
+        tensor = torch.from_numpy(np.ascontiguousarray(values)).to(torch.bfloat16)
+        bits = tensor.view(torch.int16).numpy().view(np.uint16).astype("<u2")
+        overflow = (bits & 0x7F80) == 0x7F80  # exponent all ones: inf or NaN
+        if overflow.any() and np.isfinite(values).all():
+            return array  # rounded up past bfloat16's largest value: float32 as it is
+        return Array(dtype="bfloat16", shape=tuple(values.shape), stype=BFLOAT16_STYPE,
+                     data=bits.tobytes())  # fmt: skip
+    raise ValueError(f"unknown wire dtype {dtype!r}; expected one of {', '.join(WIRE_DTYPES)}")
+
+
+def _widen(array: Array, dtype: str) -> Array:
+    if dtype == "float16" and array.stype == SType.NUMPY and array.dtype == "float16":
+        return Array(array.numpy().astype(np.float32))
+    if dtype == "bfloat16" and array.stype == BFLOAT16_STYPE:
+        count = int(np.prod(array.shape, dtype=np.int64))
+        if len(array.data) != 2 * count:
+            raise DataError(
+                f"a bfloat16 array of shape {tuple(array.shape)} carries {len(array.data)} "
+                f"bytes; expected {2 * count}"
+            )
+        bits = np.frombuffer(array.data, dtype="<u2").astype(np.uint32) << 16
+        return Array(bits.view(np.float32).reshape(tuple(array.shape)))
+    return array

@@ -20,8 +20,11 @@ two exchanges:
    :meth:`PFedNetStrategy.exchanges`; train only, to the hospitals whose shared update was
    accepted): the hospital loads the new ``x`` and its ``z_n``, trains the personal layers
    with the shared ones frozen and uploads ``G_n = z_n(before) - z_n(after)``; the server
-   runs the ADMM and keeps ``Z``. With no shared parameter (logistic regression) the round's
-   only exchange is this phase, and it evaluates first.
+   runs the ADMM and keeps ``Z``. The message carries only the entries the shared average
+   changed: the hospital holds ``z_n`` and the rest in the model it saved in phase 1
+   (:meth:`PFedNetStrategy.personal_delta`, :meth:`PFedNetObjective.held_model`). With no
+   shared parameter (logistic regression) the round's only exchange is this phase, and it
+   evaluates first.
 
 Both exchanges go through the round engine (retries, re-sends, validation, audit); an
 update the decoder cannot read is ``rejected`` like any other bad update.
@@ -82,7 +85,14 @@ from fedclinic.engine import Exchange, Hospital, Reply, ServerAlgorithm
 from fedclinic.errors import ConfigError, DataError, IntegrityError
 from fedclinic.models import MODELS, build_model, personal_prefixes
 from fedclinic.rows import CommunicationRow, PFedNetAdmmRow, PFedNetGraphRow
-from fedclinic.serialization import State, numpy_to_record, record_to_numpy
+from fedclinic.serialization import (
+    State,
+    file_sha256,
+    load_checkpoint,
+    numpy_to_record,
+    record_to_numpy,
+    to_wire,
+)
 from fedclinic.training import seeded_generator, train_local
 from strategies import pfednet_math as pm
 from strategies.balanced_loss import BalancedLossObjective, LocalLoss
@@ -96,6 +106,9 @@ PERSONAL = Exchange("personal", evaluate=False)
 #: with no shared layer (logistic regression) the personal phase is the round's only exchange
 PERSONAL_ONLY = Exchange("personal")
 MARKER = "pfednet.column"  # array naming the hospital whose personalised column was sent
+#: personal exchange: the SHA-256 (hex, as bytes) of the model file the hospital saved in
+#: this round's shared exchange; the entries the message leaves out are taken from it
+BASE = "pfednet.base"
 PERSONAL_STATE = "pfednet_personal"  # site state: this hospital's personalised parameters
 DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model as evaluated
 SketchKind = Literal["label-ratio", "covariance", "feature-mean"]
@@ -340,6 +353,9 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
         if self._resolved is not None:
             return self._resolved
         state = {k: v for k, v in received.items() if not k.startswith("pfednet.")}
+        base = received.get(BASE)
+        if base is not None:  # the personal exchange: only what changed since the shared one
+            state = {**self.held_model(bytes(base.numpy().astype(np.uint8)).decode()), **state}
         name = self.context.hospital.hospital
         marker = received.get(MARKER)
         own = marker is not None and bytes(marker.numpy().astype(np.uint8)).decode() == name
@@ -360,6 +376,20 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
                 state[key] = saved[key]
         self._resolved = (state, own)
         return self._resolved
+
+    def held_model(self, sha256: str) -> State:
+        """The model this hospital saved when it evaluated this round's shared exchange
+        (``pfednet_model``), checked against the hash the coordinator was told."""
+        site, server_round = self.context.site, self.context.server_round
+        path = site.versions(DEPLOYED_STATE).get(server_round)
+        if path is None or file_sha256(path) != sha256:
+            what = "is missing" if path is None else "differs from the one it reported"
+            raise DataError(
+                f"pFedNet personal exchange of round {server_round}: the model this hospital "
+                f"saved in the round's shared exchange (site state '{DEPLOYED_STATE}') {what}; "
+                "the coordinator sent only the entries that changed since"
+            )
+        return load_checkpoint(path)
 
     def deployed_model(self, received: State) -> nn.Module:
         """``x + z_n``, saved at the site each time it is evaluated (the final one is the model
@@ -478,6 +508,10 @@ class PFedNetStrategy(ServerAlgorithm):
         self.fedavg_bytes: dict[int, tuple[int, int]] = {}
         self.warned: set[str] = set()
         self.admm_log: list[dict[str, Any]] = []
+        #: this round's shared exchange: x and buffers as sent (the arrays, not copies:
+        #: updates replace them), and the hash of the model each accepted hospital saved
+        self.sent_shared: dict[str, np.ndarray] | None = None
+        self.held: dict[str, str] = {}
 
     # -- setup: the similarity graph (PF-1)
     def setup_query(self) -> dict[str, Any]:
@@ -570,21 +604,43 @@ class PFedNetStrategy(ServerAlgorithm):
 
     def round_config(self, server_round: int, exchange: Exchange) -> dict[str, Any]:
         self.round = server_round  # byte counts are kept per round
+        if exchange != PERSONAL:  # a round's first exchange: nothing held from it yet
+            self.sent_shared, self.held = None, {}
         return {}
 
     def arrays_for(
         self, hospital: Hospital, arrays: ArrayRecord, exchange: Exchange
     ) -> ArrayRecord:
-        """The shared x plus this hospital's personalised column, found by hospital name."""
+        """The shared x plus this hospital's personalised column, found by hospital name;
+        in the personal exchange only the entries that changed since the shared one (the
+        new x), on top of the model the hospital saved then (:meth:`personal_delta`)."""
         name = hospital.name
         personal = self._column(name)
         state = {**self.state, **self.split.unflatten(personal, self.split.personal, self.state)}
+        if exchange == SHARED and self.sent_shared is None:
+            self.sent_shared = dict(self.state)
+        if exchange == PERSONAL and name in self.held:
+            state = self.personal_delta(state, self.held[name])
         if self.graph is not None and name in self.graph.hospitals:
             state[MARKER] = np.frombuffer(name.encode(), dtype=np.uint8).copy()
-        record = numpy_to_record(state)
+        record = to_wire(numpy_to_record(state), self.run.wire_dtype)  # counted as sent
         size, _ = pm.record_bytes(record)
         self._count(name, "download_bytes", size)
         return record
+
+    def personal_delta(self, state: dict[str, np.ndarray], held: str) -> dict[str, np.ndarray]:
+        """What a hospital lacks for the personal phase: the entries of x and the buffers
+        that the shared average changed. Its column ``z_n`` is the one it received in the
+        shared exchange (only the personal phase's ADMM moves columns), so it is left out,
+        as is every unchanged entry; ``BASE`` names the model the rest comes from."""
+        sent = self.sent_shared or {}
+        changed = {
+            key: state[key]
+            for key in (*self.split.shared, *self.split.buffers)
+            if key not in sent
+            or not (sent[key] is self.state[key] or np.array_equal(sent[key], self.state[key]))
+        }
+        return {**changed, BASE: np.frombuffer(held.encode(), dtype=np.uint8).copy()}
 
     def _column(self, name: str) -> np.ndarray:
         if self.graph is not None and name in self.graph.hospitals:
@@ -636,7 +692,8 @@ class PFedNetStrategy(ServerAlgorithm):
         for reply in replies:
             assert reply.arrays is not None
             delta, arrays = self._decode(reply, prefix)
-            upload, deflated = pm.record_bytes(reply.arrays)
+            wire = reply.received if reply.received is not None else reply.arrays
+            upload, deflated = pm.record_bytes(wire)  # as it crossed the wire
             self._count(reply.hospital, f"{prefix[:-1]}_upload_bytes", upload)
             self._count(reply.hospital, "upload_bytes", upload)
             self._count(reply.hospital, "upload_deflate_bytes", deflated)
@@ -645,6 +702,11 @@ class PFedNetStrategy(ServerAlgorithm):
 
     def _apply_shared(self, server_round: int, replies: list[Reply]) -> None:
         """x <- x - sum_n (n_n / n) g_n: FedAvg of the shared layers (docs/pfednet.md, step 2)."""
+        self.held = {
+            r.hospital: str(r.info[keys.DEPLOYED_SHA256])
+            for r in replies
+            if isinstance(r.info.get(keys.DEPLOYED_SHA256), str)
+        }
         decoded = self._uploads(replies, "shared.")
         weights = np.array([r.num_train for r, _, _ in decoded])
         step = sum(w * d for w, (_, d, _) in zip(weights / weights.sum(), decoded, strict=True))
@@ -716,9 +778,11 @@ class PFedNetStrategy(ServerAlgorithm):
         self._write_traffic(server_round)
 
     def _fedavg_bytes(self, server_round: int) -> tuple[int, int]:
-        """What FedAvg sends per hospital each way: the full float model, raw and DEFLATEd."""
+        """What FedAvg sends per hospital each way: the full float model at the run's
+        ``wire-dtype``, raw and DEFLATEd."""
         if server_round not in self.fedavg_bytes:
-            self.fedavg_bytes[server_round] = pm.record_bytes(numpy_to_record(self.global_state()))
+            full = to_wire(numpy_to_record(self.global_state()), self.run.wire_dtype)
+            self.fedavg_bytes[server_round] = pm.record_bytes(full)
         return self.fedavg_bytes[server_round]
 
     def _traffic_of(self, server_round: int, counts: Mapping[str, float]) -> dict[str, int]:

@@ -229,7 +229,9 @@ def test_cnn_rounds_restart_and_compression(tmp_path: Path, task_identity: None)
         assert 0 < row["personal_upload_bytes"] < row["shared_upload_bytes"]
         assert row["upload_bytes"] == row["shared_upload_bytes"] + row["personal_upload_bytes"]
         assert row["upload_bytes"] < row["fedavg_upload_bytes"] / 4  # ternary + DEFLATE
-        assert row["download_bytes"] > 2 * row["fedavg_download_bytes"] - 100  # two messages
+        # two messages, the second without the column the hospital holds (personal_wire)
+        fedavg = row["fedavg_download_bytes"]
+        assert fedavg < row["download_bytes"] < 2 * fedavg
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["pfednet"]["edges"] == [[a, b] for a, b in (names[:2], names[::2], names[1:])]
     assert set(summary["hospitals"]) == set(names)

@@ -220,6 +220,7 @@ def plot_system(system: dict[str, Any], path: Path) -> None:
     names = [
         f"{e['model']}\n{e['app'].replace('fedclinic-', '')}"
         + ("\n" + e["compression"] if e.get("compression", "none") != "none" else "")
+        + ("\n" + e["wire_dtype"] if e.get("wire_dtype", "float32") != "float32" else "")
         for e in cases
     ]
     positions = np.arange(len(cases))

@@ -16,13 +16,16 @@ message), through :class:`fedclinic.local.federation.LocalFederation`:
 - **transfer**: 2 hospitals, models of about 0.15 MB (``cnn``), 45 MB (``resnet18``) and
   170 MB (``resnet101``), all from fedclinic's model registry (the plain app builds the same
   models), each with the plain app, fedclinic FedAvg, and pFedNet without and with STC
-  compression (``cnn``: pFedNet only). ``--transfer`` picks cases by name
-  (``resnet101-pfednet-stc``, ...).
+  compression (``cnn``: pFedNet only), and FedAvg (pFedNet at 170 MB) at each narrow
+  ``wire-dtype`` (float16, bfloat16: the weights and updates travel in 16 bits both ways).
+  ``--transfer`` picks cases by name (``resnet101-pfednet-stc``,
+  ``resnet101-fedavg-none-float16``, ...; no suffix: float32).
   Bytes per round: the payload (model bytes times messages; pFedNet's own ``communication``
   rows; pFedNet's one-time sketch, sent before round 1, in a column of its own) and the
   bytes on the wire, read from the kernel's per-socket TCP counters
   (``ss -ti``, TLS and gRPC framing included) of the SuperLink's Fleet API port. Seconds per
-  round: the round overhead at that model size.
+  round: the round overhead at that model size; effective MB/s: the float32 model bytes the
+  round moved (payload down + up, counted at float32) per second of round overhead.
 - **data load**: an image folder and a segmentation folder of generated PNGs loaded cold, with
   the site's cache (first and warm) and per round with and without the site worker
   (:mod:`fedclinic.bench.dataload`; a few hundred files in quick mode).
@@ -80,7 +83,8 @@ class Mode:
 
     sizes: tuple[int, ...]
     rounds: int
-    transfer: tuple[tuple[str, str, str], ...]  # (model, app, compression)
+    #: (model, app, compression), or (model, app, compression, wire dtype) for a narrow one
+    transfer: tuple[tuple[str, ...], ...]
 
 
 MODES: dict[str, Mode] = {
@@ -99,27 +103,40 @@ MODES: dict[str, Mode] = {
             ("resnet101", "fedavg", "none"),
             ("resnet101", "pfednet", "none"),
             ("resnet101", "pfednet", "stc"),
+            ("resnet18", "fedavg", "none", "float16"),
+            ("resnet18", "fedavg", "none", "bfloat16"),
+            ("resnet101", "fedavg", "none", "float16"),
+            ("resnet101", "fedavg", "none", "bfloat16"),
+            ("resnet101", "pfednet", "none", "float16"),
         ),
     ),
 }
 #: what a transfer case may name: the app, and pFedNet's upload compression
 TRANSFER_APPS = ("plain", "fedavg", "pfednet")
 COMPRESSIONS = ("none", "stc", "fused-stc")
+#: narrow wire precisions a transfer case may name (float32, the default, has no suffix)
+NARROW = ("float16", "bfloat16")
 
 
-def case_name(case: tuple[str, str, str]) -> str:
+def case_name(case: tuple[str, ...]) -> str:
     """``("resnet101", "pfednet", "stc")`` -> ``"resnet101-pfednet-stc"``."""
     return "-".join(case)
 
 
-def parse_transfer(text: str) -> tuple[tuple[str, str, str], ...]:
-    """``--transfer`` (comma-separated ``MODEL-APP-COMPRESSION`` names) -> the cases."""
+def wire_of(case: tuple[str, ...]) -> str:
+    """A case's ``wire-dtype``: its fourth element, float32 without one."""
+    return case[3] if len(case) > 3 else "float32"
+
+
+def parse_transfer(text: str) -> tuple[tuple[str, ...], ...]:
+    """``--transfer`` (comma-separated ``MODEL-APP-COMPRESSION[-WIRE]`` names) -> the cases."""
     from fedclinic.models import MODELS
 
     models = sorted(n for n, s in MODELS.items() if s.task == "classification" and not s.tabular)
     pattern = re.compile(
         rf"^(?P<model>.+)-(?P<app>{'|'.join(TRANSFER_APPS)})-(?P<compression>"
-        rf"{'|'.join(sorted(COMPRESSIONS, key=len, reverse=True))})$"
+        rf"{'|'.join(sorted(COMPRESSIONS, key=len, reverse=True))})"
+        rf"(?:-(?P<wire>float32|{'|'.join(NARROW)}))?$"
     )
     cases = []
     for name in (v.strip() for v in text.split(",")):
@@ -128,16 +145,24 @@ def parse_transfer(text: str) -> tuple[tuple[str, str, str], ...]:
         match = pattern.match(name)
         if match is None or match["model"] not in models:
             raise argparse.ArgumentTypeError(
-                f"transfer case {name!r} is not allowed: expected MODEL-APP-COMPRESSION with "
-                f"MODEL one of {', '.join(models)}, APP one of {', '.join(TRANSFER_APPS)}, "
-                f"COMPRESSION one of {', '.join(COMPRESSIONS)}"
+                f"transfer case {name!r} is not allowed: expected MODEL-APP-COMPRESSION[-WIRE] "
+                f"with MODEL one of {', '.join(models)}, APP one of {', '.join(TRANSFER_APPS)}, "
+                f"COMPRESSION one of {', '.join(COMPRESSIONS)}, WIRE one of {', '.join(NARROW)} "
+                "(none: float32)"
             )
         if match["app"] != "pfednet" and match["compression"] != "none":
             raise argparse.ArgumentTypeError(
                 f"transfer case {name!r} is not allowed: only pfednet compresses "
                 f"(use {match['model']}-{match['app']}-none)"
             )
-        cases.append((match["model"], match["app"], match["compression"]))
+        wire = match["wire"] or "float32"
+        if match["app"] == "plain" and wire != "float32":
+            raise argparse.ArgumentTypeError(
+                f"transfer case {name!r} is not allowed: the plain Flower app sends float32 "
+                f"(use {match['model']}-plain-none)"
+            )
+        case = (match["model"], match["app"], match["compression"])
+        cases.append(case if wire == "float32" else (*case, wire))
     return tuple(cases)
 
 
@@ -405,6 +430,7 @@ def run_fedclinic(
     rounds: int,
     out: Path,
     round_timeout: float | None = None,
+    wire_dtype: str = "float32",
 ) -> dict[str, Any]:
     """fedclinic (FedAvg or pFedNet) on real processes; overheads, memory, bytes per round."""
     app_dir = find_app_dir()
@@ -416,6 +442,7 @@ def run_fedclinic(
         "rounds": rounds,
         "min-hospitals": len(hospitals),
         "output-dir": str(out),
+        "wire-dtype": wire_dtype,
     }
     if round_timeout is not None:
         config["round-timeout"] = round_timeout
@@ -431,13 +458,16 @@ def run_fedclinic(
     wire = wire_per_round(outcome.pop("wire_series"), fedclinic_round_ends(audit))
     problems = outcome.pop("problems") + lost(rows, [h.name for h in hospitals], rounds)
     model_bytes = model_size_bytes(config)
+    sent_bytes = model_size_bytes(config, wire_dtype)  # one full model as it travels
     payload = payload_per_round(rows, rounds)
-    if payload is None and model_bytes:  # FedAvg: one TRAIN down and its reply up
-        payload = {"down_bytes": len(hospitals) * model_bytes,
-                   "up_bytes": len(hospitals) * model_bytes}  # fmt: skip
+    if payload is None and sent_bytes:  # FedAvg: one TRAIN down and its reply up
+        payload = {"down_bytes": len(hospitals) * sent_bytes,
+                   "up_bytes": len(hospitals) * sent_bytes}  # fmt: skip
     return {
         "app": f"fedclinic-{algorithm}",
         "compression": compression if algorithm == "pfednet" else "none",
+        "wire_dtype": wire_dtype,
+        "wire_model_bytes": sent_bytes,
         "hospitals": len(hospitals),
         "model": model,
         "rounds": rounds,
@@ -454,8 +484,9 @@ def run_fedclinic(
     }
 
 
-def model_size_bytes(config: Mapping[str, Any]) -> int | None:
-    """Float bytes of the run's model (what one full-model message carries)."""
+def model_size_bytes(config: Mapping[str, Any], wire_dtype: str = "float32") -> int | None:
+    """Float bytes of the run's model (what one full-model message carries); with a narrow
+    ``wire_dtype``, its float32 entries at 2 bytes each (integers as they are)."""
     from fedclinic.config import RunConfig, validate_schema
     from fedclinic.models import build_model
 
@@ -465,7 +496,25 @@ def model_size_bytes(config: Mapping[str, Any]) -> int | None:
         state = build_model(run).state_dict()
     except Exception:  # a schema change elsewhere must not lose the measured run
         return None
-    return int(sum(t.numel() * t.element_size() for t in state.values()))
+    narrow = wire_dtype != "float32"
+
+    def size(t: Any) -> int:  # float32 entries travel in 2 bytes when narrow
+        single = t.is_floating_point() and t.element_size() == 4
+        return int(t.numel()) * (2 if narrow and single else int(t.element_size()))
+
+    return sum(size(t) for t in state.values())
+
+
+def effective_mb_per_s(entry: Mapping[str, Any]) -> float | None:
+    """Float32 model megabytes a round moved (payload down + up, a narrow payload scaled
+    back to float32) per second of round overhead: the rate the round's own cost buys."""
+    payload = entry.get("payload_bytes_per_round") or {}
+    overhead = entry.get("median_round_overhead_seconds")
+    full, sent = entry.get("model_bytes"), entry.get("wire_model_bytes") or entry.get("model_bytes")
+    if not payload or not overhead or overhead <= 0 or not full or not sent:
+        return None
+    moved = (payload["down_bytes"] + payload["up_bytes"]) * full / sent
+    return moved / 1e6 / overhead
 
 
 def resized(hospitals: list[HospitalSpec], samples: int) -> list[HospitalSpec]:
@@ -532,8 +581,9 @@ def system_command(args: argparse.Namespace) -> int:
             run_plain(LOAD_RUN["model"], hospitals, mode.rounds, out / "scale" / f"plain-{count}")
         )
         save()
-    for model, app, compression in transfer:
-        name = case_name((model, app, compression))
+    for case in transfer:
+        model, app, compression = case[:3]
+        name = case_name(case)
         console.print(f"[bold]transfer[/]: {name}, 2 hospitals ...")
         where = out / "transfer" / name
         hospitals = resized(synthetic_hospitals(2, where / "state"), TRANSFER_SAMPLES)
@@ -541,7 +591,10 @@ def system_command(args: argparse.Namespace) -> int:
         if app == "plain":
             entry = run_plain(model, hospitals, mode.rounds, where, timeout)
         else:
-            entry = run_fedclinic(model, app, compression, hospitals, mode.rounds, where, timeout)
+            entry = run_fedclinic(
+                model, app, compression, hospitals, mode.rounds, where, timeout, wire_of(case)
+            )
+        entry["effective_mb_per_s"] = effective_mb_per_s(entry)
         for problem in entry.get("problems", []):
             console.print(f"[red]{name}[/]: {escape(problem)}")
         results["transfer"].append(entry)
@@ -565,8 +618,9 @@ def system_command(args: argparse.Namespace) -> int:
     return 0 if all(r["completed"] for r in every) else 1
 
 
-CSV_FIELDS = ("section", "app", "model", "compression", "hospitals", "rounds", "completed",
-              "median_round_overhead_seconds", "model_bytes", "payload_down_bytes",
+CSV_FIELDS = ("section", "app", "model", "compression", "wire_dtype", "hospitals", "rounds",
+              "completed", "median_round_overhead_seconds", "effective_mb_per_s",
+              "model_bytes", "wire_model_bytes", "payload_down_bytes",
               "payload_up_bytes", "sketch_up_bytes", "wire_down_bytes", "wire_up_bytes",
               "peak_rss_clientapp_mib",
               "peak_rss_supernode_mib", "peak_rss_superlink_mib", "peak_rss_serverapp_mib",
@@ -583,11 +637,14 @@ def flat_row(section: str, r: Mapping[str, Any]) -> dict[str, Any]:
         "app": r.get("app"),
         "model": r.get("model"),
         "compression": r.get("compression", "none"),
+        "wire_dtype": r.get("wire_dtype", "float32"),
         "hospitals": r.get("hospitals"),
         "rounds": r.get("rounds"),
         "completed": r.get("completed"),
         "median_round_overhead_seconds": r.get("median_round_overhead_seconds"),
+        "effective_mb_per_s": r.get("effective_mb_per_s"),
         "model_bytes": r.get("model_bytes"),
+        "wire_model_bytes": r.get("wire_model_bytes", r.get("model_bytes")),
         "payload_down_bytes": payload.get("down_bytes"),
         "payload_up_bytes": payload.get("up_bytes"),
         "sketch_up_bytes": r.get("sketch_up_bytes"),
@@ -645,8 +702,9 @@ def scale_table(entries: Sequence[Mapping[str, Any]]) -> Table:
 
 def transfer_table(entries: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="transfer per round, 2 hospitals")
-    for column in ("model", "MB", "app", "compression", "round overhead s",
-                   "payload MB down / up", "sketch MB up, once", "wire MB down / up"):  # fmt: skip
+    for column in ("model", "MB", "app", "compression", "wire dtype", "round overhead s",
+                   "effective MB/s", "payload MB down / up", "sketch MB up, once",
+                   "wire MB down / up"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in entries:
         payload = r.get("payload_bytes_per_round") or {}
@@ -656,7 +714,9 @@ def transfer_table(entries: Sequence[Mapping[str, Any]]) -> Table:
             _mb(r.get("model_bytes")),
             str(r["app"]),
             str(r.get("compression", "none")),
+            str(r.get("wire_dtype", "float32")),
             _num(r.get("median_round_overhead_seconds")),
+            _num(r.get("effective_mb_per_s")),
             f"{_mb(payload.get('down_bytes'))} / {_mb(payload.get('up_bytes'))}",
             _mb(r.get("sketch_up_bytes")),
             f"{_mb(wire.get('down_bytes'))} / {_mb(wire.get('up_bytes'))}",
@@ -780,25 +840,30 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         "payload: FedAvg's saving over R rounds is R x its payload minus R x pFedNet's minus "
         "the sketch; wire = the kernel's TCP byte counters of the SuperLink's Fleet API "
         "sockets, TLS and gRPC framing included, round 1 and the setup left out; down = "
-        "coordinator to hospitals).",
+        "coordinator to hospitals; wire dtype = the run's `wire-dtype`, the precision of the "
+        "weights and updates in transit; effective MB/s = the float32 model bytes the round "
+        "moved, down + up, per second of round overhead).",
         "",
-        "| model | model MB | app | compression | complete | round overhead s (median) "
-        "| payload MB down / up | sketch MB up, once | wire MB down / up |",
-        "|---|---:|---|---|---|---:|---|---:|---|",
+        "| model | model MB | app | compression | wire dtype | complete "
+        "| round overhead s (median) | effective MB/s | payload MB down / up "
+        "| sketch MB up, once | wire MB down / up |",
+        "|---|---:|---|---|---|---|---:|---:|---|---:|---|",
     ]
     for r in results["transfer"]:
         payload = r.get("payload_bytes_per_round") or {}
         wire = r.get("wire_bytes_per_round") or {}
         lines.append(
             f"| {r['model']} | {_md_mb(r.get('model_bytes'))} | {r['app']} | "
-            f"{r.get('compression', 'none')} | {'yes' if r['completed'] else 'NO'} | "
+            f"{r.get('compression', 'none')} | {r.get('wire_dtype', 'float32')} | "
+            f"{'yes' if r['completed'] else 'NO'} | "
             f"{_num(r.get('median_round_overhead_seconds'))} | "
+            f"{_num(r.get('effective_mb_per_s'))} | "
             f"{_md_mb(payload.get('down_bytes'))} / {_md_mb(payload.get('up_bytes'))} | "
             f"{_md_mb(r.get('sketch_up_bytes'))} | "
             f"{_md_mb(wire.get('down_bytes'))} / {_md_mb(wire.get('up_bytes'))} |"
         )
     if not results["transfer"]:
-        lines.append("| (not run: `--no-transfer`) | | | | | | | | |")
+        lines.append("| (not run: `--no-transfer`) | | | | | | | | | | |")
     lines += [
         "",
         "Every model is from fedclinic's registry (`resnet101`: ResNet-101 with the registry's "

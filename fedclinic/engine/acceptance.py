@@ -20,8 +20,9 @@ from flwr.app import Message
 from fedclinic import messages as keys
 from fedclinic.engine.algorithm import Exchange, Reply
 from fedclinic.engine.exchange import Delivery
+from fedclinic.errors import DataError
 from fedclinic.rows import ErrorRow
-from fedclinic.serialization import record_to_numpy
+from fedclinic.serialization import from_wire, record_to_numpy
 from fedclinic.validation import UpdateSpec, norm_outliers, structure_problem, update_norm
 
 
@@ -77,6 +78,8 @@ class UpdateChecks:
     max_norm_ratio: float = 0.0
     #: the algorithm's own check (``ServerAlgorithm.check_update``)
     extra: Callable[[Reply], str | None] | None = None
+    #: the run's ``wire-dtype``: uploads are widened back to float32 before any check
+    wire_dtype: str = "float32"
 
 
 def accept(
@@ -113,20 +116,28 @@ def accept(
         if keys.ERROR in info:  # the hospital's own one line (configuration, data)
             fail(node, str(info[keys.ERROR]))
             continue
+        received = message.content.array_records.get(keys.ARRAYS) if exchange.train else None
+        try:  # widened to float32 (wire-dtype), and readable at all
+            arrays = None if received is None else from_wire(received, checks.wire_dtype)
+            values = None if arrays is None else record_to_numpy(arrays)
+        except (DataError, TypeError, ValueError) as err:  # a malformed or foreign array
+            fail(node, f"unreadable update: {err}", "rejected")
+            continue
         reply = Reply(
             node_id=node,
             hospital=name(node),
-            arrays=message.content.array_records.get(keys.ARRAYS) if exchange.train else None,
+            arrays=arrays,
             metrics=dict(message.content[keys.METRICS])
             if keys.METRICS in message.content.metric_records
             else {},
             info=info,
+            received=received,
         )
         if exchange.train and reply.arrays is None:
             fail(node, "the reply carries no model update")
             continue
-        if exchange.train and reply.arrays is not None:
-            problem = structure_problem(record_to_numpy(reply.arrays), checks.spec)
+        if exchange.train and values is not None:
+            problem = structure_problem(values, checks.spec)
             if problem is None and checks.extra is not None:
                 problem = checks.extra(reply)
             if problem:

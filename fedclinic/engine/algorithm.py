@@ -71,6 +71,9 @@ class Reply:
     arrays: ArrayRecord | None
     metrics: dict[str, Any]
     info: dict[str, Any]
+    #: the upload as it crossed the wire (``arrays`` widened from it; the same record
+    #: with ``wire-dtype = float32``): what byte counts measure
+    received: ArrayRecord | None = None
 
     @property
     def num_examples(self) -> int:

@@ -57,6 +57,8 @@ from fedclinic.serialization import (
     record_to_numpy,
     record_to_state,
     state_to_record,
+    to_wire,
+    wire_round_trip,
 )
 from fedclinic.validation import UpdateSpec, spec_of
 
@@ -120,6 +122,7 @@ class RoundEngine:
             code=code_version(),
             certificates=certificate_fingerprints(),
             initial_model_sha256=content_sha256(record_to_numpy(arrays)),
+            **self.wire_hash("initial_wire_model_sha256", arrays),
         )
         try:
             if run.resume:  # setup's decisions were restored; node IDs may be new
@@ -187,11 +190,15 @@ class RoundEngine:
             **algorithm.round_config(server_round, exchange),
         }
         messages = {}
+        narrowed: dict[int, ArrayRecord] = {}  # one cast per distinct record (FedAvg: one)
         for node in nodes:
             hospital = Hospital(node, self.hospital_of(node))
+            record = algorithm.arrays_for(hospital, arrays, exchange)
+            if id(record) not in narrowed:
+                narrowed[id(record)] = to_wire(record, run.wire_dtype)
             content = RecordDict(
                 {
-                    keys.ARRAYS: algorithm.arrays_for(hospital, arrays, exchange),
+                    keys.ARRAYS: narrowed[id(record)],
                     keys.CONFIG: algorithm.config_for(hospital, ConfigRecord(config)),
                 }
             )
@@ -214,6 +221,7 @@ class RoundEngine:
             checks.reference,
             checks.max_norm_ratio,
             extra=lambda reply: algorithm.check_update(reply, exchange),
+            wire_dtype=run.wire_dtype,
         )
         outcome = accept(server_round, exchange, delivery, self.names, checks, run.round_timeout)
         self.names.update(outcome.names)
@@ -443,8 +451,17 @@ class RoundEngine:
             **merged,
             exchanges=[{"exchange": o.exchange, **o.audit()} for o in outcomes],
             model_sha256=content_sha256(record_to_numpy(arrays)),
+            **self.wire_hash("wire_model_sha256", arrays),
             **extra,
         )
+
+    def wire_hash(self, field: str, arrays: ArrayRecord) -> dict[str, str]:
+        """With a narrow ``wire-dtype``: the content hash of the model as a hospital holds it
+        after receipt (widened back to float32), beside the coordinator's own float32 one."""
+        if self.run.wire_dtype == "float32":
+            return {}
+        held = wire_round_trip(arrays, self.run.wire_dtype)
+        return {field: content_sha256(record_to_numpy(held))}
 
 
 def _sum_counts(counts: Any) -> dict[str, int]:

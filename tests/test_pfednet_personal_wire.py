@@ -1,0 +1,173 @@
+"""pFedNet's personal exchange sends only what the hospital does not hold (docs/pfednet.md,
+"What is exchanged"): the entries the shared average changed, never the hospital's own
+column again; the hospital rebuilds the rest from the model it saved in the shared
+exchange, checked by hash. Results are those of resending the full model, bit for bit, and
+the byte counts are those of the messages that actually crossed, measured here from the
+messages themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Message
+from flwr.common.serde import array_record_to_proto
+from harness import ScriptedGrid, rows_of, run, synthetic_nodes
+
+from fedclinic import messages as keys
+from fedclinic.engine import Hospital
+from fedclinic.serialization import numpy_to_record
+from strategies import load_run_config
+from strategies.pfednet import BASE, DEPLOYED_STATE, MARKER, PERSONAL, PFedNetStrategy
+
+
+def config(**extra: Any) -> dict[str, Any]:
+    return {
+        "algorithm": "pfednet",
+        "model": "cnn",
+        "rounds": 2,
+        "local-steps": 2,
+        "batch-size": 8,
+        "seed": 4,
+        "min-hospitals": 2,
+        "pfednet.allow-rank-deficient-sketch": True,  # 40 synthetic images of 784 pixels
+        **extra,
+    }
+
+
+class Recorder(ScriptedGrid):
+    """Every model message as pushed: (round, exchange, node) -> its ArrayRecord."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: dict[tuple[int, str, int], ArrayRecord] = {}
+        self.before_personal: Any = None
+
+    def deliver(self, message: Message) -> Message | None:
+        content = message.content
+        if keys.ARRAYS in content.array_records:
+            config = dict(content[keys.CONFIG])
+            key = (int(config[keys.SERVER_ROUND]), str(config[keys.EXCHANGE]),
+                   message.metadata.dst_node_id)  # fmt: skip
+            self.sent[key] = content[keys.ARRAYS]
+            if key[1] == "personal" and self.before_personal is not None:
+                self.before_personal(key)
+        return super().deliver(message)
+
+
+def wire_size(record: ArrayRecord) -> int:
+    return len(array_record_to_proto(record).SerializeToString())
+
+
+def run_recorded(
+    tmp_path: Path, flat: dict[str, Any], count: int = 3
+) -> tuple[PFedNetStrategy, Recorder, list[dict[str, Any]]]:
+    grid = Recorder(synthetic_nodes(tmp_path, count), flat)
+    engine, _ = run(flat, grid, tmp_path / "out")
+    assert isinstance(engine.algorithm, PFedNetStrategy)
+    return engine.algorithm, grid, rows_of(tmp_path / "out")
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("wire", ["float32", "float16"])
+def test_personal_message_leaves_out_the_column_and_counts_what_crossed(
+    tmp_path: Path, wire: str
+) -> None:
+    strategy, grid, rows = run_recorded(tmp_path, config(**{"wire-dtype": wire}))
+    split = strategy.split
+    assert split.personal == ("classifier.weight", "classifier.bias") and not split.buffers
+    names = {100: "hospital-a", 101: "hospital-b", 102: "hospital-c"}
+    for server_round in (1, 2):
+        for node in names:
+            shared = grid.sent[(server_round, "shared", node)]
+            personal = grid.sent[(server_round, "personal", node)]
+            # message 1: the whole personalised model and the name tag
+            assert set(shared.keys()) == {*split.shared, *split.personal, MARKER}
+            # message 2: the new x only (every shared entry moved), tag and base; no column
+            assert set(personal.keys()) == {*split.shared, MARKER, BASE}
+            assert not set(personal.keys()) & set(split.personal)
+            base = bytes(personal[BASE].numpy()).decode()
+            assert len(base) == 64 and int(base, 16) >= 0
+            # the bytes counted are those of the two messages that crossed
+            row = next(
+                r for r in rows
+                if r["kind"] == "communication" and r["round"] == server_round
+                and r["hospital"] == names[node]
+            )  # fmt: skip
+            assert row["download_bytes"] == wire_size(shared) + wire_size(personal)
+            # protobuf items add up: the shared message less the column, plus the base tag
+            column = ArrayRecord({k: shared[k] for k in split.personal})
+            tag = ArrayRecord({BASE: personal[BASE]})
+            assert wire_size(personal) == wire_size(shared) - wire_size(column) + wire_size(tag)
+            if wire != "float32":
+                assert {shared[k].dtype for k in (*split.shared, *split.personal)} == {wire}
+                assert {personal[k].dtype for k in split.shared} == {wire}
+                assert row["fedavg_download_bytes"] < 0.55 * 152_000  # half the cnn's 150 kB
+    # the final evaluation still sends the whole personalised model
+    final = [k for k in grid.sent if k[1] == "evaluate"]
+    assert final and all(set(grid.sent[k].keys()) >= set(split.personal) for k in final)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_results_are_those_of_resending_the_full_model_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flat = config(**{"pfednet.compression": "stc"})
+    strategy, _, rows = run_recorded(tmp_path / "delta", flat)
+    # the old protocol: the personal message carries the whole model again
+    monkeypatch.setattr(PFedNetStrategy, "personal_delta", lambda self, state, held: state)
+    full, grid, full_rows = run_recorded(tmp_path / "full", flat)
+    assert BASE not in grid.sent[(1, "personal", 100)]
+    np.testing.assert_array_equal(strategy.columns, full.columns)
+    for key in strategy.state:
+        np.testing.assert_array_equal(strategy.state[key], full.state[key])
+
+    def scores(found: list[dict[str, Any]]) -> list[Any]:
+        return [
+            (r["round"], r["hospital"], r.get("val_loss"), r.get("test_accuracy"))
+            for r in found
+            if r["kind"] in ("evaluate", "train")
+        ]
+
+    assert scores(rows) == scores(full_rows)
+    down = sum(r["download_bytes"] for r in rows if r["kind"] == "communication")
+    full_down = sum(r["download_bytes"] for r in full_rows if r["kind"] == "communication")
+    assert down < full_down  # the columns, 3 hospitals x 2 rounds, are not sent again
+
+
+def test_unchanged_shared_entries_are_left_out_too() -> None:
+    """Entries the shared average did not change (here: the same array objects, and an
+    equal copy) are not sent; a changed one is."""
+    run_config = load_run_config(config())
+    strategy = PFedNetStrategy(run_config)
+    state = {k: v.numpy() for k, v in strategy.initial_state().items()}
+    strategy.state = dict(state)
+    strategy.columns = np.zeros((strategy.split.size(strategy.split.personal), 1))
+    strategy.sent_shared = dict(state)
+    moved, copied = strategy.split.shared[0], strategy.split.shared[1]
+    strategy.state[moved] = state[moved] + 1.0
+    strategy.state[copied] = state[copied].copy()
+    strategy.held = {"h": "ab" * 32}
+    record = strategy.arrays_for(Hospital(1, "h"), numpy_to_record({}), PERSONAL)
+    assert set(record.keys()) == {moved, BASE}
+    np.testing.assert_array_equal(record[moved].numpy(), state[moved] + 1.0)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_hospital_that_lost_its_saved_model_says_so(tmp_path: Path) -> None:
+    flat = config(rounds=1, **{"min-hospitals": 2})
+    grid = Recorder(synthetic_nodes(tmp_path, 3), flat)
+
+    def lose(key: tuple[int, str, int]) -> None:
+        if key[2] == 100:  # hospital-a's saved model of this round is gone
+            for path in (tmp_path / "state" / "hospital-a").rglob(f"{DEPLOYED_STATE}.round-*"):
+                path.unlink()
+
+    grid.before_personal = lose
+    run(flat, grid, tmp_path / "out")
+    errors = [r for r in rows_of(tmp_path / "out") if r["kind"] == "error"]
+    assert [(e["hospital"], e["round"]) for e in errors] == [("hospital-a", 1)]
+    assert "saved in the round's shared exchange" in errors[0]["reason"]
+    assert "is missing" in errors[0]["reason"]
