@@ -91,14 +91,15 @@ convolution (the reference's ``outconv``) and its public head a 1x1 convolution 
 channel per public class (one for two classes); the knowledge file holds per-pixel
 probabilities ``(N_pub, C_pub, H, W)`` and the public labels, when present, are masks.
 
-Project choices beyond the IDs: every supervised term on a hospital's own data (the private
+FH-14: every supervised term on a hospital's own data (the private
 step, the proxy's and the large model's CE) is the balanced softmax ``CE(z + log pi, y)`` with
 the hospital's class prior (``fedhelp.local-loss = "bsm"``; the reference's plain CE is
 ``"ce"``), so that models of hospitals with different label mixes fit the same
-prior-free target before they are averaged or distilled (:mod:`strategies.balanced_loss`);
-the ranking loss is averaged over the batch (``fedhelp.rank-reduction = "mean"``; the
-reference sums); KL is the per-sample KL (``fedhelp.kl-reduction =
-"batchmean"``; ``"mean"`` reproduces the reference's B*C division); no T^2 factor (T = 1 in
+prior-free target before they are averaged or distilled (:mod:`strategies.balanced_loss`).
+FH-15: the ranking loss is averaged over the batch (``fedhelp.rank-reduction = "mean"``; the
+reference sums). Project choices beyond the IDs: KL is the per-sample KL
+(``fedhelp.kl-reduction = "batchmean"``; ``"mean"`` reproduces the reference's B*C
+division); no T^2 factor (T = 1 in
 the reference); optimisers are the run's (``optimizer``, ``learning-rate``, ``weight-decay``:
 set adam / 0.001 / 0.0001 for the reference's values) and are created afresh every round;
 the frozen model of each KD step is in eval mode.
