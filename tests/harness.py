@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
+from PIL import Image
 
 from fedclinic import messages as keys
 from fedclinic.bench.grid import InProcessGrid, run_in_process
@@ -187,3 +189,13 @@ def check_pfednet_run(
     assert summary["status"] == "completed" and summary["algorithm"] == "pfednet"
     assert set(summary["hospitals"]) == set(names)
     assert set(summary["pfednet"]["communication"]) == set(names)
+
+
+def write_image_folder(images: Path, per_class: int = 12) -> None:
+    """An image-folder export: ``benign/`` and ``malignant/`` of random 28x28 grey PNGs."""
+    rng = np.random.default_rng(0)
+    for label in ("benign", "malignant"):
+        (images / label).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(images / label / f"{index:03d}.png")

@@ -12,8 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from harness import write_image_folder
 
 from fedclinic.local.supervisor import pids_with_cmdline
 
@@ -28,12 +27,7 @@ def fedclinic(*args: str) -> subprocess.CompletedProcess[str]:
 def site_files(tmp_path: Path) -> dict[str, Path]:
     """Two hospitals: one names its source, st-mary points at its images but names none."""
     images = tmp_path / "st-mary-export"
-    rng = np.random.default_rng(0)
-    for label in ("benign", "malignant"):
-        (images / label).mkdir(parents=True)
-        for index in range(12):
-            pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(images / label / f"{index:03d}.png")
+    write_image_folder(images)
     county = tmp_path / "county.toml"
     county.write_text('hospital = "county"\ndata-source = "synthetic"\nnum-samples = 120\n')
     st_mary = tmp_path / "st-mary.toml"

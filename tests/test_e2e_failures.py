@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from harness import write_image_folder
 
 from fedclinic.local.supervisor import pids_with_cmdline
 
@@ -33,12 +32,7 @@ def fedclinic(*args: str) -> list[str]:
 
 def image_folder_with_a_corrupt_file(images: Path) -> Path:
     """Two classes of 12 random PNGs; the 8th malignant one is cut short. Returns it."""
-    rng = np.random.default_rng(0)
-    for label in ("benign", "malignant"):
-        (images / label).mkdir(parents=True)
-        for index in range(12):
-            pixels = (rng.random((28, 28)) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(images / label / f"{index:03d}.png")
+    write_image_folder(images)
     corrupt = images / "malignant" / "007.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n this is not the rest of a PNG file")
     return corrupt

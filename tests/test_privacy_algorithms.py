@@ -22,10 +22,10 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from harness import FakeClock, ScriptedGrid, run, synthetic_nodes
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from test_fedhelp import make_objective
 from torch import nn
 
 from fedclinic.config import HospitalConfig, RunConfig
-from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.data.base import HospitalData, Split
 from fedclinic.errors import ConfigError
 from fedclinic.knowledge import build_knowledge, write_synthetic_public
@@ -36,7 +36,7 @@ from fedclinic.site import SiteState
 from fedclinic.training import PrivateUpdater, train_local
 from strategies import load_run_config
 from strategies.base import ClientContext
-from strategies.fedhelp import LARGE_MODEL, ROLE_KEY, FedHelpObjective
+from strategies.fedhelp import LARGE_MODEL
 from strategies.fedmas import FedMASObjective, build_fedmas_model
 
 LR = 0.5
@@ -109,29 +109,6 @@ def fedhelp_run(shared: dict[str, Any], dp: bool = True, **options: Any) -> RunC
     return quiet(run) if dp else run
 
 
-def fedhelp_objective(
-    run: RunConfig, shared: dict[str, Any], state_dir: Path, role: str
-) -> FedHelpObjective:
-    hospital = HospitalConfig(
-        hospital="h-1",
-        data_source="synthetic",
-        num_samples=60,
-        state_dir=str(state_dir),
-        public_data_path=str(shared["public"]),
-        knowledge_path=str(shared["knowledge"]),
-    )
-    context = ClientContext(
-        run=run,
-        hospital=hospital,
-        data=load_hospital_data(DataRequest(run, hospital)),
-        device=torch.device("cpu"),
-        site=SiteState.for_run(hospital, run, run_id=7),
-        server_round=1,
-        server_config={"server-round": 1, ROLE_KEY: role},
-    )
-    return FedHelpObjective(context)
-
-
 def received(run: RunConfig) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in build_model(run, seed=1).state_dict().items()}
 
@@ -143,11 +120,11 @@ def test_fedhelp_small_hospitals_private_steps_are_clipped(
     run = fedhelp_run(shared, knowledge=knowledge)
     start = received(run)
     calls = counting(monkeypatch)
-    update = fedhelp_objective(run, shared, tmp_path / "dp", "small").fit(start)
+    update = make_objective(run, shared, tmp_path / "dp", "small").fit(start)
     assert update.steps == STEPS and len(calls) == STEPS
     assert 0 < distance(start, update.state) <= bound()
     plain = fedhelp_run(shared, dp=False, knowledge=knowledge)
-    moved = fedhelp_objective(plain, shared, tmp_path / "plain", "small").fit(received(plain))
+    moved = make_objective(plain, shared, tmp_path / "plain", "small").fit(received(plain))
     assert distance(received(plain), moved.state) > 100 * bound()
 
 
@@ -157,7 +134,7 @@ def test_fedhelp_large_hospital_clips_both_models_steps(
     """The proxy (uploaded) and the large model (kept at the site) both learn from the
     private data: each moves by at most lr * C * steps, and 2 x steps private steps ran."""
     run = fedhelp_run(shared)
-    objective = fedhelp_objective(run, shared, tmp_path / "dp", "large")
+    objective = make_objective(run, shared, tmp_path / "dp", "large")
     assert objective.private_models == 2
     large_before = {k: v.clone() for k, v in objective.large_model().state_dict().items()}
     assert not any(isinstance(m, nn.BatchNorm2d) for m in objective.large_model().modules())
@@ -170,7 +147,7 @@ def test_fedhelp_large_hospital_clips_both_models_steps(
     assert 0 < distance(large_before, large_after) <= bound()
 
     plain = fedhelp_run(shared, dp=False)
-    plain_objective = fedhelp_objective(plain, shared, tmp_path / "plain", "large")
+    plain_objective = make_objective(plain, shared, tmp_path / "plain", "large")
     plain_large = {k: v.clone() for k, v in plain_objective.large_model().state_dict().items()}
     moved = plain_objective.fit(received(plain))
     assert distance(received(plain), moved.state) > 100 * bound()
@@ -391,7 +368,7 @@ def test_fedhelp_public_step_leaves_no_per_sample_gradient(
     and uploads the surrogate."""
     run = fedhelp_run(shared, **{"public-weight": 1.0})
     start = received(run)
-    objective = fedhelp_objective(run, shared, tmp_path, "small")
+    objective = make_objective(run, shared, tmp_path, "small")
     content = RecordDict({"arrays": state_to_record(start), "config": ConfigRecord({})})
     reply = objective.respond(content, train=True)
     assert "arrays" in reply
