@@ -1,9 +1,9 @@
 """Suite-wide ordering and the shared fixtures (the harness itself is tests/harness.py).
 
-Ordering: the real-process runs (marked ``e2e``) are collected first. They are CPU-bound and
-take a minute or two each; started first (and handed out one test at a time,
-``--maxschedchunk 1`` in the Makefile), they overlap across the xdist workers instead of
-queueing behind each other at the end of one worker.
+Ordering: the real-process runs (marked ``e2e``) are collected first, then the tests of a
+minute or more (marked ``long``). They are CPU-bound; started first (and handed out one test at
+a time, ``--maxschedchunk 1`` in the Makefile), they overlap across the xdist workers with the
+short tests instead of one of them running alone at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ from fedclinic.data import cache
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: order kept
+    items.sort(  # stable: order kept within each group
+        key=lambda item: (
+            item.get_closest_marker("e2e") is None,
+            item.get_closest_marker("long") is None,
+        )
+    )
 
 
 @pytest.fixture

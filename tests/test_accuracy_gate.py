@@ -15,6 +15,7 @@ DATA_PRESENT = HEART_DIR.is_dir() and PNEUMONIA_FILE.is_file()
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+@pytest.mark.long
 def test_accuracy_gate(capsys: pytest.CaptureFixture[str]) -> None:
     if not DATA_PRESENT:
         if IN_CI:

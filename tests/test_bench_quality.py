@@ -25,6 +25,7 @@ def _in_unit(value: object) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
+@pytest.mark.long
 def test_quick_modes_and_report(tmp_path: Path) -> None:
     out = tmp_path / "results"
     assert main(["bench", "quality", "--suite", "all", "--mode", "quick", "--out", str(out)]) == 0
