@@ -142,7 +142,7 @@ def test_system_quick_transfer_part_pfednet_sends_less_with_stc(tmp_path: Path) 
     assert wire["down_bytes"] > payload["down_bytes"] / 2
     section = (out / "system.md").read_text()
     assert "`fedclinic bench system --mode quick --sizes '' --no-data-load --out DIR`" in section
-    assert "| fedclinic-pfednet | stc | yes |" in section
+    assert "| fedclinic-pfednet | stc | float32 | yes |" in section
 
     # the pFedNet run itself, as its results directory shows it
     run = out / "transfer" / "cnn-pfednet-stc"
