@@ -66,6 +66,7 @@ def _run_quick(out: Path, *part: str) -> dict:
 
 
 @pytest.mark.e2e
+@pytest.mark.long
 @pytest.mark.timeout(1200)  # two federations in a row; a loaded CI box slows each one
 def test_system_quick_scale_part_runs_fedclinic_and_plain_flower(tmp_path: Path) -> None:
     results = tmp_path / "results"

@@ -77,6 +77,7 @@ def with_settings(spec: HospitalSpec, **settings: object) -> HospitalSpec:
 
 
 @pytest.mark.e2e
+@pytest.mark.long
 def test_a_killed_hospital_is_skipped_then_rejoins_and_one_at_its_ceiling_refuses(
     tmp_path: Path,
 ) -> None:

@@ -110,6 +110,7 @@ def assert_corrupt_hospital_refused(
 
 
 @pytest.mark.e2e
+@pytest.mark.long
 @pytest.mark.usefixtures("task_identity")
 def test_a_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -> None:
     out = tmp_path / "out"
