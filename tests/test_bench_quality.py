@@ -109,6 +109,12 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
         assert max(entry["spent_epsilon"].values()) <= entry["epsilon"]
         assert entry["train_seconds_per_round"] > 0
     assert methods["fedavg-dp-eps1"]["train_cost_ratio"] > 0
+    # SecAgg+ rows: their reference is the same method without it; DP + SecAgg keeps DP's ε
+    assert methods["fedavg-secagg"]["reference"] == "fedavg"
+    assert methods["fedavg-secagg"]["epsilon"] is None
+    both = methods["fedavg-dp-eps8-secagg"]
+    assert both["reference"] == "fedavg-dp-eps8" and both["secure_aggregation"] is True
+    assert both["epsilon"] == 8 and both["wall_cost_ratio"] > 0
 
     report = tmp_path / "BENCHMARKS.md"
     plots = tmp_path / "plots"
@@ -126,7 +132,7 @@ def test_quick_modes_and_report(tmp_path: Path) -> None:
     assert "## PneumoniaMNIST strong label skew" in text and "Meets target" in text
     assert "private wide-cnn" in text  # FedHelp's model classes are named in the table
     images = sorted(p.name for p in plots.glob("*.png"))
-    assert "DP cost (x no DP)" in text
+    assert "Training (x reference)" in text and "FedAvg, DP ε = 8, SecAgg+" in text
     assert len(images) == 16
     assert "heart_federated_bars_test_accuracy.png" in images  # every suite's runs completed
     for name in images:
@@ -255,7 +261,13 @@ def test_privacy_noise_keeps_the_smallest_hospital_at_its_target(tmp_path: Path)
 
     plan = privacy_plan("full", tmp_path)
     set_privacy_noise(plan)
-    assert len(plan.algorithms) == 6 * 4 and plan.base["rounds"] == 20
+    assert len(plan.algorithms) == 6 * 4 + 2 and plan.base["rounds"] == 20  # + 2 SecAgg+
+    with_secagg = plan.flat("fedavg-dp-eps8-secagg", 42)
+    assert with_secagg.pop("secure-aggregation") is True
+    assert with_secagg.pop("run-name") == "fedavg-dp-eps8-secagg-seed42"
+    parent = plan.flat("fedavg-dp-eps8", 42)
+    assert parent.pop("run-name") == "fedavg-dp-eps8-seed42" and with_secagg == parent
+    assert with_secagg["optimizer"] == "sgd"  # DP rows: Adam's steps vanish under the noise
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     for method, entry in plan.privacy.items():
         flat = plan.flat(method, 42)

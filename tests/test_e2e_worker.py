@@ -171,10 +171,13 @@ def test_hospital_runs_its_worker_and_stops_it_on_sigterm(tmp_path: Path) -> Non
         said = text(log)
         answers = answer_lines(said, spec.name)
         assert len(answers) >= 2 and all("answered by the site worker" in x for x in answers)
-        # docker stop: node and worker stop, exit 0 well within docker's 10 s, no socket
-        code, took = sigterm(node, 10)
+        # docker stop: node and worker stop, exit 0 (both left within --stop-timeout, which is
+        # under docker's 10 s: a forced stop exits 128 + 15), no socket. Not a timed test: a
+        # loaded CI box may take longer than docker would wait to end the processes
+        code, took = sigterm(node, 60)
         said = text(log)
-        assert code == 0 and took < 10, (code, took, said[-3000:])
+        assert code == 0, (code, took, said[-3000:])
+        assert "killed after --stop-timeout" not in said
         assert "stopped (SIGTERM)" in said and f"fedclinic worker {spec.name}: stopped" in said
         assert not (state / SOCKET_NAME).exists()
         assert pids_with_cmdline(str(home), environ=True) == []
@@ -190,6 +193,6 @@ def test_hospital_runs_its_worker_and_stops_it_on_sigterm(tmp_path: Path) -> Non
         answers = answer_lines(said, spec.name)
         assert answers and all("answered in process (FEDCLINIC_WORKER=off)" in x for x in answers)
         assert ": serving " not in said and not (state / SOCKET_NAME).exists()
-        code, took = sigterm(node, 10)
-        assert code == 0 and took < 10, (code, took, text(log)[-3000:])
+        code, took = sigterm(node, 60)
+        assert code == 0, (code, took, text(log)[-3000:])
     assert pids_with_cmdline(str(tmp_path), environ=True) == []

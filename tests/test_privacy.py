@@ -21,7 +21,7 @@ from fedclinic.cli import main
 from fedclinic.config import parse_hospital_config
 from fedclinic.errors import ConfigError
 from fedclinic.models import build_model
-from fedclinic.privacy import LEDGER, PrivacyLedger, epsilon
+from fedclinic.privacy import LEDGER, PrivacyLedger, epsilon, optimizer_warning
 from fedclinic.training import PrivateUpdater
 from strategies import load_run_config
 
@@ -284,3 +284,46 @@ def test_processes_without_dp_import_neither_opacus_nor_sklearn() -> None:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- DP learns
+
+
+def _client_average(out: Path, model: str, key: str) -> float:
+    summary = json.loads((out / "summary.json").read_text())
+    values = [h[model][key] for h in summary["hospitals"].values()]
+    return sum(values) / len(values)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_dp_federation_at_a_generous_budget_learns(tmp_path: Path) -> None:
+    """DP-SGD must still learn: FedAvg with per-sample clipping and noise 0.8 (ε about 13 per
+    hospital after 6 rounds) on imbalanced synthetic hospitals ends far above chance on
+    their test splits: AUC 0.996-1.0 in five repeats, against 0.68-0.82 for the initial
+    model. AUC, not balanced accuracy: DP noise moves the bias too, so the operating point of
+    one round may still swing to one class (the selected model's balanced accuracy was
+    0.58-0.91 in those repeats; the benchmark reports it, docs/privacy.md, section 9). A DP
+    path whose noise is not divided by the batch size, or whose steps do not reach the
+    model, stays near the initial AUC (the clipping and noise tests above check the maths
+    step by step)."""
+    nodes = synthetic_nodes(tmp_path, 3)
+    for node in nodes.values():
+        node["num-samples"] = 240
+    flat = dp_run(rounds=6, **{"local-steps": 0, "local-epochs": 1, "batch-size": 32,
+                               "dp-noise-multiplier": 0.8, "optimizer": "sgd",
+                               "learning-rate": 0.1})  # fmt: skip
+    run(flat, ScriptedGrid(nodes, flat), tmp_path / "out", clock=FakeClock())
+    assert _client_average(tmp_path / "out", "final", "test_auc") > 0.95
+    for name in ("hospital-a", "hospital-b", "hospital-c"):
+        assert len(ledger_of(tmp_path, name)) == 6
+
+
+def test_adam_under_dp_is_warned_about() -> None:
+    """Adam's second moment under DP-SGD is the noise's variance: the coordinator's log says
+    so at the start of the run (docs/privacy.md, section 9); SGD and runs without DP are not
+    warned about."""
+    adam = optimizer_warning(load_run_config(dp_run()))
+    assert adam is not None and "optimizer = 'adam' under dp = 'dp-sgd'" in adam
+    assert "\n" not in adam
+    assert optimizer_warning(load_run_config(dp_run(optimizer="sgd"))) is None
+    assert optimizer_warning(load_run_config({**dp_run(), "dp": "off"})) is None

@@ -37,6 +37,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=0,
         help="cut every run to N rounds (a reduced run, labelled as such in the report)",
     )
+    quality.add_argument(
+        "--jobs", type=int, default=1, metavar="N",
+        help="runs at a time, each in its own process with one torch thread (default 1; the "
+        "numbers do not depend on it: every run is seeded)",
+    )  # fmt: skip
+    quality.add_argument(
+        "--resume", action="store_true",
+        help="keep the runs an interrupted call of the same suite into the same --out "
+        "finished, run the rest, then aggregate",
+    )  # fmt: skip
 
     def run_quality(args: argparse.Namespace) -> int:
         from fedclinic.bench.quality import quality_command

@@ -46,8 +46,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +122,9 @@ CONTROLS: dict[str, tuple[str, dict[str, Any], str]] = {
     "fedhelp-crossfit": ("fedhelp", {}, "FedHelp, cross-fitted knowledge"),
     "fedmas-avg": ("fedmas", {"fedmas.aggregation": "avg"}, "Fed-MAS, FedAvg weights"),
     "local-only-bsm": (
-        "local-only", {"local-only.local-loss": "bsm"}, "Local-only, balanced softmax"
+        "local-only",
+        {"local-only.local-loss": "bsm"},
+        "Local-only, balanced softmax",
     ),
     "fedavg-bsm": ("fedavg", {"fedavg.local-loss": "bsm"}, "FedAvg, balanced softmax"),
 }
@@ -139,6 +143,11 @@ PRIVACY_DELTA = 1e-5
 #: every algorithm that trains under DP (docs/privacy.md, section 1)
 PRIVACY_ALGORITHMS = ("local-only", "fedavg", "fedprox", "fedhelp", "pfednet", "fedmas")
 PRIVACY_CLIP = 1.0
+#: the DP rows' optimiser: Adam's second moment is the DP noise's variance and barely moves
+#: (fedclinic.privacy.optimizer_warning); SGD's learning rate chosen on validation data only
+#: (FedAvg at ε = 8, seed 42, 20 rounds; client-average validation balanced accuracy: SGD
+#: 0.03 -> 0.801, 0.1 -> 0.844, 0.3 -> 0.777, Adam 1e-3 -> 0.500); docs/privacy.md, section 9
+PRIVACY_OPTIMIZER = {"optimizer": "sgd", "learning-rate": 0.1, "momentum": 0.9}
 #: models or phases charged per round on a hospital's data beyond one (FedHelp's large
 #: hospitals: proxy and large model; pFedNet: shared and personal phase), as an upper bound
 PRIVACY_CHARGES = {"fedhelp": 2, "pfednet": 2}
@@ -194,6 +203,8 @@ class Plan:
     variants: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     #: the privacy suite: per DP method, its target ε and the noise chosen for it
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the privacy suite: per SecAgg+ method, the method it adds secure aggregation to
+    secagg: dict[str, str] = field(default_factory=dict)
 
     def runs_as(self, method: str) -> str:
         """The registered algorithm (or ``pooled``) a method runs."""
@@ -296,7 +307,7 @@ def heart_plan(mode: str, work: Path) -> Plan:
             f"{adam_epochs['rounds']} epochs (local-only: one epoch per round).",
             "FLamby has no validation split: every run reports its final model (nothing is "
             "chosen on test data), and no option is tuned.",
-            "FedHelp without public data (`fedhelp.knowledge = \"none\"`): no public table "
+            'FedHelp without public data (`fedhelp.knowledge = "none"`): no public table '
             "with these 13 features exists outside the four centres, and using a centre's rows "
             "as 'public' would move patient data between sites, so the one-time knowledge "
             "(modules 3.2-3.3's public step) is left out and only the asymmetric dual "
@@ -790,13 +801,25 @@ def privacy_plan(mode: str, work: Path) -> Plan:
             methods.append(algorithm)
         for target in PRIVACY_EPSILONS if full else PRIVACY_EPSILONS[-1:]:
             method = f"{algorithm}-dp-eps{target:g}"
-            extra: dict[str, Any] = {"dp": "dp-sgd", "dp-max-grad-norm": PRIVACY_CLIP}
+            extra: dict[str, Any] = {
+                "dp": "dp-sgd",
+                "dp-max-grad-norm": PRIVACY_CLIP,
+                **PRIVACY_OPTIMIZER,
+            }
             if algorithm == "fedmas":  # its projector's BatchNorm1d becomes GroupNorm
                 extra["privacy-fix-model"] = True
             plan.variants[method] = (algorithm, extra)
             plan.privacy[method] = {"algorithm": algorithm, "epsilon": target}
             plan.labels[method] = f"{PRIVACY_LABELS[algorithm]}, DP ε = {target:g}"
             methods.append(method)
+    # what secure aggregation costs a round, alone and on top of DP (FedAvg: its masked
+    # sum is the whole aggregation; docs/privacy.md, section 7)
+    for reference in ("fedavg", f"fedavg-dp-eps{PRIVACY_EPSILONS[-1]:g}"):
+        method = f"{reference}-secagg"
+        plan.variants[method] = (reference, {"secure-aggregation": True})
+        plan.secagg[method] = reference
+        plan.labels[method] = f"{plan.labels.get(reference, PRIVACY_LABELS['fedavg'])}, SecAgg+"
+        methods.insert(methods.index(reference) + 1, method)
     plan.algorithms = tuple(methods)
     plan.protocol.append(
         "Differential privacy (docs/privacy.md): DP-SGD at every hospital (Opacus: Poisson "
@@ -808,8 +831,12 @@ def privacy_plan(mode: str, work: Path) -> Plan:
         "for each hospital's sample rate (batch / its training rows) and its steps over the "
         "whole run (rounds x steps per round x models or phases charged per round: 2 for "
         "FedHelp and pFedNet), the largest over the hospitals, so that no hospital's ledger "
-        "passes the target; the ε each ledger reached is reported. Rows without 'DP' are the "
-        "same algorithm without DP, the reference of the DP cost per round."
+        "passes the target; the ε each ledger reached is reported. DP rows train with SGD "
+        f"(learning rate {PRIVACY_OPTIMIZER['learning-rate']:g}, momentum "
+        f"{PRIVACY_OPTIMIZER['momentum']:g}; chosen on validation data only, FedAvg at ε = 8, "
+        "seed 42: Adam's steps vanish under DP noise); rows without 'DP' are the same "
+        "algorithm without DP and with its usual optimiser (Adam 1e-3), the reference of the "
+        "DP cost per round."
     )
     return plan
 
@@ -906,70 +933,88 @@ def run_suite(
     out: Path,
     progress: Callable[[str], None] | None = None,
     rounds: int = 0,
+    jobs: int = 1,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run every (algorithm, seed) of the suite, then aggregate; return ``results.json``."""
+    """Run every (algorithm, seed) of the suite, then aggregate; return ``results.json``.
+
+    ``jobs`` > 1 runs that many runs at a time, each in its own process with one torch
+    thread (every run is seeded, so the numbers do not depend on ``jobs``). ``resume`` keeps
+    the runs an interrupted call of the same suite finished (those with :data:`RUN_DONE`)
+    and runs the rest."""
     check_data(suite)
     directory = out / suite
-    if directory.exists():
+    if directory.exists() and not resume:
         shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     with single_thread(), tempfile.TemporaryDirectory(prefix="fedclinic-bench-") as scratch:
         work = Path(scratch)
         plan = make_plan(suite, mode, work, rounds)
+        pool = RunPool(jobs, progress)
 
-        def execute(method: str, flat: dict[str, Any], target: Path, state: Path) -> float:
-            """One run into ``target``; its site state lives in ``state`` and is deleted."""
-            nodes = plan.nodes(method, state)
-            run_started = time.perf_counter()
-            if plan.runs_as(method) == "pooled":
-                run_pooled(flat, nodes, target, plan.pooled_for.get(method, plan.pooled_data))
-            else:
-                run_federation(flat, nodes, target)
-            shutil.rmtree(state, ignore_errors=True)
-            return time.perf_counter() - run_started
+        def submit(method: str, flat: dict[str, Any], target: Path, state: str, note: str) -> Any:
+            """One run into ``target``; its site state lives under ``work`` and is deleted."""
+            pooled = (
+                plan.pooled_for.get(method, plan.pooled_data)
+                if plan.runs_as(method) == "pooled"
+                else None
+            )
+            if resume and (target / RUN_DONE).exists():
+                return pool.done(note, json.loads((target / RUN_DONE).read_text())["seconds"])
+            shutil.rmtree(target, ignore_errors=True)  # an unfinished run starts again
+            nodes = plan.nodes(method, work / "state" / state)
+            return pool.submit(note, execute_run, pooled, flat, nodes, target)
 
-        # Options chosen on validation data at the first seed, then applied to every method
-        # that runs the algorithm; the tuning runs are not reused as seed results (every seed,
-        # the first included, is run again with the chosen options).
-        for algorithm, candidates in plan.candidates.items():
-            if algorithm not in plan.algorithms:
-                continue
-            seed = plan.seeds[0]
-            tried: list[dict[str, Any]] = []
-            for index, options in enumerate(candidates):
-                if progress:
-                    progress(f"{suite}: {algorithm} candidate {index + 1}/{len(candidates)}")
-                target = directory / "tuning" / algorithm / f"candidate-{index + 1}"
-                flat = {**plan.flat(algorithm, seed), **options}
-                seconds = execute(algorithm, flat, target, work / "state" / f"tune-{index}")
-                tried.append({"options": options, "validation_score": validation_score(target),
-                              "dir": target, "seconds": seconds})  # fmt: skip
-            best = max(tried, key=lambda t: t["validation_score"])  # ties: the first listed
+        try:
+            # Options chosen on validation data at the first seed, then applied to every
+            # method that runs the algorithm; the tuning runs are not reused as seed results
+            # (every seed, the first included, is run again with the chosen options).
+            tuning: dict[str, list[tuple[dict[str, Any], Path, Any]]] = {}
+            for algorithm, candidates in plan.candidates.items():
+                if algorithm not in plan.algorithms:
+                    continue
+                seed = plan.seeds[0]
+                for index, options in enumerate(candidates):
+                    target = directory / "tuning" / algorithm / f"candidate-{index + 1}"
+                    flat = {**plan.flat(algorithm, seed), **options}
+                    note = f"{suite}: {algorithm} candidate {index + 1}/{len(candidates)}"
+                    job = submit(algorithm, flat, target, f"tune-{algorithm}-{index}", note)
+                    tuning.setdefault(algorithm, []).append((options, target, job))
+            for algorithm, jobs_of in tuning.items():
+                tried: list[dict[str, Any]] = []
+                for options, target, job in jobs_of:
+                    seconds = pool.result(job)  # the run is done before it is scored
+                    tried.append({"options": options, "validation_score": validation_score(target),
+                                  "dir": target, "seconds": seconds})  # fmt: skip
+                best = max(tried, key=lambda t: t["validation_score"])  # ties: the first listed
+                for method in plan.algorithms:
+                    if plan.runs_as(method) == algorithm:
+                        plan.per_algorithm.setdefault(method, {}).update(best["options"])
+                plan.tuning[algorithm] = [
+                    {**t, "dir": str(t["dir"].relative_to(directory)), "chosen": t is best}
+                    for t in tried
+                ]
+            pending = []
             for method in plan.algorithms:
-                if plan.runs_as(method) == algorithm:
-                    plan.per_algorithm.setdefault(method, {}).update(best["options"])
-            plan.tuning[algorithm] = [
-                {**t, "dir": str(t["dir"].relative_to(directory)), "chosen": t is best}
-                for t in tried
+                for seed in plan.seeds:
+                    target = directory / "runs" / method / f"seed-{seed}"
+                    flat = plan.flat(method, seed)
+                    note = f"{suite}: {method} seed {seed}"
+                    job = submit(method, flat, target, f"{method}-{seed}", note)
+                    pending.append((method, seed, target, job))
+            runs: list[dict[str, Any]] = [
+                {
+                    "algorithm": method,
+                    "seed": seed,
+                    "dir": str(target.relative_to(directory)),
+                    "seconds": pool.result(job),
+                }
+                for method, seed, target, job in pending
             ]
-        runs: list[dict[str, Any]] = []
-        for method in plan.algorithms:
-            for seed in plan.seeds:
-                target = directory / "runs" / method / f"seed-{seed}"
-                if progress:
-                    progress(f"{suite}: {method} seed {seed}")
-                flat = plan.flat(method, seed)
-                seconds = execute(method, flat, target, work / "state" / f"{method}-{seed}")
-                runs.append(
-                    {
-                        "algorithm": method,
-                        "seed": seed,
-                        "dir": str(target.relative_to(directory)),
-                        "seconds": seconds,
-                    }
-                )
+        finally:
+            pool.close()
     results = aggregate(plan, directory, runs)
     results["seconds"] = time.perf_counter() - started
     results["environment"] = {
@@ -982,6 +1027,72 @@ def run_suite(
     )
     write_results(directory, results)
     return results
+
+
+#: written into a run's directory when it finished (its seconds): what ``--resume`` keeps
+RUN_DONE = "bench_run.json"
+
+
+def execute_run(
+    pooled: PooledData | None, flat: dict[str, Any], nodes: list[dict[str, Any]], target: Path
+) -> float:
+    """One run into ``target`` (pooled when ``pooled`` builds its data, else a federation);
+    its seconds. The hospitals' site state (``nodes``' state dirs) is deleted after it."""
+    started = time.perf_counter()
+    if pooled is not None:
+        run_pooled(flat, nodes, target, pooled)
+    else:
+        run_federation(flat, nodes, target)
+    for node in nodes:
+        shutil.rmtree(node["state-dir"], ignore_errors=True)
+    seconds = time.perf_counter() - started
+    (target / RUN_DONE).write_text(json.dumps({"seconds": seconds}) + "\n")
+    return seconds
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class RunPool:
+    """Runs in this process one after the other (``jobs`` 1), or in ``jobs`` processes
+    (spawned: no torch state is forked); ``progress`` hears of each run as it starts
+    (in order) or, with several processes, as it ends."""
+
+    def __init__(self, jobs: int, progress: Callable[[str], None] | None) -> None:
+        if jobs < 1:
+            raise ConfigError(f"--jobs = {jobs}: expected a number of processes >= 1")
+        self.progress = progress
+        self.executor = (
+            ProcessPoolExecutor(jobs, get_context("spawn"), initializer=_one_thread)
+            if jobs > 1
+            else None
+        )
+        self.notes: dict[Any, str] = {}
+
+    def submit(self, note: str, function: Callable[..., float], *args: Any) -> Any:
+        if self.executor is None:
+            if self.progress:
+                self.progress(note)
+            return function(*args)
+        job = self.executor.submit(function, *args)
+        if self.progress:
+            progress = self.progress
+            job.add_done_callback(lambda _job: progress(f"{note}: done"))
+        return job
+
+    def done(self, note: str, seconds: float) -> float:
+        """A run finished before (``--resume``): nothing to run."""
+        if self.progress:
+            self.progress(f"{note}: kept")
+        return float(seconds)
+
+    def result(self, job: Any) -> float:
+        return float(job) if isinstance(job, int | float) else float(job.result())
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager
@@ -1093,9 +1204,7 @@ def aggregate(plan: Plan, directory: Path, runs: list[dict[str, Any]]) -> dict[s
     # hospitals whose test split holds every class: where balanced accuracy and AUC mean
     # something (from the partition's labels; heart: every centre)
     both = [
-        h
-        for h in hospitals
-        if h not in plan.layout or min(plan.layout[h]["test_class_counts"]) > 0
+        h for h in hospitals if h not in plan.layout or min(plan.layout[h]["test_class_counts"]) > 0
     ]
     # where every method deploys the run's own architecture: FedHelp's small hospitals (its
     # large ones deploy a private model of another class)
@@ -1158,9 +1267,11 @@ def privacy_results(
 ) -> dict[str, Any]:
     """Per method: the target ε, the noise, the ε each hospital's ledger reached (the most
     over seeds), and the cost per round: training seconds summed over the hospitals and the
-    run's wall seconds per round, beside the same algorithm without DP."""
+    run's wall seconds per round, beside its reference: the same algorithm without DP, or,
+    for a SecAgg+ method, the same method without secure aggregation."""
     methods: dict[str, dict[str, Any]] = {}
     for method in plan.algorithms:
+        adds_secagg_to = plan.secagg.get(method)
         own = [r for r in runs if r["algorithm"] == method]
         rounds = int(plan.flat(method, plan.seeds[0])["rounds"])
         train = [train_seconds_per_round(directory / r["dir"]) for r in own]
@@ -1168,10 +1279,12 @@ def privacy_results(
         for row in per_hospital:
             if row["algorithm"] == method and isinstance(row.get("epsilon"), int | float):
                 spent[row["hospital"]] = max(spent.get(row["hospital"], 0.0), row["epsilon"])
-        entry = plan.privacy.get(method, {"algorithm": method, "epsilon": None})
+        dp_entry = plan.privacy.get(adds_secagg_to or method)
+        entry = dp_entry or {"algorithm": plan.runs_as(method), "epsilon": None}
         methods[method] = {
             **entry,
-            "reference": entry["algorithm"] if method in plan.privacy else None,
+            "secure_aggregation": adds_secagg_to is not None,
+            "reference": adds_secagg_to or (entry["algorithm"] if dp_entry else None),
             "spent_epsilon": spent,
             "train_seconds_per_round": float(np.nanmean(train)) if train else math.nan,
             "wall_seconds_per_round": (
@@ -1321,7 +1434,9 @@ def quality_command(args: argparse.Namespace) -> int:
                     started.append(True)
                     bar.update(task, description=description)
 
-                results = run_suite(suite, args.mode, args.out, step, args.rounds)
+                results = run_suite(
+                    suite, args.mode, args.out, step, args.rounds, args.jobs, args.resume
+                )
                 bar.update(task, completed=total, description=f"{suite}: done")
             console.print(
                 f"{suite}: {len(results['runs'])} runs in {results['seconds']:.1f} s -> "

@@ -48,6 +48,7 @@ from fedclinic.engine.records import (
 from fedclinic.engine.secagg import SecureAggregation
 from fedclinic.engine.survey import federated_normalisation
 from fedclinic.errors import FedClinicError
+from fedclinic.privacy import optimizer_warning
 from fedclinic.results import ResultsWriter
 from fedclinic.rows import Row
 from fedclinic.serialization import (
@@ -124,6 +125,8 @@ class RoundEngine:
             initial_model_sha256=content_sha256(record_to_numpy(arrays)),
             **self.wire_hash("initial_wire_model_sha256", arrays),
         )
+        if warning := optimizer_warning(run):
+            log(WARNING, "%s", warning)
         try:
             if run.resume:  # setup's decisions were restored; node IDs may be new
                 self.reconnect(transport)
