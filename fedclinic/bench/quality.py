@@ -148,6 +148,11 @@ PRIVACY_CLIP = 1.0
 #: (FedAvg at ε = 8, seed 42, 20 rounds; client-average validation balanced accuracy: SGD
 #: 0.03 -> 0.801, 0.1 -> 0.844, 0.3 -> 0.777, Adam 1e-3 -> 0.500); docs/privacy.md, section 9
 PRIVACY_OPTIMIZER = {"optimizer": "sgd", "learning-rate": 0.1, "momentum": 0.9}
+#: algorithms whose DP learning rate is chosen in the suite itself (validation data, at the
+#: largest ε, first seed): their distillation and two-phase losses are not FedAvg's (FedHelp's
+#: diverged to NaN at ε 1 with 0.1)
+PRIVACY_TUNED = ("fedhelp", "pfednet", "fedmas")
+PRIVACY_RATES = (0.01, 0.03, 0.1)
 #: models or phases charged per round on a hospital's data beyond one (FedHelp's large
 #: hospitals: proxy and large model; pFedNet: shared and personal phase), as an upper bound
 PRIVACY_CHARGES = {"fedhelp": 2, "pfednet": 2}
@@ -192,6 +197,9 @@ class Plan:
     candidates: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: what the choice saw: per algorithm, each candidate with its validation score
     tuning: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: a ``candidates`` key that is a method, not an algorithm: the methods its choice
+    #: applies to (the privacy suite tunes each DP algorithm at one ε for all its ε)
+    tuned_together: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: per method, hospital -> node config replacing that hospital's (FedAvg + public data)
     node_override: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     #: per method, the pooled data builder when not ``pooled_data`` (pooled + public data)
@@ -205,6 +213,12 @@ class Plan:
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the privacy suite: per SecAgg+ method, the method it adds secure aggregation to
     secagg: dict[str, str] = field(default_factory=dict)
+
+    def tuned_by_choice_of(self, key: str) -> tuple[str, ...]:
+        """The methods that take the options chosen for ``candidates[key]``."""
+        if key in self.tuned_together:
+            return self.tuned_together[key]
+        return tuple(m for m in self.algorithms if self.runs_as(m) == key)
 
     def runs_as(self, method: str) -> str:
         """The registered algorithm (or ``pooled``) a method runs."""
@@ -534,9 +548,16 @@ def pneumonia_plan(mode: str, work: Path, suite: str = "pneumonia") -> Plan:
             "Dirichlet(alpha x K x pooled mix), then fitted so that the sizes follow the "
             "fractions and every image is used; the `medmnist` source's partition mode). "
             f"data-seed {data_seed}: the first seed from 0 up that gives every hospital {rule}, "
-            "chosen from the labels alone. Each hospital carves its validation split (10 %, "
-            "stratified) from its own share and is tested on its share of the official test "
-            "split (same per-class shares). The official val split is given to no hospital.",
+            "chosen from the labels alone. "
+            + (
+                "Each hospital carves its validation and test splits from its own share "
+                "(below)."
+                if suite == HELD_OUT
+                else "Each hospital carves its validation split (10 %, stratified) from its own "
+                "share and is tested on its share of the official test split (same per-class "
+                "shares)."
+            )
+            + " The official val split is given to no hospital.",
             f"All methods: the small CNN (`model = cnn`), Adam lr 1e-3, batch 32, {rounds} rounds "
             + (
                 "of 3 local steps (quick mode)."
@@ -791,7 +812,7 @@ def privacy_plan(mode: str, work: Path) -> Plan:
     quick = mode == "quick"
     plan = pneumonia_plan(mode, work, suite="pneumonia")
     plan.suite = PRIVACY
-    plan.candidates = {}  # nothing tuned under DP: every algorithm with its default options
+    plan.candidates = {}  # the algorithms' own options are their defaults (nothing tuned)
     for node in plan.hospitals:
         node["privacy-delta"] = PRIVACY_DELTA
     methods: list[str] = []
@@ -821,6 +842,14 @@ def privacy_plan(mode: str, work: Path) -> Plan:
         plan.labels[method] = f"{plan.labels.get(reference, PRIVACY_LABELS['fedavg'])}, SecAgg+"
         methods.insert(methods.index(reference) + 1, method)
     plan.algorithms = tuple(methods)
+    if not quick:  # each distillation / two-phase algorithm's own DP learning rate
+        top = PRIVACY_EPSILONS[-1]
+        for algorithm in PRIVACY_TUNED:
+            key = f"{algorithm}-dp-eps{top:g}"
+            plan.candidates[key] = [{"learning-rate": rate} for rate in PRIVACY_RATES]
+            plan.tuned_together[key] = tuple(
+                m for m, e in plan.privacy.items() if e["algorithm"] == algorithm
+            )
     plan.protocol.append(
         "Differential privacy (docs/privacy.md): DP-SGD at every hospital (Opacus: Poisson "
         f"batches of expected size {plan.base['batch-size']}, each sample's gradient clipped to "
@@ -834,7 +863,10 @@ def privacy_plan(mode: str, work: Path) -> Plan:
         "passes the target; the ε each ledger reached is reported. DP rows train with SGD "
         f"(learning rate {PRIVACY_OPTIMIZER['learning-rate']:g}, momentum "
         f"{PRIVACY_OPTIMIZER['momentum']:g}; chosen on validation data only, FedAvg at ε = 8, "
-        "seed 42: Adam's steps vanish under DP noise); rows without 'DP' are the same "
+        "seed 42: Adam's steps vanish under DP noise; "
+        f"{', '.join(PRIVACY_LABELS[a] for a in PRIVACY_TUNED)} choose their own learning rate "
+        f"from {', '.join(f'{r:g}' for r in PRIVACY_RATES)} on validation data at ε = "
+        f"{PRIVACY_EPSILONS[-1]:g}, used at every ε); rows without 'DP' are the same "
         "algorithm without DP and with its usual optimiser (Adam 1e-3), the reference of the "
         "DP cost per round."
     )
@@ -985,13 +1017,15 @@ def run_suite(
             for algorithm, jobs_of in tuning.items():
                 tried: list[dict[str, Any]] = []
                 for options, target, job in jobs_of:
-                    seconds = pool.result(job)  # the run is done before it is scored
-                    tried.append({"options": options, "validation_score": validation_score(target),
-                                  "dir": target, "seconds": seconds})  # fmt: skip
+                    try:  # the run is done before it is scored
+                        seconds, score, failure = pool.result(job), validation_score(target), ""
+                    except FedClinicError as err:  # a candidate that diverged is not chosen
+                        seconds, score, failure = 0.0, -1.0, str(err)
+                    tried.append({"options": options, "validation_score": score, "dir": target,
+                                  "seconds": seconds, "failure": failure})  # fmt: skip
                 best = max(tried, key=lambda t: t["validation_score"])  # ties: the first listed
-                for method in plan.algorithms:
-                    if plan.runs_as(method) == algorithm:
-                        plan.per_algorithm.setdefault(method, {}).update(best["options"])
+                for method in plan.tuned_by_choice_of(algorithm):
+                    plan.per_algorithm.setdefault(method, {}).update(best["options"])
                 plan.tuning[algorithm] = [
                     {**t, "dir": str(t["dir"].relative_to(directory)), "chosen": t is best}
                     for t in tried

@@ -282,6 +282,8 @@ def _tuning(results: dict[str, Any]) -> list[str]:
             cells = [str(t["options"].get(k, "")) for k in keys]
             score = t["validation_score"]
             shown = f"{score:.3f}" if math.isfinite(score) else "-"
+            if t.get("failure"):  # the run failed (a diverged candidate): never chosen
+                shown = "failed: " + t["failure"].replace("|", "/")[:120]
             lines.append(f"| {' | '.join(cells)} | {shown} | {'yes' if t['chosen'] else ''} |")
         lines.append("")
     return lines
