@@ -268,6 +268,11 @@ def test_opacus_leaves_the_root_logger_alone() -> None:
         "assert 'opacus.utils.module_utils' in sys.modules\n"
         "assert logging.getLogger().handlers == [], logging.getLogger().handlers"
     )
+    _passes_in_a_fresh_interpreter(code)
+
+
+def _passes_in_a_fresh_interpreter(code: str) -> None:
+    """``code`` run by a new Python in the repository root (imports start from nothing)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -281,9 +286,7 @@ def test_processes_without_dp_import_neither_opacus_nor_sklearn() -> None:
         "loaded = [m for m in ('opacus', 'sklearn') if m in sys.modules]\n"
         "assert not loaded, loaded"
     )
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _passes_in_a_fresh_interpreter(code)
 
 
 # ---------------------------------------------------------------------------- DP learns

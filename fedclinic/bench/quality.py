@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -986,7 +986,9 @@ def run_suite(
         plan = make_plan(suite, mode, work, rounds)
         pool = RunPool(jobs, progress)
 
-        def submit(method: str, flat: dict[str, Any], target: Path, state: str, note: str) -> Any:
+        def submit(
+            method: str, flat: dict[str, Any], target: Path, state: str, note: str
+        ) -> Future[float]:
             """One run into ``target``; its site state lives under ``work`` and is deleted."""
             pooled = (
                 plan.pooled_for.get(method, plan.pooled_data)
@@ -1003,7 +1005,7 @@ def run_suite(
             # Options chosen on validation data at the first seed, then applied to every
             # method that runs the algorithm; the tuning runs are not reused as seed results
             # (every seed, the first included, is run again with the chosen options).
-            tuning: dict[str, list[tuple[dict[str, Any], Path, Any]]] = {}
+            tuning: dict[str, list[tuple[dict[str, Any], Path, Future[float]]]] = {}
             for algorithm, candidates in plan.candidates.items():
                 if algorithm not in plan.algorithms:
                     continue
@@ -1091,7 +1093,9 @@ def _one_thread() -> None:
 class RunPool:
     """Runs in this process one after the other (``jobs`` 1), or in ``jobs`` processes
     (spawned: no torch state is forked); ``progress`` hears of each run as it starts
-    (in order) or, with several processes, as it ends."""
+    (in order) or, with several processes, as it ends. Either way a run is a
+    :class:`~concurrent.futures.Future`: its failure is raised by :meth:`result`, where the
+    caller handles it, not by :meth:`submit`."""
 
     def __init__(self, jobs: int, progress: Callable[[str], None] | None) -> None:
         if jobs < 1:
@@ -1102,27 +1106,33 @@ class RunPool:
             if jobs > 1
             else None
         )
-        self.notes: dict[Any, str] = {}
 
-    def submit(self, note: str, function: Callable[..., float], *args: Any) -> Any:
+    def submit(self, note: str, function: Callable[..., float], *args: Any) -> Future[float]:
         if self.executor is None:
             if self.progress:
                 self.progress(note)
-            return function(*args)
+            job: Future[float] = Future()
+            try:
+                job.set_result(function(*args))
+            except FedClinicError as err:
+                job.set_exception(err)
+            return job
         job = self.executor.submit(function, *args)
         if self.progress:
             progress = self.progress
             job.add_done_callback(lambda _job: progress(f"{note}: done"))
         return job
 
-    def done(self, note: str, seconds: float) -> float:
+    def done(self, note: str, seconds: float) -> Future[float]:
         """A run finished before (``--resume``): nothing to run."""
         if self.progress:
             self.progress(f"{note}: kept")
-        return float(seconds)
+        job: Future[float] = Future()
+        job.set_result(float(seconds))
+        return job
 
-    def result(self, job: Any) -> float:
-        return float(job) if isinstance(job, int | float) else float(job.result())
+    def result(self, job: Future[float]) -> float:
+        return float(job.result())
 
     def close(self) -> None:
         if self.executor is not None:
