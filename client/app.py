@@ -25,7 +25,13 @@ from fedclinic import secagg
 from fedclinic.config import HospitalConfig, RunConfig, parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.errors import FedClinicError
-from fedclinic.privacy import dataset_hash, plan_round
+from fedclinic.privacy import (
+    dataset_hash,
+    plan_round,
+    prior_step,
+    release_class_counts,
+    released_class_counts,
+)
 from fedclinic.redact import shareable
 from fedclinic.serialization import from_wire, to_wire
 from fedclinic.site import SiteState
@@ -80,9 +86,20 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
         fingerprint = objective.data_fingerprint()
         charge = None
         if train:  # the hospital's own privacy rules, before any step (fedclinic.privacy)
-            charge = plan_round(
-                run, hospital, dataset_hash(fingerprint), len(data.train), objective.private_models
+            dataset = dataset_hash(fingerprint)
+            site = client_context.site
+            prior = run.dp != "off" and objective.uses_class_prior
+            pending = (
+                (prior_step(run),) if prior and released_class_counts(site, dataset) is None else ()
             )
+            charge = plan_round(
+                run, hospital, dataset, len(data.train), objective.private_models, pending
+            )
+            if prior:  # the balanced softmax's class counts: a DP release, once per run
+                client_context.released_counts = release_class_counts(
+                    run, hospital, site, dataset, data.train.class_counts(run.num_classes),
+                    context.run_id,
+                )  # fmt: skip
         if train is None:
             content = objective.query(message.content)
         else:

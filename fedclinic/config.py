@@ -191,6 +191,11 @@ class RunConfig(Schema):
     dp_max_grad_norm: float = Field(
         1.0, gt=0, le=1e4, description="DP-SGD: each sample's gradient is clipped to this norm"
     )
+    dp_prior_noise: float = Field(
+        10.0, gt=0, le=1e4, description="DP: std of the Gaussian noise added once per run to "
+        "each training class count that the balanced-softmax loss (local-loss = bsm) reads, "
+        "charged to each hospital's ledger (docs/privacy.md, section 6)"
+    )
     privacy_fix_model: bool = Field(
         False, description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
         "ModuleValidator.fix); without it a model with BatchNorm is refused under dp"

@@ -33,10 +33,14 @@ from fedclinic import opacus_backend
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.models import MODELS, build_model
-from fedclinic.site import effective_state_dir
-from fedclinic.training import poisson_plan
+from fedclinic.site import SiteState, effective_state_dir
+from fedclinic.training import poisson_plan, secret_generator
 
 LEDGER = "privacy-ledger.jsonl"
+#: the ledger's ``exchange`` of the class-prior release (:func:`release_class_counts`)
+PRIOR_EXCHANGE = "class-prior"
+#: the site-state entry holding a data set's released counts (+ its hash's first 16 digits)
+PRIOR_STATE = "dp_class_counts"
 #: (noise multiplier, sample rate, steps): one entry of the accountant's history
 Steps = tuple[float, float, int]
 #: one input's shape: ``(C, H, W)`` or ``(F,)``
@@ -245,7 +249,12 @@ class RoundCharge:
 
 
 def plan_round(
-    run: RunConfig, hospital: HospitalConfig, dataset: str, num_train: int, models: int = 1
+    run: RunConfig,
+    hospital: HospitalConfig,
+    dataset: str,
+    num_train: int,
+    models: int = 1,
+    pending: tuple[Steps, ...] = (),
 ) -> RoundCharge | None:
     """Before a training exchange: None without DP (refused if this hospital requires DP),
     else what the exchange will spend; refused when it would pass the ceiling.
@@ -253,7 +262,9 @@ def plan_round(
     ``models``: how many models the exchange trains on the private data, each with its own
     Poisson batches (a FedHelp large hospital trains its proxy and its large model): every
     model's steps are steps of the subsampled Gaussian on this data set, so the charge is
-    ``models`` x the round's steps (docs/privacy.md, section 2)."""
+    ``models`` x the round's steps (docs/privacy.md, section 2). ``pending``: releases the
+    exchange makes before it trains (the class prior, :func:`prior_step`), so that the check
+    covers them and the round is refused before any of it is spent."""
     name = hospital.hospital
     if run.dp == "off":
         if hospital.privacy_required:
@@ -268,7 +279,7 @@ def plan_round(
     history = ledger.history(dataset)
     step: Steps = (run.dp_noise_multiplier, rate, steps)
     spent = epsilon(history, hospital.privacy_delta)
-    after = epsilon([*history, step], hospital.privacy_delta)
+    after = epsilon([*history, *pending, step], hospital.privacy_delta)
     ceiling = hospital.privacy_epsilon
     if ceiling > 0 and after > ceiling:
         raise PrivacyBudgetError(
@@ -279,6 +290,76 @@ def plan_round(
     return RoundCharge(
         ledger, dataset, hospital.privacy_delta, run.dp_noise_multiplier, rate, steps, spent, after
     )
+
+
+def prior_step(run: RunConfig) -> Steps:
+    """The class-prior release as one accountant entry: the Gaussian mechanism is the
+    subsampled Gaussian at sample rate 1 and one step (RDP ``alpha / (2 sigma^2)``, the
+    histogram's L2 sensitivity being 1: adding or removing one patient moves one count by 1)."""
+    return (run.dp_prior_noise, 1.0, 1)
+
+
+def released_class_counts(site: SiteState, dataset: str) -> list[float] | None:
+    """The counts this run already released for ``dataset`` at this site, if any."""
+    name = f"{PRIOR_STATE}_{dataset[:16]}"
+    if not site.has(name):
+        return None
+    return [float(c) for c in site.load(name)["counts"].tolist()]
+
+
+def release_class_counts(
+    run: RunConfig,
+    hospital: HospitalConfig,
+    site: SiteState,
+    dataset: str,
+    counts: list[int],
+    run_id: int,
+) -> list[float]:
+    """The training split's class counts for the balanced-softmax prior under DP: released
+    once per run and data set through the Gaussian mechanism (``counts + N(0, sigma^2)``,
+    ``sigma`` = the run's ``dp-prior-noise``, noise from the operating system's randomness),
+    floored at 1 (post-processing: a prior needs positive counts), charged to the ledger
+    (exchange ``class-prior``) and kept in the run's site state, so that every later round
+    reads the same release at no further cost. The loss that reads them is then
+    post-processing of a DP release (docs/privacy.md, section 6).
+
+    Refused, like a round (:func:`plan_round`), when the release alone would pass the
+    hospital's ceiling; a round's own check counts it too (``plan_round(..., pending=)``).
+    """
+    found = released_class_counts(site, dataset)
+    if found is not None:
+        return found
+    ledger, delta = PrivacyLedger.of(hospital), hospital.privacy_delta
+    history = ledger.history(dataset)
+    step = prior_step(run)
+    spent, after = epsilon(history, delta), epsilon([*history, step], delta)
+    if hospital.privacy_epsilon > 0 and after > hospital.privacy_epsilon:
+        raise PrivacyBudgetError(
+            f"privacy budget: ε {spent:.2f} of {hospital.privacy_epsilon:g} spent on data set "
+            f"{dataset[:12]}; releasing the class prior would spend {after - spent:.2f}; "
+            f"hospital {hospital.hospital} does not train"
+        )
+    exact = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    noise = torch.normal(0.0, run.dp_prior_noise, exact.shape, generator=secret_generator())
+    noisy = torch.clamp(exact + noise.double(), min=1.0)
+    ledger.append(
+        LedgerEntry(
+            run_id=run_id,
+            run_name=run.run_name,
+            round=site.server_round,
+            exchange=PRIOR_EXCHANGE,
+            dataset=dataset,
+            noise_multiplier=step[0],
+            sample_rate=step[1],
+            steps=step[2],
+            delta=delta,
+            epsilon_round=epsilon([step], delta),
+            epsilon_total=after,
+            time=time.time(),
+        )
+    )
+    site.save(f"{PRIOR_STATE}_{dataset[:16]}", {"counts": noisy})
+    return [float(c) for c in noisy.tolist()]
 
 
 def dataset_hash(fingerprint: str) -> str:

@@ -20,7 +20,9 @@ p(x | c)`` up to a constant), so
 Fed-MAS uses it as its local loss (``fedmas.local-loss = "bsm"``, the same
 :func:`~strategies.fedmas_math.class_log_prior`). Classification only: a segmentation run
 keeps its task loss (Dice + CE). The prior is the hospital's own training split; nothing
-leaves the site.
+leaves the site. Under DP the counts are released once per run through the Gaussian mechanism
+and charged to the hospital's ledger (``fedclinic.privacy.release_class_counts``), so that the
+loss stays inside the DP guarantee (docs/privacy.md, section 6).
 """
 
 from __future__ import annotations
@@ -50,11 +52,17 @@ def shift_logits(logits: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
     return logits.float() + log_prior
 
 
-def local_loss(run: RunConfig, kind: LocalLoss, class_counts: Sequence[int]) -> Loss:
+def uses_prior(run: RunConfig, kind: LocalLoss) -> bool:
+    """Whether the ``kind`` loss reads the class counts in this run (bsm, classification)."""
+    return kind == "bsm" and run.task == "classification"
+
+
+def local_loss(run: RunConfig, kind: LocalLoss, class_counts: Sequence[float]) -> Loss:
     """The supervised loss of a hospital's local steps: balanced softmax (``bsm``) with this
-    hospital's class counts, or the task loss as it is (``ce``, and every segmentation run)."""
+    hospital's class counts (under DP its DP release: ``ClientContext.prior_counts``), or the
+    task loss as it is (``ce``, and every segmentation run)."""
     task_loss = task_of(run).loss
-    if kind == "ce" or run.task != "classification":
+    if not uses_prior(run, kind):
         return task_loss
     log_prior = class_log_prior(torch.tensor(list(class_counts)))
     return lambda logits, labels: task_loss(shift_logits(logits, log_prior), labels)
@@ -78,14 +86,25 @@ class BalancedLossObjective:
     local_loss_options: ClassVar[type[Schema]] = LocalLossOptions
     _local_loss: Loss | None = None
 
+    @property
+    def local_loss_kind(self) -> LocalLoss:
+        run: RunConfig = self.run  # type: ignore[attr-defined]
+        # the algorithm's options model: any with a local_loss field (LocalLossOptions,
+        # PFedNetOptions)
+        options: Any = run.options.get(run.algorithm) or self.local_loss_options()
+        kind: LocalLoss = options.local_loss
+        return kind
+
+    @property
+    def uses_class_prior(self) -> bool:
+        return uses_prior(self.run, self.local_loss_kind)  # type: ignore[attr-defined]
+
     def loss(
         self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
     ) -> torch.Tensor:
         if self._local_loss is None:
             run: RunConfig = self.run  # type: ignore[attr-defined]
-            # the algorithm's options model: any with a local_loss field (LocalLossOptions,
-            # PFedNetOptions)
-            options: Any = run.options.get(run.algorithm) or self.local_loss_options()
-            counts = self.context.data.train.class_counts(run.num_classes)  # type: ignore[attr-defined]
-            self._local_loss = local_loss(run, options.local_loss, counts)
+            kind = self.local_loss_kind
+            counts = self.context.prior_counts() if uses_prior(run, kind) else []  # type: ignore[attr-defined]
+            self._local_loss = local_loss(run, kind, counts)
         return self._local_loss(logits, labels)

@@ -30,6 +30,7 @@ from fedclinic import messages as keys
 from fedclinic.config import HospitalConfig, NoOptions, RunConfig, Schema
 from fedclinic.data.base import HospitalData
 from fedclinic.engine import ServerAlgorithm
+from fedclinic.errors import FedClinicError
 from fedclinic.models import build_model
 from fedclinic.serialization import State, file_sha256, record_to_state, state_to_record
 from fedclinic.site import SiteState
@@ -50,6 +51,22 @@ class ClientContext:
     site: SiteState
     server_round: int
     server_config: dict[str, Any] = field(default_factory=dict)
+    #: under DP, the training class counts released for the balanced-softmax prior
+    #: (:func:`fedclinic.privacy.release_class_counts`, set by the ClientApp before training)
+    released_counts: list[float] | None = None
+
+    def prior_counts(self) -> list[float]:
+        """The class counts a class-prior loss may read: the exact training counts without
+        DP, the site's DP release under DP (the exact ones would be outside the guarantee)."""
+        if self.run.dp == "off":
+            return [float(c) for c in self.data.train.class_counts(self.run.num_classes)]
+        if self.released_counts is None:
+            raise FedClinicError(
+                f"hospital {self.hospital.hospital}: under dp = {self.run.dp!r} the class "
+                "prior must come from the site's DP release (fedclinic.privacy."
+                "release_class_counts), and none was made for this exchange"
+            )
+        return list(self.released_counts)
 
 
 @dataclass
@@ -87,6 +104,13 @@ class ClientObjective:
         on its own Poisson batches for the exchange's step budget: under DP the hospital's
         ledger is charged that many times the steps (:func:`fedclinic.privacy.plan_round`)."""
         return 1
+
+    @property
+    def uses_class_prior(self) -> bool:
+        """Whether the local loss reads the training split's class counts (balanced softmax):
+        under DP the ClientApp then releases them once per run through the Gaussian mechanism
+        before the first training step (:meth:`ClientContext.prior_counts`)."""
+        return False
 
     # -- hooks
     def build(self, state: State | None = None) -> nn.Module:

@@ -146,7 +146,7 @@ from fedclinic.training import (
     seeded_generator,
     train_local,
 )
-from strategies.balanced_loss import LocalLoss, Loss, local_loss
+from strategies.balanced_loss import LocalLoss, Loss, local_loss, uses_prior
 from strategies.base import Algorithm, ClientContext, ClientObjective, LocalUpdate
 from strategies.fedavg import weighted_average
 from strategies.fedhelp_math import (
@@ -457,9 +457,14 @@ class FedHelpObjective(ClientObjective):
         each on its own Poisson batches under DP; a small one one (its surrogate)."""
         return 2 if self.role == "large" else 1
 
+    @property
+    def uses_class_prior(self) -> bool:
+        return uses_prior(self.run, self.options.local_loss)
+
     def private_loss(self) -> Loss:
-        """The supervised loss on this hospital's own data (``fedhelp.local-loss``)."""
-        counts = self.context.data.train.class_counts(self.run.num_classes)
+        """The supervised loss on this hospital's own data (``fedhelp.local-loss``); its
+        class prior under DP is the site's DP release (``ClientContext.prior_counts``)."""
+        counts = self.context.prior_counts() if self.uses_class_prior else []
         return local_loss(self.run, self.options.local_loss, counts)
 
     # ------------------------------------------------------------------ large hospitals

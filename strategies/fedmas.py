@@ -319,6 +319,10 @@ def measure_divergence(
 class FedMASObjective(ClientObjective):
     """Measure (w), train with BSM + BSM + λ(2 − 2cos) while estimating ŵ, report RF."""
 
+    @property
+    def uses_class_prior(self) -> bool:
+        return options_of(self.run).local_loss == "bsm"
+
     def build(self, state: State | None = None) -> nn.Module:
         model = build_fedmas_model(self.run)
         if state is not None:
@@ -364,7 +368,10 @@ class FedMASObjective(ClientObjective):
             and site.has(state_name)
             and updater.restore(site.load(state_name))
         )
-        log_prior = class_log_prior(torch.tensor(counts)).to(device)
+        # the balanced softmax's prior: under DP the site's DP release of the counts (w and ŵ
+        # keep the exact ones, outside DP: docs/privacy.md, section 6)
+        prior_counts = self.context.prior_counts() if self.uses_class_prior else counts
+        log_prior = class_log_prior(torch.tensor(prior_counts)).to(device)
         w_hat = ClassDivergence(counts)
 
         def step(batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:

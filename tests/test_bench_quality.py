@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedclinic.bench.quality import HEART_DIR, PNEUMONIA_FILE
@@ -209,6 +210,63 @@ def test_options_are_chosen_on_validation_and_every_seed_is_run_afresh(
     assert (tmp_path / "pneumonia" / tried[1]["dir"] / "summary.json").is_file()
 
 
+def test_a_failed_seed_is_reported_and_the_call_goes_on_for_the_chosen_methods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--methods`` runs only the methods named (an unknown one is refused in one line); a
+    seed run that fails (here seed 8 of FedAvg, as a diverged run fails) is listed with its
+    reason in ``failed_runs`` and in the report, the method's row is over the other seed."""
+    from fedclinic.bench import quality
+    from fedclinic.errors import ConfigError, FedClinicError
+
+    hospitals = [
+        {"hospital": f"h{i}", "data-source": "synthetic", "num-samples": 60, "data-seed": i,
+         "partition-id": i, "num-partitions": 2, "device": "cpu"}
+        for i in range(2)
+    ]  # fmt: skip
+    plan = quality.Plan(
+        suite="pneumonia",
+        mode="quick",
+        seeds=(7, 8),
+        algorithms=("local-only", "fedavg"),
+        base={
+            "model": "cnn",
+            "data-source": "synthetic",
+            "num-classes": 2,
+            "rounds": 2,
+            "local-steps": 2,
+            "batch-size": 16,
+            "min-hospitals": 2,
+        },
+        per_algorithm={},
+        hospitals=hospitals,
+        shares={"h0": 0.5, "h1": 0.5},
+    )
+    real = quality.run_federation
+
+    def federation(flat: dict[str, object], nodes: object, target: Path) -> object:
+        if flat["run-name"] == "fedavg-seed8":
+            raise FedClinicError("round 2: diverged: a NaN/Inf update from h1")
+        return real(flat, nodes, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(quality, "run_federation", federation)
+    monkeypatch.setattr(quality, "make_plan", lambda *args, **kwargs: plan)
+    with pytest.raises(ConfigError, match="--methods fedprox not in the pneumonia suite"):
+        quality.run_suite("pneumonia", "quick", tmp_path, methods=("fedprox",))
+    results = quality.run_suite("pneumonia", "quick", tmp_path, methods=("fedavg",))
+    assert results["algorithms"] == ["fedavg"]
+    assert [(r["algorithm"], r["seed"]) for r in results["runs"]] == [("fedavg", 7)]
+    [failed] = results["failed_runs"]
+    assert (failed["algorithm"], failed["seed"]) == ("fedavg", 8)
+    assert "diverged: a NaN/Inf update from h1" in failed["failure"]
+    [row] = results["summary"]
+    assert row["client_avg_test_balanced_accuracy"]["n"] == 1
+    report = tmp_path / "BENCHMARKS.md"
+    args = ["bench", "report", "--results", str(tmp_path), "--out", str(report)]
+    assert main([*args, "--plots", str(tmp_path / "plots")]) == 0
+    assert "seed 8 failed** (round 2: diverged: a NaN/Inf update from h1)" in report.read_text()
+
+
 def test_report_draws_the_cost_plots_from_system_json(tmp_path: Path) -> None:
     from fedclinic.bench.report import runtime_sections
 
@@ -254,7 +312,9 @@ def test_report_adds_a_sections_notes_labelled_as_typed_in(tmp_path: Path) -> No
 
 def test_privacy_noise_keeps_the_smallest_hospital_at_its_target(tmp_path: Path) -> None:
     """The DP suite's noise multiplier per target ε: the hospital with the largest sample
-    rate reaches the target (Opacus's RDP analysis, computed here directly), none passes it."""
+    rate reaches the target (Opacus's RDP analysis, computed here directly), none passes it;
+    for a balanced-softmax method (FedHelp, pFedNet, Fed-MAS) composed with its one class-prior
+    release (RDP ``alpha / (2 * 10^2)``, written out by hand), which needs more noise."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     from fedclinic.bench.quality import privacy_plan, set_privacy_noise
@@ -278,9 +338,17 @@ def test_privacy_noise_keeps_the_smallest_hospital_at_its_target(tmp_path: Path)
             rdp = compute_rdp(
                 q=rate, noise_multiplier=entry["noise_multiplier"], steps=steps, orders=orders
             )
+            if entry["algorithm"] in ("fedhelp", "pfednet", "fedmas"):
+                assert entry["prior_noise"] == 10.0
+                rdp = rdp + np.array(orders) / (2 * 10.0**2)
+            else:
+                assert entry["prior_noise"] is None
             spent[hospital] = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)[0]
         assert max(spent.values()) <= entry["epsilon"]
         assert max(spent.values()) >= entry["epsilon"] - 0.05 * entry["epsilon"]
         assert max(spent, key=lambda h: spent[h]) == entry["binding_hospital"] == "h6"
+    fedmas, fedavg = plan.privacy["fedmas-dp-eps1"], plan.privacy["fedavg-dp-eps1"]
+    assert fedmas["planned_steps"] == fedavg["planned_steps"]  # one model, one charge a round
+    assert fedmas["noise_multiplier"] > fedavg["noise_multiplier"]  # the release costs noise
     fedhelp, fedavg = plan.privacy["fedhelp-dp-eps3"], plan.privacy["fedavg-dp-eps3"]
     assert fedhelp["planned_steps"]["h1"] == 2 * fedavg["planned_steps"]["h1"]  # two models

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from harness import FakeClock, ScriptedGrid, rows_of, run, synthetic_nodes
@@ -19,11 +21,23 @@ from torch import nn
 
 from fedclinic.cli import main
 from fedclinic.config import parse_hospital_config
-from fedclinic.errors import ConfigError
+from fedclinic.data.base import HospitalData, Split
+from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.models import build_model
-from fedclinic.privacy import LEDGER, PrivacyLedger, epsilon, optimizer_warning
+from fedclinic.privacy import (
+    LEDGER,
+    PRIOR_EXCHANGE,
+    PRIOR_STATE,
+    PrivacyLedger,
+    epsilon,
+    optimizer_warning,
+    release_class_counts,
+)
+from fedclinic.serialization import load_checkpoint
+from fedclinic.site import SiteState
 from fedclinic.training import PrivateUpdater
-from strategies import load_run_config
+from strategies import balanced_loss, load_run_config
+from strategies.base import ClientContext
 
 DELTA = 1e-5
 
@@ -330,3 +344,116 @@ def test_adam_under_dp_is_warned_about() -> None:
     assert "\n" not in adam
     assert optimizer_warning(load_run_config(dp_run(optimizer="sgd"))) is None
     assert optimizer_warning(load_run_config({**dp_run(), "dp": "off"})) is None
+
+
+# ------------------------------------------------------------- the class prior under DP
+
+
+def released_files(tmp_path: Path, hospital: str) -> list[Path]:
+    return sorted((tmp_path / "state" / hospital).glob(f"*/{PRIOR_STATE}_*.round-*.pt"))
+
+
+def test_the_class_prior_release_adds_gaussian_noise_of_the_run_sigma(tmp_path: Path) -> None:
+    """The Gaussian mechanism on the class histogram: each released count is the exact count
+    plus N(0, dp-prior-noise^2) (2000 draws: mean within 4.5 and std within 5 standard
+    errors; a release without noise, with the DP-SGD noise multiplier or with sigma^2 fails),
+    floored at 1; released once per run and data set (a second call reads the site state and
+    charges nothing), again in another run."""
+    run = load_run_config(dp_run(**{"dp-prior-noise": 10.0}))
+    hospital = parse_hospital_config(
+        {"hospital": "h", "data-source": "synthetic", "state-dir": str(tmp_path / "h")}
+    )
+    exact = [1000] * 50
+    noise = []
+    for release in range(40):
+        site = SiteState(tmp_path / "h" / f"run-{release}", server_round=1)
+        got = release_class_counts(run, hospital, site, "d" * 64, exact, release)
+        noise += [c - 1000 for c in got]
+        assert release_class_counts(run, hospital, site, "d" * 64, exact, release) == got
+    assert abs(float(np.mean(noise))) < 1.0
+    assert 9.2 < float(np.std(noise)) < 10.8
+    entries = PrivacyLedger(tmp_path / "h").entries()
+    assert len(entries) == 40 and {e.exchange for e in entries} == {PRIOR_EXCHANGE}
+    assert {(e.noise_multiplier, e.sample_rate, e.steps) for e in entries} == {(10.0, 1.0, 1)}
+    floored = release_class_counts(run, hospital, SiteState(tmp_path / "f"), "e" * 64, [0, 0], 1)
+    assert min(floored) >= 1.0
+
+
+def test_under_dp_a_prior_loss_without_a_release_is_refused(tmp_path: Path) -> None:
+    run = load_run_config(dp_run(**{"fedavg.local-loss": "bsm"}))
+    hospital = parse_hospital_config(
+        {"hospital": "h", "data-source": "synthetic", "state-dir": str(tmp_path)}
+    )
+    split = Split(torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 1, 1]))
+    context = ClientContext(
+        run, hospital, HospitalData(split, split, split), torch.device("cpu"),
+        SiteState(tmp_path), server_round=1,
+    )  # fmt: skip
+    with pytest.raises(FedClinicError, match="must come from the site's DP release"):
+        context.prior_counts()
+    plain = replace(context, run=run.model_copy(update={"dp": "off"}))
+    assert plain.prior_counts() == [1.0, 3.0]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_under_dp_the_balanced_softmax_reads_the_release_not_the_exact_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the ClientApp handler, FedAvg with ``local-loss = bsm`` under DP: each hospital
+    releases its counts once (round 1, the ledger's first line, before the round's steps), and
+    every round's loss reads that release, never the exact counts (a loss reading them is
+    outside DP-SGD's guarantee). Without DP the loss reads the exact counts."""
+    seen: list[list[float]] = []
+    real = balanced_loss.local_loss
+
+    def spy(run: Any, kind: Any, counts: Any) -> Any:
+        seen.append([float(c) for c in counts])
+        return real(run, kind, counts)
+
+    monkeypatch.setattr(balanced_loss, "local_loss", spy)
+    nodes = synthetic_nodes(tmp_path, 2)
+    flat = dp_run(**{"fedavg.local-loss": "bsm"})
+    run(flat, ScriptedGrid(nodes, flat), tmp_path / "out", clock=FakeClock())
+    released = []
+    for name in ("hospital-a", "hospital-b"):
+        entries = ledger_of(tmp_path, name)
+        assert [(e["round"], e["exchange"]) for e in entries] == [
+            (1, PRIOR_EXCHANGE), (1, "train"), (2, "train")
+        ]  # fmt: skip
+        [file] = released_files(tmp_path, name)
+        released.append([float(c) for c in load_checkpoint(file)["counts"].tolist()])
+    assert len(seen) == 4 and {tuple(c) for c in seen} == {tuple(c) for c in released}
+    private = list(seen)
+
+    seen.clear()
+    plain = {**flat, "dp": "off", "run-name": "plain"}
+    run(plain, ScriptedGrid(nodes, plain), tmp_path / "out-plain", clock=FakeClock())
+    exact = {tuple(c) for c in seen}
+    assert len(exact) == 2 and all(x == round(x) for c in exact for x in c)
+    assert not exact & {tuple(c) for c in private}
+    assert len(released_files(tmp_path, "hospital-a")) == 1  # nothing released without DP
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_ceiling_check_counts_the_class_prior_release(tmp_path: Path) -> None:
+    """A ceiling that one round's DP-SGD steps fit under but not with the class prior's
+    release: the hospital refuses before it spends anything (no release, no ledger line)."""
+    nodes = synthetic_nodes(tmp_path, 2)
+    flat = dp_run(rounds=1, **{"fedavg.local-loss": "bsm", "min-hospitals": 1})
+    for node in nodes.values():
+        node["privacy-delta"] = DELTA
+    run(flat, ScriptedGrid(nodes, flat), tmp_path / "out", clock=FakeClock())
+    prior, steps = (
+        (e["noise_multiplier"], e["sample_rate"], e["steps"])
+        for e in ledger_of(tmp_path, "hospital-b")
+    )
+    alone, both = epsilon([steps], DELTA), epsilon([prior, steps], DELTA)
+    assert both > alone
+    nodes[101]["state-dir"] = str(tmp_path / "state" / "fresh-b")  # same data, no ledger yet
+    nodes[101]["privacy-epsilon"] = (alone + both) / 2
+    second = {**flat, "run-name": "second"}
+    run(second, ScriptedGrid(nodes, second), tmp_path / "out2", clock=FakeClock())
+    errors = [r for r in rows_of(tmp_path / "out2") if r["kind"] == "error"]
+    assert [r["hospital"] for r in errors] == ["hospital-b"]
+    assert f"this round would spend {both:.2f}" in errors[0]["reason"]
+    assert ledger_of(tmp_path, "fresh-b") == [] and released_files(tmp_path, "fresh-b") == []

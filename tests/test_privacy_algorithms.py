@@ -34,7 +34,7 @@ from fedclinic.privacy import IN_PLACE, LEDGER, network_problems
 from fedclinic.serialization import state_to_record
 from fedclinic.site import SiteState
 from fedclinic.training import PrivateUpdater, train_local
-from strategies import load_run_config
+from strategies import fedmas, load_run_config
 from strategies.base import ClientContext
 from strategies.fedhelp import LARGE_MODEL
 from strategies.fedmas import FedMASObjective, build_fedmas_model
@@ -187,6 +187,8 @@ def fedmas_context(run: RunConfig, tmp_path: Path) -> ClientContext:
         device=torch.device("cpu"),
         site=SiteState(tmp_path / "state"),
         server_round=1,
+        # what the ClientApp's DP release hands over (tested in test_privacy)
+        released_counts=[float(c) for c in split.class_counts(2)],
     )
 
 
@@ -209,14 +211,58 @@ def test_fedmas_local_steps_are_clipped(tmp_path: Path, monkeypatch: pytest.Monk
     assert distance(plain_start, moved.state) > 100 * bound()
 
 
+def test_fedhelp_and_fedmas_balanced_softmax_read_the_dp_release(
+    shared: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under DP, FedHelp's private loss and Fed-MAS's two heads shift the logits by the log
+    prior of the site's DP release of the class counts (``ClientContext.released_counts``),
+    computed here by hand; without DP by the exact training counts."""
+    z, y = (
+        torch.randn(5, 2, generator=torch.Generator().manual_seed(3)),
+        torch.tensor([0, 1, 1, 0, 1]),
+    )
+
+    def by_hand(counts: list[float]) -> float:
+        prior = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+        return float(torch.nn.functional.cross_entropy(z + prior.log().float(), y))
+
+    objective = make_objective(fedhelp_run(shared), shared, tmp_path / "dp", "small")
+    objective.context.released_counts = [3.0, 70.0]
+    assert float(objective.private_loss()(z, y)) == pytest.approx(by_hand([3.0, 70.0]))
+    plain = make_objective(fedhelp_run(shared, dp=False), shared, tmp_path / "plain", "small")
+    exact = [float(c) for c in plain.context.data.train.class_counts(2)]
+    assert exact != [3.0, 70.0]
+    assert float(plain.private_loss()(z, y)) == pytest.approx(by_hand(exact))
+
+    priors: list[list[float]] = []
+    real = fedmas.class_log_prior
+    monkeypatch.setattr(
+        fedmas, "class_log_prior", lambda counts: priors.append(counts.tolist()) or real(counts)
+    )
+    context = fedmas_context(fedmas_run(), tmp_path / "mas")
+    context.released_counts = [2.0, 50.0]
+    FedMASObjective(context).fit(build_fedmas_model(context.run, seed=0).state_dict())
+    assert priors == [[2.0, 50.0]]
+    context = fedmas_context(fedmas_run(dp=False), tmp_path / "mas-plain")
+    FedMASObjective(context).fit(build_fedmas_model(context.run, seed=0).state_dict())
+    assert priors[1] == [float(c) for c in context.data.train.class_counts(2)]
+
+
 # ------------------------------------------------------------------------------ the ledger
 
 
-def opacus_epsilon(sigma: float, rate: float, steps: int, delta: float) -> float:
+def opacus_epsilon(
+    sigma: float, rate: float, steps: int, delta: float, prior_sigma: float | None = None
+) -> float:
     """ε of ``steps`` Poisson-subsampled Gaussian steps from Opacus's RDP analysis functions
-    directly (the orders of its accountant), not through fedclinic.privacy."""
+    directly (the orders of its accountant), not through fedclinic.privacy; with
+    ``prior_sigma``, composed with one Gaussian mechanism of L2 sensitivity 1 at that noise
+    (the class-prior release), whose RDP is ``alpha / (2 sigma^2)`` (Mironov, arXiv
+    1702.07476, proposition 7), written out here by hand."""
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     rdp = compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=orders)
+    if prior_sigma is not None:
+        rdp = rdp + np.array(orders) / (2 * prior_sigma**2)
     eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
     return float(eps)
 
@@ -224,8 +270,9 @@ def opacus_epsilon(sigma: float, rate: float, steps: int, delta: float) -> float
 @pytest.mark.usefixtures("task_identity")
 def test_fedhelp_ledger_counts_both_models_steps(tmp_path: Path) -> None:
     """Through the real ClientApp handler: the large hospital's ledger is charged the proxy's
-    and the large model's steps (2 x local-steps per round), a small hospital its surrogate's;
-    ε equals Opacus's RDP analysis for the same (σ, q, steps)."""
+    and the large model's steps (2 x local-steps per round), a small hospital its surrogate's,
+    and once per run the balanced softmax's class-prior release (FedHelp's default loss);
+    ε equals Opacus's RDP analysis for the same (σ, q, steps) composed with that release."""
     nodes = synthetic_nodes(tmp_path, 3)
     flat = {
         "algorithm": "fedhelp",
@@ -249,14 +296,22 @@ def test_fedhelp_ledger_counts_both_models_steps(tmp_path: Path) -> None:
     for name, role in roles.items():
         path = tmp_path / "state" / name / LEDGER
         entries = [json.loads(line) for line in path.read_text().splitlines()]
-        assert [e["round"] for e in entries] == [1, 2]
+        assert [(e["round"], e["exchange"]) for e in entries] == [
+            (1, "class-prior"), (1, "train"), (2, "train")
+        ]  # fmt: skip
+        prior, rounds = entries[0], entries[1:]
+        assert (prior["noise_multiplier"], prior["sample_rate"], prior["steps"]) == (10.0, 1, 1)
+        assert prior["epsilon_total"] == pytest.approx(
+            opacus_epsilon(1.3, 0.5, 0, DELTA, prior_sigma=10.0), rel=1e-6
+        )
         per_round = 2 * 2 if role == "large" else 2
-        assert [e["steps"] for e in entries] == [per_round, per_round]
-        rate = entries[0]["sample_rate"]
+        assert [e["steps"] for e in rounds] == [per_round, per_round]
+        rate = rounds[0]["sample_rate"]
         assert rate == pytest.approx(8 / 28)  # batch / the 28 training rows of 40 samples
         assert entries[-1]["epsilon_total"] == pytest.approx(
-            opacus_epsilon(1.3, rate, 2 * per_round, DELTA), rel=1e-6
+            opacus_epsilon(1.3, rate, 2 * per_round, DELTA, prior_sigma=10.0), rel=1e-6
         )
+        assert entries[-1]["epsilon_total"] > opacus_epsilon(1.3, rate, 2 * per_round, DELTA)
         assert summary["hospitals"][name]["privacy"]["epsilon"] == entries[-1]["epsilon_total"]
 
 

@@ -43,6 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "numbers do not depend on it: every run is seeded)",
     )  # fmt: skip
     quality.add_argument(
+        "--methods", default="", metavar="A,B",
+        help="run only these of the suite's methods (comma-separated, as in its results), "
+        "with their tuning; the report covers those",
+    )  # fmt: skip
+    quality.add_argument(
         "--resume", action="store_true",
         help="keep the runs an interrupted call of the same suite into the same --out "
         "finished, run the rest, then aggregate",

@@ -45,6 +45,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -67,16 +68,16 @@ from fedclinic.bench.pooled import (
     run_pooled,
 )
 from fedclinic.bench.suites import PNEUMONIA_SUITES, SUITES
-from fedclinic.config import parse_hospital_config
+from fedclinic.config import RunConfig, parse_hospital_config
 from fedclinic.data import DataRequest, Split
 from fedclinic.data.medmnist import partition_plan, read_npz
 from fedclinic.data.splits import stratified_split
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.knowledge import build_knowledge, public_inputs, read_public_data
 from fedclinic.prior import MocoSettings, save_prior, train_moco
-from fedclinic.privacy import epsilon
+from fedclinic.privacy import Steps, epsilon
 from fedclinic.training import poisson_plan
-from strategies import load_run_config
+from strategies import get_algorithm, load_run_config
 
 #: the shared reference data beside the checkout (``../shared/data``), read in place, never
 #: copied; ``FEDCLINIC_SHARED_DATA`` points elsewhere
@@ -860,7 +861,11 @@ def privacy_plan(mode: str, work: Path) -> Plan:
         "for each hospital's sample rate (batch / its training rows) and its steps over the "
         "whole run (rounds x steps per round x models or phases charged per round: 2 for "
         "FedHelp and pFedNet), the largest over the hospitals, so that no hospital's ledger "
-        "passes the target; the ε each ledger reached is reported. DP rows train with SGD "
+        "passes the target; the ε each ledger reached is reported. Methods whose loss is the "
+        "balanced softmax (FedHelp, pFedNet, Fed-MAS) also release their training class counts "
+        "once per run (Gaussian mechanism, `dp-prior-noise` "
+        f"{RunConfig.model_fields['dp_prior_noise'].default:g}; docs/privacy.md, section 2), "
+        "composed with the steps within the same target. DP rows train with SGD "
         f"(learning rate {PRIVACY_OPTIMIZER['learning-rate']:g}, momentum "
         f"{PRIVACY_OPTIMIZER['momentum']:g}; chosen on validation data only, FedAvg at ε = 8, "
         "seed 42: Adam's steps vanish under DP noise; "
@@ -874,15 +879,46 @@ def privacy_plan(mode: str, work: Path) -> Plan:
 
 
 @functools.cache
-def noise_for(target: float, rate: float, steps: int) -> float:
+def noise_for(target: float, rate: float, steps: int, prior_noise: float | None = None) -> float:
     """Opacus's noise multiplier for ``steps`` Poisson steps at ``rate`` to reach ``target``
-    at :data:`PRIVACY_DELTA` (RDP); the methods of one ε share most of them."""
-    return float(
-        opacus_backend.get_noise_multiplier(
-            target_epsilon=target, target_delta=PRIVACY_DELTA, sample_rate=rate, steps=steps,
-            accountant="rdp", epsilon_tolerance=0.01,
+    at :data:`PRIVACY_DELTA` (RDP); the methods of one ε share most of them. With
+    ``prior_noise`` (a balanced-softmax method: its class counts are released once through
+    the Gaussian mechanism at that noise, docs/privacy.md, section 6), the smallest noise
+    multiplier whose steps composed with that release stay within ``target`` (bisection on
+    the ledger's own accountant, :func:`fedclinic.privacy.epsilon`)."""
+    if prior_noise is None:
+        return float(
+            opacus_backend.get_noise_multiplier(
+                target_epsilon=target, target_delta=PRIVACY_DELTA, sample_rate=rate,
+                steps=steps, accountant="rdp", epsilon_tolerance=0.01,
+            )
+        )  # fmt: skip
+    release: Steps = (prior_noise, 1.0, 1)
+    if epsilon([release], PRIVACY_DELTA) >= target:
+        raise ConfigError(
+            f"bench quality: the class-prior release alone (dp-prior-noise {prior_noise:g}) "
+            f"spends the whole target ε {target:g}"
         )
-    )  # fmt: skip
+    low, high = 0.1, 1.0
+
+    def above(sigma: float) -> bool:
+        with warnings.catch_warnings():  # far too little noise: "optimal order is the largest"
+            warnings.simplefilter("ignore", UserWarning)
+            return epsilon([(sigma, rate, steps), release], PRIVACY_DELTA) > target
+
+    while above(high):
+        low, high = high, high * 2
+    while high - low > 1e-3:  # epsilon falls as the noise grows
+        middle = (low + high) / 2
+        low, high = (middle, high) if above(middle) else (low, middle)
+    return high
+
+
+def reads_class_prior(algorithm: str, flat: dict[str, Any]) -> bool:
+    """Whether a method's loss is the balanced softmax, whose class counts a DP run releases
+    (and charges) once per hospital: its ``local-loss`` option, else that option's default."""
+    field = get_algorithm(algorithm).options.model_fields.get("local_loss")
+    return field is not None and flat.get(f"{algorithm}.local-loss", field.default) == "bsm"
 
 
 def set_privacy_noise(plan: Plan) -> None:
@@ -895,6 +931,11 @@ def set_privacy_noise(plan: Plan) -> None:
     for method, entry in plan.privacy.items():
         flat = plan.flat(method, plan.seeds[0])
         charges = PRIVACY_CHARGES.get(entry["algorithm"], 1)
+        prior = (
+            float(flat.get("dp-prior-noise", RunConfig.model_fields["dp_prior_noise"].default))
+            if reads_class_prior(entry["algorithm"], flat)
+            else None
+        )
         needed, schedule = {}, {}
         for hospital, rows in train_rows.items():
             rate, per_round = poisson_plan(
@@ -902,15 +943,17 @@ def set_privacy_noise(plan: Plan) -> None:
             )
             steps = per_round * int(flat["rounds"]) * charges
             schedule[hospital] = (rate, steps)
-            needed[hospital] = noise_for(entry["epsilon"], rate, steps)
+            needed[hospital] = noise_for(entry["epsilon"], rate, steps, prior)
         binding = max(needed, key=lambda h: needed[h])
         sigma = math.ceil(needed[binding] * 1e4) / 1e4  # rounded up: never above the target
         plan.variants[method][1]["dp-noise-multiplier"] = sigma
+        release: list[Steps] = [] if prior is None else [(prior, 1.0, 1)]
         entry.update(
             noise_multiplier=sigma,
             binding_hospital=binding,
+            prior_noise=prior,
             planned_epsilon={
-                h: epsilon([(sigma, rate, steps)], PRIVACY_DELTA)
+                h: epsilon([(sigma, rate, steps), *release], PRIVACY_DELTA)
                 for h, (rate, steps) in schedule.items()
             },
             planned_steps={h: steps for h, (_, steps) in schedule.items()},
@@ -967,13 +1010,16 @@ def run_suite(
     rounds: int = 0,
     jobs: int = 1,
     resume: bool = False,
+    methods: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run every (algorithm, seed) of the suite, then aggregate; return ``results.json``.
 
     ``jobs`` > 1 runs that many runs at a time, each in its own process with one torch
     thread (every run is seeded, so the numbers do not depend on ``jobs``). ``resume`` keeps
     the runs an interrupted call of the same suite finished (those with :data:`RUN_DONE`)
-    and runs the rest."""
+    and runs the rest. ``methods``: only these of the suite's methods (and their tuning).
+    A seed run that fails (a diverged model) is listed in ``failed_runs`` and its method's
+    row is aggregated over the other seeds; the call goes on."""
     check_data(suite)
     directory = out / suite
     if directory.exists() and not resume:
@@ -984,6 +1030,7 @@ def run_suite(
     with single_thread(), tempfile.TemporaryDirectory(prefix="fedclinic-bench-") as scratch:
         work = Path(scratch)
         plan = make_plan(suite, mode, work, rounds)
+        select_methods(plan, methods)
         pool = RunPool(jobs, progress)
 
         def submit(
@@ -1040,18 +1087,19 @@ def run_suite(
                     note = f"{suite}: {method} seed {seed}"
                     job = submit(method, flat, target, f"{method}-{seed}", note)
                     pending.append((method, seed, target, job))
-            runs: list[dict[str, Any]] = [
-                {
-                    "algorithm": method,
-                    "seed": seed,
-                    "dir": str(target.relative_to(directory)),
-                    "seconds": pool.result(job),
-                }
-                for method, seed, target, job in pending
-            ]
+            runs: list[dict[str, Any]] = []
+            failed: list[dict[str, Any]] = []
+            for method, seed, target, job in pending:
+                entry = {"algorithm": method, "seed": seed,
+                         "dir": str(target.relative_to(directory))}  # fmt: skip
+                try:
+                    runs.append({**entry, "seconds": pool.result(job)})
+                except FedClinicError as err:  # reported with its row, the others go on
+                    failed.append({**entry, "failure": str(err)})
         finally:
             pool.close()
     results = aggregate(plan, directory, runs)
+    results["failed_runs"] = failed
     results["seconds"] = time.perf_counter() - started
     results["environment"] = {
         **environment(),
@@ -1063,6 +1111,24 @@ def run_suite(
     )
     write_results(directory, results)
     return results
+
+
+def select_methods(plan: Plan, methods: tuple[str, ...]) -> None:
+    """Keep only ``methods`` of the plan (all when empty); an unknown one is refused."""
+    if not methods:
+        return
+    unknown = [m for m in methods if m not in plan.algorithms]
+    if unknown:
+        raise ConfigError(
+            f"bench quality: --methods {', '.join(unknown)} not in the {plan.suite} suite: "
+            f"expected some of {', '.join(plan.algorithms)}"
+        )
+    plan.algorithms = tuple(m for m in plan.algorithms if m in methods)
+    plan.privacy = {m: e for m, e in plan.privacy.items() if m in methods}
+    plan.protocol.append(
+        f"Methods run in this call: {', '.join(plan.algorithms)} (`--methods`; the suite's "
+        "others ran in other calls or not at all)."
+    )
 
 
 #: written into a run's directory when it finished (its seconds): what ``--resume`` keeps
@@ -1451,9 +1517,13 @@ def quality_command(args: argparse.Namespace) -> int:
 
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     console = Console(stderr=True)
+    methods = tuple(m for m in (args.methods or "").split(",") if m)
     try:
+        if methods and len(suites) > 1:
+            raise ConfigError("--methods needs one --suite")
         for suite in suites:
             plan = PLANS[suite](args.mode, Path("."))
+            select_methods(plan, methods)
             tuning = sum(len(c) for a, c in plan.candidates.items() if a in plan.algorithms)
             total = len(plan.algorithms) * len(plan.seeds) + tuning
             with Progress(
@@ -1479,13 +1549,19 @@ def quality_command(args: argparse.Namespace) -> int:
                     bar.update(task, description=description)
 
                 results = run_suite(
-                    suite, args.mode, args.out, step, args.rounds, args.jobs, args.resume
-                )
+                    suite, args.mode, args.out, step, args.rounds, args.jobs, args.resume,
+                    methods,
+                )  # fmt: skip
                 bar.update(task, completed=total, description=f"{suite}: done")
             console.print(
                 f"{suite}: {len(results['runs'])} runs in {results['seconds']:.1f} s -> "
                 f"{args.out / suite / 'results.json'}"
             )
+            for failure in results["failed_runs"]:
+                console.print(
+                    f"{suite}: {failure['algorithm']} seed {failure['seed']} failed: "
+                    f"{failure['failure']}"
+                )
     except ConfigError as err:
         print(f"fedclinic bench quality: {err}", file=sys.stderr)
         return 2

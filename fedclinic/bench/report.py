@@ -259,6 +259,11 @@ def _protocol(results: dict[str, Any]) -> list[str]:
     )
     for algorithm, reason in results["not_run"].items():
         lines.append(f"- **{label(algorithm, results)}: {reason}.**")
+    for failure in results.get("failed_runs", []):
+        lines.append(
+            f"- **{label(failure['algorithm'], results)}, seed {failure['seed']} failed** "
+            f"({failure['failure']}); its row is over the seeds that finished."
+        )
     return lines
 
 
