@@ -300,11 +300,14 @@ def prior_step(run: RunConfig) -> Steps:
 
 
 def released_class_counts(site: SiteState, dataset: str) -> list[float] | None:
-    """The counts this run already released for ``dataset`` at this site, if any."""
+    """The counts this run already released for ``dataset`` at this site, if any: whichever
+    exchange or round made the release (the same round's earlier exchange included, such as
+    pFedNet's shared phase before its personal one; a re-asked round reads it too)."""
     name = f"{PRIOR_STATE}_{dataset[:16]}"
-    if not site.has(name):
+    newest = SiteState(site.directory)  # round 0: the newest version, whichever round wrote it
+    if not newest.has(name):
         return None
-    return [float(c) for c in site.load(name)["counts"].tolist()]
+    return [float(c) for c in newest.load(name)["counts"].tolist()]
 
 
 def release_class_counts(
