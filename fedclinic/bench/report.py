@@ -443,7 +443,8 @@ def deployed_models(results: dict[str, Any], algorithm: str) -> str:
     named where the class differs (FedHelp's large hospitals deploy a private model)."""
     settings = results.get("settings", {}).get(algorithm, {})
     kinds: dict[str, list[str]] = {}
-    seed = results["seeds"][0]
+    ran = [r["seed"] for r in results["per_hospital"] if r["algorithm"] == algorithm]
+    seed = results["seeds"][0] if results["seeds"][0] in ran or not ran else ran[0]
     for row in results["per_hospital"]:
         if row["algorithm"] == algorithm and row["seed"] == seed:
             kinds.setdefault(row.get("model") or "?", []).append(row["hospital"])
