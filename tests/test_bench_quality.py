@@ -10,6 +10,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -165,6 +166,37 @@ def test_validation_score_is_the_best_rounds_mean_validation_balanced_accuracy(
     assert validation_score(tmp_path) == pytest.approx(0.75)
 
 
+def synthetic_plan(
+    seeds: tuple[int, ...],
+    algorithms: tuple[str, ...],
+    samples: int,
+    classes: int,
+    rounds: int,
+    steps: int,
+    candidates: dict[str, list[dict[str, Any]]] | None = None,
+) -> Any:
+    """A quality plan on two synthetic hospitals (the ``pneumonia`` suite's name, no data)."""
+    from fedclinic.bench import quality
+
+    hospitals = [
+        {"hospital": f"h{i}", "data-source": "synthetic", "num-samples": samples,
+         "data-seed": i, "partition-id": i, "num-partitions": 2, "device": "cpu"}
+        for i in range(2)
+    ]  # fmt: skip
+    return quality.Plan(
+        suite="pneumonia",
+        mode="quick",
+        seeds=seeds,
+        algorithms=algorithms,
+        base={"model": "cnn", "data-source": "synthetic", "num-classes": classes,
+              "rounds": rounds, "local-steps": steps, "batch-size": 16, "min-hospitals": 2},
+        per_algorithm={},
+        hospitals=hospitals,
+        shares={"h0": 0.5, "h1": 0.5},
+        candidates=candidates or {},
+    )  # fmt: skip
+
+
 def test_options_are_chosen_on_validation_and_every_seed_is_run_afresh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -173,30 +205,10 @@ def test_options_are_chosen_on_validation_and_every_seed_is_run_afresh(
     # seed's result must come from a run of its own, not from the tuning run.
     from fedclinic.bench import quality
 
-    hospitals = [
-        {"hospital": f"h{i}", "data-source": "synthetic", "num-samples": 120, "data-seed": i,
-         "partition-id": i, "num-partitions": 2, "device": "cpu"}
-        for i in range(2)
-    ]  # fmt: skip
-    plan = quality.Plan(
-        suite="pneumonia",
-        mode="quick",
-        seeds=(7,),
-        algorithms=("fedavg",),
-        base={
-            "model": "cnn",
-            "data-source": "synthetic",
-            "num-classes": 3,
-            "rounds": 3,
-            "local-steps": 8,
-            "batch-size": 16,
-            "min-hospitals": 2,
-        },
-        per_algorithm={},
-        hospitals=hospitals,
-        shares={"h0": 0.5, "h1": 0.5},
+    plan = synthetic_plan(
+        (7,), ("fedavg",), samples=120, classes=3, rounds=3, steps=8,
         candidates={"fedavg": [{"learning-rate": 1e-9}, {"learning-rate": 0.01}]},
-    )
+    )  # fmt: skip
     monkeypatch.setattr(quality, "make_plan", lambda *args, **kwargs: plan)
     results = quality.run_suite("pneumonia", "quick", tmp_path)
     tried = results["tuning"]["fedavg"]
@@ -219,29 +231,8 @@ def test_a_failed_seed_is_reported_and_the_call_goes_on_for_the_chosen_methods(
     from fedclinic.bench import quality
     from fedclinic.errors import ConfigError, FedClinicError
 
-    hospitals = [
-        {"hospital": f"h{i}", "data-source": "synthetic", "num-samples": 60, "data-seed": i,
-         "partition-id": i, "num-partitions": 2, "device": "cpu"}
-        for i in range(2)
-    ]  # fmt: skip
-    plan = quality.Plan(
-        suite="pneumonia",
-        mode="quick",
-        seeds=(7, 8),
-        algorithms=("local-only", "fedavg"),
-        base={
-            "model": "cnn",
-            "data-source": "synthetic",
-            "num-classes": 2,
-            "rounds": 2,
-            "local-steps": 2,
-            "batch-size": 16,
-            "min-hospitals": 2,
-        },
-        per_algorithm={},
-        hospitals=hospitals,
-        shares={"h0": 0.5, "h1": 0.5},
-    )
+    plan = synthetic_plan((7, 8), ("local-only", "fedavg"), samples=60, classes=2, rounds=2,
+                          steps=2)  # fmt: skip
     real = quality.run_federation
 
     def federation(flat: dict[str, object], nodes: object, target: Path) -> object:
