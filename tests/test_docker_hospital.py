@@ -7,6 +7,7 @@ hospital trusting the wrong CA stopped, each with one clear ``error:`` line.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -186,13 +187,19 @@ def test_unreachable_coordinator_gives_up_after_bounded_retries(
 ) -> None:
     """A real SuperNode dialling a port nobody listens on: Flower retries for
     ``--connect-timeout`` seconds (the bound), then the launcher stops with one line (another
-    attempt would only wait as long again; the container's restart policy takes over)."""
-    (closed,) = pick_free_ports(1)
-    runtime, health = pick_free_ports(2)
-    args = hospital_args(site, superlink=f"127.0.0.1:{closed}")
-    args += [f"--runtime-port={runtime}", f"--health-server-address=127.0.0.1:{health}"]
-    args += ["--connect-timeout=3", "--attempts=2", "--retry-wait=1"]
-    done = run_hospital(args, tmp_path / "home")
+    attempt would only wait as long again; the container's restart policy takes over).
+
+    The port is held bound, never listening, for the whole test: connections are refused,
+    and no other test's SuperLink can take it (a merely free port once did, under xdist, and
+    the hospital met that SuperLink's certificate instead of a closed port)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        closed = holder.getsockname()[1]
+        runtime, health = pick_free_ports(2)
+        args = hospital_args(site, superlink=f"127.0.0.1:{closed}")
+        args += [f"--runtime-port={runtime}", f"--health-server-address=127.0.0.1:{health}"]
+        args += ["--connect-timeout=3", "--attempts=2", "--retry-wait=1"]
+        done = run_hospital(args, tmp_path / "home")
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: hospital st-mary:"), last
