@@ -89,14 +89,13 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
             dataset = dataset_hash(fingerprint)
             site = client_context.site
             prior = run.dp != "off" and objective.uses_class_prior
-            pending = (
-                (prior_step(run),) if prior and released_class_counts(site, dataset) is None else ()
-            )
+            released = released_class_counts(site, dataset) if prior else None
+            pending = (prior_step(run),) if prior and released is None else ()
             charge = plan_round(
                 run, hospital, dataset, len(data.train), objective.private_models, pending
             )
             if prior:  # the balanced softmax's class counts: a DP release, once per run
-                client_context.released_counts = release_class_counts(
+                client_context.released_counts = released or release_class_counts(
                     run, hospital, site, dataset, data.train.class_counts(run.num_classes),
                     context.run_id,
                 )  # fmt: skip

@@ -303,11 +303,15 @@ def released_class_counts(site: SiteState, dataset: str) -> list[float] | None:
     """The counts this run already released for ``dataset`` at this site, if any: whichever
     exchange or round made the release (the same round's earlier exchange included, such as
     pFedNet's shared phase before its personal one; a re-asked round reads it too)."""
-    name = f"{PRIOR_STATE}_{dataset[:16]}"
     newest = SiteState(site.directory)  # round 0: the newest version, whichever round wrote it
-    if not newest.has(name):
+    if not newest.has(prior_state_name(dataset)):
         return None
-    return [float(c) for c in newest.load(name)["counts"].tolist()]
+    return [float(c) for c in newest.load(prior_state_name(dataset))["counts"].tolist()]
+
+
+def prior_state_name(dataset: str) -> str:
+    """The site-state entry of ``dataset``'s class-prior release."""
+    return f"{PRIOR_STATE}_{dataset[:16]}"
 
 
 def release_class_counts(
@@ -361,7 +365,7 @@ def release_class_counts(
             time=time.time(),
         )
     )
-    site.save(f"{PRIOR_STATE}_{dataset[:16]}", {"counts": noisy})
+    site.save(prior_state_name(dataset), {"counts": noisy})
     return [float(c) for c in noisy.tolist()]
 
 
