@@ -8,6 +8,16 @@ short tests instead of one of them running alone at the end.
 
 from __future__ import annotations
 
+import os
+
+# Every process of the suite, and every process it starts (site workers, ClientApps,
+# ServerApps), runs torch on one thread. The xdist workers and the real-process federations
+# share CI's 2 cores, where OpenMP's extra threads only spin while they wait: a 2-hospital
+# federation's site workers used 26.6 CPU-s with torch's default 2 threads and 12.9 CPU-s
+# with 1 (tests/test_e2e_local.py, measured). Outside the suite a hospital keeps torch's
+# default. Set before anything imports torch (OpenMP reads it once).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest

@@ -584,3 +584,46 @@ def test_train_n_is_the_training_set_size_everywhere() -> None:
     console.print(summary_table({"hospitals": {"a": {"num_train": 420}}}))
     text = console.export_text()
     assert "420" in text and "train n = the hospital's training-set size" in text
+
+
+def test_status_and_node_list_are_asked_in_process_with_one_line_errors(tmp_path: Path) -> None:
+    """Once configured, the status and node-list polls are Control API requests made here, not
+    ``flwr`` processes (the executable below does not exist: a process start would raise
+    FileNotFoundError); Flower's coded error and an unreachable SuperLink are one line each."""
+    asked: list[tuple[str, dict[str, str]]] = []
+
+    class Refuses(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # every Control API call is a POST of a protobuf
+            asked.append((self.path, dict(self.headers)))
+            body = json.dumps({"code": 3001, "detail": "Run ID 9 not found"}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    supervisor = ProcessSupervisor()
+    cli = FlowerCli(tmp_path / "no-flwr-here", tmp_path / "home", supervisor, {})
+    try:
+        cli.configure(f"127.0.0.1:{server.server_address[1]}", None)
+        with pytest.raises(FlowerCliError) as refused:
+            cli.status(9)
+        assert str(refused.value) == "'flwr ls' failed: [code: 3001] Run ID 9 not found"
+        with pytest.raises(FlowerCliError, match=r"^'flwr supernode list' failed: \[code: 3001\]"):
+            cli.supernodes()
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the CLI's own requests: its paths and its client identifier header
+    assert [path for path, _ in asked] == ["/v1/control/list-runs", "/v1/control/list-nodes"]
+    assert all(headers.get("x-flwr-client") == "cli" for _, headers in asked), asked
+    (port,) = pick_free_ports(1)  # nobody listens there
+    cli.configure(f"127.0.0.1:{port}", None)
+    with pytest.raises(FlowerCliError, match=rf"Control API at 127\.0\.0\.1:{port} did not answer"):
+        cli.status(9)
+    assert supervisor.remaining() == []
