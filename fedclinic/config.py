@@ -28,10 +28,13 @@ from pydantic import (
 )
 
 from fedclinic.errors import ConfigError
-from fedclinic.serialization import WireDtype
 from fedclinic.tasks import check_model_fits_task, check_selection_metric, selection_metric
 
 Scalar = bool | int | float | str
+
+WireDtype = Literal["float32", "float16", "bfloat16"]
+#: the wire precisions a run may choose (``wire-dtype``; fedclinic.serialization narrows to them)
+WIRE_DTYPES: tuple[WireDtype, ...] = ("float32", "float16", "bfloat16")
 
 
 def _kebab(name: str) -> str:
