@@ -7,7 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from strategies.fedavg import weighted_average
+from fedclinic import messages as keys
+from fedclinic.engine import Reply
+from fedclinic.serialization import numpy_to_record, record_to_numpy
+from strategies import load_run_config
+from strategies.fedavg import FedAvgStrategy, weighted_average
 from strategies.fedprox import proximal_term
 
 
@@ -19,6 +23,25 @@ def test_weighted_average_matches_hand_computation() -> None:
     np.testing.assert_allclose(result["w"], [0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 6])
     assert result["w"].dtype == np.float32
     assert result["steps"].dtype == np.int64 and int(result["steps"]) == 18  # rint(17.5)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
+def test_the_server_weights_each_hospital_by_its_training_samples(algorithm: str) -> None:
+    """``w <- sum_k (n_k / n) w_k`` with n_k the training-set size: hospitals of 30 and 10
+    training samples weigh 3:1 (their steps' example counts, 10 and 30, play no part)."""
+    replies = [
+        Reply(
+            node_id=node,
+            hospital=name,
+            arrays=numpy_to_record({"w": np.array([value, -value], dtype=np.float32)}),
+            metrics={keys.NUM_TRAIN: train, keys.NUM_EXAMPLES: examples},
+            info={},
+        )
+        for node, name, value, train, examples in ((1, "a", 1.0, 30, 10), (2, "b", 4.0, 10, 30))
+    ]
+    merged = FedAvgStrategy(load_run_config({"algorithm": algorithm})).aggregate(1, replies)
+    assert merged is not None
+    np.testing.assert_allclose(record_to_numpy(merged)["w"], [1.75, -1.75])  # 0.75 * 1 + 0.25 * 4
 
 
 def test_weighted_average_equal_weights_is_the_mean() -> None:

@@ -17,7 +17,7 @@ from harness import ScriptedGrid, rows_of, run, synthetic_nodes
 
 from fedclinic.config import parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
-from fedclinic.engine import RoundEngine
+from fedclinic.engine import Reply, RoundEngine
 from fedclinic.engine.exchange import Transport
 from fedclinic.errors import ConfigError
 from fedclinic.models import build_model
@@ -301,3 +301,30 @@ def test_label_sketch_graph_from_counts(tmp_path: Path) -> None:
         ["hospital-c", "hospital-d"],
     ]
     np.testing.assert_array_equal(strategy.graph.q, pm.incidence_matrix(4, [(0, 1), (2, 3)]))
+
+
+def test_covariance_graph_uses_the_full_matrix_l1_distance() -> None:
+    """PF-1: a hospital sends the upper triangle of its pixel covariance; the graph's distance
+    is the L1 distance of the full symmetric matrices (each off-diagonal entry counts twice,
+    as in the deep code), recomputed here from the matrices. The four 2x2 covariances are
+    chosen so that the triangles' plain L1 distance would link other hospitals (a-c, b-d)."""
+    run = load_run_config(run_config(**{"pfednet.knn-k": 1}))
+    strategy = PFedNetStrategy(run)
+    triangles = {"a": [0.0, 0.0, 0.0], "b": [3.0, 0.0, 0.0], "c": [0.0, 2.0, 0.0]}
+    triangles["d"] = [3.0, 2.0, 0.0]  # (s_00, s_01, s_11)
+    replies = [
+        Reply(node_id=i + 1, hospital=name, arrays=None, metrics={"sketch": t}, info={})
+        for i, (name, t) in enumerate(triangles.items())
+    ]
+    strategy.setup(replies, state_to_record(build_model(run, seed=0).state_dict()))
+
+    full = {n: np.array([[t[0], t[1]], [t[1], t[2]]]) for n, t in triangles.items()}
+    names = sorted(full)
+    nearest = {  # k = 1, no ties in this case
+        n: min((m for m in names if m != n), key=lambda m: np.abs(full[n] - full[m]).sum())
+        for n in names
+    }
+    expected = sorted({tuple(sorted(pair)) for pair in nearest.items()})
+    assert expected == [("a", "b"), ("c", "d")]
+    assert strategy.graph is not None
+    assert strategy.graph.named_edges() == [list(pair) for pair in expected]
