@@ -7,15 +7,22 @@ processes.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
 
-from fedclinic.bench import dataload
+from fedclinic.bench import dataload, system
+from fedclinic.bench.load import LOAD_RUN
 from fedclinic.bench.system import (
     MODES,
     PLAIN_APP_DIR,
+    SCALE_APPS,
     add_system_parser,
     fedclinic_round_ends,
     flat_row,
@@ -24,9 +31,13 @@ from fedclinic.bench.system import (
     parse_transfer,
     payload_per_round,
     plain_config,
+    plain_ratios,
     plain_round_ends,
     plain_round_overheads,
+    scale_plan,
+    scale_table,
     sketch_upload,
+    system_section,
     value_at,
     wire_per_round,
     write_csv,
@@ -206,8 +217,9 @@ def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> 
     }  # fmt: skip
     text = system_section(results, "fedclinic bench system --mode full --no-transfer")
     assert "`fedclinic bench system --mode full --no-transfer --out DIR` (2 min here)" in text
-    assert "| 2 | fedclinic-fedavg | yes | 4.0 | 3.0, 5.0 | 990 / 0 / 0 / 0 / 0 | - |" in text
-    assert "| 2 | plain-flower | NO | - |  | 0 / 0 / 0 / 0 / 0 | 1.0 → 2.0 |" in text
+    # no plain median at 2 hospitals: no ratio either
+    assert "| 2 | fedclinic-fedavg | yes | 4.0 | - | 3.0, 5.0 | 990 / 0 / 0 / 0 / 0 | - |" in text
+    assert "| 2 | plain-flower | NO | - | - |  | 0 / 0 / 0 / 0 / 0 | 1.0 → 2.0 |" in text
     assert "(not run: `--no-transfer`)" in text
     assert "smoke test" not in text and "no 100+ MB model" not in text
     quick = system_section({**results, "mode": "quick"}, "fedclinic bench system --mode quick")
@@ -249,3 +261,223 @@ def test_data_load_part_measures_every_case_on_generated_folders(
     ]
     images = next((tmp_path / "data-load" / "state-images").rglob("rows-*.npy"))
     assert np.load(images).shape == (6, 1, dataload.IMAGE_SIZE, dataload.IMAGE_SIZE)
+
+
+# ---------------------------------------------- the scale part: with and without the worker
+
+WORKER, NO_WORKER, PLAIN = "fedclinic-fedavg", "fedclinic-fedavg-no-worker", "plain-flower"
+#: median round overheads (s) of the faked scale runs, by hospital count and app
+OVERHEADS = {
+    2: {WORKER: 3.0, NO_WORKER: 9.0, PLAIN: 12.0},
+    4: {WORKER: 5.0, NO_WORKER: 16.0, PLAIN: 20.0},
+    8: {WORKER: 12.0, NO_WORKER: 36.0, PLAIN: 40.0},
+}
+#: by hand: fedclinic's median over plain Flower's at the same count, with / without the worker
+RATIOS = {2: ("0.25", "0.75"), 4: ("0.25", "0.80"), 8: ("0.30", "0.90")}
+
+
+def scale_entry(app: str, count: int, overhead: float | None) -> dict[str, Any]:
+    return {
+        "app": app, "hospitals": count, "model": "cnn", "rounds": 3, "completed": True,
+        "problems": [], "round_overhead_seconds": [] if overhead is None else [overhead] * 2,
+        "median_round_overhead_seconds": overhead,
+        "peak_rss_mib": {"flwr-clientapp": 100.0}, "load_average_1min": [1.0, 1.5],
+        "wire_bytes_per_round": {"down_bytes": 1e5, "up_bytes": 5e4},
+        "site_worker": SCALE_APPS[app],
+    }  # fmt: skip
+
+
+def test_full_mode_runs_fedclinic_with_and_without_the_worker_quick_mode_does_not() -> None:
+    assert set(SCALE_APPS) == {WORKER, NO_WORKER, PLAIN}
+    assert SCALE_APPS[WORKER] is True and SCALE_APPS[NO_WORKER] is False
+    assert scale_plan(MODES["full"]) == [
+        (count, app) for count in (2, 4, 8) for app in (WORKER, NO_WORKER, PLAIN)
+    ]
+    # CI runs the quick mode: exactly its two federations, the e2e test's list
+    assert scale_plan(MODES["quick"]) == [(2, WORKER), (2, PLAIN)]
+    assert scale_plan(MODES["full"], (16,)) == [(16, WORKER), (16, NO_WORKER), (16, PLAIN)]
+    assert scale_plan(MODES["full"], ()) == []  # --sizes ''
+
+
+def test_scale_apps_share_run_config_and_hospitals_and_differ_only_in_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def fake_federation(
+        app_dir: Path,
+        config: dict,
+        hospitals: list,
+        out: Path,
+        plain: bool,
+        site_workers: bool = True,
+    ) -> dict[str, Any]:
+        calls.append({"app_dir": app_dir, "config": config, "hospitals": hospitals,
+                      "out": out, "plain": plain, "site_workers": site_workers})  # fmt: skip
+        return {"completed": True, "problems": [], "peak_rss_mib": {}, "wire_series": [],
+                "wall_seconds": 1.0, "load_average_1min": [0.0, 0.0]}  # fmt: skip
+
+    monkeypatch.setattr(system, "run_federation", fake_federation)
+    entries = {app: system.run_scale(app, 4, 3, tmp_path) for app in (WORKER, NO_WORKER, PLAIN)}
+    worker, no_worker, plain = calls
+    assert (worker["site_workers"], no_worker["site_workers"]) == (True, False)
+    assert not worker["plain"] and not no_worker["plain"] and plain["plain"]
+    assert [e["app"] for e in entries.values()] == [WORKER, NO_WORKER, PLAIN]
+    assert entries[WORKER]["site_worker"] is True and entries[NO_WORKER]["site_worker"] is False
+    assert no_worker["out"] == tmp_path / f"{NO_WORKER}-4" != worker["out"]
+    # the same run config (bench load's), apart from where the results go
+    same = {k: v for k, v in worker["config"].items() if k != "output-dir"}
+    assert same == {k: v for k, v in no_worker["config"].items() if k != "output-dir"}
+    assert {k: same[k] for k in LOAD_RUN} == LOAD_RUN
+    # exactly bench load's (run_size's), which the scale part ran before the no-worker rows
+    from fedclinic.local.configs import app_defaults, find_app_dir
+
+    load = {**app_defaults(find_app_dir()), **LOAD_RUN, "rounds": 3, "min-hospitals": 4}
+    del load["output-dir"]
+    assert same == load
+    assert same["rounds"] == 3 and same["min-hospitals"] == 4
+    for key in system.PLAIN_KEYS:  # the plain app: the same settings
+        if key != "output-dir":
+            assert plain["config"][key] == same[key], key
+    # the same hospitals, each in its own state dir
+    flats = [[{k: v for k, v in h.flat.items() if k != "state-dir"} for h in c["hospitals"]]
+             for c in calls]  # fmt: skip
+    assert flats[0] == flats[1] == flats[2] and len(flats[0]) == 4
+    assert len({c["hospitals"][0].flat["state-dir"] for c in calls}) == 3
+
+
+def test_the_no_worker_flag_reaches_the_federation_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedclinic.local.configs import synthetic_hospitals
+
+    options: list[Any] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_federation(opts: Any, console: Any) -> None:
+        options.append(opts)
+        raise Stop
+
+    monkeypatch.setattr(system, "LocalFederation", fake_federation)
+    hospitals = synthetic_hospitals(2, tmp_path / "state")
+    for plain, workers in ((False, True), (False, False), (True, True)):
+        with pytest.raises(Stop):
+            system.run_federation(tmp_path, {}, hospitals, tmp_path, plain, site_workers=workers)
+    assert [o.site_workers for o in options] == [True, False, False]  # plain: never a worker
+
+
+def test_the_command_runs_the_plan_and_renders_ratios_with_and_without_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[tuple[int, str]] = []
+
+    def fake_scale(app: str, count: int, rounds: int, out: Path) -> dict[str, Any]:
+        ran.append((count, app))
+        return scale_entry(app, count, OVERHEADS[count][app])
+
+    monkeypatch.setattr(system, "run_scale", fake_scale)
+    args = argparse.Namespace(mode="full", out=tmp_path / "full", sizes=None, transfer=None,
+                              no_transfer=True, no_data_load=True)  # fmt: skip
+    assert system.system_command(args) == 0
+    assert ran == scale_plan(MODES["full"])
+    results = json.loads((tmp_path / "full" / "system.json").read_text())
+    assert [(e["hospitals"], e["app"]) for e in results["scale"]] == ran
+    section = (tmp_path / "full" / "system.md").read_text()
+    for count, (worker, no_worker) in RATIOS.items():
+        o = OVERHEADS[count]
+        assert f"| {count} | {WORKER} | yes | {o[WORKER]:.1f} | {worker} |" in section
+        assert f"| {count} | {NO_WORKER} | yes | {o[NO_WORKER]:.1f} | {no_worker} |" in section
+        assert f"| {count} | {PLAIN} | yes | {o[PLAIN]:.1f} | - |" in section
+    assert "at most 0.25 with the worker" in section
+    with (tmp_path / "full" / "system.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["site_worker"] for r in rows[:3]] == ["True", "False", ""]
+
+    ran.clear()
+    args.mode, args.out = "quick", tmp_path / "quick"
+    assert system.system_command(args) == 0
+    assert ran == [(2, WORKER), (2, PLAIN)]
+
+
+def test_terminal_table_shows_the_no_worker_rows_and_ratios() -> None:
+    entries = [scale_entry(app, n, OVERHEADS[n][app]) for n in OVERHEADS for app in OVERHEADS[n]]
+    assert plain_ratios(entries) == pytest.approx(
+        [0.25, 0.75, None, 0.25, 0.8, None, 0.3, 0.9, None]
+    )
+    console = Console(file=io.StringIO(), width=250)
+    console.print(scale_table(entries))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    cells = {(r[1], r[2]): r for r in ([c.strip() for c in x.split("│")] for x in text.splitlines())
+             if len(r) > 5}  # fmt: skip
+    for count, (worker, no_worker) in RATIOS.items():  # the column after the median
+        assert cells[(str(count), WORKER)][4:6] == [f"{OVERHEADS[count][WORKER]:.1f}", worker]
+        assert cells[(str(count), NO_WORKER)][5] == no_worker
+        assert cells[(str(count), PLAIN)][5] == "-"
+
+
+def test_a_ratio_needs_both_medians_and_a_positive_plain_one() -> None:
+    entries = [
+        scale_entry(WORKER, 2, 3.0),
+        scale_entry(NO_WORKER, 2, None),  # its run failed
+        scale_entry(PLAIN, 2, 6.0),
+        scale_entry(WORKER, 4, 3.0),  # no plain row at 4
+        scale_entry(WORKER, 8, 3.0),
+        scale_entry(PLAIN, 8, 0.0),
+    ]
+    assert plain_ratios(entries) == [0.5, None, None, None, None, None]
+
+
+#: a system.json as written before the no-worker rows (and the worker, data-load part, wire
+#: dtypes, sketch and site_worker fields): what docs/bench/system.json keeps
+OLD_SYSTEM = {
+    "mode": "full", "rounds": 3, "cpu_count": 2, "wall_seconds": 3903.1,
+    "settings": {"model": "cnn", "local-steps": 1, "batch-size": 16},
+    "scale": [
+        {"hospitals": 2, "rounds": 3, "completed": True, "problems": [],
+         "round_overhead_seconds": [12.4, 12.4], "median_round_overhead_seconds": 12.4,
+         "peak_rss_mib": {"flwr-clientapp": 975.0}, "wall_seconds": 73.2,
+         "app": "fedclinic-fedavg", "model": "cnn"},
+        {"app": "plain-flower", "hospitals": 2, "model": "cnn", "rounds": 3, "completed": True,
+         "problems": [], "round_overhead_seconds": [21.5, 21.2],
+         "median_round_overhead_seconds": 21.7, "model_bytes": 152072,
+         "payload_bytes_per_round": {"down_bytes": 608288, "up_bytes": 304144},
+         "wire_bytes_per_round": {"down_bytes": 645218.4, "up_bytes": 415305.1},
+         "peak_rss_mib": {"flwr-clientapp": 901.8}, "wall_seconds": 86.2,
+         "load_average_1min": [2.75, 2.96]},
+    ],
+    "transfer": [
+        {"app": "fedclinic-pfednet", "model": "cnn", "compression": "stc", "hospitals": 2,
+         "rounds": 3, "completed": True, "median_round_overhead_seconds": 21.4,
+         "model_bytes": 151000, "payload_bytes_per_round": {"down_bytes": 611000,
+                                                            "up_bytes": 7000},
+         "wire_bytes_per_round": {"down_bytes": 648000, "up_bytes": 121000}},
+    ],
+}  # fmt: skip
+
+
+def test_an_old_system_json_without_no_worker_rows_still_renders(tmp_path: Path) -> None:
+    text = system_section(OLD_SYSTEM, "fedclinic bench system --mode full")
+    # 12.4 / 21.7 = 0.571...: the one ratio it has; no no-worker row
+    assert (
+        "| 2 | fedclinic-fedavg | yes | 12.4 | 0.57 | 12.4, 12.4 | 975 / 0 / 0 / 0 / 0 | - |"
+        in text
+    )
+    assert (
+        "| 2 | plain-flower | yes | 21.7 | - | 21.5, 21.2 | 902 / 0 / 0 / 0 / 0 | 2.75 → 2.96 |"
+        in text
+    )
+    assert "| 2 | fedclinic-fedavg-no-worker |" not in text
+    assert "| cnn | 0.151 | fedclinic-pfednet | stc | float32 | yes | 21.4 |" in text
+    console = Console(file=io.StringIO(), width=250)
+    console.print(scale_table(OLD_SYSTEM["scale"]))
+    assert "0.57" in console.file.getvalue()  # type: ignore[attr-defined]
+    write_csv(tmp_path / "old.csv", OLD_SYSTEM)
+    with (tmp_path / "old.csv").open() as handle:
+        assert [r["site_worker"] for r in csv.DictReader(handle)] == ["", "", ""]
+    # and the file the report keeps renders, whatever rows it holds
+    kept = json.loads((Path(__file__).parents[1] / "docs/bench/system.json").read_text())
+    text = system_section(kept, "fedclinic bench system --mode full")
+    for entry in kept["scale"]:
+        assert f"| {entry['hospitals']} | {entry['app']} |" in text

@@ -4,15 +4,21 @@ Everything runs on the real deployment runtime (a SuperLink and one SuperNode pe
 separate processes, gRPC with TLS and node authentication, one ClientApp process per
 message), through :class:`fedclinic.local.federation.LocalFederation`:
 
-- **scale and overhead**: for 2, 4, 8 hospitals, fedclinic (``fedclinic bench load``'s
-  :func:`~fedclinic.bench.load.run_size`) and a *plain Flower app* (``plain_flower/``: Flower's
-  own ``FedAvg.start``, one TRAIN then one EVALUATE message per hospital and round) on the
-  same model, hospitals, local steps and batch size. Round overhead = round wall time minus
-  the slowest hospital's compute. fedclinic sends one TRAIN message that evaluates the
-  received model and then trains, so its critical path is ``max_h(eval_h + train_h)``; the
-  plain app waits for every TRAIN reply before it sends EVALUATE, so its critical path is
-  ``max_h(train_h) + max_h(eval_h)``. Round 1 (ServerApp start-up) is left out for both.
-  Peak RSS per process kind comes from :class:`~fedclinic.bench.load.MemorySampler`.
+- **scale and overhead**: for 2, 4, 8 hospitals, fedclinic FedAvg (``fedclinic bench load``'s
+  run settings, :data:`~fedclinic.bench.load.LOAD_RUN`) with each hospital's site worker
+  answering its messages, in full mode also without it (``fedclinic-fedavg-no-worker``: every
+  message answered in its own ClientApp process, as ``--no-worker``), and a *plain Flower app*
+  (``plain_flower/``: Flower's own ``FedAvg.start``, one TRAIN then one EVALUATE message per
+  hospital and round) on the same model, hospitals, local steps and batch size; the modes
+  name these apps (:attr:`Mode.scale_apps`). Each row also shows its round overhead over the
+  plain app's at the same hospital count (issue #20's target: at most 1/4 with the worker).
+  Round overhead = round wall time minus the slowest hospital's compute. fedclinic sends one
+  TRAIN message that evaluates the received model and then trains, so its critical path is
+  ``max_h(eval_h + train_h)``; the plain app waits for every TRAIN reply before it sends
+  EVALUATE, so its critical path is ``max_h(train_h) + max_h(eval_h)``. Round 1 (ServerApp
+  start-up) is left out for both.
+  Peak RSS per process kind comes from :class:`~fedclinic.bench.load.MemorySampler`, bytes on
+  the wire as in the transfer part.
 - **transfer**: 2 hospitals, models of about 0.15 MB (``cnn``), 45 MB (``resnet18``) and
   170 MB (``resnet101``), all from fedclinic's model registry (the plain app builds the same
   models), each with the plain app, fedclinic FedAvg, and pFedNet without and with STC
@@ -60,7 +66,6 @@ from fedclinic.bench.load import (
     bench_options,
     lost,
     round_overheads,
-    run_size,
 )
 from fedclinic.local.configs import HospitalSpec, app_defaults, find_app_dir, synthetic_hospitals
 from fedclinic.local.federation import LocalFederation
@@ -75,22 +80,40 @@ TRANSFER_SAMPLES = 200
 #: seconds a transfer round waits for replies: one ResNet-101 message (evaluate + train) on a
 #: busy 2-core machine can take longer than the scale runs' 240 s; only a lost reply waits it out
 TRANSFER_ROUND_TIMEOUT = 900.0
+#: the plain Flower app's name in the results
+PLAIN_APP = "plain-flower"
+#: the scale part's apps, by the name their rows carry: whether fedclinic's site worker
+#: answers the hospital's messages (None: the plain Flower app, which has no worker)
+SCALE_APPS: dict[str, bool | None] = {
+    "fedclinic-fedavg": True,
+    "fedclinic-fedavg-no-worker": False,
+    PLAIN_APP: None,
+}
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How much a mode runs: hospital counts, rounds, transfer cases."""
+    """How much a mode runs: hospital counts and the scale apps run at each, rounds,
+    transfer cases."""
 
     sizes: tuple[int, ...]
+    #: names of SCALE_APPS, run in this order at every hospital count
+    scale_apps: tuple[str, ...]
     rounds: int
     #: (model, app, compression), or (model, app, compression, wire dtype) for a narrow one
     transfer: tuple[tuple[str, ...], ...]
 
 
 MODES: dict[str, Mode] = {
-    "quick": Mode(sizes=(2,), rounds=2, transfer=(("cnn", "pfednet", "stc"),)),
+    "quick": Mode(
+        sizes=(2,),
+        scale_apps=("fedclinic-fedavg", PLAIN_APP),
+        rounds=2,
+        transfer=(("cnn", "pfednet", "stc"),),
+    ),
     "full": Mode(
         sizes=(2, 4, 8),
+        scale_apps=("fedclinic-fedavg", "fedclinic-fedavg-no-worker", PLAIN_APP),
         rounds=3,
         transfer=(
             ("cnn", "pfednet", "none"),
@@ -116,6 +139,13 @@ TRANSFER_APPS = ("plain", "fedavg", "pfednet")
 COMPRESSIONS = ("none", "stc", "fused-stc")
 #: narrow wire precisions a transfer case may name (float32, the default, has no suffix)
 NARROW = ("float16", "bfloat16")
+
+
+def scale_plan(mode: Mode, sizes: Sequence[int] | None = None) -> list[tuple[int, str]]:
+    """The scale part's federations in the order they run: ``(hospitals, app)``, each of the
+    mode's apps at each hospital count (``sizes``: instead of the mode's, ``--sizes``)."""
+    return [(count, app) for count in (mode.sizes if sizes is None else sizes)
+            for app in mode.scale_apps]  # fmt: skip
 
 
 def case_name(case: tuple[str, ...]) -> str:
@@ -327,10 +357,13 @@ def run_federation(
     hospitals: list[HospitalSpec],
     out: Path,
     plain: bool,
+    site_workers: bool = True,
 ) -> dict[str, Any]:
-    """One federation on real processes; its status, memory peaks and wire-byte series."""
+    """One federation on real processes; its status, memory peaks and wire-byte series.
+    ``site_workers`` False: fedclinic's hospitals answer each message in its own ClientApp
+    process (``--no-worker``); the plain app never has the worker."""
     federation = LocalFederation(
-        bench_options(app_dir, out, run_config, hospitals, site_workers=not plain),
+        bench_options(app_dir, out, run_config, hospitals, site_workers=site_workers and not plain),
         Console(quiet=True),
     )
     started = time.monotonic()
@@ -399,7 +432,7 @@ def run_plain(
     if done != rounds:
         problems.append(f"{record_path.name}: {done} of {rounds} rounds recorded")
     return {
-        "app": "plain-flower",
+        "app": PLAIN_APP,
         "hospitals": len(hospitals),
         "model": model,
         "rounds": rounds,
@@ -431,8 +464,10 @@ def run_fedclinic(
     out: Path,
     round_timeout: float | None = None,
     wire_dtype: str = "float32",
+    site_workers: bool = True,
 ) -> dict[str, Any]:
-    """fedclinic (FedAvg or pFedNet) on real processes; overheads, memory, bytes per round."""
+    """fedclinic (FedAvg or pFedNet) on real processes; overheads, memory, bytes per round.
+    ``site_workers`` False: without the hospitals' site workers (``--no-worker``)."""
     app_dir = find_app_dir()
     config = {
         **app_defaults(app_dir),
@@ -449,7 +484,9 @@ def run_fedclinic(
     if algorithm == "pfednet":
         config["pfednet.compression"] = compression
         config["pfednet.allow-rank-deficient-sketch"] = True  # synthetic images: no patient
-    outcome = run_federation(app_dir, config, hospitals, out, plain=False)
+    outcome = run_federation(
+        app_dir, config, hospitals, out, plain=False, site_workers=site_workers
+    )
     metrics = out / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     rows = [json.loads(x) for x in lines if x]
@@ -467,6 +504,7 @@ def run_fedclinic(
         "app": f"fedclinic-{algorithm}",
         "compression": compression if algorithm == "pfednet" else "none",
         "wire_dtype": wire_dtype,
+        "site_worker": site_workers,
         "wire_model_bytes": sent_bytes,
         "hospitals": len(hospitals),
         "model": model,
@@ -482,6 +520,22 @@ def run_fedclinic(
         "wire_rounds": wire,
         **outcome,
     }
+
+
+def run_scale(app: str, count: int, rounds: int, out: Path) -> dict[str, Any]:
+    """One federation of the scale part: ``app`` (a name of SCALE_APPS) with ``count``
+    synthetic hospitals and LOAD_RUN's settings, in ``out/<app>-<count>``."""
+    where = out / f"{app}-{count}"
+    hospitals = synthetic_hospitals(count, where / "state")
+    site_workers = SCALE_APPS[app]
+    if site_workers is None:
+        return run_plain(LOAD_RUN["model"], hospitals, rounds, where)
+    entry = run_fedclinic(
+        LOAD_RUN["model"], LOAD_RUN["algorithm"], "none", hospitals, rounds, where,
+        site_workers=site_workers,
+    )  # fmt: skip
+    entry["app"] = app
+    return entry
 
 
 def model_size_bytes(config: Mapping[str, Any], wire_dtype: str = "float32") -> int | None:
@@ -567,19 +621,12 @@ def system_command(args: argparse.Namespace) -> int:
         )
         results["data_load"] = run_data_load(args.mode, out / "data-load")
         save()
-    for count in sizes:
-        console.print(f"[bold]scale[/]: fedclinic, {count} hospitals, {mode.rounds} rounds ...")
-        load_before = os.getloadavg()[0]
-        fed = run_size(count, mode.rounds, out / "scale", Console(quiet=True))
-        load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        fed.update(app="fedclinic-fedavg", model=LOAD_RUN["model"], load_average_1min=load)
-        results["scale"].append(fed)
-        save()
-        console.print(f"[bold]scale[/]: plain Flower, {count} hospitals ...")
-        hospitals = synthetic_hospitals(count, out / "scale" / f"plain-{count}" / "state")
-        results["scale"].append(
-            run_plain(LOAD_RUN["model"], hospitals, mode.rounds, out / "scale" / f"plain-{count}")
-        )
+    for count, app in scale_plan(mode, sizes):
+        console.print(f"[bold]scale[/]: {app}, {count} hospitals, {mode.rounds} rounds ...")
+        entry = run_scale(app, count, mode.rounds, out / "scale")
+        for problem in entry.get("problems", []):
+            console.print(f"[red]{app}, {count} hospitals[/]: {escape(problem)}")
+        results["scale"].append(entry)
         save()
     for case in transfer:
         model, app, compression = case[:3]
@@ -624,7 +671,7 @@ CSV_FIELDS = ("section", "app", "model", "compression", "wire_dtype", "hospitals
               "payload_up_bytes", "sketch_up_bytes", "wire_down_bytes", "wire_up_bytes",
               "peak_rss_clientapp_mib",
               "peak_rss_supernode_mib", "peak_rss_superlink_mib", "peak_rss_serverapp_mib",
-              "wall_seconds")  # fmt: skip
+              "wall_seconds", "site_worker")  # fmt: skip
 
 
 def flat_row(section: str, r: Mapping[str, Any]) -> dict[str, Any]:
@@ -655,6 +702,7 @@ def flat_row(section: str, r: Mapping[str, Any]) -> dict[str, Any]:
         "peak_rss_superlink_mib": peaks.get("flower-superlink"),
         "peak_rss_serverapp_mib": peaks.get("flwr-serverapp"),
         "wall_seconds": r.get("wall_seconds"),
+        "site_worker": r.get("site_worker"),
     }
 
 
@@ -675,18 +723,36 @@ def _mb(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e6:.2f}"
 
 
+def plain_ratios(entries: Sequence[Mapping[str, Any]]) -> list[float | None]:
+    """Each scale row's median round overhead over the plain Flower app's at the same
+    hospital count (issue #20's target: at most 1/4 with the site worker); None for the plain
+    app's own rows and where either median is missing."""
+    plain = {e["hospitals"]: e.get("median_round_overhead_seconds")
+             for e in entries if e.get("app") == PLAIN_APP}  # fmt: skip
+    ratios: list[float | None] = []
+    for e in entries:
+        base, own = plain.get(e["hospitals"]), e.get("median_round_overhead_seconds")
+        if e.get("app") == PLAIN_APP or own is None or base is None or base <= 0:
+            ratios.append(None)
+        else:
+            ratios.append(own / base)
+    return ratios
+
+
 def scale_table(entries: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="round overhead and peak memory, fedclinic vs plain Flower (cnn)")
     for column in ("hospitals", "app", "complete", "round overhead s (median)",
+                   "÷ plain Flower's",
                    "peak RSS MiB: ClientApp / SuperNode / SuperLink / ServerApp"):  # fmt: skip
         table.add_column(column, justify="right")
-    for r in entries:
+    for r, ratio in zip(entries, plain_ratios(entries), strict=True):
         peaks = r.get("peak_rss_mib") or {}
         table.add_row(
             str(r["hospitals"]),
             str(r.get("app")),
             "yes" if r["completed"] else "NO",
             _num(r.get("median_round_overhead_seconds")),
+            _num(ratio, 2),
             " / ".join(
                 f"{peaks.get(k, 0):.0f}"
                 for k in (
@@ -751,7 +817,8 @@ def add_system_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
         choices=tuple(MODES),
         default="quick",
         help="quick: 2 hospitals, 2 rounds, cnn (about 4 min on 2 CPU cores); full: 2/4/8 "
-        "hospitals and 3 model sizes up to resnet101 (over an hour on 2 CPU cores)",
+        "hospitals (fedclinic with and without the site worker, plain Flower) and 3 model "
+        "sizes up to resnet101 (over an hour on 2 CPU cores)",
     )
     system.add_argument(
         "--sizes",
@@ -814,20 +881,26 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         "**Round overhead and peak memory.** Overhead = round wall time minus the slowest "
         "hospital's own compute. fedclinic sends one message per hospital that evaluates then "
         "trains (critical path max(eval + train)); the plain Flower app runs Flower's "
-        "`FedAvg.start`, TRAIN then EVALUATE (critical path max(train) + max(eval)).",
+        "`FedAvg.start`, TRAIN then EVALUATE (critical path max(train) + max(eval)). "
+        "`fedclinic-fedavg`: each hospital's site worker answers its messages; "
+        "`fedclinic-fedavg-no-worker` (full mode): each message is answered in its own ClientApp "
+        "process (`--no-worker`). ÷ plain Flower's = the row's median round overhead over the "
+        "plain app's at the same hospital count (issue #20's target: at most 0.25 with the "
+        "worker).",
         "",
-        "| hospitals | app | all rounds complete | round overhead s (median) | per round s "
+        "| hospitals | app | all rounds complete | round overhead s (median) "
+        "| ÷ plain Flower's | per round s "
         "| peak RSS MiB ClientApp / SuperNode / SuperLink / ServerApp / SuperExec "
         "| load avg before → after |",
-        "|---:|---|---|---:|---|---|---|",
+        "|---:|---|---|---:|---:|---|---|---|",
     ]
-    for r in results["scale"]:
+    for r, ratio in zip(results["scale"], plain_ratios(results["scale"]), strict=True):
         peaks = r.get("peak_rss_mib", {})
         per_round = ", ".join(f"{x:.1f}" for x in r.get("round_overhead_seconds", []))
         load = r.get("load_average_1min")
         lines.append(
             f"| {r['hospitals']} | {r['app']} | {'yes' if r['completed'] else 'NO'} | "
-            f"{_num(r.get('median_round_overhead_seconds'))} | {per_round} | "
+            f"{_num(r.get('median_round_overhead_seconds'))} | {_num(ratio, 2)} | {per_round} | "
             + " / ".join(f"{peaks.get(k, 0):.0f}" for k in SCALE_KINDS)
             + f" | {' → '.join(str(x) for x in load) if load else '-'} |"
         )
@@ -867,8 +940,8 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
     lines += [
         "",
         "Every model is from fedclinic's registry (`resnet101`: ResNet-101 with the registry's "
-        "small-image stem) and both apps build the same one. Not measured: wire bytes of the "
-        "scale rows (those sample memory, not sockets). One repetition per setting, so no "
+        "small-image stem) and both apps build the same one. The scale rows' wire bytes are in "
+        "system.json and system.csv, not in the scale table. One repetition per setting, so no "
         "interval. On one 2-core machine the per-message ClientApp start-up (PyTorch imports) "
         "dominates the overheads of the small models; at 170 MB the bytes themselves do (each "
         "message serialises the model, goes through the SuperLink's SQLite store and TLS).",
