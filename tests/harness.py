@@ -8,17 +8,20 @@ Fixtures built on these live in ``conftest.py``; tests import the classes from h
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from flwr.app import Message
 from PIL import Image
 
 from fedclinic import messages as keys
 from fedclinic.bench.grid import InProcessGrid, run_in_process
 from fedclinic.engine import Clock
+from fedclinic.local.supervisor import ANSI_ESCAPE
 
 #: (server round, exchange, node, attempt) of a message: which one a fault applies to
 Key = tuple[int, str, int, int]
@@ -164,6 +167,21 @@ run = run_in_process
 
 def rows_of(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def text(path: Path) -> str:
+    """A real process's log without colour codes ('' before it exists)."""
+    return ANSI_ESCAPE.sub("", path.read_text(errors="replace")) if path.exists() else ""
+
+
+def wait_for(what: str, check: Callable[[], Any], seconds: float, logs: list[Path]) -> None:
+    """Until ``check()`` holds; else fail with the tails of ``logs`` (real-process tests)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p}:\n{text(p)[-3000:]}" for p in logs)
+            pytest.fail(f"{what}: not within {seconds:.0f} s\n{tails}")
+        time.sleep(0.2)
 
 
 def check_pfednet_run(

@@ -24,15 +24,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from harness import text, wait_for
 from rich.console import Console
 
 from fedclinic.local.configs import synthetic_hospitals
 from fedclinic.local.federation import FederationOptions, LocalFederation, flower_environment
 from fedclinic.local.ports import pick_free_ports
-from fedclinic.local.supervisor import ANSI_ESCAPE, ManagedProcess, pids_with_cmdline
+from fedclinic.local.supervisor import ManagedProcess, pids_with_cmdline
 from fedclinic.worker.protocol import SOCKET_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,19 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fedclinic(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedclinic.cli", *args]
-
-
-def text(path: Path) -> str:
-    return ANSI_ESCAPE.sub("", path.read_text(errors="replace")) if path.exists() else ""
-
-
-def wait_for(what: str, check: Any, seconds: float, logs: list[Path]) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p}:\n{text(p)[-3000:]}" for p in logs)
-            pytest.fail(f"{what}: not within {seconds:.0f} s\n{tails}")
-        time.sleep(0.2)
 
 
 def answer_lines(log: str, name: str) -> list[str]:

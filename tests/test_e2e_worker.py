@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import text, wait_for
 from rich.console import Console
 
 from fedclinic.local.configs import synthetic_hospitals
 from fedclinic.local.federation import FederationOptions, LocalFederation, log_name
-from fedclinic.local.supervisor import ANSI_ESCAPE, pids_with_cmdline
+from fedclinic.local.supervisor import pids_with_cmdline
 from fedclinic.worker.protocol import SOCKET_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,19 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def rows_of(out: Path) -> list[dict[str, Any]]:
     path = out / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def text(path: Path) -> str:
-    return ANSI_ESCAPE.sub("", path.read_text(errors="replace")) if path.exists() else ""
-
-
-def wait_for(what: str, check: Any, seconds: float, logs: list[Path]) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p}:\n{text(p)[-3000:]}" for p in logs)
-            pytest.fail(f"{what}: not within {seconds:.0f} s\n{tails}")
-        time.sleep(0.2)
 
 
 def federation_for(tmp_path: Path, count: int, run_config: dict[str, Any]) -> LocalFederation:
