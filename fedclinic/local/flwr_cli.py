@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import tomli_w
@@ -40,6 +40,7 @@ from fedclinic.errors import FedClinicError
 from fedclinic.local.supervisor import ANSI_ESCAPE, ProcessSupervisor
 
 CONNECTION = "fedclinic"
+T = TypeVar("T")
 
 
 class FlowerCliError(FedClinicError):
@@ -134,15 +135,15 @@ class FlowerCli:
             ],
         )
 
-    def in_process(self, command: str, request: Any) -> Any:
-        """One Control API request (``ListRuns``, ``ListNodes``) made the way ``flwr
-        <command>`` makes it; Flower's reason, or the transport's, as one FlowerCliError."""
+    def in_process(self, command: str, request: Callable[[ControlHttpClient], T]) -> T:
+        """``request`` (one Control API call) made the way ``flwr <command>`` makes it;
+        Flower's reason, or the transport's, as one FlowerCliError."""
         try:
             client = self.control_client()
         except OSError as err:  # the CA file went away, or is not a certificate
             raise FlowerCliError(f"'flwr {command}' failed: {err}") from None
         try:
-            return getattr(client, type(request).__name__.removesuffix("Request"))(request)
+            return request(client)
         except httpx.HTTPStatusError as err:
             error = FlowerError.from_json(err.response.text)  # as the CLI words it
             if error is None:
@@ -188,7 +189,7 @@ class FlowerCli:
     def supernodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list``: node-id, name, status (registered/online/offline)."""
         if self.connection is not None:  # in this process: the CLI's request and rows
-            found = self.in_process("supernode list", ListNodesRequest())
+            found = self.in_process("supernode list", lambda c: c.ListNodes(ListNodesRequest()))
             rows = _format_nodes(list(found.nodes_info), found.now)
             return list(json.loads(_to_json(rows, verbose=False))["nodes"])
         data = self.call("supernode", "list", CONNECTION)
@@ -205,7 +206,7 @@ class FlowerCli:
     def status(self, run_id: int) -> RunStatus:
         """The run's current status from ``flwr ls --run-id``."""
         if self.connection is not None:  # in this process: the CLI's request and row
-            found = self.in_process("ls", ListRunsRequest(run_id=run_id))
+            found = self.in_process("ls", lambda c: c.ListRuns(ListRunsRequest(run_id=run_id)))
             known = [run_from_proto(proto) for proto in found.run_dict.values()]
             if not known:
                 raise FlowerCliError(f"run {run_id} is not known to the SuperLink")
