@@ -303,10 +303,11 @@ def released_class_counts(site: SiteState, dataset: str) -> list[float] | None:
     """The counts this run already released for ``dataset`` at this site, if any: whichever
     exchange or round made the release (the same round's earlier exchange included, such as
     pFedNet's shared phase before its personal one; a re-asked round reads it too)."""
+    name = prior_state_name(dataset)
     newest = SiteState(site.directory)  # round 0: the newest version, whichever round wrote it
-    if not newest.has(prior_state_name(dataset)):
+    if not newest.has(name):
         return None
-    return [float(c) for c in newest.load(prior_state_name(dataset))["counts"].tolist()]
+    return [float(c) for c in newest.load(name)["counts"].tolist()]
 
 
 def prior_state_name(dataset: str) -> str:

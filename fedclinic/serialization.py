@@ -20,12 +20,11 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
-from fedclinic.config import WIRE_DTYPES, WireDtype
+from fedclinic.config import WIRE_DTYPES
 from fedclinic.errors import DataError, file_problem
 
 State = dict[str, torch.Tensor]
 
-__all__ = ["WIRE_DTYPES", "WireDtype"]  # defined with the run config, which needs no torch
 #: the serialisation type of a bfloat16 array: its raw little-endian 16-bit patterns (numpy
 #: has no bfloat16, so Flower's ``numpy.ndarray`` type cannot carry one)
 BFLOAT16_STYPE = "fedclinic.bfloat16-le"

@@ -32,9 +32,9 @@ from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord
 
 from fedclinic.bench.grid import run_federation
 from fedclinic.bench.quality import pneumonia_plan
+from fedclinic.config import WIRE_DTYPES
 from fedclinic.models import build_model
 from fedclinic.serialization import (
-    WIRE_DTYPES,
     from_wire,
     load_checkpoint,
     record_to_numpy,
