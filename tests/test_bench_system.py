@@ -42,6 +42,7 @@ from fedclinic.bench.system import (
     wire_per_round,
     write_csv,
 )
+from fedclinic.local.configs import app_defaults, find_app_dir, synthetic_hospitals
 
 SS_OUTPUT = """\
 0      0               127.0.0.1:9092          127.0.0.1:53850
@@ -200,8 +201,6 @@ def test_transfer_cases_by_name() -> None:
 
 
 def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> None:
-    from fedclinic.bench.system import system_section
-
     results = {
         "mode": "full", "rounds": 3, "cpu_count": 2, "wall_seconds": 120.0,
         "settings": {"model": "cnn", "local-steps": 1, "batch-size": 16},
@@ -330,8 +329,6 @@ def test_scale_apps_share_run_config_and_hospitals_and_differ_only_in_the_worker
     assert same == {k: v for k, v in no_worker["config"].items() if k != "output-dir"}
     assert {k: same[k] for k in LOAD_RUN} == LOAD_RUN
     # exactly bench load's (run_size's), which the scale part ran before the no-worker rows
-    from fedclinic.local.configs import app_defaults, find_app_dir
-
     load = {**app_defaults(find_app_dir()), **LOAD_RUN, "rounds": 3, "min-hospitals": 4}
     del load["output-dir"]
     assert same == load
@@ -349,8 +346,6 @@ def test_scale_apps_share_run_config_and_hospitals_and_differ_only_in_the_worker
 def test_the_no_worker_flag_reaches_the_federation_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedclinic.local.configs import synthetic_hospitals
-
     options: list[Any] = []
 
     class Stop(Exception):
