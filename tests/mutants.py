@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedclinic.bench.quality import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
 GATE = "tests/test_accuracy_gate.py::test_accuracy_gate"
 
@@ -651,11 +653,10 @@ class Outcome:
 
 
 def shared_data() -> Path | None:
-    """The gate's data: ``FEDCLINIC_SHARED_DATA``, else ``shared/data`` beside this checkout or
-    beside the main checkout of this git worktree (a copy in a temporary directory has none)."""
-    if os.environ.get("FEDCLINIC_SHARED_DATA"):
-        return Path(os.environ["FEDCLINIC_SHARED_DATA"])
-    candidates = [ROOT.parent / "shared" / "data"]
+    """The gate's data: the project's own lookup (``FEDCLINIC_SHARED_DATA``, else
+    ``shared/data`` beside this checkout), else beside the main checkout of this git worktree;
+    the temporary copy is handed it explicitly (it has no ``shared/data`` beside it)."""
+    candidates = [SHARED_DATA]
     common = subprocess.run(
         ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
         cwd=ROOT,
