@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # `make test`: lint, type check (mypy) and everything that runs in this process or starts a few short helper
 # processes (in-process federations through the real ClientApp handler included); <= 10 min on
@@ -38,6 +39,7 @@ lint: $(STAMP)
 # `.ci/run` runs both, then `make compose-test`.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest -m "not e2e" -n 3 --dist load --maxschedchunk 1 --durations=15
 

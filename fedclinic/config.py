@@ -85,9 +85,7 @@ def describe_validation_error(
         if item["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            lines.append(
-                f"{scope}: unknown key '{key}'{hint}; allowed keys: {', '.join(allowed)}"
-            )
+            lines.append(f"{scope}: unknown key '{key}'{hint}; allowed keys: {', '.join(allowed)}")
         elif item["type"] == "missing":
             lines.append(f"{scope}: key '{key}' is required but missing")
         else:
@@ -172,21 +170,24 @@ class RunConfig(Schema):
         False, description="go on from the checkpoint in output-dir (fedclinic.checkpoint)"
     )
     run_kind: Literal["train", "stats"] = Field(
-        "train", description="train: a federated training run; stats: federated statistics "
-        "of the hospitals' data (fedclinic.stats, docs/statistics.md)"
+        "train",
+        description="train: a federated training run; stats: federated statistics "
+        "of the hospitals' data (fedclinic.stats, docs/statistics.md)",
     )
     normalisation: Literal["site", "federated"] = Field(
-        "site", description="site: each data source's own preprocessing (Heart: the centre's "
+        "site",
+        description="site: each data source's own preprocessing (Heart: the centre's "
         "train statistics); federated: pooled train mean/std from a statistics exchange "
-        "before round 1 (docs/statistics.md)"
+        "before round 1 (docs/statistics.md)",
     )
     stats_bins: int = Field(20, ge=1, le=STATS_MAX_BINS, description="histogram bins (stats)")
     stats_features: str = Field(
         "", description="comma-separated features/channels to describe (stats); empty = all"
     )
     dp: Literal["off", "dp-sgd"] = Field(
-        "off", description="dp-sgd: sample-level differential privacy of every training step "
-        "on private data (Opacus; docs/privacy.md); each hospital's own budget applies"
+        "off",
+        description="dp-sgd: sample-level differential privacy of every training step "
+        "on private data (Opacus; docs/privacy.md); each hospital's own budget applies",
     )
     dp_noise_multiplier: float = Field(
         1.0, gt=0, le=100, description="DP-SGD: noise std as a multiple of dp-max-grad-norm"
@@ -195,39 +196,57 @@ class RunConfig(Schema):
         1.0, gt=0, le=1e4, description="DP-SGD: each sample's gradient is clipped to this norm"
     )
     dp_prior_noise: float = Field(
-        10.0, gt=0, le=1e4, description="DP: std of the Gaussian noise added once per run to "
+        10.0,
+        gt=0,
+        le=1e4,
+        description="DP: std of the Gaussian noise added once per run to "
         "each training class count that the balanced-softmax loss (local-loss = bsm) reads, "
-        "charged to each hospital's ledger (docs/privacy.md, section 6)"
+        "charged to each hospital's ledger (docs/privacy.md, section 6)",
     )
     privacy_fix_model: bool = Field(
-        False, description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
-        "ModuleValidator.fix); without it a model with BatchNorm is refused under dp"
+        False,
+        description="DP-SGD: replace the model's BatchNorm layers by GroupNorm (Opacus "
+        "ModuleValidator.fix); without it a model with BatchNorm is refused under dp",
     )
     secure_aggregation: bool = Field(
-        False, description="SecAgg+: the coordinator learns only the sum of the hospitals' "
-        "clipped, quantised updates (fedclinic.secagg; docs/privacy.md); FedAvg, FedProx, FedHelp"
+        False,
+        description="SecAgg+: the coordinator learns only the sum of the hospitals' "
+        "clipped, quantised updates (fedclinic.secagg; docs/privacy.md); FedAvg, FedProx, FedHelp",
     )
     secagg_num_shares: int = Field(
-        0, ge=0, le=512, description="SecAgg+: hospitals (itself included) each hospital "
-        "shares its secrets with and masks against; 0 = every hospital of the round"
+        0,
+        ge=0,
+        le=512,
+        description="SecAgg+: hospitals (itself included) each hospital "
+        "shares its secrets with and masks against; 0 = every hospital of the round",
     )
     secagg_reconstruction_threshold: int = Field(
-        0, ge=0, le=512, description="SecAgg+: shares needed to recover a hospital's secret; "
+        0,
+        ge=0,
+        le=512,
+        description="SecAgg+: shares needed to recover a hospital's secret; "
         "a round unmasks only if this many of each one's neighbours answer; 0 = a majority "
-        "of the shares (at least 2)"
+        "of the shares (at least 2)",
     )
     secagg_clipping_range: float = Field(
-        8.0, gt=0, le=1e6, description="SecAgg+: each entry of a hospital's update (local "
-        "model - global model) is clipped to [-range, range] before quantisation"
+        8.0,
+        gt=0,
+        le=1e6,
+        description="SecAgg+: each entry of a hospital's update (local "
+        "model - global model) is clipped to [-range, range] before quantisation",
     )
     secagg_quantization_range: int = Field(
-        2**22, ge=2**8, le=2**30, description="SecAgg+: the clipped range is quantised "
-        "onto 0..this (stochastic rounding); the error per entry is below 2 x range / this"
+        2**22,
+        ge=2**8,
+        le=2**30,
+        description="SecAgg+: the clipped range is quantised "
+        "onto 0..this (stochastic rounding); the error per entry is below 2 x range / this",
     )
     wire_dtype: WireDtype = Field(
-        "float32", description="precision of the float32 weights and updates on the wire, "
+        "float32",
+        description="precision of the float32 weights and updates on the wire, "
         "both ways; received values are widened to float32 before any maths "
-        "(docs/architecture.md#wire-precision)"
+        "(docs/architecture.md#wire-precision)",
     )
 
     # Filled by parse_run_config from the "<algorithm>.<key>" entries.
@@ -380,25 +399,30 @@ class HospitalConfig(Schema):
     device: DeviceName = "auto"
     state_dir: str = ""
     data_cache: Literal["stat", "hash", "off"] = Field(
-        "stat", description="decoded images kept in <state-dir>/data-cache (image-folder, "
+        "stat",
+        description="decoded images kept in <state-dir>/data-cache (image-folder, "
         "segmentation-folder, dicom): a file is decoded again when its size or modification "
-        "time changed (stat) or also its bytes (hash: every file read each load); off = none"
+        "time changed (stat) or also its bytes (hash: every file read each load); off = none",
     )
     role: Literal["", "large", "small"] = ""
     prior_path: str = Field("", description="Fed-MAS: this site's copy of the shared prior file")
     public_data_path: str = Field("", description="FedHelp: this site's copy of the public data")
     knowledge_path: str = Field("", description="FedHelp: this site's copy of the knowledge file")
     stats_min_count: int = Field(
-        5, ge=1, description="statistics: smallest count this hospital discloses; smaller "
-        "cells are sent as '<N' (set here only: no request can lower it)"
+        5,
+        ge=1,
+        description="statistics: smallest count this hospital discloses; smaller "
+        "cells are sent as '<N' (set here only: no request can lower it)",
     )
     stats_allow_extremes: bool = Field(
         False, description="statistics: whether this hospital discloses per-feature min/max"
     )
     # differential privacy (docs/privacy.md): set here only, no run config can change them
     privacy_epsilon: float = Field(
-        0.0, ge=0, description="DP ceiling: the most epsilon this hospital spends on one data "
-        "set, summed over every run (its privacy ledger); 0 = no ceiling"
+        0.0,
+        ge=0,
+        description="DP ceiling: the most epsilon this hospital spends on one data "
+        "set, summed over every run (its privacy ledger); 0 = no ceiling",
     )
     privacy_delta: float = Field(
         1e-5, gt=0, lt=1, description="DP: the delta epsilon is computed at (ledger, ceiling)"

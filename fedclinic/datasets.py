@@ -8,7 +8,8 @@ a data set is and, with ``--verify``, which recorded version it is.
 
 Where (:func:`dataset_path`): ``$FEDCLINIC_DATA`` (default: the per-user data folder,
 ``~/.local/share/fedclinic`` on Linux), then ``../shared/data`` beside the repository
-checkout; the layout is the same in both (``pneumoniamnist.npz``, ``heart_disease/``).
+checkout (``$FEDCLINIC_SHARED_DATA`` elsewhere); the layout is the same in both
+(``pneumoniamnist.npz``, ``heart_disease/``).
 
 What is verified how (the checksums below):
 
@@ -48,8 +49,15 @@ from platformdirs import user_data_dir
 from fedclinic.errors import ConfigError, FedClinicError, IntegrityError
 
 ENVIRONMENT = "FEDCLINIC_DATA"
-#: ``../shared/data`` beside the repository checkout (where CI keeps its copies)
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_ENVIRONMENT = "FEDCLINIC_SHARED_DATA"
+#: ``../shared/data`` beside the repository checkout (where CI keeps its copies), read in
+#: place and never copied; ``$FEDCLINIC_SHARED_DATA`` points elsewhere (a git worktree, a
+#: benchmark machine whose copies live somewhere else)
+SHARED = Path(
+    os.environ.get(
+        SHARED_ENVIRONMENT, Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    )
+)
 TIMEOUT_S = 60.0
 UCI = "https://archive.ics.uci.edu/ml/machine-learning-databases/heart-disease/"
 ZENODO = "https://zenodo.org/records/10519652/files/"

@@ -322,8 +322,10 @@ def write_all(directory: Path, files: Files) -> None:
             target.unlink(missing_ok=True)
         if isinstance(err, ProvisioningError):
             raise
-        detail = f"'{err.filename}' exists already" if isinstance(err, FileExistsError) else (
-            err.strerror or str(err)
+        detail = (
+            f"'{err.filename}' exists already"
+            if isinstance(err, FileExistsError)
+            else (err.strerror or str(err))
         )
         raise ProvisioningError(
             f"writing into '{directory}' failed ({detail}); nothing was left behind"

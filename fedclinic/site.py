@@ -53,8 +53,8 @@ def default_state_dir(hospital: HospitalConfig) -> Path:
 
 def effective_state_dir(hospital: HospitalConfig) -> Path:
     """The hospital's ``state-dir``, or the per-user default when it has none."""
-    return Path(hospital.state_dir).expanduser() if hospital.state_dir else default_state_dir(
-        hospital
+    return (
+        Path(hospital.state_dir).expanduser() if hospital.state_dir else default_state_dir(hospital)
     )
 
 
@@ -172,4 +172,3 @@ class SiteState:
         for old in set(versions) - kept:
             versions[old].unlink(missing_ok=True)
         return saved
-

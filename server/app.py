@@ -36,8 +36,13 @@ def main(grid: Grid, context: Context) -> None:
     algorithm = get_algorithm(run.algorithm)
     results = ResultsWriter(output_directory(run.output_dir, context.run_id))
     results.write_config({**run.to_flat(), "flower-run-id": context.run_id})
-    log(INFO, "fedclinic: %s, %d rounds, results in %s", algorithm.name, run.rounds,
-        results.directory)
+    log(
+        INFO,
+        "fedclinic: %s, %d rounds, results in %s",
+        algorithm.name,
+        run.rounds,
+        results.directory,
+    )
     engine = RoundEngine(
         run, algorithm.strategy(run, results), results, run_site_key(run.run_name, context.run_id)
     )

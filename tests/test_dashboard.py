@@ -151,10 +151,12 @@ def runs(tmp_path: Path) -> Path:
     (fedavg / "summary.json").write_text(json.dumps(summary))
     (fedavg / "checkpoint.pkl").write_bytes(b"not served")
     local = {**CONFIG, "algorithm": "local-only", "output-dir": "/runs/b", "fedprox.proximal-mu": 1}
-    local_rows = [train(h, 1, T0, n, s, 1.0) for h, n, s in (("a", 1, 90), ("b", 2, 80),
-                                                             ("c", 3, 10))]
-    write_run(root / "study-local", local, local_rows, [],
-              summary_of({"a": 0.75, "b": 0.72, "c": 0.40}))
+    local_rows = [
+        train(h, 1, T0, n, s, 1.0) for h, n, s in (("a", 1, 90), ("b", 2, 80), ("c", 3, 10))
+    ]
+    write_run(
+        root / "study-local", local, local_rows, [], summary_of({"a": 0.75, "b": 0.72, "c": 0.40})
+    )
     other = {**CONFIG, "algorithm": "local-only", "seed": 2}  # another seed: not a baseline
     write_run(root / "other-seed-local", other, [], [], summary_of({"a": 1.0, "b": 1.0, "c": 1.0}))
     return root  # fmt: skip

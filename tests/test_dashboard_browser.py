@@ -32,7 +32,7 @@ from fedclinic.dashboard.runs import RunsRoot
 
 TOKEN = "browser-test-token-0123456789"
 EVIL = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
-EVIL_ERROR = 'disk <b>full</b><script>window.__pwned=3</script>'
+EVIL_ERROR = "disk <b>full</b><script>window.__pwned=3</script>"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 #: coloured pixels on the chart's canvas: the hospitals' curves (axes and grid are grey)
 CURVE_PIXELS = """() => {
@@ -169,14 +169,10 @@ def page(browser: Any) -> Iterator[Any]:
 
 
 def loaded(page: Any, updates: int = 1) -> None:
-    page.wait_for_function(
-        "(n) => Number(document.body.dataset.updates || 0) >= n", arg=updates
-    )
+    page.wait_for_function("(n) => Number(document.body.dataset.updates || 0) >= n", arg=updates)
 
 
-def test_finished_runs_in_the_browser(
-    page: Any, browser: Any, study: Path, shots: Path
-) -> None:
+def test_finished_runs_in_the_browser(page: Any, browser: Any, study: Path, shots: Path) -> None:
     """The runs page, a finished run's page and the token, on one study (built once: under
     xdist each test may land on its own worker)."""
     dashboard = Dashboard.bind(Settings(runs=RunsRoot(study), poll_seconds=0.3), "127.0.0.1", 0)

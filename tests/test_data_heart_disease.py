@@ -12,9 +12,10 @@ import torch
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.data import heart_disease, load_hospital_data
 from fedclinic.data.base import DataRequest
+from fedclinic.datasets import SHARED as DATA
 from fedclinic.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "heart_disease"
+SHARED = DATA / "heart_disease"
 needs_heart = pytest.mark.skipif(
     not (SHARED / "processed.cleveland.data").is_file(),
     reason=f"reference data {SHARED} is not on this machine",

@@ -13,9 +13,9 @@ import torch
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.data import load_hospital_data, medmnist
 from fedclinic.data.base import DataRequest
+from fedclinic.datasets import SHARED
 from fedclinic.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PNEUMONIA = SHARED / "pneumoniamnist.npz"
 needs_pneumonia = pytest.mark.skipif(
     not PNEUMONIA.is_file(), reason=f"reference data {PNEUMONIA} is not on this machine"

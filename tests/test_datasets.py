@@ -14,10 +14,16 @@ import pytest
 
 from fedclinic import datasets
 from fedclinic.cli import main
-from fedclinic.datasets import DATASETS, PublicDataset, RemoteFile, dataset_path, fetch
+from fedclinic.datasets import (
+    DATASETS,
+    SHARED,
+    PublicDataset,
+    RemoteFile,
+    dataset_path,
+    fetch,
+)
 from fedclinic.errors import FedClinicError, IntegrityError
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_shared = pytest.mark.skipif(
     not (SHARED / "heart_disease").is_dir(), reason="the shared reference data is not here"
 )
@@ -77,7 +83,7 @@ def test_recorded_checksums_are_those_of_the_reference_copies() -> None:
         blob = (SHARED / "heart_disease" / file.name).read_bytes()
         assert hashlib.sha256(blob).hexdigest() == file.sha256
     pneumonia = (SHARED / "pneumoniamnist.npz").read_bytes()
-    (known, _), = DATASETS["pneumoniamnist"].variants
+    ((known, _),) = DATASETS["pneumoniamnist"].variants
     assert hashlib.sha256(pneumonia).hexdigest() == known
     # ... and the CI copy is not the Zenodo file MedMNIST records
     assert hashlib.md5(pneumonia).hexdigest() != DATASETS["pneumoniamnist"].files[0].md5

@@ -276,9 +276,7 @@ def test_compose_services_as_processes_across_namespaces(tmp_path: Path) -> None
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     # services behind a profile (the dashboard) are not started by `docker compose up`
     services = {
-        name: spec
-        for name, spec in compose.items()
-        if name != DROPPED and not spec.get("profiles")
+        name: spec for name, spec in compose.items() if name != DROPPED and not spec.get("profiles")
     }
     services["register"]["command"] = [a for a in services["register"]["command"]
                                        if DROPPED not in a]  # fmt: skip

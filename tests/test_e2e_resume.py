@@ -156,7 +156,8 @@ def test_a_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path)
     assert kinds.count("run_start") == 1 and kinds.count("run_resumed") == 1
     assert federation.pki is not None  # the run_start event names the served certificates
     assert set(events[0]["certificates"].values()) == {
-        fingerprint(federation.pki.ca_cert), fingerprint(federation.pki.server_cert)
+        fingerprint(federation.pki.ca_cert),
+        fingerprint(federation.pki.server_cert),
     }
     resumed_at = kinds.index("run_resumed")
     assert events[resumed_at]["from_round"] == 2

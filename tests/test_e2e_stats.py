@@ -19,10 +19,11 @@ import pytest
 from test_stats_engine import disclosed_counts
 
 from fedclinic.data.heart_disease import FEATURES, read_centre
+from fedclinic.datasets import SHARED
 from fedclinic.local.supervisor import pids_with_cmdline
 
 ROOT = Path(__file__).resolve().parents[1]
-HEART = ROOT.parent / "shared" / "data" / "heart_disease"
+HEART = SHARED / "heart_disease"
 CENTRES = ("hungarian", "switzerland")
 
 

@@ -145,9 +145,7 @@ def test_optimizer_state_carries_over_to_the_next_round(tmp_path: Path) -> None:
     """With SGD momentum the second round's first step is ``mu * g_1 + g_2``: the momentum
     buffer of round 1, kept at the site (``persist-optimizer``), not a fresh one."""
     momentum = 0.9
-    run = fedmas_run(
-        **{"local-steps": 1, "momentum": momentum, "fedmas.grad-clip-norm": 0.0}
-    )
+    run = fedmas_run(**{"local-steps": 1, "momentum": momentum, "fedmas.grad-clip-norm": 0.0})
     net = build_fedmas_model(run, seed=0)
     received = clone_state(net)
     first = FedMASObjective(context(run, tmp_path, 1)).fit(received)

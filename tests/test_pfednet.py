@@ -17,6 +17,7 @@ from harness import ScriptedGrid, rows_of, run, synthetic_nodes
 
 from fedclinic.config import parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
+from fedclinic.datasets import SHARED
 from fedclinic.engine import Reply, RoundEngine
 from fedclinic.engine.exchange import Transport
 from fedclinic.errors import ConfigError
@@ -34,7 +35,7 @@ from strategies.pfednet import (
     PFedNetStrategy,
 )
 
-HEART = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "heart_disease"
+HEART = SHARED / "heart_disease"
 
 
 def run_config(**extra: Any) -> dict[str, Any]:

@@ -63,9 +63,7 @@ def setting(algorithm: str, folder: Path) -> tuple[dict[str, Any], dict[int, dic
         flat.update({"fedmas.prior-source": "random", "fedmas.prior-arch": "cnn"})
     if algorithm == "fedhelp":
         files = fedhelp_files(folder)
-        flat.update(
-            {"fedhelp.large-model": "wide-cnn", "fedhelp.knowledge-sha256": files["sha"]}
-        )
+        flat.update({"fedhelp.large-model": "wide-cnn", "fedhelp.knowledge-sha256": files["sha"]})
         for node, role in zip(nodes.values(), ("large", "small"), strict=True):
             node.update(
                 {

@@ -169,8 +169,10 @@ def walk_cells(answer: SiteAnswer) -> list[Any]:
 
 def test_a_hospital_with_three_cases_of_a_class_on_every_path() -> None:
     hospital = HospitalConfig(hospital="small", data_source="heart-disease")
-    spec = {"age": HistogramSpec(low=20, high=80, bins=6), "flag": HistogramSpec(low=0, high=1,
-                                                                                 bins=2)}
+    spec = {
+        "age": HistogramSpec(low=20, high=80, bins=6),
+        "flag": HistogramSpec(low=0, high=1, bins=2),
+    }
     request = StatsRequest(histograms=spec)
     answer = describe(three_of_a_class(), RUN, hospital, request)
     train = answer.splits["train"]
@@ -232,8 +234,12 @@ def test_pooled_mean_and_std_equal_numpy_on_the_concatenated_data() -> None:
     for index, size in enumerate((40, 17, 90)):
         column = rng.normal(100 + 40 * index, 5 + 10 * index, size)  # unequal means and spreads
         raw.append(column)
-        data = HospitalData(tabular([0, 1] * (size // 2) + [0] * (size % 2), [column.tolist()]),
-                            tabular([], [[]]), tabular([], [[]]), extra={"features": ["x"]})
+        data = HospitalData(
+            tabular([0, 1] * (size // 2) + [0] * (size % 2), [column.tolist()]),
+            tabular([], [[]]),
+            tabular([], [[]]),
+            extra={"features": ["x"]},
+        )
         run = RunConfig(model="logreg", num_features=1, data_source="heart-disease")
         sites[f"h{index}"] = describe(data, run, HospitalConfig(hospital=f"h{index}"),
                                       StatsRequest(splits=("train",)))  # fmt: skip
@@ -290,8 +296,10 @@ def test_bad_requests_are_refused_with_one_line(
 
 def test_an_unknown_feature_is_refused_naming_the_features_there_are() -> None:
     data, hospital = three_of_a_class(), HospitalConfig(hospital="h")
-    for request in (StatsRequest(variables=("weight",)),
-                    StatsRequest(histograms={"weight": HistogramSpec(low=0, high=1, bins=2)})):
+    for request in (
+        StatsRequest(variables=("weight",)),
+        StatsRequest(histograms={"weight": HistogramSpec(low=0, high=1, bins=2)}),
+    ):
         with pytest.raises(ConfigError) as caught:
             describe(data, RUN, hospital, request)
         assert str(caught.value) == (

@@ -29,13 +29,14 @@ from fedclinic.config import parse_hospital_config
 from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.data.base import Standardise
 from fedclinic.data.heart_disease import FEATURES, read_centre
+from fedclinic.datasets import SHARED
 from fedclinic.engine import RoundEngine
 from fedclinic.engine.survey import run_statistics
 from fedclinic.errors import FedClinicError
 from fedclinic.results import ResultsWriter
 from strategies import get_algorithm, load_run_config
 
-HEART = Path(__file__).resolve().parents[2] / "shared" / "data" / "heart_disease"
+HEART = SHARED / "heart_disease"
 CENTRES = ("cleveland", "hungarian", "switzerland", "va")
 needs_heart = pytest.mark.skipif(
     not (HEART / "processed.cleveland.data").is_file() and os.environ.get("CI") != "true",

@@ -108,8 +108,8 @@ def test_mixed_precision_on_cuda_follows_the_float32_step(tmp_path: Path) -> Non
         run = make_run("fedavg", amp=amp)
         context = make_context(run, tmp_path / str(amp))
         context.device = torch.device("cuda")
-        update = get_algorithm("fedavg").objective(context).fit(
-            clone_state(build_model(run, seed=5))
+        update = (
+            get_algorithm("fedavg").objective(context).fit(clone_state(build_model(run, seed=5)))
         )
         values = update.state.values()
         assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in values)

@@ -4,4 +4,3 @@
 Quality sweeps run the same ServerApp strategy and ClientApp code as a deployment, in one
 process (:mod:`fedclinic.bench.grid`) instead of over gRPC.
 """
-

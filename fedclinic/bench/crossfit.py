@@ -51,9 +51,7 @@ def build_cross_fitted_knowledge(
     device = device or torch.device("cpu")
     public = read_public_data(public_data, split)
     if public.labels is None or public.labels.ndim != 1:
-        raise DataError(
-            f"public data file '{public.path}': cross-fitting needs class labels (N,)"
-        )
+        raise DataError(f"public data file '{public.path}': cross-fitting needs class labels (N,)")
     inputs = public_inputs(public, None, None)
     labels = public.labels
     num_classes = max(int(labels.max()) + 1, 2)

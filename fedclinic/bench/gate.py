@@ -99,8 +99,14 @@ FLOORS: tuple[Check, ...] = (
     Check("pneumonia", "local-only", "local-only", {}, "auc", 0.76),
     Check("pneumonia", "fedavg", "fedavg", {}, "auc", 0.62),
     Check("pneumonia", "fedhelp", "fedhelp", PNEUMONIA_FEDHELP, "balanced_accuracy", 0.68),
-    Check("pneumonia", "pfednet", "pfednet", {"pfednet.allow-rank-deficient-sketch": True},
-          "balanced_accuracy", 0.71),
+    Check(
+        "pneumonia",
+        "pfednet",
+        "pfednet",
+        {"pfednet.allow-rank-deficient-sketch": True},
+        "balanced_accuracy",
+        0.71,
+    ),
 )
 
 

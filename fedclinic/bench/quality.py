@@ -72,6 +72,7 @@ from fedclinic.config import RunConfig, parse_hospital_config
 from fedclinic.data import DataRequest, Split
 from fedclinic.data.medmnist import partition_plan, read_npz
 from fedclinic.data.splits import stratified_split
+from fedclinic.datasets import SHARED
 from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.knowledge import build_knowledge, public_inputs, read_public_data
 from fedclinic.prior import MocoSettings, save_prior, train_moco
@@ -79,13 +80,9 @@ from fedclinic.privacy import Steps, epsilon
 from fedclinic.training import poisson_plan
 from strategies import get_algorithm, load_run_config
 
-#: the shared reference data beside the checkout (``../shared/data``), read in place, never
-#: copied; ``FEDCLINIC_SHARED_DATA`` points elsewhere
-SHARED_DATA = Path(
-    os.environ.get(
-        "FEDCLINIC_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    )
-)
+#: the shared reference data (``../shared/data`` beside the checkout, or
+#: ``$FEDCLINIC_SHARED_DATA``): the project's one lookup, :data:`fedclinic.datasets.SHARED`
+SHARED_DATA = SHARED
 HEART_DIR = SHARED_DATA / "heart_disease"
 PNEUMONIA_FILE = SHARED_DATA / "pneumoniamnist.npz"
 HEART_CENTRES = ("cleveland", "hungarian", "switzerland", "va")
@@ -551,8 +548,7 @@ def pneumonia_plan(mode: str, work: Path, suite: str = "pneumonia") -> Plan:
             f"data-seed {data_seed}: the first seed from 0 up that gives every hospital {rule}, "
             "chosen from the labels alone. "
             + (
-                "Each hospital carves its validation and test splits from its own share "
-                "(below)."
+                "Each hospital carves its validation and test splits from its own share (below)."
                 if suite == HELD_OUT
                 else "Each hospital carves its validation split (10 %, stratified) from its own "
                 "share and is tested on its share of the official test split (same per-class "

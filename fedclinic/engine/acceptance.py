@@ -102,8 +102,9 @@ def accept(
     def fail(node: int, reason: str, kind: Literal["error", "rejected"] = "error") -> None:
         (outcome.failed if kind == "error" else outcome.rejected)[name(node)] = reason
         outcome.rows.append(
-            ErrorRow(round=server_round, hospital=name(node), node_id=node, kind=kind,
-                     reason=reason)
+            ErrorRow(
+                round=server_round, hospital=name(node), node_id=node, kind=kind, reason=reason
+            )
         )
 
     for node, message in sorted(delivery.replies.items()):
@@ -147,9 +148,7 @@ def accept(
     for node in delivery.missing:
         fail(node, f"no reply within round-timeout = {timeout:g} s")
     outcome.asked = sorted(name(n) for n in delivery.asked)
-    outcome.answered = sorted(
-        name(n) for n, m in delivery.replies.items() if not m.has_error()
-    )
+    outcome.answered = sorted(name(n) for n, m in delivery.replies.items() if not m.has_error())
     outcome.resent = {name(n): count for n, count in delivery.resent.items()}
     outcome.duplicates = {name(n): count for n, count in delivery.duplicates.items()}
     outliers = _norm_outliers(candidates, checks) if exchange.train else {}

@@ -71,8 +71,15 @@ def with_retries(what: str, call: Callable[[], T], clock: Clock | None = None) -
         except Exception as err:  # httpx/grpc raise many types for a failed request
             if attempt == SUPERLINK_RETRIES:
                 raise
-            log(WARNING, "%s failed (%s: %s); retry %d of %d", what, type(err).__name__,
-                (str(err).splitlines() or [""])[0][:200], attempt, SUPERLINK_RETRIES - 1)
+            log(
+                WARNING,
+                "%s failed (%s: %s); retry %d of %d",
+                what,
+                type(err).__name__,
+                (str(err).splitlines() or [""])[0][:200],
+                attempt,
+                SUPERLINK_RETRIES - 1,
+            )
             clock.sleep(min(2.0**attempt, 15.0))
     raise AssertionError("unreachable")
 
@@ -181,8 +188,9 @@ class Transport:
         if not message_ids:
             return []
         return list(
-            with_retries("asking for replies", lambda: self.grid.pull_messages(message_ids),
-                         self.clock)
+            with_retries(
+                "asking for replies", lambda: self.grid.pull_messages(message_ids), self.clock
+            )
         )
 
     def exchange(self, messages: Mapping[int, Message], timeout: float) -> Delivery:
@@ -261,8 +269,13 @@ class _Exchange:
         for node in due:
             if node in connected:
                 attempt = self.asks[node] + 1
-                log(WARNING, "no reply from node %d after %.0f s; asking it again (attempt %d)",
-                    node, now - self.started, attempt)
+                log(
+                    WARNING,
+                    "no reply from node %d after %.0f s; asking it again (attempt %d)",
+                    node,
+                    now - self.started,
+                    attempt,
+                )
                 self.latest[node] = again[node] = ask_again(self.latest[node], attempt)
                 self.delivery.resent[node] = self.delivery.resent.get(node, 0) + 1
         if again:

@@ -348,9 +348,13 @@ class RoundEngine:
         checkpoint.restore_rng(saved.rng)
         self.site_key = saved.site_key
         discarded = self.results.keep_rows(saved.rows)
-        log(INFO, "resuming after round %d from %s (%d rows of the unfinished round set "
-            "aside)", saved.round, self.results.directory / checkpoint.CHECKPOINT_FILE,
-            discarded)
+        log(
+            INFO,
+            "resuming after round %d from %s (%d rows of the unfinished round set aside)",
+            saved.round,
+            self.results.directory / checkpoint.CHECKPOINT_FILE,
+            discarded,
+        )
         return saved.round, numpy_to_record(saved.arrays)
 
     # ------------------------------------------------------------------ results

@@ -92,9 +92,13 @@ def federated_normalisation(engine: RoundEngine, transport: Transport) -> dict[s
         raise FedClinicError(f"normalisation = federated: {err}") from None
     excluded = {n: sorted(d["excluded"]) for n, d in summary["contributions"].items()
                 if d["excluded"]}  # fmt: skip
-    log(INFO, "federated normalisation: pooled train statistics of %d inputs from %s%s",
-        len(summary["variables"]), ", ".join(sorted(answers)),
-        f" (withheld at the site: {excluded})" if excluded else "")
+    log(
+        INFO,
+        "federated normalisation: pooled train statistics of %d inputs from %s%s",
+        len(summary["variables"]),
+        ", ".join(sorted(answers)),
+        f" (withheld at the site: {excluded})" if excluded else "",
+    )
     engine.audit_event("normalisation", hospitals=sorted(answers), mean=summary["mean"],
                   std=summary["std"], variables=summary["variables"],
                   excluded=excluded)  # fmt: skip

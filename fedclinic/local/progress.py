@@ -91,8 +91,10 @@ def format_row(row: Mapping[str, Any], rounds: int | None = None) -> str:
     """
     kind = row.get("kind", "?")
     number = row.get("round", "?")
-    label = "final   " if rounds is not None and _is_int(number) and number > rounds else (
-        f"round {number:>2}"
+    label = (
+        "final   "
+        if rounds is not None and _is_int(number) and number > rounds
+        else (f"round {number:>2}")
     )
     head = f"{label} [bold]{row.get('hospital', '?')}[/bold]"
     if kind == "evaluate" and "val_dice" in row:
@@ -108,8 +110,7 @@ def format_row(row: Mapping[str, Any], rounds: int | None = None) -> str:
             f"val bacc {_number(row.get('val_balanced_accuracy'))} "
             f"AUC {_number(row.get('val_auc'))} | "
             f"test acc {_number(row.get('test_accuracy'))} "
-            f"AUC {_number(row.get('test_auc'))}"
-            + _flags(row)
+            f"AUC {_number(row.get('test_auc'))}" + _flags(row)
         )
     if kind == "train":
         return (

@@ -133,8 +133,7 @@ def diagnose(log: str, superlink: str, root_certificates: Path | None) -> Diagno
     if "Failed to initialize the connection" in text or "Giving up reconnection" in text:
         return Diagnosis(
             "unreachable",
-            f"could not reach the coordinator at {superlink}: "
-            f"{grpc_detail(text) or 'no answer'}",
+            f"could not reach the coordinator at {superlink}: {grpc_detail(text) or 'no answer'}",
         )
     if "Unable to parse the private key" in text:
         return Diagnosis(

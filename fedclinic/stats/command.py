@@ -42,8 +42,11 @@ def statistics_table(result: Mapping[str, Any]) -> Table:
     hospitals: dict[str, dict[str, Any]] = result["hospitals"]
     flags: list[dict[str, str]] = result["flags"]
     splits = [s for s in ("train", "val", "test") if s in result["pooled"]]
-    table = Table(title="federated statistics", caption="cases (per class); '<k': below the "
-                  "hospital's minimum cell size; 'hidden': withheld to protect such a cell")
+    table = Table(
+        title="federated statistics",
+        caption="cases (per class); '<k': below the "
+        "hospital's minimum cell size; 'hidden': withheld to protect such a cell",
+    )
     table.add_column("hospital", style="bold", no_wrap=True)
     for split in splits:
         table.add_column(split, justify="right")
@@ -146,13 +149,28 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override one setting"
     )
     submit.add_argument("--app-dir", type=Path, default=None, help="the Flower app project")
-    submit.add_argument("--timeout", type=float, default=3600.0, metavar="S",
-                        help="how long to follow the run, in seconds")
+    submit.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="how long to follow the run, in seconds",
+    )
     submit.set_defaults(handler=run_stats_submit)
 
     report = commands.add_parser("report", help="render a stats.json into HTML and PNG plots")
-    report.add_argument("--stats", type=Path, required=True, metavar="stats.json",
-                        help="a statistics run's stats.json")
-    report.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="where report.html and plots/ go (default: beside stats.json)")
+    report.add_argument(
+        "--stats",
+        type=Path,
+        required=True,
+        metavar="stats.json",
+        help="a statistics run's stats.json",
+    )
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where report.html and plots/ go (default: beside stats.json)",
+    )
     report.set_defaults(handler=run_stats_report)

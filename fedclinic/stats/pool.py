@@ -296,8 +296,12 @@ def flags(sites: Mapping[str, Any], pooled: Mapping[str, Any]) -> list[dict[str,
                 else:
                     rare = [str(i) for i, c in enumerate(classes) if str(c).startswith("<")]
                     if rare:
-                        flag(hospital, split, "small class",
-                             f"class {', '.join(rare)}: fewer than {site['min_count']} cases")
+                        flag(
+                            hospital,
+                            split,
+                            "small class",
+                            f"class {', '.join(rare)}: fewer than {site['min_count']} cases",
+                        )
         train = site["splits"].get("train")
         if train is None:
             continue
@@ -315,8 +319,8 @@ def flags(sites: Mapping[str, Any], pooled: Mapping[str, Any]) -> list[dict[str,
                 flag(hospital, "train", "shifted",
                      f"{name}: mean {view['mean']:.4g} vs {mean:.4g} +- {std:.3g} at the "
                      "other hospitals (median)")  # fmt: skip
-            elif std and view["std"] and not (
-                1 / SPREAD_LIMIT <= view["std"] / std <= SPREAD_LIMIT
+            elif (
+                std and view["std"] and not (1 / SPREAD_LIMIT <= view["std"] / std <= SPREAD_LIMIT)
             ):
                 flag(hospital, "train", "spread",
                      f"{name}: std {view['std']:.3g} vs {std:.3g} at the other hospitals "

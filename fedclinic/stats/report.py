@@ -84,7 +84,8 @@ def _flagged(result: Mapping[str, Any], variable: str | None = None) -> set[str]
     return {
         f["hospital"]
         for f in result["flags"]
-        if variable is None or f["detail"].startswith(f"{variable}:")
+        if variable is None
+        or f["detail"].startswith(f"{variable}:")
         or f["detail"].startswith(f"{variable} ")
     }
 
@@ -305,8 +306,11 @@ def render(directory: Path, result: Mapping[str, Any]) -> Path:
         parts.append(_table(["hospital", "foreground share of pixels",
                              "images with / without foreground"], fg_rows))  # fmt: skip
     if result.get("no_histogram"):
-        parts.append("<p>No histogram for: " + html.escape(
-            "; ".join(f"{k} ({v})" for k, v in result["no_histogram"].items())) + "</p>")
+        parts.append(
+            "<p>No histogram for: "
+            + html.escape("; ".join(f"{k} ({v})" for k, v in result["no_histogram"].items()))
+            + "</p>"
+        )
     parts.append("<h2>Plots</h2>")
     parts.extend(
         f"<img src='{PLOTS}/{html.escape(image.name)}' alt='{html.escape(image.stem)}'>"

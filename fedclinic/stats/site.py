@@ -84,8 +84,7 @@ def variables_of(data: HospitalData, run: RunConfig) -> list[Variable]:
         if len(names) != width:
             names = [f"feature-{j}" for j in range(width)]
         return [
-            Variable(name, _column(j), per_case=True, is_input=True)
-            for j, name in enumerate(names)
+            Variable(name, _column(j), per_case=True, is_input=True) for j, name in enumerate(names)
         ]
     channels = [
         Variable(f"channel-{c}", _channel(c), per_case=False, is_input=True)
@@ -316,9 +315,7 @@ def describe(
         splits[name] = SplitAnswer(
             cases=count_cell(len(split), k),
             classes=class_cells(split, run.num_classes, run.task, k),
-            variables={
-                v.name: moments(values[v.name], v.per_case, k, extremes) for v in selected
-            }
+            variables={v.name: moments(values[v.name], v.per_case, k, extremes) for v in selected}
             if request.moments
             else {},
             histograms={
