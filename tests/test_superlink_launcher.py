@@ -15,16 +15,25 @@ from pathlib import Path
 import pytest
 import yaml
 from dockerfiles import image
+from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
 from flwr.supercore import constant, sql_mixin
+from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+from flwr.supercore.object_store.sql_object_store import SqlObjectStore
+from flwr.superlink import main as superlink_main
+from flwr.superlink.federation import NoOpFederationManager
 
 from fedclinic import superlink
 from fedclinic.bench.load import process_kind
 from fedclinic.superlink import (
     BUSY_TIMEOUT_MS,
+    DEFAULT_OBJECT_STORE,
     FLWR_VERSION,
+    OBJECT_STORE_ENVIRONMENT,
     LauncherError,
     apply_sqlite_settings,
     check_flower_version,
+    keep_objects_in_memory,
+    object_store_choice,
     with_busy_timeout,
 )
 
@@ -105,3 +114,34 @@ def test_every_coordinator_starts_through_the_launcher() -> None:
     assert process_kind("/venv/bin/flower-superlink --insecure") == "flower-superlink"
     assert process_kind("/venv/bin/python /venv/bin/flwr-clientapp --x") == "flwr-clientapp"
     assert process_kind("/usr/bin/python -m fedclinic.cli local") is None
+
+
+def test_objects_in_memory_beside_the_sql_link_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``memory``: Flower's SQL link state on the file, handed Flower's in-memory object store
+    (what a model's chunks go through), and nothing of the objects in the file."""
+    flowers = superlink_main.get_objectstore_linkstate_factories
+    database = str(tmp_path / "state.db")
+    objects, links = flowers(database, NoOpFederationManager())  # Flower's: one file for both
+    assert isinstance(objects.store(), SqlObjectStore)
+
+    monkeypatch.setattr(superlink_main, "get_objectstore_linkstate_factories", flowers)
+    keep_objects_in_memory(superlink_main)
+    objects, links = superlink_main.get_objectstore_linkstate_factories(
+        str(tmp_path / "other.db"), NoOpFederationManager()
+    )
+    state = links.state()
+    assert isinstance(state, SqlLinkState) and (tmp_path / "other.db").is_file()
+    assert isinstance(objects.store(), InMemoryObjectStore)
+    assert state.object_store is objects.store()  # the state reaches objects only through it
+
+
+def test_the_object_store_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert object_store_choice({}) == DEFAULT_OBJECT_STORE == "memory"
+    assert object_store_choice({OBJECT_STORE_ENVIRONMENT: "database"}) == "database"
+    with pytest.raises(LauncherError, match="expected memory or database"):
+        object_store_choice({OBJECT_STORE_ENVIRONMENT: "disk"})
+    renamed = types.ModuleType("flwr.superlink.main")  # Flower's name moved: refuse
+    with pytest.raises(LauncherError, match="no get_objectstore_linkstate_factories"):
+        keep_objects_in_memory(renamed)
