@@ -33,7 +33,7 @@ from fedclinic.privacy import (
     released_class_counts,
 )
 from fedclinic.redact import shareable
-from fedclinic.serialization import from_wire, to_wire
+from fedclinic.serialization import from_wire, packed, to_wire, unpacked
 from fedclinic.site import SiteState
 from fedclinic.stats.protocol import normalisation_of, parse_request
 from fedclinic.stats.site import describe
@@ -120,8 +120,9 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
                 hospital.hospital,
             )
         elif train is not None and keys.ARRAYS in content.array_records:
-            # the update, narrowed for the wire
-            content[keys.ARRAYS] = to_wire(content.array_records[keys.ARRAYS], run.wire_dtype)
+            # the update, narrowed and packed for the wire
+            update = to_wire(content.array_records[keys.ARRAYS], run.wire_dtype)
+            content[keys.ARRAYS] = packed(update)
         # the objective's own info record, a ConfigRecord by the protocol (fedclinic.messages)
         info = cast(ConfigRecord, content[keys.INFO]) if keys.INFO in content else ConfigRecord()
         if charge is not None and keys.ARRAYS in content:  # trained: the ledger's line
@@ -161,12 +162,16 @@ def answer(message: Message, context: Context, train: bool | None) -> Message:
 
 
 def widened(content: RecordDict, wire_dtype: str) -> RecordDict:
-    """The message's content with the model widened back to float32 (``wire-dtype``); a new
-    RecordDict, so the message itself is left as it arrived."""
-    if wire_dtype == "float32" or keys.ARRAYS not in content.array_records:
+    """The message's content with the model unpacked and widened back to float32
+    (``wire-dtype``); a new RecordDict, so the message itself is left as it arrived."""
+    if keys.ARRAYS not in content.array_records:
+        return content
+    arrays = content.array_records[keys.ARRAYS]
+    received = from_wire(unpacked(arrays), wire_dtype)
+    if received is arrays:
         return content
     copy = RecordDict(dict(content.items()))
-    copy[keys.ARRAYS] = from_wire(content.array_records[keys.ARRAYS], wire_dtype)
+    copy[keys.ARRAYS] = received
     return copy
 
 

@@ -27,7 +27,7 @@ from fedclinic.engine.records import Selection, evaluate_row, hospital_summaries
 from fedclinic.errors import FedClinicError
 from fedclinic.results import ResultsWriter
 from fedclinic.rows import as_row
-from fedclinic.serialization import numpy_to_record, record_to_numpy
+from fedclinic.serialization import numpy_to_record, record_to_numpy, unpacked
 from fedclinic.site import SiteState, run_site_key
 from fedclinic.validation import spec_of
 
@@ -121,8 +121,8 @@ def test_a_late_duplicate_reply_is_discarded_and_audited(
     _, result = run(flat, grid, out, clock=clock)
     assert_same_model(result.arrays, reference)
     first, second = grid.answers[(1, "train", 101, 1)], grid.answers[(1, "train", 101, 2)]
-    a = record_to_numpy(first.content.array_records["arrays"])
-    b = record_to_numpy(second.content.array_records["arrays"])
+    a = record_to_numpy(unpacked(first.content.array_records["arrays"]))
+    b = record_to_numpy(unpacked(second.content.array_records["arrays"]))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     audited = audit_rounds(out)

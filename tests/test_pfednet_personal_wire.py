@@ -18,7 +18,7 @@ from harness import ScriptedGrid, rows_of, run, synthetic_nodes
 
 from fedclinic import messages as keys
 from fedclinic.engine import Hospital
-from fedclinic.serialization import numpy_to_record
+from fedclinic.serialization import numpy_to_record, unpacked
 from strategies import load_run_config
 from strategies.pfednet import BASE, DEPLOYED_STATE, MARKER, PERSONAL, PFedNetStrategy
 
@@ -51,7 +51,8 @@ class Recorder(ScriptedGrid):
             config = dict(content[keys.CONFIG])
             key = (int(config[keys.SERVER_ROUND]), str(config[keys.EXCHANGE]),
                    message.metadata.dst_node_id)  # fmt: skip
-            self.sent[key] = content[keys.ARRAYS]
+            # the model record as the engine packed it for Flower, unpacked: the payload
+            self.sent[key] = unpacked(content.array_records[keys.ARRAYS])
             if key[1] == "personal" and self.before_personal is not None:
                 self.before_personal(key)
         return super().deliver(message)

@@ -30,7 +30,7 @@ from fedclinic.errors import ConfigError, FedClinicError
 from fedclinic.knowledge import build_knowledge, write_synthetic_public
 from fedclinic.models import build_model
 from fedclinic.privacy import LEDGER
-from fedclinic.serialization import record_to_numpy, state_to_record
+from fedclinic.serialization import record_to_numpy, state_to_record, unpacked
 from strategies import load_run_config
 
 CLIPPING, LEVELS = 8.0, 2**22
@@ -75,7 +75,8 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "sent": sent,
         "models": {
-            n: record_to_numpy(m.content.array_records["arrays"]) for n, m in replies.items()
+            n: record_to_numpy(unpacked(m.content.array_records["arrays"]))
+            for n, m in replies.items()
         },
         "weights": {n: int(m.content["metrics"][keys.NUM_TRAIN]) for n, m in replies.items()},
         "result": record_to_numpy(result.arrays),
@@ -395,7 +396,12 @@ def test_fedhelp_under_secure_aggregation_is_its_mean(
     grid = ScriptedGrid(nodes, flat)
     engine, _ = run(flat, grid, clock=FakeClock())
     sent = record_to_numpy(state_to_record(engine.algorithm.initial_state()))
-    models = {n: record_to_numpy(grid.answers[(1, "train", n, 1)].content["arrays"]) for n in nodes}
+    models = {
+        n: record_to_numpy(
+            unpacked(grid.answers[(1, "train", n, 1)].content.array_records["arrays"])
+        )
+        for n in nodes
+    }
     weights = {
         n: float(grid.answers[(1, "train", n, 1)].content["metrics"][keys.NUM_TRAIN])
         if aggregation == "weighted"

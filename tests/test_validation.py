@@ -21,7 +21,9 @@ from fedclinic.serialization import (
     content_sha256,
     load_checkpoint,
     numpy_to_record,
+    packed,
     record_to_numpy,
+    unpacked,
 )
 from fedclinic.validation import norm_outliers, spec_of, structure_problem, update_norm
 
@@ -90,7 +92,8 @@ def tampering(victim: int, tamper: Any) -> Any:
         if reply.metadata.src_node_id == victim and not reply.has_error():
             arrays = reply.content.array_records.get("arrays")
             if arrays is not None and len(arrays) > 0:
-                reply.content["arrays"] = numpy_to_record(tamper(record_to_numpy(arrays)))
+                tampered = tamper(record_to_numpy(unpacked(arrays)))
+                reply.content["arrays"] = packed(numpy_to_record(tampered))  # as a hospital sends
 
     return edit
 

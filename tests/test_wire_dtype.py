@@ -37,6 +37,7 @@ from fedclinic.serialization import (
     numpy_to_record,
     record_to_numpy,
     to_wire,
+    unpacked,
     wire_round_trip,
 )
 from fedclinic.validation import spec_of
@@ -218,10 +219,12 @@ class WireLog(ScriptedGrid):
 
     def deliver(self, message: Message) -> Message | None:
         if keys.ARRAYS in message.content.array_records:
-            self.down.append({k: a.dtype for k, a in message.content[keys.ARRAYS].items()})
+            down = unpacked(message.content.array_records[keys.ARRAYS])
+            self.down.append({k: a.dtype for k, a in down.items()})
         reply = super().deliver(message)
         if reply is not None and keys.ARRAYS in reply.content.array_records:
-            self.up.append({k: a.dtype for k, a in reply.content[keys.ARRAYS].items()})
+            up = unpacked(reply.content.array_records[keys.ARRAYS])
+            self.up.append({k: a.dtype for k, a in up.items()})
         return reply
 
 

@@ -22,7 +22,7 @@ from fedclinic.engine.algorithm import Exchange, Reply
 from fedclinic.engine.exchange import Delivery
 from fedclinic.errors import DataError
 from fedclinic.rows import ErrorRow
-from fedclinic.serialization import from_wire, record_to_numpy
+from fedclinic.serialization import from_wire, record_to_numpy, unpacked
 from fedclinic.validation import UpdateSpec, norm_outliers, structure_problem, update_norm
 
 
@@ -117,8 +117,9 @@ def accept(
         if keys.ERROR in info:  # the hospital's own one line (configuration, data)
             fail(node, str(info[keys.ERROR]))
             continue
-        received = message.content.array_records.get(keys.ARRAYS) if exchange.train else None
-        try:  # widened to float32 (wire-dtype), and readable at all
+        sent = message.content.array_records.get(keys.ARRAYS) if exchange.train else None
+        try:  # unpacked, widened to float32 (wire-dtype), and readable at all
+            received = None if sent is None else unpacked(sent)
             arrays = None if received is None else from_wire(received, checks.wire_dtype)
             values = None if arrays is None else record_to_numpy(arrays)
         except (DataError, TypeError, ValueError) as err:  # a malformed or foreign array

@@ -71,8 +71,8 @@ class Reply:
     arrays: ArrayRecord | None
     metrics: dict[str, Any]
     info: dict[str, Any]
-    #: the upload as it crossed the wire (``arrays`` widened from it; the same record
-    #: with ``wire-dtype = float32``): what byte counts measure
+    #: the upload in its wire precision, unpacked (``arrays`` widened from it; the same
+    #: record with ``wire-dtype = float32``): what payload byte counts measure
     received: ArrayRecord | None = None
 
     @property

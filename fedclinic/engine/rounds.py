@@ -55,6 +55,7 @@ from fedclinic.serialization import (
     content_sha256,
     file_sha256,
     numpy_to_record,
+    packed,
     record_to_numpy,
     record_to_state,
     state_to_record,
@@ -198,7 +199,7 @@ class RoundEngine:
             hospital = Hospital(node, self.hospital_of(node))
             record = algorithm.arrays_for(hospital, arrays, exchange)
             if id(record) not in narrowed:
-                narrowed[id(record)] = to_wire(record, run.wire_dtype)
+                narrowed[id(record)] = packed(to_wire(record, run.wire_dtype))
             content = RecordDict(
                 {
                     keys.ARRAYS: narrowed[id(record)],
