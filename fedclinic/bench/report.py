@@ -195,7 +195,7 @@ def plot_system(system: dict[str, Any], path: Path) -> None:
     every transfer case (log scale)."""
     plt = _pyplot()
     figure, (overhead, memory, wire) = plt.subplots(
-        1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 1.6]}
+        1, 3, figsize=(15, 5.0), gridspec_kw={"width_ratios": [1, 1, 1.6]}
     )
     for app in sorted({e["app"] for e in system.get("scale", [])}):
         entries = sorted(
@@ -218,9 +218,9 @@ def plot_system(system: dict[str, Any], path: Path) -> None:
         axis.legend(fontsize=7)
     cases = [e for e in system.get("transfer", []) if e.get("wire_bytes_per_round")]
     names = [
-        f"{e['model']}\n{e['app'].replace('fedclinic-', '')}"
-        + ("\n" + e["compression"] if e.get("compression", "none") != "none" else "")
-        + ("\n" + e["wire_dtype"] if e.get("wire_dtype", "float32") != "float32" else "")
+        f"{e['model']} {e['app'].replace('fedclinic-', '')}"
+        + (" " + e["compression"] if e.get("compression", "none") != "none" else "")
+        + (" " + e["wire_dtype"] if e.get("wire_dtype", "float32") != "float32" else "")
         for e in cases
     ]
     positions = np.arange(len(cases))
@@ -231,7 +231,7 @@ def plot_system(system: dict[str, Any], path: Path) -> None:
             positions + offset, megabytes, 0.4, label=f"{name} (coordinator {arrow} hospitals)"
         )
     wire.set_xticks(positions)
-    wire.set_xticklabels(names, fontsize=7)
+    wire.set_xticklabels(names, fontsize=7, rotation=60, ha="right")  # many cases: slanted
     wire.set_yscale("log")
     wire.set_ylabel("MB on the wire per round (log)", fontsize=8)
     wire.set_title("Transfer per round, 2 hospitals", fontsize=10)

@@ -872,7 +872,8 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
     lines += [
         f"Command: `{command} --out DIR` ({minutes:.0f} min here). Every federation is real: "
         "one SuperLink and one SuperNode per hospital as separate processes, gRPC with TLS and "
-        "node authentication, one ClientApp process per message "
+        "node authentication, one `flwr-clientapp` process per message (a thin forwarder to "
+        "the hospital's site worker where one serves) "
         f"({results.get('cpu_count')} CPU cores, no GPU). {results['rounds']} rounds each; round "
         "1 (ServerApp start-up) is left out; numbers are medians over rounds 2..R. Same "
         f"settings on both sides: model `{settings['model']}`, {settings['local-steps']} local "
@@ -942,9 +943,15 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         "Every model is from fedclinic's registry (`resnet101`: ResNet-101 with the registry's "
         "small-image stem) and both apps build the same one. The scale rows' wire bytes are in "
         "system.json and system.csv, not in the scale table. One repetition per setting, so no "
-        "interval. On one 2-core machine the per-message ClientApp start-up (PyTorch imports) "
-        "dominates the overheads of the small models; at 170 MB the bytes themselves do (each "
-        "message serialises the model, goes through the SuperLink's SQLite store and TLS).",
+        "interval. For the small models most of what remains is Flower 1.39's own pacing: a "
+        "SuperNode with nothing to do asks for messages every 3 s, SuperExec looks for tasks "
+        "every 1 s and starts a `flwr-clientapp` process per message, replies are polled "
+        "every 0.5 s (without the worker, every message also imports PyTorch and loads the "
+        "data again). For 45 and 170 MB the bytes dominate: fedclinic sends each model "
+        "packed into one buffer (docs/architecture.md#packed-models), which Flower cuts into "
+        "5 MB chunks, hashes on both sides and moves one Fleet API call per chunk through "
+        "TLS; the plain Flower app sends Flower's usual record of one array per tensor (each "
+        "array and each of its chunks one call).",
         "",
         *data_load_lines(results.get("data_load")),
     ]
