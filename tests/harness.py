@@ -169,6 +169,12 @@ def rows_of(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def comparable_rows(out: Path) -> list[dict[str, Any]]:
+    """A run's rows without what differs between equal runs (times, durations, hashes)."""
+    drop = ("seconds", "time", "sha256")
+    return [{k: v for k, v in row.items() if not any(d in k for d in drop)} for row in rows_of(out)]
+
+
 def text(path: Path) -> str:
     """A real process's log without colour codes ('' before it exists)."""
     return ANSI_ESCAPE.sub("", path.read_text(errors="replace")) if path.exists() else ""

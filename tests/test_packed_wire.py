@@ -27,7 +27,7 @@ from flwr.app import (
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-from harness import ScriptedGrid, rows_of, run, synthetic_nodes
+from harness import ScriptedGrid, comparable_rows, run, synthetic_nodes
 
 import client.app
 import fedclinic.engine.acceptance
@@ -219,11 +219,4 @@ def test_packing_changes_no_value_of_a_whole_run(
     assert content_sha256(record_to_numpy(first.arrays)) == content_sha256(
         record_to_numpy(second.arrays)
     )
-
-    def comparable(out: Path) -> list[dict[str, Any]]:
-        drop = ("seconds", "time", "sha256")
-        return [
-            {k: v for k, v in row.items() if not any(d in k for d in drop)} for row in rows_of(out)
-        ]
-
-    assert comparable(tmp_path / "a" / "out") == comparable(tmp_path / "b" / "out")
+    assert comparable_rows(tmp_path / "a" / "out") == comparable_rows(tmp_path / "b" / "out")

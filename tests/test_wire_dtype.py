@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from harness import ScriptedGrid, rows_of, run, synthetic_nodes
+from harness import ScriptedGrid, comparable_rows, rows_of, run, synthetic_nodes
 
 import client.app
 import fedclinic.engine.acceptance
@@ -288,14 +288,7 @@ def test_float32_is_the_path_without_the_option_bit_for_bit(
     assert content_sha256(record_to_numpy(first.arrays)) == content_sha256(
         record_to_numpy(second.arrays)
     )
-
-    def comparable(out: Path) -> list[dict[str, Any]]:
-        drop = ("seconds", "time", "sha256")
-        return [
-            {k: v for k, v in row.items() if not any(d in k for d in drop)} for row in rows_of(out)
-        ]
-
-    assert comparable(tmp_path / "a" / "out") == comparable(tmp_path / "b" / "out")
+    assert comparable_rows(tmp_path / "a" / "out") == comparable_rows(tmp_path / "b" / "out")
 
 
 # ---------------------------------------------------------------------------- benchmark
