@@ -33,13 +33,15 @@ import client.app
 import fedclinic.engine.acceptance
 import fedclinic.engine.rounds
 from fedclinic import messages as keys
+from fedclinic import serialization
 from fedclinic.engine import TRAIN
 from fedclinic.engine.acceptance import UpdateChecks, accept
 from fedclinic.engine.exchange import Delivery
 from fedclinic.errors import DataError
 from fedclinic.serialization import (
-    PACKED_BYTES,
     PACKED_LAYOUT,
+    PACKED_PART,
+    PACKED_STYPE,
     content_sha256,
     from_wire,
     numpy_to_record,
@@ -75,15 +77,32 @@ def same_arrays(a: ArrayRecord, b: ArrayRecord) -> None:
 def test_unpacked_gives_every_array_back_byte_for_byte(dtype: str) -> None:
     record = to_wire(numpy_to_record(MIXED), dtype)  # bfloat16: fedclinic's own stype
     wire = packed(record)
-    assert set(wire.keys()) == {PACKED_BYTES, PACKED_LAYOUT}
-    # the buffer is every array's own serialisation, in order, and nothing else
-    assert wire[PACKED_BYTES].numpy().tobytes() == b"".join(a.data for a in record.values())
-    layout = json.loads(wire[PACKED_LAYOUT].numpy().tobytes())
+    assert list(wire.keys()) == [PACKED_LAYOUT, f"{PACKED_PART}00000"]  # one small part
+    # the part is every array's own serialisation, in order, and nothing else
+    assert wire[f"{PACKED_PART}00000"].data == b"".join(a.data for a in record.values())
+    layout = json.loads(wire[PACKED_LAYOUT].data)
     assert [entry[0] for entry in layout] == list(MIXED)
     same_arrays(unpacked(wire), record)
     back = record_to_numpy(from_wire(unpacked(wire), dtype))
     for name, value in record_to_numpy(from_wire(record, dtype)).items():
         assert back[name].dtype == value.dtype and np.array_equal(back[name], value)
+
+
+def test_a_model_larger_than_a_part_is_cut_into_numbered_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parts of 100 bytes (the real size is four of Flower's chunks): arrays straddle part
+    boundaries and every part but the last is full."""
+    monkeypatch.setattr(serialization, "PACKED_PART_BYTES", 100)
+    record = numpy_to_record(MIXED)
+    joined = b"".join(a.data for a in record.values())
+    wire = packed(record)
+    parts = [wire[f"{PACKED_PART}{i:05d}"] for i in range(len(wire) - 1)]
+    assert len(parts) == math.ceil(len(joined) / 100) > 3
+    assert [len(p.data) for p in parts[:-1]] == [100] * (len(parts) - 1)
+    assert b"".join(p.data for p in parts) == joined
+    assert {p.stype for p in parts} == {PACKED_STYPE}
+    same_arrays(unpacked(wire), record)
 
 
 def test_small_and_foreign_records_pass_unchanged() -> None:
@@ -109,29 +128,39 @@ def test_a_packed_message_survives_flowers_object_pipeline_as_few_objects() -> N
     after = get_all_nested_objects(wire)
     assert len(before) == 1 + 300 + 300  # the record, each array, each array's one chunk
     chunks = math.ceil(total / FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
-    assert len(after) == 1 + 2 + chunks + 1  # record, two arrays, the buffer's chunks, layout's
+    assert len(after) == 1 + 2 + chunks + 1  # record, layout + part, the part's chunks, layout's
     contents = {object_id: obj.deflate() for object_id, obj in after.items()}
     inflated = inflate_object_from_contents(wire.object_id, contents)
     assert isinstance(inflated, ArrayRecord)
     same_arrays(unpacked(inflated), record)
 
 
+def raw(data: bytes) -> Array:
+    return Array(dtype="uint8", shape=(len(data),), stype=PACKED_STYPE, data=data)
+
+
 def corrupt(record: ArrayRecord, layout: Any = None, buffer: bytes | None = None) -> ArrayRecord:
     wire = packed(record)
     if layout is not None:
         text = layout if isinstance(layout, bytes) else json.dumps(layout).encode()
-        wire[PACKED_LAYOUT] = Array(np.frombuffer(text, np.uint8).copy())
+        wire[PACKED_LAYOUT] = raw(text)
     if buffer is not None:
-        wire[PACKED_BYTES] = Array(np.frombuffer(buffer, np.uint8).copy())
+        wire[f"{PACKED_PART}00000"] = raw(buffer)
     return wire
 
 
-def test_a_layout_that_does_not_describe_the_buffer_is_one_line() -> None:
+def test_parts_and_a_layout_that_do_not_fit_together_are_one_line() -> None:
     record = numpy_to_record(MIXED)
-    layout = json.loads(packed(record)[PACKED_LAYOUT].numpy().tobytes())
-    raw = packed(record)[PACKED_BYTES].numpy().tobytes()
+    layout = json.loads(packed(record)[PACKED_LAYOUT].data)
+    part = packed(record)[f"{PACKED_PART}00000"].data
+    gap = packed(record)
+    gap[f"{PACKED_PART}00002"] = raw(b"")  # part 1 missing
+    foreign = packed(record)
+    foreign[f"{PACKED_PART}00000"] = Array(np.frombuffer(part, np.uint8).copy())  # numpy stype
     cases = {
-        "truncated buffer": corrupt(record, buffer=raw[:-1]),
+        "truncated part": corrupt(record, buffer=part[:-1]),
+        "a part missing": gap,
+        "a part of another type": foreign,
         "not JSON": corrupt(record, layout=b"{not json"),
         "short entry": corrupt(record, layout=[entry[:4] for entry in layout]),
         "duplicate name": corrupt(record, layout=[layout[0], layout[0], *layout[2:]]),
@@ -159,10 +188,10 @@ def test_a_corrupt_packed_upload_is_rejected_and_the_others_kept() -> None:
         return Message(content, reply_to=sent)
 
     good = {"w": np.array([1.0, 2.0, 3.0], np.float32), "num_batches_tracked": np.array(4)}
-    raw = packed(numpy_to_record(good))[PACKED_BYTES].numpy().tobytes()
+    part = packed(numpy_to_record(good))[f"{PACKED_PART}00000"].data
     replies = {
         1: reply(1, packed(numpy_to_record(good))),
-        2: reply(2, corrupt(numpy_to_record(good), buffer=raw[:-8])),
+        2: reply(2, corrupt(numpy_to_record(good), buffer=part[:-8])),
     }
     outcome = accept(1, TRAIN, Delivery(asked=[1, 2], replies=replies), {},
                      UpdateChecks(spec=spec_of(model)), 60.0)  # fmt: skip
@@ -203,8 +232,9 @@ def test_packing_changes_no_value_of_a_whole_run(
     grid = PackLog(synthetic_nodes(tmp_path / "a", 2), flat)
     _, first = run(flat, grid, tmp_path / "a" / "out")
     # every model of several arrays crosses packed (pFedNet uploads one flat delta array)
-    assert all(names == {PACKED_BYTES, PACKED_LAYOUT} or len(names) == 1 for names in grid.crossed)
-    assert {PACKED_BYTES, PACKED_LAYOUT} in grid.crossed
+    packed_names = {PACKED_LAYOUT, f"{PACKED_PART}00000"}  # the cnn: one part
+    assert all(names == packed_names or len(names) == 1 for names in grid.crossed)
+    assert packed_names in grid.crossed
 
     def untouched(record: Any) -> Any:
         return record
