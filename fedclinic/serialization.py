@@ -7,13 +7,14 @@ boolean arrays (BatchNorm's ``num_batches_tracked``, pFedNet's codes and name ta
 change. With ``float32`` both return the record they are given: the default path is the
 same objects and bytes as without the option.
 
-Packed layout (docs/architecture.md#packed-models): :func:`packed` sends a model as one
-byte buffer (in parts) plus its layout instead of one Flower ``Array`` per tensor. Flower stores and
-moves every ``Array`` and every chunk of it as an object of its own, one Fleet API call each,
-with its own hashing, signature check and SQLite bookkeeping at the SuperLink: a ResNet-101
-(626 tensors) was about 1,300 objects per message. Packed, it is 9 parts of 20 MB, each
-cut into Flower's 5 MB chunks. :func:`unpacked` gives the exact ``Array``s back (same dtype, shape,
-serialisation type and bytes), so packing changes no value.
+Packed layout (docs/architecture.md#packed-models): :func:`packed` sends a model as its
+bytes back to back, in parts, plus its layout instead of one Flower ``Array`` per tensor.
+Flower stores and moves every ``Array`` and every chunk of it as an object of its own, one
+Fleet API call each, with its own hashing, signature check and SQLite bookkeeping at the
+SuperLink: a ResNet-101 (626 tensors) was about 1,300 objects per message. Packed, it is 9
+parts of 20 MB, each cut into Flower's 5 MB chunks. :func:`unpacked` gives the exact
+``Array``s back (same dtype, shape, serialisation type and bytes), so packing changes no
+value.
 """
 
 from __future__ import annotations
@@ -237,10 +238,10 @@ def unpacked(record: ArrayRecord) -> ArrayRecord:
         ]
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
         raise DataError(f"packed model: unreadable layout ({err})") from None
-    buffer = b"".join(record[key].data for key in names)
     total = sum(entry[4] for entry in entries)
     if len({entry[0] for entry in entries}) != len(entries) or any(e[4] < 0 for e in entries):
         raise DataError("packed model: the layout does not describe one buffer of named arrays")
+    buffer = b"".join(record[key].data for key in names)  # only once the layout holds
     if total != len(buffer):
         raise DataError(
             f"packed model: the layout describes {total} bytes, the parts hold {len(buffer)}"
