@@ -1,6 +1,6 @@
 """``fedclinic hospital``: one hospital's node, the hospital image's entrypoint.
 
-It runs Flower's SuperNode (which spawns our ClientApp per message) with the hospital's
+It runs Flower's SuperNode (whose messages the site worker answers) with the hospital's
 config, the consortium CA and the hospital's private key, and makes its failures readable:
 
 1. the inputs are checked before anything starts (hospital config, CA certificate, private
@@ -8,9 +8,10 @@ config, the consortium CA and the hospital's private key, and makes its failures
    and exit 2; ``--ca/--key/--config`` default to the image's mount points only inside a
    container; the state dir is locked while the node runs (a second node on it is refused);
 2. the hospital's site worker (:mod:`fedclinic.worker`: torch, the data and the model
-   loaded once, answering every message the node's forwarder ClientApp hands it) starts
-   first, and the node only once it serves (bounded by ``--worker-timeout``; a worker that
-   cannot start is one ``error:`` line); it is restarted when it dies while the node runs
+   loaded once, taking every message from the node's Runtime API on ``--runtime-port``;
+   the node runs with ``--isolation process``) starts first, and the node only once it
+   serves (bounded by ``--worker-timeout``; a worker that cannot start is one ``error:``
+   line); it is restarted when it dies while the node runs
    (:class:`~fedclinic.worker.keeper.WorkerKeeper`). ``--no-worker`` or
    ``FEDCLINIC_WORKER=off`` keep the per-message path (each ClientApp answers in process);
 3. flower-supernode runs under a :class:`ProcessSupervisor`, its log (and the worker's)
@@ -66,7 +67,7 @@ from fedclinic.local.supervisor import ProcessSupervisor, read_from, tail_file
 from fedclinic.site import effective_state_dir, state_dir_lock
 from fedclinic.training import select_device
 from fedclinic.worker.forwarder import MODE_VARIABLE
-from fedclinic.worker.keeper import WorkerError, WorkerKeeper, workers_disabled
+from fedclinic.worker.keeper import NODE_ISOLATION, WorkerError, WorkerKeeper, workers_disabled
 
 EXIT_OK, EXIT_FAILED = 0, 1
 __all__ = ["DEFAULT_HEALTH_ADDRESS", "run_hospital"]
@@ -295,11 +296,20 @@ def _idle() -> None:
 
 
 def start_worker(
-    keeper: WorkerKeeper, spec: HospitalSpec, config: Path, env: dict[str, str], echo: Echo
+    keeper: WorkerKeeper,
+    spec: HospitalSpec,
+    config: Path,
+    env: dict[str, str],
+    echo: Echo,
+    runtime_address: str,
 ) -> Callable[[], None]:
-    """Start the hospital's site worker and wait until it serves (its log echoed meanwhile);
-    the watch to run while the node runs: echo the worker's log, restart it if it died."""
-    keeper.add(spec.name, config, spec.flat, echo.path, env=env, log_hint="its lines above")
+    """Start the hospital's site worker, which takes the tasks of the node whose Runtime API
+    is ``runtime_address``, and wait until it serves (its log echoed meanwhile); the watch to
+    run while the node runs: echo the worker's log, restart it if it died."""
+    keeper.add(
+        spec.name, config, spec.flat, echo.path, env=env, log_hint="its lines above",
+        runtime_address=runtime_address,
+    )  # fmt: skip
     say(spec.name, f"starting its site worker (up to {keeper.start_timeout:g} s)")
     keeper.wait_serving(tick=echo)
     echo()
@@ -316,16 +326,6 @@ def run_hospital(args: argparse.Namespace) -> int:
     clear line; the log says when the node joined the coordinator and when it left."""
     spec = check_inputs(args)  # a ConfigError: one line, exit 2 (fedclinic.cli)
     bin_dir = flower_bin_dir()
-    command = supernode_command(
-        bin_dir,
-        args.superlink,
-        args.config,
-        args.runtime_port,
-        root_certificates=args.ca,
-        private_key=args.key,
-        max_wait_time=args.connect_timeout,
-        health_address=args.health_server_address,
-    )
     env = flower_environment(bin_dir)
     state_dir = effective_state_dir(spec.config)
     # Flower's own node state (installed apps) is site state too: one per node, unless the
@@ -347,6 +347,17 @@ def run_hospital(args: argparse.Namespace) -> int:
     use_worker = not (args.no_worker or workers_disabled(env))
     if not use_worker:  # the forwarder then answers in process, whatever else serves
         env[MODE_VARIABLE] = "off"
+    command = supernode_command(
+        bin_dir,
+        args.superlink,
+        args.config,
+        args.runtime_port,
+        root_certificates=args.ca,
+        private_key=args.key,
+        max_wait_time=args.connect_timeout,
+        health_address=args.health_server_address,
+        isolation=NODE_ISOLATION if use_worker else None,  # the worker takes the node's tasks
+    )
     keeper = WorkerKeeper(
         ProcessSupervisor(grace_seconds=args.stop_timeout), say, start_timeout=args.worker_timeout
     )
@@ -371,7 +382,9 @@ def run_hospital(args: argparse.Namespace) -> int:
             tick = _idle
             if use_worker:
                 echoes.append(Echo(Path(tmp) / "worker.log"))
-                tick = start_worker(keeper, spec, args.config, env, echoes[0])
+                tick = start_worker(
+                    keeper, spec, args.config, env, echoes[0], f"{LOOPBACK}:{args.runtime_port}"
+                )
             else:
                 say(name, f"no site worker (--no-worker or {MODE_VARIABLE}=off): every message "
                     "is answered in the node's ClientApp process")  # fmt: skip

@@ -207,7 +207,7 @@ def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> 
         "scale": [
             {"hospitals": 2, "app": "fedclinic-fedavg", "completed": True,
              "median_round_overhead_seconds": 4.0, "round_overhead_seconds": [3.0, 5.0],
-             "peak_rss_mib": {"flwr-clientapp": 990.4}},
+             "peak_rss_mib": {"flwr-clientapp": 990.4, "site-worker": 1021.6}},
             {"hospitals": 2, "app": "plain-flower", "completed": False,
              "median_round_overhead_seconds": None, "round_overhead_seconds": [],
              "peak_rss_mib": {}, "load_average_1min": [1.0, 2.0]},
@@ -217,8 +217,12 @@ def test_section_lists_every_federation_and_says_when_transfer_was_skipped() -> 
     text = system_section(results, "fedclinic bench system --mode full --no-transfer")
     assert "`fedclinic bench system --mode full --no-transfer --out DIR` (2 min here)" in text
     # no plain median at 2 hospitals: no ratio either
-    assert "| 2 | fedclinic-fedavg | yes | 4.0 | - | 3.0, 5.0 | 990 / 0 / 0 / 0 / 0 | - |" in text
-    assert "| 2 | plain-flower | NO | - | - |  | 0 / 0 / 0 / 0 / 0 | 1.0 → 2.0 |" in text
+    # peaks: ClientApp / SuperNode / SuperLink / ServerApp / SuperExec / site worker
+    assert (
+        "| 2 | fedclinic-fedavg | yes | 4.0 | - | 3.0, 5.0 | 990 / 0 / 0 / 0 / 0 / 1022 | - |"
+        in text
+    )
+    assert "| 2 | plain-flower | NO | - | - |  | 0 / 0 / 0 / 0 / 0 / 0 | 1.0 → 2.0 |" in text
     assert "(not run: `--no-transfer`)" in text
     assert "smoke test" not in text and "no 100+ MB model" not in text
     quick = system_section({**results, "mode": "quick"}, "fedclinic bench system --mode quick")
@@ -456,11 +460,11 @@ def test_an_old_system_json_without_no_worker_rows_still_renders(tmp_path: Path)
     text = system_section(OLD_SYSTEM, "fedclinic bench system --mode full")
     # 12.4 / 21.7 = 0.571...: the one ratio it has; no no-worker row
     assert (
-        "| 2 | fedclinic-fedavg | yes | 12.4 | 0.57 | 12.4, 12.4 | 975 / 0 / 0 / 0 / 0 | - |"
+        "| 2 | fedclinic-fedavg | yes | 12.4 | 0.57 | 12.4, 12.4 | 975 / 0 / 0 / 0 / 0 / 0 | - |"
         in text
     )
     assert (
-        "| 2 | plain-flower | yes | 21.7 | - | 21.5, 21.2 | 902 / 0 / 0 / 0 / 0 | 2.75 → 2.96 |"
+        "| 2 | plain-flower | yes | 21.7 | - | 21.5, 21.2 | 902 / 0 / 0 / 0 / 0 / 0 | 2.75 → 2.96 |"
         in text
     )
     assert "| 2 | fedclinic-fedavg-no-worker |" not in text

@@ -33,7 +33,6 @@ from fedclinic.audit import AuditLog
 from fedclinic.config import parse_hospital_config
 from fedclinic.local.configs import HospitalSpec, synthetic_hospitals
 from fedclinic.local.federation import FederationOptions, LocalFederation, log_name
-from fedclinic.local.ports import pick_free_ports
 from fedclinic.local.supervisor import pids_with_cmdline
 from fedclinic.privacy import LEDGER
 
@@ -107,8 +106,9 @@ def test_a_killed_hospital_is_skipped_then_rejoins_and_one_at_its_ceiling_refuse
             assert time.monotonic() < deadline, "round 1 never reported the missing hospital"
             time.sleep(1)
 
-        # Restarted with the same key and state directory: it joins a later round.
-        (port,) = pick_free_ports(1)
+        # Restarted with the same key and state directory (and Runtime API port, where its
+        # site worker, restarted by the keeper, takes the tasks): it joins a later round.
+        port = federation.runtime_ports[victim.name]
         federation.supernodes[victim.name] = federation.supervisor.start(
             victim.name,
             federation.supernode_command(victim, port),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -87,6 +88,23 @@ def test_free_ports_are_distinct_and_bindable() -> None:
     assert all(1024 <= p <= 65535 and is_port_free(p) for p in ports)
     with pytest.raises(ValueError):
         pick_free_ports(0)
+
+
+def test_a_port_is_busy_while_listened_on_and_free_in_time_wait() -> None:
+    """A node restarted on its --runtime-port: the worker's connections to the stopped node
+    linger in TIME_WAIT on that port, which does not stop a server from listening there."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    assert not is_port_free(port)  # listened on
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+    server.close()
+    client.close()
+    assert is_port_free(port)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -385,6 +403,21 @@ def test_insecure_command_lines(options: FederationOptions) -> None:
     assert "--insecure" in node and "--auth-supernode-private-key" not in node
 
 
+def test_a_node_without_a_site_worker_keeps_flowers_own_executor(
+    options: FederationOptions,
+) -> None:
+    """--no-worker: the SuperNode starts Flower's SuperExec (default isolation); with a
+    worker it must not (SuperExec would race the worker for every task)."""
+    with_worker = LocalFederation(options, Console(quiet=True))
+    with_worker.prepare()
+    node = with_worker.supernode_command(options.hospitals[0], 40003)
+    assert node[node.index("--isolation") + 1] == "process"
+    plain = FederationOptions(**{**options.__dict__, "site_workers": False})
+    without = LocalFederation(plain, Console(quiet=True))
+    without.prepare()
+    assert "--isolation" not in without.supernode_command(plain.hospitals[0], 40003)
+
+
 def test_environment(tmp_path: Path) -> None:
     env = flower_environment(tmp_path, {"PATH": "/usr/bin"})
     assert env["PATH"].split(os.pathsep) == [str(tmp_path), "/usr/bin"]
@@ -397,7 +430,8 @@ def test_each_hospital_gets_its_own_environment(
 ) -> None:
     """``HospitalSpec.env`` reaches that hospital's SuperNode only (and so its SuperExec and
     ClientApps, which inherit it) and its site worker, on top of ours; FLWR_HOME stays the
-    federation's. The worker gets the node's own config file."""
+    federation's. The worker gets the node's own config file and takes the tasks of its own
+    node's Runtime API, a node that starts no executor of its own."""
     first, second = options.hospitals
     pinned = replace(first, env={"CUDA_VISIBLE_DEVICES": "1", "PATH": "/opt/site/bin"})
     plain = FederationOptions(
@@ -419,9 +453,13 @@ def test_each_hospital_gets_its_own_environment(
     homes = federation.paths()["homes"]
     for name in ("hospital-a", "hospital-b"):
         assert started[f"worker-{name}"] == started[name]
-        config = commands[f"worker-{name}"][-1]
-        assert commands[name][commands[name].index("--node-config") + 1] == config
-        assert commands[f"worker-{name}"][-3:] == ["fedclinic.worker", "--config", config]
+        node, worker = commands[name], commands[f"worker-{name}"]
+        config = worker[worker.index("--config") + 1]
+        assert node[node.index("--node-config") + 1] == config
+        runtime = f"127.0.0.1:{node[node.index('--port') + 1]}"
+        assert worker[-5:] == ["fedclinic.worker", "--config", config, "--runtime-api-address",
+                               runtime]  # fmt: skip
+        assert node[node.index("--isolation") + 1] == "process"
     assert started["hospital-a"]["CUDA_VISIBLE_DEVICES"] == "1"
     assert started["hospital-a"]["PATH"] == "/opt/site/bin"  # the hospital's own wins
     assert started["hospital-a"]["FLWR_HOME"] == str(homes / "hospital-a")

@@ -32,7 +32,9 @@ STAND_IN = (
 
 def stand_in(monkeypatch: pytest.MonkeyPatch, script: str = STAND_IN) -> None:
     monkeypatch.setattr(
-        keeper_module, "worker_command", lambda config: [sys.executable, "-c", script, str(config)]
+        keeper_module,
+        "worker_command",
+        lambda config, runtime_address="": [sys.executable, "-c", script, str(config)],
     )
 
 
@@ -100,6 +102,42 @@ def test_a_crashed_worker_is_restarted_then_given_up_on(
         keeper.check()  # given up: no more restarts, no error
         assert len(worker.starts) == 3
         keeper.stop(3)
+    assert supervisor.remaining() == []
+
+
+def test_a_given_up_worker_leaves_the_nodes_tasks_to_flowers_superexec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that took its node's tasks (--isolation process) and keeps dying: someone
+    must take them, or the node waits for a reply forever: Flower's own SuperExec, on the
+    same Runtime API, under the same supervisor (stopped with the rest)."""
+    stand_in(monkeypatch)
+    executors: list[str] = []
+
+    def superexec(address: str) -> list[str]:
+        executors.append(address)
+        return [sys.executable, "-c", "import time; print('superexec', flush=True); time.sleep(60)"]
+
+    monkeypatch.setattr(keeper_module, "superexec_command", superexec)
+    said: list[str] = []
+    with ProcessSupervisor(grace_seconds=3) as supervisor:
+        keeper = WorkerKeeper(supervisor, lambda n, m: said.append(m), restart_limit=0)
+        worker = keeper.add(
+            "a", tmp_path / "a.toml", {"hospital": "a", "state-dir": str(tmp_path / "s")},
+            tmp_path / "a.log", runtime_address="127.0.0.1:40009",
+        )  # fmt: skip
+        keeper.wait_serving(30)
+        assert worker.process is not None
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.popen.wait(10)
+        keeper.check()
+        assert worker.given_up and executors == ["127.0.0.1:40009"]
+        assert "Flower's SuperExec takes the node's tasks" in said[-1]
+        assert worker.process.name == "superexec-a" and worker.process.exit_code() is None
+        keeper.check()  # given up: nothing restarted
+        assert executors == ["127.0.0.1:40009"]
+        keeper.stop(3)
+        assert worker.process.exit_code() is not None
     assert supervisor.remaining() == []
 
 

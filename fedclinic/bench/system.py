@@ -849,7 +849,7 @@ def add_system_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
 # ---------------------------------------------------------------------------- report section
 
 SCALE_KINDS = ("flwr-clientapp", "flower-supernode", "flower-superlink", "flwr-serverapp",
-               "flower-superexec")  # fmt: skip
+               "flower-superexec", "site-worker")  # fmt: skip
 
 
 def _md_mb(value: float | None) -> str:
@@ -872,8 +872,9 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
     lines += [
         f"Command: `{command} --out DIR` ({minutes:.0f} min here). Every federation is real: "
         "one SuperLink and one SuperNode per hospital as separate processes, gRPC with TLS and "
-        "node authentication, one `flwr-clientapp` process per message (a thin forwarder to "
-        "the hospital's site worker where one serves) "
+        "node authentication; where a hospital has a site worker, it takes its node's messages "
+        "itself (the first one through a `flwr-clientapp` process, the forwarder), else Flower "
+        "starts one `flwr-clientapp` process per message "
         f"({results.get('cpu_count')} CPU cores, no GPU). {results['rounds']} rounds each; round "
         "1 (ServerApp start-up) is left out; numbers are medians over rounds 2..R. Same "
         f"settings on both sides: model `{settings['model']}`, {settings['local-steps']} local "
@@ -891,7 +892,7 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         "",
         "| hospitals | app | all rounds complete | round overhead s (median) "
         "| ÷ plain Flower's | per round s "
-        "| peak RSS MiB ClientApp / SuperNode / SuperLink / ServerApp / SuperExec "
+        "| peak RSS MiB ClientApp / SuperNode / SuperLink / ServerApp / SuperExec / site worker "
         "| load avg before → after |",
         "|---:|---|---|---:|---:|---|---|---|",
     ]
@@ -944,11 +945,12 @@ def system_section(results: Mapping[str, Any], command: str) -> str:
         "small-image stem) and both apps build the same one. The scale rows' wire bytes are in "
         "system.json and system.csv, not in the scale table. One repetition per setting, so no "
         "interval. For the small models most of what remains is Flower 1.39's own pacing: a "
-        "SuperNode with nothing to do asks for messages every 3 s, SuperExec looks for tasks "
-        "every 1 s and starts a `flwr-clientapp` process per message, replies are polled "
-        "every 0.5 s (without the worker, every message also imports PyTorch and loads the "
-        "data again). For 45 and 170 MB the bytes dominate: fedclinic sends each model "
-        "packed into one buffer (docs/architecture.md#packed-models), which Flower cuts into "
+        "SuperNode with nothing to do asks for messages every 3 s and polls for the reply "
+        "every 0.5 s; without the site worker SuperExec also looks for tasks every 1 s and "
+        "starts a `flwr-clientapp` process per message, which imports PyTorch and loads the "
+        "data again (the worker takes the node's tasks itself, polling every 0.25 s). For 45 "
+        "and 170 MB the bytes dominate: fedclinic sends each model "
+        "packed in 20 MB parts (docs/architecture.md#packed-models), which Flower cuts into "
         "5 MB chunks, hashes on both sides and moves one Fleet API call per chunk through "
         "TLS; the plain Flower app sends Flower's usual record of one array per tensor (each "
         "array and each of its chunks one call).",

@@ -2,14 +2,15 @@
 own process, talking TLS on loopback with per-hospital node authentication.
 
 This is the same topology a consortium deploys (only the addresses differ), so ``fedclinic
-local`` exercises the real code paths: certificates, key registration, FAB upload, one
-``flwr-clientapp`` per message. Steps of :meth:`LocalFederation.run`:
+local`` exercises the real code paths: certificates, key registration, FAB upload, each
+hospital's site worker taking its node's tasks. Steps of :meth:`LocalFederation.run`:
 
 1. lay out the work dir (certificates, keys, TOML configs, one ``FLWR_HOME`` per process);
 2. start the SuperLink on free ports and wait for ``/health``;
 3. register each hospital's public key, start its site worker (:mod:`fedclinic.worker`,
    kept by :class:`~fedclinic.worker.keeper.WorkerKeeper` as ``fedclinic hospital`` keeps
-   its own) and its SuperNode, wait until all are online and every worker serves;
+   its own; it takes the tasks of its SuperNode's Runtime API) and its SuperNode
+   (``--isolation process``), wait until all are online and every worker serves;
 4. submit the run with ``flwr run`` and follow it (``flwr ls`` status, ``metrics.jsonl``
    rows, SuperNode processes);
 5. report the outcome and stop every process it started, whatever happened.
@@ -47,7 +48,13 @@ from fedclinic.local.supernode import diagnose, supernode_command
 from fedclinic.local.supervisor import ManagedProcess, ProcessSupervisor, tail_file
 from fedclinic.pki import Provisioned, provision
 from fedclinic.worker.forwarder import MODE_VARIABLE
-from fedclinic.worker.keeper import START_TIMEOUT, WorkerError, WorkerKeeper, workers_disabled
+from fedclinic.worker.keeper import (
+    NODE_ISOLATION,
+    START_TIMEOUT,
+    WorkerError,
+    WorkerKeeper,
+    workers_disabled,
+)
 
 WORK_DIR_MARKER = ".fedclinic-federation"
 PORT_IN_USE_HINTS = ("address already in use", "failed to bind", "errno 98")
@@ -172,6 +179,8 @@ class LocalFederation:
         self.superlink: ManagedProcess | None = None
         self.supernodes: dict[str, ManagedProcess] = {}
         self.node_ids: dict[str, int] = {}
+        #: each hospital's Runtime API port (its site worker takes the node's tasks there)
+        self.runtime_ports: dict[str, int] = {}
         self.fleet_port = 0
         self.control_port = 0
         self._t0 = time.monotonic()
@@ -341,8 +350,15 @@ class LocalFederation:
 
     # ------------------------------------------------------------------ 3. hospitals
 
-    def supernode_command(self, spec: HospitalSpec, port: int) -> list[str]:
+    def supernode_command(
+        self, spec: HospitalSpec, port: int, *, site_worker: bool | None = None
+    ) -> list[str]:
+        """The hospital's SuperNode (``port``: its Runtime API); where the hospital has a
+        site worker (``site_worker``; default: as this federation starts it), the worker
+        takes its tasks (``--isolation process``), else Flower's SuperExec does."""
         keys = self.pki.hospitals[spec.name] if self.pki and self.options.node_auth else None
+        if site_worker is None:
+            site_worker = not workers_disabled(self.hospital_environment(spec))
         return supernode_command(
             self.bin_dir,
             f"{LOOPBACK}:{self.fleet_port}",
@@ -352,6 +368,7 @@ class LocalFederation:
             private_key=keys.private_key if keys else None,
             max_retries=20,
             max_wait_time=120,
+            isolation=NODE_ISOLATION if site_worker else None,
         )
 
     def hospital_environment(self, spec: HospitalSpec) -> dict[str, str]:
@@ -363,8 +380,9 @@ class LocalFederation:
             env[MODE_VARIABLE] = "off"
         return env
 
-    def start_worker(self, spec: HospitalSpec) -> bool:
-        """Start the hospital's site worker (returns at once); False where it has none."""
+    def start_worker(self, spec: HospitalSpec, port: int) -> bool:
+        """Start the hospital's site worker, taking the tasks of the node whose Runtime API
+        is ``port`` (returns at once); False where it has none."""
         env = self.hospital_environment(spec)
         if workers_disabled(env):
             return False
@@ -376,6 +394,7 @@ class LocalFederation:
             self.work / log_name(spec.name, "-worker"),
             env=env,
             prefix=["nice", "-n", str(nice)] if nice else [],
+            runtime_address=f"{LOOPBACK}:{port}",
         )
         return True
 
@@ -392,8 +411,12 @@ class LocalFederation:
                 except FlowerCliError as err:
                     raise FederationError(f"registering {spec.name}: {err}") from None
         # the workers import torch while the SuperNodes come online
-        workers = [spec.name for spec in specs if self.start_worker(spec)]
         ports = pick_free_ports(len(specs))
+        self.runtime_ports = dict(zip([spec.name for spec in specs], ports, strict=True))
+        workers = [
+            spec.name for spec, port in zip(specs, ports, strict=True)
+            if self.start_worker(spec, port)
+        ]  # fmt: skip
         for spec, port in zip(specs, ports, strict=True):
             command = self.supernode_command(spec, port)
             if self.options.hospital_niceness:

@@ -29,9 +29,15 @@ def pick_free_ports(count: int, host: str = LOOPBACK) -> list[int]:
 
 
 def is_port_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether ``port`` can be bound on ``host`` (IPv4 or IPv6) at this moment."""
+    """Whether a server can listen on ``port`` on ``host`` (IPv4 or IPv6) at this moment.
+
+    With ``SO_REUSEADDR``, as Flower's servers (gRPC, uvicorn) bind: a port whose last
+    connections linger in ``TIME_WAIT`` (the site worker's to a node that just stopped) is
+    free for them; one that something listens on is not.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -35,12 +35,15 @@ def supernode_command(
     max_retries: int | None = None,
     max_wait_time: float | None = None,
     health_address: str | None = None,
+    isolation: str | None = None,
 ) -> list[str]:
     """``flower-supernode`` dialling ``superlink`` (the Fleet API, port 9092 by default).
 
     Without ``root_certificates`` the connection is plaintext (``--insecure``, local tests
     only); ``private_key`` turns on node authentication. ``port`` is this node's own Runtime
-    API on loopback: every SuperNode on one host needs its own.
+    API on loopback: every SuperNode on one host needs its own. ``isolation="process"``:
+    the node starts no executor of its own; the site worker takes its tasks
+    (:mod:`fedclinic.worker.executor`).
     """
     command = [
         str(bin_dir / "flower-supernode"),
@@ -61,6 +64,8 @@ def supernode_command(
             command += ["--auth-supernode-private-key", str(private_key)]
     if health_address:
         command += ["--health-server-address", health_address]
+    if isolation:
+        command += ["--isolation", isolation]
     return command
 
 

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from fedclinic.errors import FedClinicError
+from fedclinic.flower import flower_bin_dir
 from fedclinic.local.configs import load_hospital_files
 from fedclinic.local.federation import Interrupted, signals_as_exceptions
+from fedclinic.worker.executor import CLIENTAPP, check_flower
 from fedclinic.worker.server import SiteWorker
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         "--config", type=Path, required=True, metavar="FILE.toml",
         help="the hospital config the SuperNode is started with (--node-config)",
     )  # fmt: skip
+    parser.add_argument(
+        "--runtime-api-address", metavar="HOST:PORT", default="",
+        help="take the messages straight from this SuperNode's Runtime API (the node started "
+        "with --isolation process); without it, answer the forwarder ClientApp's connections",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         spec = load_hospital_files([args.config])[0]
@@ -40,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(err))
         return EXIT_CONFIG
     worker = SiteWorker(spec.flat)
+    clientapp: Path | None = None
+    if args.runtime_api_address:
+        try:
+            check_flower()
+            clientapp = flower_bin_dir() / CLIENTAPP
+        except FedClinicError as err:
+            _error(str(err))
+            return EXIT_CONFIG
     with signals_as_exceptions():
         try:
             worker.open()
@@ -50,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             _error(f"hospital {worker.name}: cannot listen on {worker.socket_path}: {err}")
             return EXIT_FAILED
         try:
+            tasks = f" and the node's tasks at {args.runtime_api_address}"
             print(
-                f"fedclinic worker {worker.name}: serving {worker.socket_path} "
-                f"(pid {os.getpid()})",
+                f"fedclinic worker {worker.name}: serving {worker.socket_path}"
+                f"{tasks if args.runtime_api_address else ''} (pid {os.getpid()})",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
-            worker.serve()
+            worker.serve(args.runtime_api_address or None, clientapp)
         except Interrupted as stop:
             print(
                 f"fedclinic worker {worker.name}: stopped ({stop}) after "

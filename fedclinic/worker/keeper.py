@@ -10,9 +10,11 @@ sweep cover it like the Flower daemons. :class:`WorkerKeeper`
    socket the forwarder ClientApp looks for) and waits, bounded, until it serves;
 2. restarts it when it dies after it served (:meth:`WorkerKeeper.check`, called from the
    caller's supervising loop). The message it was answering gets a one-line error reply
-   from the forwarder; the next one is answered by the new worker (or in process while it
-   starts). A worker that keeps dying is given up on after :data:`RESTART_LIMIT` restarts
-   in :data:`RESTART_WINDOW` seconds: messages are then answered in process;
+   from the new worker (:mod:`fedclinic.worker.executor` keeps the task in flight in
+   ``worker.task``), or from the forwarder when it came that way; the next messages wait at
+   the node for the new worker. A worker that keeps dying is given up on after
+   :data:`RESTART_LIMIT` restarts in :data:`RESTART_WINDOW` seconds: Flower's SuperExec then
+   takes the node's tasks, and messages are answered in process;
 3. stops it and removes a socket a killed worker left (:meth:`WorkerKeeper.stop`).
 
 A worker that cannot start at all (it exits, or does not serve within the bound) is a
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclinic.errors import FedClinicError
+from fedclinic.flower import flower_bin_dir
 from fedclinic.local.supervisor import ANSI_ESCAPE, ManagedProcess, ProcessSupervisor, read_from
 from fedclinic.worker.forwarder import MODE_VARIABLE
 from fedclinic.worker.protocol import remove_stale_socket, state_root
@@ -45,6 +48,9 @@ START_TIMEOUT = 180.0
 RESTART_LIMIT = 5
 RESTART_WINDOW = 600.0
 POLL_SECONDS = 0.2
+#: the SuperNode's ``--isolation`` when its worker takes its tasks: Flower then starts no
+#: SuperExec of its own (which would race the worker for every task)
+NODE_ISOLATION = "process"
 
 
 class WorkerError(FedClinicError):
@@ -56,9 +62,21 @@ def workers_disabled(env: Mapping[str, str] | None = None) -> bool:
     return (os.environ if env is None else env).get(MODE_VARIABLE, "").lower() == "off"
 
 
-def worker_command(config: Path) -> list[str]:
-    """The worker for the hospital config ``config``, on this interpreter and code."""
-    return [sys.executable, "-m", "fedclinic.worker", "--config", str(config)]
+def worker_command(config: Path, runtime_address: str = "") -> list[str]:
+    """The worker for the hospital config ``config``, on this interpreter and code; with
+    ``runtime_address`` it takes the node's tasks from that Runtime API (the node runs with
+    ``--isolation process``, :data:`NODE_ISOLATION`)."""
+    command = [sys.executable, "-m", "fedclinic.worker", "--config", str(config)]
+    return [*command, "--runtime-api-address", runtime_address] if runtime_address else command
+
+
+def superexec_command(runtime_address: str) -> list[str]:
+    """Flower's own executor for a node whose worker was given up on: one
+    ``flwr-clientapp`` per message again (answered in process by the forwarder)."""
+    return [
+        str(flower_bin_dir() / "flower-superexec"), "--insecure",
+        "--runtime-api-address", runtime_address,
+    ]  # fmt: skip
 
 
 @dataclass
@@ -72,6 +90,7 @@ class KeptWorker:
     env: dict[str, str] | None
     tier: int
     log_hint: str  # where an operator finds the worker's log
+    runtime_address: str = ""  # the node's Runtime API, where the worker takes its tasks
     process: ManagedProcess | None = None
     offset: int = 0  # size of the log when the current process started
     served: bool = False  # the current process logged that it serves
@@ -117,19 +136,22 @@ class WorkerKeeper:
         tier: int = 0,
         prefix: Sequence[str] = (),
         log_hint: str = "",
+        runtime_address: str = "",
     ) -> KeptWorker:
         """Start the worker of hospital ``name`` (``config``: the file its SuperNode gets as
         ``--node-config``, ``node_config``: its flat contents); returns at once. ``prefix``
         goes before the command (``nice -n 10``); ``log_hint`` says where its log is shown
-        (default: ``log_path``)."""
+        (default: ``log_path``); ``runtime_address``: the node's Runtime API, where the
+        worker takes the node's tasks (the node then starts no executor of its own)."""
         worker = KeptWorker(
             name,
-            [*prefix, *worker_command(config)],
+            [*prefix, *worker_command(config, runtime_address)],
             state_root(node_config),
             log_path,
             None if env is None else dict(env),
             tier,
             log_hint or str(log_path),
+            runtime_address,
         )
         self.workers[name] = worker
         self._start(worker)
@@ -212,12 +234,19 @@ class WorkerKeeper:
             if len(recent) > self.restart_limit:
                 worker.given_up = True
                 remove_stale_socket(worker.root)
+                executor = " (Flower's SuperExec takes the node's tasks)"
                 self.say(
                     worker.name,
                     f"the site worker (pid {process.pid}) exited with status {status}, "
                     f"{len(recent)} starts within {self.restart_window:g} s: not restarting "
-                    f"it; messages are answered in process from now on (log: {worker.log_hint})",
+                    f"it; messages are answered in process from now on"
+                    f"{executor if worker.runtime_address else ''} (log: {worker.log_hint})",
                 )
+                if worker.runtime_address:  # someone must take the node's tasks
+                    worker.process = self.supervisor.start(
+                        f"superexec-{worker.name}", superexec_command(worker.runtime_address),
+                        worker.log_path, env=worker.env, tier=worker.tier,
+                    )  # fmt: skip
                 continue
             self.say(
                 worker.name,

@@ -32,6 +32,7 @@ from fedclinic.data import DataRequest, HospitalData, load_hospital_data
 from fedclinic.data.base import DataSource
 from fedclinic.data.cache import Verify, tree_identity
 from fedclinic.errors import ConfigError
+from fedclinic.worker.executor import CLIENTAPP, TaskExecutor
 from fedclinic.worker.protocol import (
     LOCK_NAME,
     PROTOCOL,
@@ -116,6 +117,7 @@ class SiteWorker:
         self.code = code_identity()
         self.memo = DataMemo()
         self.answered = 0
+        self.hello_code: str | None = None  # the code the last forwarder's hello named
         self._lock: IO[str] | None = None
         self._listener: socket.socket | None = None
 
@@ -175,21 +177,51 @@ class SiteWorker:
 
     # -------------------------------------------------------------------- serving
 
-    def serve(self) -> None:
-        """Answer connections one at a time, until a signal stops the process."""
+    def serve(self, runtime_address: str | None = None, clientapp: Path | None = None) -> None:
+        """Answer until a signal stops the process: with ``runtime_address`` (the node's
+        Runtime API) the node's tasks taken straight from it
+        (:class:`~fedclinic.worker.executor.TaskExecutor`; ``clientapp``: Flower's
+        ``flwr-clientapp`` for FABs of other code); else the forwarders' connections, one
+        at a time."""
         if self._listener is None:
             raise RuntimeError("SiteWorker.serve() before open()")
         with data_from(self.memo):
+            if runtime_address:
+                executor = TaskExecutor(self, runtime_address, clientapp or Path(CLIENTAPP))
+                try:
+                    executor.serve()
+                finally:
+                    executor.close()
+                return
             while True:
                 connection, _ = self._listener.accept()
                 with connection:
                     self.serve_connection(Channel(connection))
+
+    def serve_pending(self, timeout: float) -> str | None:
+        """One forwarder connection if one comes within ``timeout`` s (while the executor
+        waits for a ``flwr-clientapp`` it started); the code identity its hello named."""
+        assert self._listener is not None
+        self._listener.settimeout(timeout)
+        try:
+            connection, _ = self._listener.accept()
+        except TimeoutError:
+            return None
+        finally:
+            self._listener.settimeout(None)
+        self.hello_code = None
+        with connection:
+            connection.settimeout(None)
+            self.serve_connection(Channel(connection))
+        return self.hello_code
 
     def serve_connection(self, channel: Channel) -> None:
         """One message: hello, context and message in, reply and state out."""
         channel.sock.settimeout(IO_TIMEOUT)
         try:
             hello = channel.recv_json()
+            code = hello.get("code")
+            self.hello_code = code if isinstance(code, str) else None
             refusal = self.refusal(hello)
             if refusal:
                 log(WARNING, "fedclinic worker %s: refused a request: %s", self.name, refusal)
@@ -201,26 +233,32 @@ class SiteWorker:
         except RECEIVE_ERRORS as err:  # a malformed request must not stop the worker
             log(WARNING, "fedclinic worker %s: dropped a request: %s", self.name, err)
             return
-        log(
-            INFO, "fedclinic worker %s: answering %s (group %s, %s)", self.name,
-            message.metadata.message_type, message.metadata.group_id or "-", _sender(hello),
-        )  # fmt: skip
         started = time.monotonic()
-        reply = self.answer(message, context)
+        reply = self.respond(message, context, _sender(hello))
         seconds = time.monotonic() - started
-        self.answered += 1
-        log(
-            INFO,
-            "fedclinic worker %s: answered %s (group %s) in %.2f s, data %s",
-            self.name, message.metadata.message_type, message.metadata.group_id or "-",
-            seconds, self.memo.last or "-",
-        )  # fmt: skip
         try:
             channel.send_json({"status": "answered", "seconds": seconds, "data": self.memo.last})
             channel.send_message(reply)
             channel.send_records(context.state)
         except (ProtocolError, OSError) as err:
             log(WARNING, "fedclinic worker %s: the forwarder went away: %s", self.name, err)
+
+    def respond(self, message: Message, context: Context, sender: str) -> Message:
+        """:meth:`answer`, with a log line before and after (``sender``: who asked)."""
+        log(
+            INFO, "fedclinic worker %s: answering %s (group %s, %s)", self.name,
+            message.metadata.message_type, message.metadata.group_id or "-", sender,
+        )  # fmt: skip
+        started = time.monotonic()
+        reply = self.answer(message, context)
+        self.answered += 1
+        log(
+            INFO,
+            "fedclinic worker %s: answered %s (group %s) in %.2f s, data %s",
+            self.name, message.metadata.message_type, message.metadata.group_id or "-",
+            time.monotonic() - started, self.memo.last or "-",
+        )  # fmt: skip
+        return reply
 
     def refusal(self, hello: Mapping[str, Any]) -> str:
         """Why this worker must not answer the request ('' when it may)."""

@@ -1,0 +1,433 @@
+"""The site worker as its SuperNode's task executor: messages taken straight from the node.
+
+Why: with Flower 1.39's default ``subprocess`` isolation the SuperNode starts Flower's
+SuperExec, which polls the node for a task every second and starts one ``flwr-clientapp``
+process per message; ours is the thin forwarder (:mod:`fedclinic.worker.forwarder`), which
+imports Flower (about 1 CPU-second), reinstalls the run's FAB and hands the message to this
+worker over its socket. Started with ``--isolation process`` the SuperNode starts no
+SuperExec and leaves the tasks to an outside executor: this module, inside the worker, takes
+each task from the node's Runtime API (loopback HTTP) and answers it with the handler it
+already holds, with no process started per message.
+
+What it does per task, in Flower's own order (``flwr/supernode/runtime/run_clientapp.py``):
+
+1. ``AcquireTask`` (a task of type ``flwr-clientapp``; the node hands out a token for it,
+   valid 30 s until the task starts), polled every :data:`POLL_SECONDS` while idle;
+2. a heartbeat thread (Flower's ``HeartbeatSender``: every 17.5 to 22.5 s; each beat keeps
+   the task alive for 60 s; a task whose beats stop is failed by the node, which answers the
+   coordinator ``ClientApp stopped responding``);
+3. ``PullTaskInput`` (the run's context; a token starts its task once), ``PullMessages``
+   and the message's objects (the node creates the task just before it stores the message,
+   so an empty answer is asked again for up to :data:`MESSAGE_WAIT_SECONDS`);
+4. the handler's reply, or an error reply: a reply always goes back before the task's output
+   (the node waits for a reply, and after ``PushTaskOutput`` the token is gone);
+5. ``PushMessages`` and the reply's objects, then ``PushTaskOutput`` with the context.
+
+Code identity: the run's code comes in its FAB; the worker answers a run in process only
+when that code is its own (:func:`fedclinic.worker.protocol.code_identity`). It learns that
+per FAB hash from the first task of each FAB, which it hands to Flower's own ``flwr-clientapp``
+with SuperExec's arguments: that process's forwarder connects to this worker's socket, which
+the worker serves meanwhile, and its hello names the FAB's code; a worker running other code
+refuses it and the forwarder answers with the FAB's own code, in its own process, as before.
+Later tasks of a FAB with the same code are answered here; of another code, by
+``flwr-clientapp``.
+
+A worker killed mid-task: the task's token and the message's header are in ``worker.task``
+in the state dir (mode 0600) while it answers; the next worker (restarted by
+:class:`~fedclinic.worker.keeper.WorkerKeeper`) answers that message with one error line
+naming the dead worker, as the forwarder did, instead of leaving the hospital to Flower's
+60 s heartbeat expiry.
+
+Flower's client helpers are not used as they are: ``run_clientapp`` ends with ``sys.exit``,
+its retry invoker sends its own process SIGINT on an HTTP 401 (an expired token), and its
+heartbeat function does so when a beat is refused; one stale token must not stop a worker.
+The names below are Flower 1.39.0's, some private (:func:`check_flower` at start).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from importlib import metadata
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app.message.message import remove_content_from_message
+from flwr.common import log
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+)
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.node_pb2 import Node
+from flwr.proto.runtime_pb2 import (
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    PushTaskOutputRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message
+
+from fedclinic.errors import ConfigError
+
+#: the Flower release whose Runtime API and helpers this module was written against
+FLWR_VERSION = "1.39.0"
+#: seconds between two ``AcquireTask`` calls while no task waits (SuperExec: 1 s)
+POLL_SECONDS = 0.25
+#: seconds between tries while the node's Runtime API does not answer (it starts, restarts)
+UNREACHABLE_SECONDS = 1.0
+#: how long an acquired task's message may take to appear at the node
+MESSAGE_WAIT_SECONDS = 30.0
+#: the in-flight task's token and message header, for the next worker after a crash
+JOURNAL_NAME = "worker.task"
+#: Flower's per-message ClientApp process (its name, its executable)
+CLIENTAPP = COMPONENT = "flwr-clientapp"
+
+
+def check_flower() -> None:
+    """Refuse to run on a Flower whose private Runtime API names may differ (one line)."""
+    installed = metadata.version("flwr")
+    if installed != FLWR_VERSION:
+        raise ConfigError(
+            f"the site worker's task executor was written for flwr {FLWR_VERSION}, found "
+            f"{installed}; start the hospital with --no-worker, or install flwr=={FLWR_VERSION}"
+        )
+    if TaskType.CLIENT_APP != COMPONENT or not hasattr(RuntimeHttpClient, "AcquireTask"):
+        raise ConfigError(f"flwr {installed}: the Runtime API is not the one this worker knows")
+
+
+def flower_reason(err: BaseException) -> str:
+    """An exception as ``flwr-clientapp`` reports it to the coordinator."""
+    return str(type(err)) + ":<'" + str(err) + "'>"
+
+
+def failure_reply(message: Message, hospital: str, why: str) -> Message:
+    """The one-line error the engine records for a message that failed at the site
+    (the forwarder's wording: ``hospital X: this message failed: ...``)."""
+    error = f"hospital {hospital}: this message failed: {why}"
+    content = RecordDict({"info": ConfigRecord({"hospital": hospital, "error": error})})
+    return Message(content=content, reply_to=message)
+
+
+class Journal:
+    """``<state-dir>/worker.task``: the task being answered (its token and the message
+    without content), so that a worker started after a crash can answer it."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / JOURNAL_NAME
+
+    def write(self, token: str, message: Message, context: Context) -> None:
+        proto = message_to_proto(remove_content_from_message(message))
+        record = {
+            "token": token,
+            "pid": os.getpid(),
+            "run-id": context.run_id,
+            "node-id": context.node_id,
+            "message": base64.b64encode(proto.SerializeToString()).decode("ascii"),
+        }
+        temporary = self.path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(record, file)
+        os.replace(temporary, self.path)
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            log(WARNING, "fedclinic worker: ignoring an unreadable %s: %s", self.path, err)
+            self.clear()
+            return None
+        return record if isinstance(record, dict) else None
+
+    def clear(self) -> None:
+        with suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class Site(Protocol):
+    """What the executor needs of the site worker (:class:`fedclinic.worker.server.SiteWorker`)."""
+
+    name: str
+    root: Path
+    code: str
+
+    def respond(self, message: Message, context: Context, sender: str) -> Message:
+        """The handler's reply (its exceptions already turned into error replies)."""
+        ...
+
+    def serve_pending(self, timeout: float) -> str | None:
+        """Answer one forwarder connection if one comes within ``timeout`` seconds; the
+        code identity its hello named (``None`` when none came)."""
+        ...
+
+
+def _beat(client: RuntimeHttpClient, lost: threading.Event) -> bool:
+    """One heartbeat, as Flower's ``make_task_heartbeat_fn_http`` sends it, without its
+    SIGINT: a refused beat (the token expired or was revoked) only sets ``lost``."""
+    try:
+        accepted = client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
+    except httpx.TransportError:
+        return False  # retried by the sender, with backoff
+    except httpx.HTTPStatusError as err:
+        if err.response.status_code in (503, 504):
+            return False
+        accepted = False
+    if not accepted:
+        lost.set()
+    return True
+
+
+class TaskExecutor:
+    """Acquire the node's ClientApp tasks and answer them, one at a time."""
+
+    def __init__(
+        self,
+        site: Site,
+        runtime_address: str,
+        clientapp: Path,
+        *,
+        poll_seconds: float = POLL_SECONDS,
+        message_wait: float = MESSAGE_WAIT_SECONDS,
+    ) -> None:
+        check_flower()
+        self.site = site
+        self.address = runtime_address
+        self.clientapp = clientapp  # Flower's flwr-clientapp, for FABs of other code
+        self.poll_seconds = poll_seconds
+        self.message_wait = message_wait
+        self.journal = Journal(site.root)
+        #: FAB hash -> whether the FAB's code is this worker's (learned from a delegated task)
+        self.same_code: dict[str, bool] = {}
+        self.answered = 0
+        self.delegated = 0
+        self._poller = self._client(None)
+        self._reachable: bool | None = None
+
+    def _client(self, token: str | None) -> RuntimeHttpClient:
+        interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=COMPONENT)]
+        if token:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(self.address, True, None, interceptors)
+
+    def close(self) -> None:
+        self._poller.close()
+
+    # ------------------------------------------------------------------ loop
+
+    def serve(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Take and answer tasks until ``stop()`` (a signal ends it sooner)."""
+        self.recover()
+        while not stop():
+            if not self.step():
+                time.sleep(self.poll_seconds if self._reachable else UNREACHABLE_SECONDS)
+
+    def step(self) -> bool:
+        """Acquire one task and see it through; whether there was one."""
+        try:
+            acquired = self._poller.AcquireTask(
+                AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+            )
+        except httpx.HTTPError as err:
+            if self._reachable is not False:
+                log(WARNING, "fedclinic worker %s: the node's Runtime API at %s does not "
+                    "answer (%s); trying again every %g s", self.site.name, self.address,
+                    err, UNREACHABLE_SECONDS)  # fmt: skip
+            self._reachable = False
+            return False
+        if not self._reachable:
+            log(INFO, "fedclinic worker %s: taking the node's tasks from %s", self.site.name,
+                self.address)  # fmt: skip
+            self._reachable = True
+        if not (acquired.HasField("task") and acquired.token):
+            return False
+        task = acquired.task
+        if self.same_code.get(task.fab_hash):
+            self.run_task(acquired.token)
+        else:
+            self.delegate(acquired.token, task.fab_hash)
+        return True
+
+    # ------------------------------------------------------------------ one task here
+
+    def pull_input(self, client: RuntimeHttpClient) -> tuple[Message, Context]:
+        """``run_clientapp.pull_task_input`` without the FAB install, waiting for a message
+        the node has not stored yet."""
+        task_input = client.PullTaskInput(PullTaskInputRequest())
+        TaskIdentity.task_id = task_input.task_id
+        TaskIdentity.run_id = task_input.run.run_id
+        TaskIdentity.node_id = task_input.context.node_id
+        context = context_from_proto(task_input.context)
+        deadline = time.monotonic() + self.message_wait
+        while True:
+            pulled = client.PullMessages(PullAppMessagesRequest())
+            if pulled.messages_list:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("No messages received from Runtime API")
+            time.sleep(0.05)
+        tree = pulled.message_object_trees[0]
+        node = Node(node_id=context.node_id)
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(
+                client.ConfirmMessageReceived, node, context.run_id
+            ),
+            return_type=Message,
+        )
+        message.metadata.__dict__["_message_id"] = tree.object_id
+        return message, context
+
+    def run_task(self, token: str) -> None:
+        """Pull, answer, push reply then output; every path pushes a reply once a message
+        was pulled (an error reply for an exception, also a signal's)."""
+        client = self._client(token)
+        lost = threading.Event()
+        heartbeat = HeartbeatSender(lambda: _beat(client, lost))
+        heartbeat.start()
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        try:
+            message, context = self.pull_input(client)
+            self.journal.write(token, message, context)
+            reply = self.site.respond(message, context, f"the node's task {TaskIdentity.task_id}")
+            status, details = SubStatus.COMPLETED, ""
+            self.answered += 1
+        except BaseException as err:  # a signal too: the node must not wait for a reply
+            details = flower_reason(err)
+            if isinstance(err, Exception):
+                log(ERROR, "fedclinic worker %s: a task failed", self.site.name, exc_info=err)
+            if message is not None:
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                    reply_to=message,
+                )
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            self._finish(client, context, reply, status, details, lost)
+            heartbeat.stop()
+            client.close()
+            self.journal.clear()
+
+    def _finish(
+        self,
+        client: RuntimeHttpClient,
+        context: Context | None,
+        reply: Message | None,
+        status: str,
+        details: str,
+        lost: threading.Event,
+    ) -> None:
+        """Reply first, then the task's output (the token dies with the output)."""
+        if lost.is_set():
+            log(WARNING, "fedclinic worker %s: the node gave up on this task (no heartbeat "
+                "accepted); its reply is not sent", self.site.name)  # fmt: skip
+        elif reply is not None and context is not None:
+            try:
+                push_message(client, reply, context)
+            except Exception as err:
+                log(ERROR, "fedclinic worker %s: could not push the reply: %s",
+                    self.site.name, err)  # fmt: skip
+                status, details = SubStatus.FAILED, flower_reason(err)
+        try:
+            client.PushTaskOutput(
+                PushTaskOutputRequest(
+                    context=context_to_proto(context) if context is not None else None,
+                    sub_status=status,
+                    details=details,
+                )
+            )
+        except httpx.HTTPError as err:
+            log(ERROR, "fedclinic worker %s: could not push the task's output: %s",
+                self.site.name, err)  # fmt: skip
+
+    # ------------------------------------------------------------------ other code
+
+    def delegate(self, token: str, fab_hash: str) -> None:
+        """Hand the task to Flower's ``flwr-clientapp`` (SuperExec's arguments) and serve
+        its forwarder meanwhile; learn from the forwarder's hello whether this FAB's code
+        is the worker's."""
+        command = [
+            str(self.clientapp), "--runtime-api-address", self.address, "--token", token,
+            "--insecure", "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        known = fab_hash in self.same_code
+        log(INFO, "fedclinic worker %s: handing a task of FAB %s to flwr-clientapp (%s)",
+            self.site.name, fab_hash[:12],
+            "its code is not this worker's" if known else "a FAB this worker has not seen",
+        )  # fmt: skip
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.delegated += 1
+        try:
+            while child.poll() is None:
+                code = self.site.serve_pending(0.2)
+                if code is not None:
+                    self.same_code[fab_hash] = code == self.site.code
+        finally:
+            if child.poll() is None:  # a signal stopped us: the child follows its parent
+                child.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                child.wait(5)
+        if not known and fab_hash in self.same_code:
+            log(INFO, "fedclinic worker %s: FAB %s runs %s; its tasks are answered %s",
+                self.site.name, fab_hash[:12],
+                "this worker's code" if self.same_code[fab_hash] else "other code",
+                "here from now on" if self.same_code[fab_hash] else "by flwr-clientapp",
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ after a crash
+
+    def recover(self) -> None:
+        """Answer the task a killed worker left in ``worker.task`` with one error line."""
+        record = self.journal.read()
+        if record is None:
+            return
+        self.journal.clear()
+        client = self._client(str(record.get("token", "")) or None)
+        try:
+            proto = ProtoMessage()
+            proto.ParseFromString(base64.b64decode(str(record["message"])))
+            message = message_from_proto(proto)
+            context = Context(
+                run_id=int(record["run-id"]), node_id=int(record["node-id"]), node_config={},
+                state=RecordDict(), run_config={},
+            )  # fmt: skip
+            why = f"the site worker (pid {record.get('pid')}) stopped before replying"
+            push_message(client, failure_reply(message, self.site.name, why), context)
+            client.PushTaskOutput(PushTaskOutputRequest(sub_status=SubStatus.FAILED, details=why))
+            log(WARNING, "fedclinic worker %s: answered the message a stopped worker left: "
+                "%s", self.site.name, why)  # fmt: skip
+        except Exception as err:  # the token expired: the node already answered it
+            log(WARNING, "fedclinic worker %s: the task a stopped worker left is gone "
+                "(%s)", self.site.name, err)  # fmt: skip
+        finally:
+            client.close()
