@@ -16,11 +16,48 @@ import contextlib
 import os
 import sys
 import sysconfig
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
 
 from fedclinic.errors import FedClinicError
 
+T = TypeVar("T")
+
 EXECUTABLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr")
+#: the Flower release whose private names fedclinic's launchers (:mod:`fedclinic.superlink`,
+#: :mod:`fedclinic.supernode`) and the site worker's executor rely on
+FLWR_VERSION = "1.39.0"
+EXIT_REFUSED = 2
+
+
+class LauncherError(FedClinicError):
+    """This Flower is not the one a launcher was written against; nothing was started."""
+
+
+def require_flower(what: str, check: str, installed: str | None = None) -> None:
+    """Refuse any flwr but :data:`FLWR_VERSION` (``installed`` defaults to the real one):
+    ``what`` relies on its private names, ``check`` says what to re-read before moving."""
+    version = metadata.version("flwr") if installed is None else installed
+    if version != FLWR_VERSION:
+        raise LauncherError(
+            f"{what} was written against flwr=={FLWR_VERSION}, found flwr=={version}: {check}"
+        )
+
+
+def launch(program: str, prepare: Callable[[], T], start: Callable[[T], None]) -> int:
+    """A launcher's ``main``: ``prepare()`` (a :class:`LauncherError` is one ``error:`` line
+    and exit 2, nothing started), then ``start`` with what it returned, as ``program`` (the
+    name Flower's argparse uses in its messages)."""
+    try:
+        prepared = prepare()
+    except LauncherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    sys.argv[0] = program
+    start(prepared)
+    return 0
 
 
 class FlowerNotFound(FedClinicError):

@@ -348,7 +348,6 @@ def run_hospital(args: argparse.Namespace) -> int:
     if not use_worker:  # the forwarder then answers in process, whatever else serves
         env[MODE_VARIABLE] = "off"
     command = supernode_command(
-        bin_dir,
         args.superlink,
         args.config,
         args.runtime_port,

@@ -40,16 +40,15 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from types import ModuleType
 from typing import Any
 
-FLWR_VERSION = "1.39.0"
+from fedclinic.flower import LauncherError, launch, require_flower
+
 #: Flower 1.39's value is 5000. The longest wait seen for the write lock was 28 s (16 hospitals
 #: on a 2-core machine at load average 40: docs/reliability.md); a request starved for longer
 #: than this still fails as before.
 BUSY_TIMEOUT_MS = 60_000
-EXIT_REFUSED = 2
 #: where the SuperLink keeps message objects (the serialised models, in chunks, until their
 #: receiver confirms them): ``memory`` (Flower's in-memory store, as on every SuperNode) or
 #: ``database`` (Flower's default with ``--database``: blobs in the SQLite file that also holds
@@ -58,10 +57,6 @@ EXIT_REFUSED = 2
 OBJECT_STORES = ("memory", "database")
 OBJECT_STORE_ENVIRONMENT = "FEDCLINIC_SUPERLINK_OBJECTS"
 DEFAULT_OBJECT_STORE = "memory"
-
-
-class LauncherError(RuntimeError):
-    """This Flower is not the one the launcher was written against; nothing was started."""
 
 
 def with_busy_timeout(
@@ -77,13 +72,12 @@ def with_busy_timeout(
 
 def check_flower_version(installed: str | None = None) -> None:
     """Refuse any flwr but :data:`FLWR_VERSION` (``installed`` defaults to the real one)."""
-    version = metadata.version("flwr") if installed is None else installed
-    if version != FLWR_VERSION:
-        raise LauncherError(
-            f"fedclinic.superlink was written against flwr=={FLWR_VERSION}, found "
-            f"flwr=={version}: check Flower's SQLite settings (flwr/supercore/constant.py "
-            "SQLITE_PRAGMAS, flwr/supercore/sql_mixin.py) and update this launcher"
-        )
+    require_flower(
+        "fedclinic.superlink",
+        "check Flower's SQLite settings (flwr/supercore/constant.py SQLITE_PRAGMAS, "
+        "flwr/supercore/sql_mixin.py) and update this launcher",
+        installed,
+    )
 
 
 def apply_sqlite_settings(
@@ -156,21 +150,17 @@ def prepare(environ: Mapping[str, str] = os.environ) -> str:
     return objects
 
 
-def main() -> int:
-    try:
-        objects = prepare()
-    except LauncherError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_REFUSED
+def start(objects: str) -> None:
     from flwr.supercore.logger import log
+    from flwr.superlink.cli import flower_superlink
 
     log(logging.INFO, "fedclinic.superlink: SQLite busy_timeout %d ms (Flower's default 5000), "
         "message objects in %s", BUSY_TIMEOUT_MS, objects)  # fmt: skip
-    from flwr.superlink.cli import flower_superlink
-
-    sys.argv[0] = "flower-superlink"  # what its argparse names in messages
     flower_superlink()
-    return 0
+
+
+def main() -> int:
+    return launch("flower-superlink", prepare, start)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,10 @@ def test_local_federation_two_hospitals_two_rounds(tmp_path: Path) -> None:
         assert "a task failed" not in worker_log
         assert not (out / "hospital-state" / name / "worker.sock").exists()
         assert not (out / "hospital-state" / name / "worker.task").exists()
+        node_log = ANSI_ESCAPE.sub("", (work / log_name(name)).read_text())
+        assert (
+            "fedclinic.supernode: the empty pulls after a reply wait" in node_log
+        )  # through the launcher
 
     # the runner stopped everything it started (SuperExecs and app processes included)
     assert pids_with_cmdline(str(out), environ=True) == []

@@ -7,7 +7,6 @@ needed are in docs/reliability.md ("Many hospitals").
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -22,14 +21,13 @@ from flwr.supercore.object_store.sql_object_store import SqlObjectStore
 from flwr.superlink import main as superlink_main
 from flwr.superlink.federation import NoOpFederationManager
 
-from fedclinic import superlink
+from fedclinic import flower, superlink
 from fedclinic.bench.load import process_kind
+from fedclinic.flower import FLWR_VERSION, LauncherError
 from fedclinic.superlink import (
     BUSY_TIMEOUT_MS,
     DEFAULT_OBJECT_STORE,
-    FLWR_VERSION,
     OBJECT_STORE_ENVIRONMENT,
-    LauncherError,
     apply_sqlite_settings,
     check_flower_version,
     keep_objects_in_memory,
@@ -85,19 +83,12 @@ def test_flowers_sql_state_gets_the_longer_timeout(
 def test_launcher_refuses_another_flower_without_starting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(superlink.metadata, "version", lambda name: "1.42.0")
-    assert superlink.main() == superlink.EXIT_REFUSED
+    monkeypatch.setattr(flower.metadata, "version", lambda name: "1.42.0")
+    assert superlink.main() == flower.EXIT_REFUSED
     assert "written against flwr==1.39.0, found flwr==1.42.0" in capsys.readouterr().err
 
 
-def test_launcher_hands_every_flag_to_flowers_superlink() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "fedclinic.superlink", "--help"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: flower-superlink")
-    assert "--enable-supernode-auth" in done.stdout and "--database" in done.stdout
+# `python -m fedclinic.superlink --help`: tests/test_supernode_launcher.py (both launchers)
 
 
 def test_every_coordinator_starts_through_the_launcher() -> None:

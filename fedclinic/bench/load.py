@@ -58,7 +58,11 @@ PROCESS_KINDS = ("flwr-clientapp", "flwr-serverapp", "flower-superexec", "flower
                  "flower-superlink")  # fmt: skip
 #: launchers that run a kind in-process under another name (``python -m fedclinic.superlink``);
 #: the hospital's site worker (``python -m fedclinic.worker``) is a kind of its own
-LAUNCHERS = {"fedclinic.superlink": "flower-superlink", "fedclinic.worker": "site-worker"}
+LAUNCHERS = {
+    "fedclinic.superlink": "flower-superlink",
+    "fedclinic.supernode": "flower-supernode",
+    "fedclinic.worker": "site-worker",
+}
 
 
 def process_kind(cmdline: str) -> str | None:

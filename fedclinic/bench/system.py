@@ -50,7 +50,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from fedclinic.bench.load import (
 )
 from fedclinic.local.configs import HospitalSpec, app_defaults, find_app_dir, synthetic_hospitals
 from fedclinic.local.federation import LocalFederation
+from fedclinic.supernode import PACING_ENVIRONMENT
 
 PLAIN_APP_DIR = Path(__file__).resolve().parent / "plain_flower"
 #: keys of the plain app's [tool.flwr.app.config]; the shared run settings are LOAD_RUN's
@@ -361,7 +362,10 @@ def run_federation(
 ) -> dict[str, Any]:
     """One federation on real processes; its status, memory peaks and wire-byte series.
     ``site_workers`` False: fedclinic's hospitals answer each message in its own ClientApp
-    process (``--no-worker``); the plain app never has the worker."""
+    process (``--no-worker``); the plain app never has the worker, and its SuperNodes keep
+    Flower's own waits (``fedclinic.supernode``'s pacing is fedclinic's)."""
+    if plain:
+        hospitals = [replace(h, env={**h.env, PACING_ENVIRONMENT: "flower"}) for h in hospitals]
     federation = LocalFederation(
         bench_options(app_dir, out, run_config, hospitals, site_workers=site_workers and not plain),
         Console(quiet=True),

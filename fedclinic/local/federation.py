@@ -360,7 +360,6 @@ class LocalFederation:
         if site_worker is None:
             site_worker = not workers_disabled(self.hospital_environment(spec))
         return supernode_command(
-            self.bin_dir,
             f"{LOOPBACK}:{self.fleet_port}",
             self.paths()["hospital_configs"] / f"{spec.name}.toml",
             port,

@@ -10,6 +10,7 @@ act on. The signatures below were read from flwr 1.39.0 logs (docs/operators.md 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,6 @@ STOP_GRACE_SECONDS = 7.0
 
 
 def supernode_command(
-    bin_dir: Path,
     superlink: str,
     node_config: Path,
     port: int,
@@ -37,7 +37,10 @@ def supernode_command(
     health_address: str | None = None,
     isolation: str | None = None,
 ) -> list[str]:
-    """``flower-supernode`` dialling ``superlink`` (the Fleet API, port 9092 by default).
+    """Flower's SuperNode, through fedclinic's launcher (``python -m fedclinic.supernode``:
+    ``flower-supernode`` with shorter waits while a run exchanges messages; its environment's
+    ``FEDCLINIC_SUPERNODE_PACING=flower`` keeps Flower's), dialling ``superlink`` (the Fleet
+    API, port 9092 by default).
 
     Without ``root_certificates`` the connection is plaintext (``--insecure``, local tests
     only); ``private_key`` turns on node authentication. ``port`` is this node's own Runtime
@@ -46,7 +49,7 @@ def supernode_command(
     (:mod:`fedclinic.worker.executor`).
     """
     command = [
-        str(bin_dir / "flower-supernode"),
+        sys.executable, "-m", "fedclinic.supernode",
         "--superlink", superlink,
         "--host", LOOPBACK,
         "--port", str(port),

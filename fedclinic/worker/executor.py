@@ -54,7 +54,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from importlib import metadata
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,10 +90,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message
 
-from fedclinic.errors import ConfigError
+from fedclinic.flower import LauncherError, require_flower
 
-#: the Flower release whose Runtime API and helpers this module was written against
-FLWR_VERSION = "1.39.0"
 #: seconds between two ``AcquireTask`` calls while no task waits (SuperExec: 1 s)
 POLL_SECONDS = 0.25
 #: seconds between tries while the node's Runtime API does not answer (it starts, restarts)
@@ -107,16 +104,15 @@ JOURNAL_NAME = "worker.task"
 CLIENTAPP = COMPONENT = "flwr-clientapp"
 
 
-def check_flower() -> None:
+def check_flower(installed: str | None = None) -> None:
     """Refuse to run on a Flower whose private Runtime API names may differ (one line)."""
-    installed = metadata.version("flwr")
-    if installed != FLWR_VERSION:
-        raise ConfigError(
-            f"the site worker's task executor was written for flwr {FLWR_VERSION}, found "
-            f"{installed}; start the hospital with --no-worker, or install flwr=={FLWR_VERSION}"
-        )
+    require_flower(
+        "the site worker's task executor",
+        "start the hospital with --no-worker, or install that flwr",
+        installed,
+    )
     if TaskType.CLIENT_APP != COMPONENT or not hasattr(RuntimeHttpClient, "AcquireTask"):
-        raise ConfigError(f"flwr {installed}: the Runtime API is not the one this worker knows")
+        raise LauncherError("flwr's Runtime API is not the one the site worker knows")
 
 
 def flower_reason(err: BaseException) -> str:
