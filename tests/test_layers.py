@@ -27,6 +27,8 @@ APPS = (
     "fedclinic.datasets",
     "fedclinic.stats.command",
     "fedclinic.worker",
+    "fedclinic.superlink",  # the launchers of Flower's daemons
+    "fedclinic.supernode",
 )
 ALGORITHMS = ("strategies",)
 

@@ -47,6 +47,8 @@ from flwr.supernode.nodestate import NodeStateFactory
 
 from fedclinic.errors import Interrupted
 from fedclinic.flower import LauncherError
+from fedclinic.local.configs import write_flat_toml
+from fedclinic.worker import __main__ as worker_main
 from fedclinic.worker import executor as executor_module
 from fedclinic.worker.executor import JOURNAL_NAME, TaskExecutor, _beat, check_flower
 
@@ -389,3 +391,37 @@ def test_another_flower_is_refused_in_one_line() -> None:
         LauncherError, match=r"written against flwr==1\.39\.0, found flwr==1\.40\.0.*--no-worker"
     ):
         check_flower("1.40.0")
+
+
+def test_a_bad_answer_from_the_node_does_not_end_the_worker(
+    node: FlowerNode, site: FakeSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    tasks = executor(site, node)
+    calls: list[int] = []
+
+    def step() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("Invalid protobuf response payload")
+        return False
+
+    tasks.step = step  # type: ignore[method-assign]
+    tasks.serve(stop=lambda: len(calls) >= 3)
+    assert len(calls) == 3 and "taking a task failed" in caplog.text
+
+
+def test_a_worker_without_flwr_clientapp_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_flat_toml(
+        tmp_path / "a.toml",
+        {"hospital": "a", "data-source": "synthetic", "state-dir": str(tmp_path / "s")},
+    )
+    monkeypatch.setattr(worker_main, "flower_bin_dir", lambda: tmp_path / "bin")
+    code = worker_main.main(["--config", str(config), "--runtime-api-address", "127.0.0.1:9"])
+    assert code == worker_main.EXIT_CONFIG
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"error: hospital a: Flower's flwr-clientapp is not at {tmp_path / 'bin'}/flwr-clientapp "
+        "(the site worker hands it the messages of a run's code it has not seen)"
+    ]

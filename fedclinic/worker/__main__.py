@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fedclinic.errors import FedClinicError
-from fedclinic.flower import flower_bin_dir
+from fedclinic.flower import FlowerNotFound, flower_bin_dir
 from fedclinic.local.configs import load_hospital_files
 from fedclinic.local.federation import Interrupted, signals_as_exceptions
 from fedclinic.worker.executor import CLIENTAPP, check_flower
@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_flower()
             clientapp = flower_bin_dir() / CLIENTAPP
+            if not os.access(clientapp, os.X_OK):
+                raise FlowerNotFound(
+                    f"hospital {worker.name}: Flower's {CLIENTAPP} is not at {clientapp} (the "
+                    "site worker hands it the messages of a run's code it has not seen)"
+                )
         except FedClinicError as err:
             _error(str(err))
             return EXIT_CONFIG

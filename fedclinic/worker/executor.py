@@ -240,7 +240,13 @@ class TaskExecutor:
         """Take and answer tasks until ``stop()`` (a signal ends it sooner)."""
         self.recover()
         while not stop():
-            if not self.step():
+            try:
+                took = self.step()
+            except Exception as err:  # one bad answer from the node must not end the worker
+                log(ERROR, "fedclinic worker %s: taking a task failed", self.site.name,
+                    exc_info=err)  # fmt: skip
+                took = False
+            if not took:
                 time.sleep(self.poll_seconds if self._reachable else UNREACHABLE_SECONDS)
 
     def step(self) -> bool:
@@ -330,7 +336,8 @@ class TaskExecutor:
                 raise
         finally:
             self._finish(client, context, reply, status, details, lost)
-            heartbeat.stop()
+            with suppress(RuntimeError):  # its thread ended on its own (an unexpected error)
+                heartbeat.stop()
             client.close()
             self.journal.clear()
 
