@@ -1,12 +1,13 @@
 """The ClientApp a ``flwr-clientapp`` process runs (pyproject's ``clientapp``).
 
-Where a hospital's site worker takes the node's tasks itself (the default), Flower starts
-this only for the first message of a FAB the worker has not seen, for a FAB with other code,
-and without a worker (``--no-worker``: one process per message). It is
-:mod:`fedclinic.worker.forwarder`: no torch, it hands the message to the site worker over
-``<state-dir>/worker.sock`` and returns the reply; without a worker (or one running other
-code) it answers in this process with the full handler, :mod:`client.app` (the worker runs
-that same handler). docs/architecture.md has the process table.
+Where fedclinic starts the hospital's node, its site worker takes the node's messages itself
+and no ``flwr-clientapp`` runs; this runs without a worker (``--no-worker``: one process per
+message, answering in process), on a node started with Flower's own executor beside a site
+worker (it hands the message over ``<state-dir>/worker.sock``), and in the child that answers
+a run whose code is not the worker's. It is :mod:`fedclinic.worker.forwarder`: no torch; it
+hands the message to the site worker and returns the reply, or, without a worker (or with
+``FEDCLINIC_WORKER=off``, or a worker running other code), answers in this process with the
+full handler, :mod:`client.app`. docs/architecture.md has the process table.
 """
 
 from fedclinic.worker.forwarder import app

@@ -114,27 +114,23 @@ def test_local_federation_two_hospitals_two_rounds(tmp_path: Path) -> None:
     path = path if path.is_absolute() else out / path
     assert hashlib.sha256(path.read_bytes()).hexdigest() == model["sha256"]
 
-    # each hospital's site worker answered every message: the first (a FAB it had not seen)
-    # through the flwr-clientapp it started (its output is in the worker's log) and the
-    # forwarder, which named the FAB's code, the same as the worker's; every later one taken
-    # straight from its node
+    # each hospital's site worker answered every message itself, taken straight from its
+    # node: the run's FAB carries the worker's own code, and no flwr-clientapp was started
     work = out / "federation"
     for name in HOSPITALS:
         worker_log = ANSI_ESCAPE.sub("", (work / log_name(name, "-worker")).read_text())
-        forwarded = [line for line in worker_log.splitlines() if f"hospital {name}: " in line
-                     and " answered " in line]  # fmt: skip
-        assert len(forwarded) == 1, worker_log[-3000:]
-        assert " answered by the site worker in " in forwarded[0], forwarded
         assert worker_log.count(": serving ") == 1, worker_log[-3000:]  # never restarted
         answered = worker_log.count(f"fedclinic worker {name}: answered ")
         assert answered >= 3, worker_log[-3000:]  # 2 rounds' training + final evaluation
-        assert worker_log.count(", the node's task ") == answered - 1, worker_log[-3000:]
-        assert "runs this worker's code; its tasks are answered here" in worker_log
+        assert worker_log.count(", the node's task ") == answered, worker_log[-3000:]
+        assert "runs this worker's code: answered here" in worker_log
+        assert "with the run's own code" not in worker_log
+        node_log = ANSI_ESCAPE.sub("", (work / log_name(name)).read_text())
+        assert f"fedclinic hospital {name}: " not in node_log  # no forwarder ran
         assert "went away" not in worker_log and "stopped (SIGTERM)" in worker_log
         assert "a task failed" not in worker_log
         assert not (out / "hospital-state" / name / "worker.sock").exists()
         assert not (out / "hospital-state" / name / "worker.task").exists()
-        node_log = ANSI_ESCAPE.sub("", (work / log_name(name)).read_text())
         assert (
             "fedclinic.supernode: the empty pulls after a reply wait" in node_log
         )  # through the launcher

@@ -20,6 +20,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from flwr.cli.supernode.register import try_load_public_key
 from rich.console import Console
 
 from fedclinic.errors import ConfigError
@@ -40,6 +43,7 @@ from fedclinic.local.flwr_cli import (
     RunStatus,
     connection_toml,
     parse_json_output,
+    public_key_bytes,
 )
 from fedclinic.local.follow import RunError
 from fedclinic.local.ports import is_port_free, pick_free_ports
@@ -51,7 +55,7 @@ from fedclinic.local.supervisor import (
     pids_with_marker,
     tail_file,
 )
-from fedclinic.pki import Provisioned, provision
+from fedclinic.pki import Provisioned, create_hospital_keys, provision
 
 SUMMARY = {
     "status": "completed",
@@ -292,6 +296,36 @@ def test_flower_cli_wrapper(fake_cli: FlowerCli, tmp_path: Path) -> None:
     with pytest.raises(FlowerCliError, match="did not answer"):
         fake_cli.stop(7)
     assert fake_cli.supervisor.remaining() == []
+
+
+def test_a_public_key_is_sent_as_flowers_cli_sends_it_and_a_bad_one_is_one_line(
+    tmp_path: Path,
+) -> None:
+    """In-process registration: the bytes Flower's own ``flwr supernode register`` would send
+    (its ``try_load_public_key``), and its checks as one FlowerCliError, not its exit."""
+    keys = create_hospital_keys(tmp_path, "st-mary")
+    assert public_key_bytes(keys.public_key) == try_load_public_key(keys.public_key)
+
+    def ssh(key: object, name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(
+            key.public_key().public_bytes(  # type: ignore[attr-defined]
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            )
+        )
+        return path
+
+    garbage = tmp_path / "garbage.pub"
+    garbage.write_text("not a key\n")
+    for path, reason in (
+        (tmp_path / "missing.pub", "does not exist"),
+        (garbage, "garbage.pub"),
+        (ssh(ed25519.Ed25519PrivateKey.generate(), "ed.pub"), "not an EC public key"),
+        (ssh(rsa.generate_private_key(65537, 2048), "rsa.pub"), "not an EC public key"),
+    ):
+        with pytest.raises(FlowerCliError, match="'flwr supernode register' failed") as caught:
+            public_key_bytes(path)
+        assert reason in str(caught.value) and "\n" not in str(caught.value)
 
 
 # ---------------------------------------------------------------------------- progress

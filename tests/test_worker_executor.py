@@ -7,20 +7,21 @@ objects): the executor talks HTTP to it exactly as in a federation, without a Su
 What the node holds afterwards (the reply, the task's status, the stored context) is read
 from Flower's state, not from the executor.
 
-The real SuperNode + SuperLink runs (the first task handed to ``flwr-clientapp``, every later
-one answered by the worker, a worker SIGKILLed mid-task) are in test_e2e_local.py and
-test_e2e_worker.py.
+The real SuperNode + SuperLink runs (every message answered by the worker, a worker
+SIGKILLed mid-task) are in test_e2e_local.py and test_e2e_worker.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import socket
 import stat
-import sys
+import textwrap
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ import uvicorn
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message.message import make_message, remove_content_from_message
 from flwr.app.metadata import Metadata
+from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import PushTaskOutputRequest
 from flwr.supercore.constant import TaskType
@@ -47,13 +49,72 @@ from flwr.supernode.nodestate import NodeStateFactory
 
 from fedclinic.errors import Interrupted
 from fedclinic.flower import LauncherError
-from fedclinic.local.configs import write_flat_toml
-from fedclinic.worker import __main__ as worker_main
 from fedclinic.worker import executor as executor_module
-from fedclinic.worker.executor import JOURNAL_NAME, TaskExecutor, _beat, check_flower
+from fedclinic.worker.executor import (
+    JOURNAL_NAME,
+    TaskExecutor,
+    _beat,
+    check_flower,
+    frame,
+    unframe,
+)
+from fedclinic.worker.protocol import code_identity_of_fab
 
 NODE_ID, RUN_ID = 7, 11
-OURS, THEIRS = b"fab of this worker's code", b"fab of other code"
+
+
+def zipped(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as fab:
+        for name, text in files.items():
+            fab.writestr(name, text)
+    return buffer.getvalue()
+
+
+#: a FAB whose packages are the (fake) site worker's code
+OURS = zipped({"pyproject.toml": "", "client/__init__.py": "", "client/app.py": "# ours\n"})
+#: a real, installable FAB of another app: its ClientApp triples the weights
+OTHER_APP = {
+    "pyproject.toml": textwrap.dedent(
+        """\
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+
+        [project]
+        name = "otherapp"
+        version = "2.0.0"
+
+        [tool.flwr.app]
+        publisher = "elsewhere"
+
+        [tool.flwr.app.components]
+        serverapp = "client.app:app"
+        clientapp = "client.app:app"
+        """
+    ),
+    "client/__init__.py": "",
+    "client/app.py": textwrap.dedent(
+        """\
+        import os
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+        from flwr.clientapp import ClientApp
+
+        app = ClientApp()
+
+
+        @app.train()
+        def train(message, context):
+            if context.run_config.get("fail"):
+                raise RuntimeError("the other code failed")
+            weights = message.content.array_records["model"].to_numpy_ndarrays()[0]
+            mode = os.environ.get("FEDCLINIC_WORKER", "")
+            context.state["other"] = ConfigRecord({"worker-mode": mode})
+            print("the other code answers", flush=True)  # to stderr, not into the frames
+            return Message(RecordDict({"model": ArrayRecord([weights * 3])}), reply_to=message)
+        """
+    ),
+}
 
 
 class FlowerNode:
@@ -71,7 +132,11 @@ class FlowerNode:
         probe.close()
         host, port = self.address.split(":")
         config = uvicorn.Config(
-            create_app(state_factory=factory), host=host, port=int(port), log_level="warning"
+            create_app(state_factory=factory),
+            host=host,
+            port=int(port),
+            log_level="warning",
+            ws="none",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -79,8 +144,11 @@ class FlowerNode:
         while not self.server.started:
             time.sleep(0.02)
         self.runs: dict[str, int] = {}
+        self.executors: list[TaskExecutor] = []  # closed with the node
 
     def stop(self) -> None:
+        for executor in self.executors:
+            executor.close()
         self.server.should_exit = True
         self.thread.join(10)
 
@@ -92,6 +160,7 @@ class FlowerNode:
             run_id = RUN_ID + len(self.runs)
             run = Run.create_empty(run_id)
             run.fab_hash, run.primary_task_type = digest, TaskType.CLIENT_APP
+            run.fab_id, run.fab_version = "elsewhere/otherapp", "2.0.0"  # THEIRS's
             run.status = RunStatus("running", "", "")
             run.series_id = run_id
             self.state.store_run(run)
@@ -169,9 +238,8 @@ class FakeSite:
 
     root: Path
     name: str = "st-mary"
-    code: str = "this worker's code"
+    code: str = code_identity_of_fab(OURS)
     raise_: BaseException | None = None
-    forwarder_code: str | None = None  # what a delegated task's forwarder says it runs
     seen: list[tuple[Message, Context, str]] = field(default_factory=list)
 
     def respond(self, message: Message, context: Context, sender: str) -> Message:
@@ -182,11 +250,6 @@ class FakeSite:
         context.state["kept"] = ConfigRecord({"rounds": 2})
         content = RecordDict({"model": ArrayRecord([weights * 2])})
         return Message(content, reply_to=message)
-
-    def serve_pending(self, timeout: float) -> str | None:
-        time.sleep(min(timeout, 0.05))
-        code, self.forwarder_code = self.forwarder_code, None
-        return code
 
 
 @pytest.fixture
@@ -201,11 +264,10 @@ def site(tmp_path: Path) -> FakeSite:
     return FakeSite(tmp_path / "state")
 
 
-def executor(site: FakeSite, node: FlowerNode, clientapp: Path | None = None) -> TaskExecutor:
+def executor(site: FakeSite, node: FlowerNode) -> TaskExecutor:
     site.root.mkdir(parents=True, exist_ok=True)
-    task = TaskExecutor(site, node.address, clientapp or Path("/bin/true"), poll_seconds=0.05)
-    task.same_code[hashlib.sha256(OURS).hexdigest()] = True  # as after the first task
-    return task
+    node.executors.append(TaskExecutor(site, node.address, poll_seconds=0.05))
+    return node.executors[-1]
 
 
 def test_a_task_is_answered_here_and_the_node_holds_reply_and_context(
@@ -272,44 +334,65 @@ def test_a_signal_mid_task_still_replies_then_stops_the_worker(
     assert node.task(task_id)[:2] == ("finished", SubStatus.FAILED)
 
 
-def test_the_first_task_of_a_fab_goes_to_flwr_clientapp_whose_forwarder_tells_its_code(
-    node: FlowerNode, site: FakeSite, tmp_path: Path
+@pytest.fixture
+def theirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """THEIRS: OTHER_APP built the way ``flwr run`` builds a FAB; installed under a fresh
+    FLWR_HOME by the child that answers with it."""
+    app = tmp_path / "other-app"
+    for name, text in OTHER_APP.items():
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        (app / name).write_text(text)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    return build_fab_from_disk(app)
+
+
+def test_a_run_of_other_code_is_answered_by_its_own_clientapp_in_a_child(
+    node: FlowerNode, site: FakeSite, theirs: bytes, tmp_path: Path
 ) -> None:
-    """Unknown FAB: Flower's flwr-clientapp gets the token (SuperExec's arguments) and the
-    worker serves its forwarder meanwhile; the forwarder's code decides the FAB's later
-    tasks: the worker's own code -> answered here; other code -> flwr-clientapp again."""
-    argv_file = tmp_path / "argv"
-    clientapp = tmp_path / "flwr-clientapp"
-    clientapp.write_text(
-        f"#!{sys.executable}\nimport sys, pathlib\n"
-        f"pathlib.Path({str(argv_file)!r}).open('a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+    """The FAB's code is not the worker's: the run's own ClientApp answers, loaded by
+    Flower's loader from the installed FAB, in a child with FEDCLINIC_WORKER=off (so a
+    fedclinic forwarder there answers in process); the worker's handler is not called."""
+    assert code_identity_of_fab(theirs) != site.code
+    message, task_id = node.deliver(theirs)
+    tasks = executor(site, node)
+    tasks.step()
+    assert site.seen == [] and tasks.answered_by_run_code == 1
+    [reply] = node.replies()
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    np.testing.assert_array_equal(
+        reply.content.array_records["model"].to_numpy_ndarrays()[0], np.arange(6) * 3
     )
-    clientapp.chmod(0o755)
-    site.root.mkdir(parents=True)
-    tasks = TaskExecutor(site, node.address, clientapp, poll_seconds=0.05)
-    ours, theirs = hashlib.sha256(OURS).hexdigest(), hashlib.sha256(THEIRS).hexdigest()
-
-    node.deliver(OURS)
-    site.forwarder_code = site.code
-    assert tasks.step() is True and site.seen == []  # handed over, not answered here
-    argv = argv_file.read_text().split()
-    assert argv[argv.index("--runtime-api-address") + 1] == node.address
-    assert argv[argv.index("--parent-pid") + 1] == str(os.getpid())
-    assert "--insecure" in argv and len(argv[argv.index("--token") + 1]) >= 64
-    assert tasks.same_code == {ours: True}
-
-    node.deliver(THEIRS)
-    site.forwarder_code = "the coordinator's newer code"
+    assert node.task(task_id)[:2] == ("finished", SubStatus.COMPLETED)
+    state = node.context_state(theirs)  # the child's context went back to the node
+    assert state["other"]["worker-mode"] == "off" and state["kept"]["rounds"] == 1
+    [installed] = (tmp_path / "flwr-home" / "apps").iterdir()
+    assert installed.name.startswith("elsewhere.otherapp.2.0.0.")
+    node.deliver(OURS)  # and the worker's own code is still answered here
     tasks.step()
-    assert tasks.same_code == {ours: True, theirs: False} and site.seen == []
-    assert len(argv_file.read_text().splitlines()) == 2
+    assert len(site.seen) == 1 and tasks.answered_by_run_code == 1
 
-    node.deliver(THEIRS)  # other code: flwr-clientapp again (its forwarder answers itself)
-    tasks.step()
-    assert len(argv_file.read_text().splitlines()) == 3 and site.seen == []
-    node.deliver(OURS)  # the worker's own code: answered here
-    tasks.step()
-    assert len(site.seen) == 1 and len(argv_file.read_text().splitlines()) == 3
+
+def test_the_run_codes_failure_is_flowers_error_reply(
+    node: FlowerNode, site: FakeSite, theirs: bytes
+) -> None:
+    run_id, _ = node.run_of(theirs)
+    context = node.state.get_run_series_context(run_id)
+    assert context is not None
+    context.run_config["fail"] = True
+    node.state.set_run_series_context(run_id, context)
+    message, task_id = node.deliver(theirs)
+    executor(site, node).step()
+    [reply] = node.replies()
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert reply.has_error() and "the other code failed" in reply.error.reason
+    assert node.task(task_id)[:2] == ("finished", SubStatus.COMPLETED)
+
+
+def test_frames_cut_short_are_refused() -> None:
+    assert unframe(frame(b"abc") + b"rest") == (b"abc", b"rest")
+    for broken in (b"", b"\0\0\0", frame(b"abcdef")[:-1]):
+        with pytest.raises(ValueError):
+            unframe(broken)
 
 
 def test_the_task_a_killed_worker_left_is_answered_by_the_next_with_one_line(
@@ -324,8 +407,9 @@ def test_the_task_a_killed_worker_left_is_answered_by_the_next_with_one_line(
         executor_module.AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     )
     client = dead._client(acquired.token)
-    pulled, context = dead.pull_input(client)
+    pulled, context, _ = dead.pull_input(client)
     dead.journal.write(acquired.token, pulled, context)
+    client.close()  # and the worker dies: no reply, no output
     journal = site.root / JOURNAL_NAME
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600  # it holds a live token
     assert node.replies() == [] and node.task(task_id)[0] == "running"
@@ -368,6 +452,7 @@ def test_a_revoked_token_marks_the_task_lost_without_signalling_the_worker(
     assert _beat(client, lost) is True and not lost.is_set()  # a live task
     client.PushTaskOutput(PushTaskOutputRequest(sub_status=SubStatus.FAILED, details="x"))
     assert _beat(client, lost) is True and lost.is_set()  # revoked: lost, no retry storm
+    client.close()
 
 
 def test_an_unreachable_node_is_waited_for(
@@ -378,8 +463,9 @@ def test_an_unreachable_node_is_waited_for(
     try:
         address = f"127.0.0.1:{probe.getsockname()[1]}"
         site.root.mkdir(parents=True)
-        tasks = TaskExecutor(site, address, Path("/bin/true"))
+        tasks = TaskExecutor(site, address)
         assert tasks.step() is False and tasks.step() is False
+        tasks.close()
     finally:
         probe.close()
     assert caplog.text.count("does not answer") == 1  # said once, not at every try
@@ -408,20 +494,3 @@ def test_a_bad_answer_from_the_node_does_not_end_the_worker(
     tasks.step = step  # type: ignore[method-assign]
     tasks.serve(stop=lambda: len(calls) >= 3)
     assert len(calls) == 3 and "taking a task failed" in caplog.text
-
-
-def test_a_worker_without_flwr_clientapp_is_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config = write_flat_toml(
-        tmp_path / "a.toml",
-        {"hospital": "a", "data-source": "synthetic", "state-dir": str(tmp_path / "s")},
-    )
-    monkeypatch.setattr(worker_main, "flower_bin_dir", lambda: tmp_path / "bin")
-    code = worker_main.main(["--config", str(config), "--runtime-api-address", "127.0.0.1:9"])
-    assert code == worker_main.EXIT_CONFIG
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [
-        f"error: hospital a: Flower's flwr-clientapp is not at {tmp_path / 'bin'}/flwr-clientapp "
-        "(the site worker hands it the messages of a run's code it has not seen)"
-    ]

@@ -7,9 +7,10 @@ stable, documented surface. Two 1.39 quirks shape this wrapper:
   ``"error-message"`` in the JSON), so every call checks ``success``;
 - errors are pretty-printed JSON after other output, so we decode from the first ``{``.
 
-The two calls made over and over while a run is followed or a dashboard is open, the run's
-status (``flwr ls --run-id``) and the node list (``flwr supernode list``), are made in this
-process instead, once :meth:`FlowerCli.configure` named the connection: the same Control API
+The calls made over and over while a run is followed or a dashboard is open, the run's
+status (``flwr ls --run-id``) and the node list (``flwr supernode list``), and the one made
+for every hospital of a federation (``flwr supernode register``) are made in this process
+instead, once :meth:`FlowerCli.configure` named the connection: the same Control API
 request with the same client class, request headers and row formatting as the CLI (Flower
 1.39's ``ControlHttpClient``, ``format_runs``, the node list's formatter), without starting
 a Python process that imports Flower's CLI (about 1.5 CPU-seconds each, measured on the
@@ -27,14 +28,18 @@ from typing import Any, TypeVar
 
 import httpx
 import tomli_w
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
 from flwr.cli.run_utils import format_runs
 from flwr.cli.supernode.ls import _format_nodes, _to_json
 from flwr.common.serde import run_from_proto
-from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest
+from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest, RegisterNodeRequest
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.error import FlowerError
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 
 from fedclinic.errors import FedClinicError
 from fedclinic.local.supervisor import ANSI_ESCAPE, ProcessSupervisor
@@ -78,6 +83,23 @@ def parse_json_output(text: str) -> dict[str, Any]:
             return value
         start = text.find("{", start + 1)
     raise FlowerCliError(f"no JSON in flwr output: {text.strip()[-500:]!r}")
+
+
+def public_key_bytes(path: Path) -> bytes:
+    """A hospital's public key as ``flwr supernode register`` sends it, after its checks
+    (an OpenSSH EC key on a NIST curve); a bad file is one :class:`FlowerCliError`."""
+    command = "'flwr supernode register' failed"
+    try:
+        key = serialization.load_ssh_public_key(path.expanduser().read_bytes())
+    except FileNotFoundError:
+        raise FlowerCliError(f"{command}: public key file '{path}' does not exist") from None
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
+        raise FlowerCliError(f"{command}: {path}: {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise FlowerCliError(f"{command}: {path}: not an EC public key, got {type(key).__name__}")
+    if not uses_nist_ec_curve(key):
+        raise FlowerCliError(f"{command}: {path}: EC curve {key.curve.name} is not a NIST curve")
+    return bytes(public_key_to_bytes(key))
 
 
 def connection_toml(address: str, root_certificates: Path | None) -> str:
@@ -182,9 +204,19 @@ class FlowerCli:
         return data
 
     def register_supernode(self, public_key: Path, name: str) -> int:
-        """Register a hospital's public key; returns the node ID it will have."""
-        data = self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)
-        return int(data["node-id"])
+        """Register a hospital's public key; returns the node ID it will have. In this
+        process once the connection is configured: the CLI's key checks and request."""
+        if self.connection is None:
+            data = self.call("supernode", "register", str(public_key), CONNECTION, "--name", name)
+            return int(data["node-id"])
+        key = public_key_bytes(public_key)
+        request = RegisterNodeRequest(public_key=key, name=name)
+        found = self.in_process("supernode register", lambda c: c.RegisterNode(request))
+        if not found.node_id:
+            raise FlowerCliError(
+                "'flwr supernode register' failed: SuperNode couldn't be registered"
+            )
+        return int(found.node_id)
 
     def supernodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list``: node-id, name, status (registered/online/offline)."""

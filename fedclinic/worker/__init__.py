@@ -4,13 +4,15 @@ Why: Flower 1.39's SuperNode starts a fresh ``flwr-clientapp`` process for every
 and ours would import torch, torchvision and MONAI, re-read the hospital's data and create
 a CUDA context each time. The worker does that once, and takes the messages straight from
 its node's Runtime API (:mod:`fedclinic.worker.executor`; the node runs with ``--isolation
-process``). Where it does not answer a message itself (a FAB it has not seen yet, a FAB with
-other code), Flower's ``flwr-clientapp`` runs the thin forwarder ClientApp
-(:mod:`fedclinic.worker.forwarder`, no torch), which hands the message to the worker over a
-Unix socket in the hospital's state dir or answers it in process.
+process``); a run whose code is not the worker's is answered by the run's own ClientApp in a
+child process (:mod:`fedclinic.worker.fab_app`). On a node started with Flower's own
+executor (``flwr-clientapp`` per message, without fedclinic's launcher) the worker serves a
+Unix socket in the hospital's state dir instead, and the thin forwarder ClientApp
+(:mod:`fedclinic.worker.forwarder`, no torch) hands it each message or answers in process.
 
 Modules: :mod:`~fedclinic.worker.protocol` (the socket protocol, torch-free),
 :mod:`~fedclinic.worker.forwarder` (the ClientApp), :mod:`~fedclinic.worker.executor` (the
-node's tasks), :mod:`~fedclinic.worker.server` (the worker process: ``python -m
-fedclinic.worker --config hospital.toml --runtime-api-address 127.0.0.1:9094``).
+node's tasks), :mod:`~fedclinic.worker.fab_app` (a run's own code),
+:mod:`~fedclinic.worker.server` (the worker process: ``python -m fedclinic.worker --config
+hospital.toml --runtime-api-address 127.0.0.1:9094``).
 """

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 from fedclinic.errors import FedClinicError
-from fedclinic.flower import FlowerNotFound, flower_bin_dir
 from fedclinic.local.configs import load_hospital_files
 from fedclinic.local.federation import Interrupted, signals_as_exceptions
-from fedclinic.worker.executor import CLIENTAPP, check_flower
+from fedclinic.worker.executor import check_flower
 from fedclinic.worker.server import SiteWorker
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -47,16 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(err))
         return EXIT_CONFIG
     worker = SiteWorker(spec.flat)
-    clientapp: Path | None = None
     if args.runtime_api_address:
         try:
             check_flower()
-            clientapp = flower_bin_dir() / CLIENTAPP
-            if not os.access(clientapp, os.X_OK):
-                raise FlowerNotFound(
-                    f"hospital {worker.name}: Flower's {CLIENTAPP} is not at {clientapp} (the "
-                    "site worker hands it the messages of a run's code it has not seen)"
-                )
         except FedClinicError as err:
             _error(str(err))
             return EXIT_CONFIG
@@ -76,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{tasks if args.runtime_api_address else ''} (pid {os.getpid()})",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
-            worker.serve(args.runtime_api_address or None, clientapp)
+            worker.serve(args.runtime_api_address or None)
         except Interrupted as stop:
             print(
                 f"fedclinic worker {worker.name}: stopped ({stop}) after "

@@ -23,14 +23,12 @@ What it does per task, in Flower's own order (``flwr/supernode/runtime/run_clien
    (the node waits for a reply, and after ``PushTaskOutput`` the token is gone);
 5. ``PushMessages`` and the reply's objects, then ``PushTaskOutput`` with the context.
 
-Code identity: the run's code comes in its FAB; the worker answers a run in process only
-when that code is its own (:func:`fedclinic.worker.protocol.code_identity`). It learns that
-per FAB hash from the first task of each FAB, which it hands to Flower's own ``flwr-clientapp``
-with SuperExec's arguments: that process's forwarder connects to this worker's socket, which
-the worker serves meanwhile, and its hello names the FAB's code; a worker running other code
-refuses it and the forwarder answers with the FAB's own code, in its own process, as before.
-Later tasks of a FAB with the same code are answered here; of another code, by
-``flwr-clientapp``.
+Code identity: the run's code comes in its FAB, which ``PullTaskInput`` hands over. The worker
+answers the message itself only when that code is its own
+(:func:`~fedclinic.worker.protocol.code_identity_of_fab`, the identity the forwarder and the
+worker compare); a run with other code (a coordinator on another fedclinic version) is
+answered the way ``flwr-clientapp`` answers it, by the FAB's own ClientApp, in a child process
+(:mod:`fedclinic.worker.fab_app`).
 
 A worker killed mid-task: the task's token and the message's header are in ``worker.task``
 in the state dir (mode 0600) while it answers; the next worker (restarted by
@@ -49,7 +47,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -69,12 +69,15 @@ from flwr.common.serde import (
     message_from_proto,
     message_to_proto,
 )
+from flwr.proto.fab_pb2 import Fab as ProtoFab
+from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.node_pb2 import Node
 from flwr.proto.runtime_pb2 import (
     AcquireTaskRequest,
     PullAppMessagesRequest,
     PullTaskInputRequest,
+    PullTaskInputResponse,
     PushTaskOutputRequest,
     SendTaskHeartbeatRequest,
 )
@@ -89,8 +92,11 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message
+from google.protobuf.message import DecodeError
 
 from fedclinic.flower import LauncherError, require_flower
+from fedclinic.worker.forwarder import MODE_VARIABLE, answer_timeout
+from fedclinic.worker.protocol import code_identity_of_fab
 
 #: seconds between two ``AcquireTask`` calls while no task waits (SuperExec: 1 s)
 POLL_SECONDS = 0.25
@@ -100,8 +106,27 @@ UNREACHABLE_SECONDS = 1.0
 MESSAGE_WAIT_SECONDS = 30.0
 #: the in-flight task's token and message header, for the next worker after a crash
 JOURNAL_NAME = "worker.task"
-#: Flower's per-message ClientApp process (its name, its executable)
-CLIENTAPP = COMPONENT = "flwr-clientapp"
+#: how the Runtime API knows a ClientApp (the task type, the version header's component)
+COMPONENT = "flwr-clientapp"
+#: the script that answers a message with a run's own ClientApp (other code than the worker's)
+FAB_APP = Path(__file__).with_name("fab_app.py")
+_LENGTH = struct.Struct(">Q")
+
+
+def frame(data: bytes) -> bytes:
+    """One frame of :mod:`fedclinic.worker.fab_app`'s pipes: 8-byte length, then the bytes."""
+    return _LENGTH.pack(len(data)) + data
+
+
+def unframe(data: bytes) -> tuple[bytes, bytes]:
+    """The first frame of ``data`` and what follows it (ValueError when it is cut short)."""
+    if len(data) < _LENGTH.size:
+        raise ValueError("no frame")
+    (size,) = _LENGTH.unpack_from(data)
+    end = _LENGTH.size + size
+    if len(data) < end:
+        raise ValueError("a frame cut short")
+    return data[_LENGTH.size : end], data[end:]
 
 
 def check_flower(installed: str | None = None) -> None:
@@ -177,11 +202,6 @@ class Site(Protocol):
         """The handler's reply (its exceptions already turned into error replies)."""
         ...
 
-    def serve_pending(self, timeout: float) -> str | None:
-        """Answer one forwarder connection if one comes within ``timeout`` seconds; the
-        code identity its hello named (``None`` when none came)."""
-        ...
-
 
 def _beat(client: RuntimeHttpClient, lost: threading.Event) -> bool:
     """One heartbeat, as Flower's ``make_task_heartbeat_fn_http`` sends it, without its
@@ -206,7 +226,6 @@ class TaskExecutor:
         self,
         site: Site,
         runtime_address: str,
-        clientapp: Path,
         *,
         poll_seconds: float = POLL_SECONDS,
         message_wait: float = MESSAGE_WAIT_SECONDS,
@@ -214,14 +233,13 @@ class TaskExecutor:
         check_flower()
         self.site = site
         self.address = runtime_address
-        self.clientapp = clientapp  # Flower's flwr-clientapp, for FABs of other code
         self.poll_seconds = poll_seconds
         self.message_wait = message_wait
         self.journal = Journal(site.root)
-        #: FAB hash -> whether the FAB's code is this worker's (learned from a delegated task)
-        self.same_code: dict[str, bool] = {}
+        #: FAB hash -> the code identity of the FAB's packages
+        self.fab_codes: dict[str, str] = {}
         self.answered = 0
-        self.delegated = 0
+        self.answered_by_run_code = 0
         self._poller = self._client(None)
         self._reachable: bool | None = None
 
@@ -268,18 +286,16 @@ class TaskExecutor:
             self._reachable = True
         if not (acquired.HasField("task") and acquired.token):
             return False
-        task = acquired.task
-        if self.same_code.get(task.fab_hash):
-            self.run_task(acquired.token)
-        else:
-            self.delegate(acquired.token, task.fab_hash)
+        self.run_task(acquired.token)
         return True
 
     # ------------------------------------------------------------------ one task here
 
-    def pull_input(self, client: RuntimeHttpClient) -> tuple[Message, Context]:
-        """``run_clientapp.pull_task_input`` without the FAB install, waiting for a message
-        the node has not stored yet."""
+    def pull_input(
+        self, client: RuntimeHttpClient
+    ) -> tuple[Message, Context, PullTaskInputResponse]:
+        """``run_clientapp.pull_task_input``, waiting for a message the node has not stored
+        yet; the task input (run, FAB) comes back as Flower sent it."""
         task_input = client.PullTaskInput(PullTaskInputRequest())
         TaskIdentity.task_id = task_input.task_id
         TaskIdentity.run_id = task_input.run.run_id
@@ -304,7 +320,7 @@ class TaskExecutor:
             return_type=Message,
         )
         message.metadata.__dict__["_message_id"] = tree.object_id
-        return message, context
+        return message, context, task_input
 
     def run_task(self, token: str) -> None:
         """Pull, answer, push reply then output; every path pushes a reply once a message
@@ -318,9 +334,13 @@ class TaskExecutor:
         reply: Message | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         try:
-            message, context = self.pull_input(client)
+            message, context, task_input = self.pull_input(client)
             self.journal.write(token, message, context)
-            reply = self.site.respond(message, context, f"the node's task {TaskIdentity.task_id}")
+            if self.code_of(task_input.fab) == self.site.code:
+                sender = f"the node's task {TaskIdentity.task_id}"
+                reply = self.site.respond(message, context, sender)
+            else:
+                reply = self.answer_with_run_code(task_input, message, context)
             status, details = SubStatus.COMPLETED, ""
             self.answered += 1
         except BaseException as err:  # a signal too: the node must not wait for a reply
@@ -375,37 +395,65 @@ class TaskExecutor:
 
     # ------------------------------------------------------------------ other code
 
-    def delegate(self, token: str, fab_hash: str) -> None:
-        """Hand the task to Flower's ``flwr-clientapp`` (SuperExec's arguments) and serve
-        its forwarder meanwhile; learn from the forwarder's hello whether this FAB's code
-        is the worker's."""
-        command = [
-            str(self.clientapp), "--runtime-api-address", self.address, "--token", token,
-            "--insecure", "--parent-pid", str(os.getpid()),
-        ]  # fmt: skip
-        known = fab_hash in self.same_code
-        log(INFO, "fedclinic worker %s: handing a task of FAB %s to flwr-clientapp (%s)",
-            self.site.name, fab_hash[:12],
-            "its code is not this worker's" if known else "a FAB this worker has not seen",
+    def code_of(self, fab: ProtoFab) -> str:
+        """The code identity of a FAB's packages (read from the zip once per FAB)."""
+        if fab.hash_str not in self.fab_codes:
+            self.fab_codes[fab.hash_str] = code_identity_of_fab(fab.content)
+            same = self.fab_codes[fab.hash_str] == self.site.code
+            log(INFO, "fedclinic worker %s: FAB %s runs %s", self.site.name, fab.hash_str[:12],
+                "this worker's code: answered here" if same else
+                "other code than this worker's: answered by the run's own ClientApp in a "
+                "child process")  # fmt: skip
+        return self.fab_codes[fab.hash_str]
+
+    def answer_with_run_code(
+        self, task_input: PullTaskInputResponse, message: Message, context: Context
+    ) -> Message:
+        """The reply of the FAB's own ClientApp (:mod:`fedclinic.worker.fab_app`, a child
+        process with ``FEDCLINIC_WORKER=off``); ``context.state`` becomes the child's."""
+        name, kind = self.site.name, message.metadata.message_type
+        log(INFO, "fedclinic worker %s: answering %s (group %s) with the run's own code",
+            name, kind, message.metadata.group_id or "-")  # fmt: skip
+        frames = b"".join(
+            frame(proto.SerializeToString())
+            for proto in (
+                task_input.fab,
+                task_input.run,
+                context_to_proto(context),
+                message_to_proto(message),
+            )
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-P", str(FAB_APP)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, MODE_VARIABLE: "off"},
         )  # fmt: skip
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-        self.delegated += 1
+        seconds = answer_timeout(context)
         try:
-            while child.poll() is None:
-                code = self.site.serve_pending(0.2)
-                if code is not None:
-                    self.same_code[fab_hash] = code == self.site.code
+            out, _ = child.communicate(frames, timeout=seconds)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise RuntimeError(
+                f"hospital {name}: the run's own ClientApp sent no reply within {seconds:g} s"
+            ) from None
         finally:
-            if child.poll() is None:  # a signal stopped us: the child follows its parent
-                child.terminate()
-            with suppress(subprocess.TimeoutExpired):
-                child.wait(5)
-        if not known and fab_hash in self.same_code:
-            log(INFO, "fedclinic worker %s: FAB %s runs %s; its tasks are answered %s",
-                self.site.name, fab_hash[:12],
-                "this worker's code" if self.same_code[fab_hash] else "other code",
-                "here from now on" if self.same_code[fab_hash] else "by flwr-clientapp",
-            )  # fmt: skip
+            if child.poll() is None:  # a signal stopped us
+                child.kill()
+        try:
+            reply_bytes, rest = unframe(out)
+            context_bytes, _ = unframe(rest)
+            reply_proto, context_proto = ProtoMessage(), ProtoContext()
+            reply_proto.ParseFromString(reply_bytes)
+            context_proto.ParseFromString(context_bytes)
+        except (ValueError, DecodeError):
+            raise RuntimeError(
+                f"hospital {name}: the run's own ClientApp (a child process) exited with "
+                f"status {child.returncode} without a reply; its log is above"
+            ) from None
+        context.state = context_from_proto(context_proto).state
+        self.answered_by_run_code += 1
+        return message_from_proto(reply_proto)
 
     # ------------------------------------------------------------------ after a crash
 

@@ -54,7 +54,8 @@ def _hospital(context: Context) -> str:
     return str(context.node_config.get("hospital", f"node-{context.node_id}"))
 
 
-def _timeout(context: Context) -> float:
+def answer_timeout(context: Context) -> float:
+    """How long an answer may take: the run's round-timeout and a margin."""
     try:
         round_timeout = float(context.run_config.get("round-timeout", DEFAULT_ROUND_TIMEOUT))
     except (TypeError, ValueError):
@@ -75,7 +76,7 @@ def via_worker(message: Message, context: Context, path: Path) -> tuple[Message,
     except OSError as err:  # refused: a stale socket of a killed worker
         raise WorkerUnavailable(f"no site worker listening at {path} ({err.strerror})") from None
     with sock:
-        sock.settimeout(_timeout(context))
+        sock.settimeout(answer_timeout(context))
         channel = Channel(sock)
         try:
             channel.send_json(

@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import socket
 import struct
-from collections.abc import Iterator, Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from copy import copy
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -176,13 +178,37 @@ def code_identity(root: Path | None = None) -> str:
     stray ``.py`` files outside packages.
     """
     base = root or Path(__file__).resolve().parents[2]
+    files = {
+        file.relative_to(base).as_posix(): file
+        for package in CODE_PACKAGES
+        for file in (base / package).rglob("*")
+        if file.is_file()
+    }
+    return _identity(files.keys(), lambda name: files[name].read_bytes())
+
+
+def code_identity_of_fab(content: bytes) -> str:
+    """:func:`code_identity` of the tree a FAB (Flower's zip of the run's app) unpacks to,
+    read from the zip itself: the site worker decides from it, before answering, whether a
+    run's code is its own."""
+    with zipfile.ZipFile(io.BytesIO(content)) as fab:
+        names = [info.filename for info in fab.infolist() if not info.is_dir()]
+        return _identity(names, fab.read)
+
+
+def _identity(names: Iterable[str], read: Callable[[str], bytes]) -> str:
+    """The digest over the ``.py`` files of regular packages among ``names`` (POSIX paths
+    relative to the tree's root), in the order :func:`code_identity` always used (paths
+    compared part by part)."""
+    present = set(names)
     digest = hashlib.sha256()
     for package in CODE_PACKAGES:
-        for file in sorted((base / package).rglob("*.py")):
-            folders = file.relative_to(base).parents[:-1]
-            if all((base / folder / "__init__.py").is_file() for folder in folders):
-                digest.update(file.relative_to(base).as_posix().encode() + b"\0")
-                digest.update(hashlib.sha256(file.read_bytes()).digest())
+        inside = (PurePosixPath(n) for n in present if n.startswith(f"{package}/"))
+        for file in sorted(p for p in inside if p.suffix == ".py"):
+            folders = file.parents[:-1]
+            if all(f"{folder}/__init__.py" in present for folder in folders):
+                digest.update(file.as_posix().encode() + b"\0")
+                digest.update(hashlib.sha256(read(file.as_posix())).digest())
     return digest.hexdigest()
 
 

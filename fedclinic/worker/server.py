@@ -32,7 +32,7 @@ from fedclinic.data import DataRequest, HospitalData, load_hospital_data
 from fedclinic.data.base import DataSource
 from fedclinic.data.cache import Verify, tree_identity
 from fedclinic.errors import ConfigError
-from fedclinic.worker.executor import CLIENTAPP, TaskExecutor
+from fedclinic.worker.executor import TaskExecutor
 from fedclinic.worker.protocol import (
     LOCK_NAME,
     PROTOCOL,
@@ -117,7 +117,6 @@ class SiteWorker:
         self.code = code_identity()
         self.memo = DataMemo()
         self.answered = 0
-        self.hello_code: str | None = None  # the code the last forwarder's hello named
         self._lock: IO[str] | None = None
         self._listener: socket.socket | None = None
 
@@ -177,17 +176,16 @@ class SiteWorker:
 
     # -------------------------------------------------------------------- serving
 
-    def serve(self, runtime_address: str | None = None, clientapp: Path | None = None) -> None:
+    def serve(self, runtime_address: str | None = None) -> None:
         """Answer until a signal stops the process: with ``runtime_address`` (the node's
-        Runtime API) the node's tasks taken straight from it
-        (:class:`~fedclinic.worker.executor.TaskExecutor`; ``clientapp``: Flower's
-        ``flwr-clientapp`` for FABs of other code); else the forwarders' connections, one
-        at a time."""
+        Runtime API) the node's tasks, taken straight from it
+        (:class:`~fedclinic.worker.executor.TaskExecutor`); else the forwarders' connections,
+        one at a time (a node with Flower's own executor, started without fedclinic)."""
         if self._listener is None:
             raise RuntimeError("SiteWorker.serve() before open()")
         with data_from(self.memo):
             if runtime_address:
-                executor = TaskExecutor(self, runtime_address, clientapp or Path(CLIENTAPP))
+                executor = TaskExecutor(self, runtime_address)
                 try:
                     executor.serve()
                 finally:
@@ -198,30 +196,11 @@ class SiteWorker:
                 with connection:
                     self.serve_connection(Channel(connection))
 
-    def serve_pending(self, timeout: float) -> str | None:
-        """One forwarder connection if one comes within ``timeout`` s (while the executor
-        waits for a ``flwr-clientapp`` it started); the code identity its hello named."""
-        assert self._listener is not None
-        self._listener.settimeout(timeout)
-        try:
-            connection, _ = self._listener.accept()
-        except TimeoutError:
-            return None
-        finally:
-            self._listener.settimeout(None)
-        self.hello_code = None
-        with connection:
-            connection.settimeout(None)
-            self.serve_connection(Channel(connection))
-        return self.hello_code
-
     def serve_connection(self, channel: Channel) -> None:
         """One message: hello, context and message in, reply and state out."""
         channel.sock.settimeout(IO_TIMEOUT)
         try:
             hello = channel.recv_json()
-            code = hello.get("code")
-            self.hello_code = code if isinstance(code, str) else None
             refusal = self.refusal(hello)
             if refusal:
                 log(WARNING, "fedclinic worker %s: refused a request: %s", self.name, refusal)
