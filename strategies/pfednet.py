@@ -382,8 +382,14 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
         (``pfednet_model``), checked against the hash the coordinator was told."""
         site, server_round = self.context.site, self.context.server_round
         path = site.versions(DEPLOYED_STATE).get(server_round)
-        if path is None or file_sha256(path) != sha256:
-            what = "is missing" if path is None else "differs from the one it reported"
+        found = None if path is None else file_sha256(path)
+        if path is None or found != sha256:
+            what = (
+                "is missing"
+                if found is None
+                else f"differs from the one it reported (SHA-256 {found[:12]}, reported "
+                f"{sha256[:12]})"
+            )
             raise DataError(
                 f"pFedNet personal exchange of round {server_round}: the model this hospital "
                 f"saved in the round's shared exchange (site state '{DEPLOYED_STATE}') {what}; "
