@@ -35,7 +35,7 @@ lint: $(STAMP)
 # `make test`: lint, type check (mypy) and everything that runs in this process or starts a few short helper
 # processes (in-process federations through the real ClientApp handler included); <= 10 min on
 # 2 cores. `make e2e`: the federations on real SuperLink/SuperNode processes over gRPC with TLS
-# (marked `e2e`); they mostly wait on Flower's 3 s polling, so four workers overlap them.
+# (marked `e2e`); four workers keep the 2 cores busy (a fifth made it slower, docs/testing.md).
 # `.ci/run` runs both, then `make compose-test`.
 test: $(STAMP)
 	$(BIN)/ruff check .

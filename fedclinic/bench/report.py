@@ -189,10 +189,16 @@ def plot_bars(results: dict[str, Any], metric: str, path: Path) -> None:
     plt.close(figure)
 
 
+def _answering_peak(peaks: dict[str, float]) -> float:
+    """The peak of the process that answered: the site worker, else a ClientApp."""
+    return float(peaks.get("site-worker", peaks.get("flwr-clientapp", np.nan)))
+
+
 def plot_system(system: dict[str, Any], path: Path) -> None:
-    """Cost plots of ``bench system``: round overhead and ClientApp memory against the
-    hospital count (fedclinic and the plain Flower app), and bytes on the wire per round of
-    every transfer case (log scale)."""
+    """Cost plots of ``bench system``: round overhead and the memory of the process that
+    answers a hospital's messages (the site worker where one takes them, else the ClientApp)
+    against the hospital count (fedclinic and the plain Flower app), and bytes on the wire per
+    round of every transfer case (log scale)."""
     plt = _pyplot()
     figure, (overhead, memory, wire) = plt.subplots(
         1, 3, figsize=(15, 5.0), gridspec_kw={"width_ratios": [1, 1, 1.6]}
@@ -203,12 +209,12 @@ def plot_system(system: dict[str, Any], path: Path) -> None:
         )
         counts = [e["hospitals"] for e in entries]
         seconds = [e.get("median_round_overhead_seconds") or np.nan for e in entries]
-        rss = [e.get("peak_rss_mib", {}).get("flwr-clientapp", np.nan) for e in entries]
+        rss = [_answering_peak(e.get("peak_rss_mib", {})) for e in entries]
         overhead.plot(counts, seconds, marker="o", label=app)
         memory.plot(counts, rss, marker="o", label=app)
     for axis, ylabel, title in (
         (overhead, "round overhead s (median)", "Round overhead"),
-        (memory, "peak RSS MiB", "ClientApp peak memory"),
+        (memory, "peak RSS MiB", "Peak memory: site worker, else ClientApp"),
     ):
         axis.set_xlabel("hospitals", fontsize=8)
         axis.set_ylabel(ylabel, fontsize=8)
