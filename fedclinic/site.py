@@ -27,13 +27,15 @@ import glob
 import os
 import re
 from collections.abc import Iterator
+from logging import WARNING
 from pathlib import Path
 
 import torch
+from flwr.common import log
 
 from fedclinic.config import HospitalConfig, RunConfig
 from fedclinic.errors import ConfigError
-from fedclinic.serialization import State, load_checkpoint, save_checkpoint
+from fedclinic.serialization import State, file_sha256, load_checkpoint, save_checkpoint
 
 #: versions of each entry kept on disk (a retried round needs the one before it)
 KEPT_VERSIONS = 3
@@ -162,7 +164,13 @@ class SiteState:
         """Save this round's version and return the file and content hashes (reported to the
         coordinator); versions beyond the newest :data:`KEPT_VERSIONS` are removed, but for
         those of the selected model round."""
-        saved = save_checkpoint(self.directory / f"{name}.round-{self.server_round}.pt", state)
+        target = self.directory / f"{name}.round-{self.server_round}.pt"
+        before = file_sha256(target) if target.is_file() and name not in self.written else None
+        saved = save_checkpoint(target, state)
+        if before is not None and before != saved["sha256"]:  # another message of this round
+            log(WARNING, "site state %s of round %d written again by another message: "
+                "SHA-256 %s -> %s", target, self.server_round, before[:12],
+                saved["sha256"][:12])  # fmt: skip
         self.written.add(name)
         versions = self.versions(name)
         kept = set(sorted(versions)[-KEPT_VERSIONS:])

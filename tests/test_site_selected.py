@@ -124,3 +124,17 @@ def test_hospitals_are_told_the_selected_round(tmp_path: Path) -> None:
     with task_identity():
         run(flat, Recording(nodes, flat), tmp_path / "out")
     assert seen == {1: None, 2: 0, 3: 1, 4: 1}  # round 1's model (r0) first, then r1
+
+
+def test_a_round_written_again_by_another_message_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two messages of one round saving different content under the same name (a hospital
+    asked twice, say): the second overwrites the first, whose hash may already have gone to
+    the coordinator, so it is said in the log. One message saving twice is not."""
+    first = SiteState(tmp_path, server_round=2)
+    first.save("model", {"w": torch.zeros(3)})
+    first.save("model", {"w": torch.ones(3)})  # the same message: nothing said
+    assert "written again" not in caplog.text
+    SiteState(tmp_path, server_round=2).save("model", {"w": torch.full((3,), 2.0)})
+    assert "model.round-2.pt of round 2 written again by another message" in caplog.text
