@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.message.message import remove_content_from_message
 from flwr.common import log
 from flwr.common.constant import ErrorCode, SubStatus
@@ -95,7 +95,7 @@ from flwr.supernode.runtime.run_clientapp import push_message
 from google.protobuf.message import DecodeError
 
 from fedclinic.flower import LauncherError, require_flower
-from fedclinic.worker.forwarder import MODE_VARIABLE, answer_timeout
+from fedclinic.worker.forwarder import MODE_VARIABLE, answer_timeout, failure_reply
 from fedclinic.worker.protocol import code_identity_of_fab
 
 #: seconds between two ``AcquireTask`` calls while no task waits (SuperExec: 1 s)
@@ -143,14 +143,6 @@ def check_flower(installed: str | None = None) -> None:
 def flower_reason(err: BaseException) -> str:
     """An exception as ``flwr-clientapp`` reports it to the coordinator."""
     return str(type(err)) + ":<'" + str(err) + "'>"
-
-
-def failure_reply(message: Message, hospital: str, why: str) -> Message:
-    """The one-line error the engine records for a message that failed at the site
-    (the forwarder's wording: ``hospital X: this message failed: ...``)."""
-    error = f"hospital {hospital}: this message failed: {why}"
-    content = RecordDict({"info": ConfigRecord({"hospital": hospital, "error": error})})
-    return Message(content=content, reply_to=message)
 
 
 class Journal:

@@ -116,6 +116,14 @@ def via_worker(message: Message, context: Context, path: Path) -> tuple[Message,
     return reply, f"{note}, data {status.get('data') or '-'}"
 
 
+def failure_reply(message: Message, hospital: str, why: str) -> Message:
+    """The one-line error the engine records for a message that failed at the site
+    (``hospital X: this message failed: ...``), from the forwarder or the site worker."""
+    error = f"hospital {hospital}: this message failed: {why}"
+    content = RecordDict({"info": ConfigRecord({"hospital": hospital, "error": error})})
+    return Message(content=content, reply_to=message)
+
+
 def in_process(message: Message, context: Context) -> Message:
     """Today's path: the full handler in this process (torch and the data load included)."""
     from client.app import app as handler  # the only heavy import, and only when needed
@@ -142,9 +150,7 @@ def forward(message: Message, context: Context) -> Message:
         return reply
     except WorkerFailed as why:
         log(WARNING, "fedclinic hospital %s: %s failed: %s", name, kind, why)
-        error = f"hospital {name}: this message failed: {why}"
-        content = RecordDict({"info": ConfigRecord({"hospital": name, "error": error})})
-        return Message(content=content, reply_to=message)
+        return failure_reply(message, name, str(why))
     log(INFO, "fedclinic hospital %s: %s answered %s", name, kind, note)
     return reply
 

@@ -32,7 +32,7 @@ from fedclinic.data import DataRequest, HospitalData, load_hospital_data
 from fedclinic.data.base import DataSource
 from fedclinic.data.cache import Verify, tree_identity
 from fedclinic.errors import ConfigError
-from fedclinic.worker.executor import TaskExecutor
+from fedclinic.worker.executor import TaskExecutor, flower_reason
 from fedclinic.worker.protocol import (
     LOCK_NAME,
     PROTOCOL,
@@ -262,8 +262,7 @@ class SiteWorker:
             return handler.app(message, context)
         except Exception as err:
             log(ERROR, "fedclinic worker %s: the ClientApp raised", self.name, exc_info=err)
-            reason = str(type(err)) + ":<'" + str(err) + "'>"
             return Message(
-                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=flower_reason(err)),
                 reply_to=message,
             )
