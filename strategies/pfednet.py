@@ -352,13 +352,19 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
         """
         if self._resolved is not None:
             return self._resolved
+        name = self.context.hospital.hospital
+        marker = received.get(MARKER)
+        column_of = None if marker is None else bytes(marker.numpy().astype(np.uint8)).decode()
+        if column_of is not None and column_of != name:  # never trained on, never kept
+            raise IntegrityError(
+                f"pFedNet: the coordinator sent hospital '{column_of}''s personalised column "
+                f"to '{name}'; refused"
+            )
+        own = column_of is not None
         state = {k: v for k, v in received.items() if not k.startswith("pfednet.")}
         base = received.get(BASE)
         if base is not None:  # the personal exchange: only what changed since the shared one
             state = {**self.held_model(bytes(base.numpy().astype(np.uint8)).decode()), **state}
-        name = self.context.hospital.hospital
-        marker = received.get(MARKER)
-        own = marker is not None and bytes(marker.numpy().astype(np.uint8)).decode() == name
         missing = [k for k in self.split.shapes if k not in state]
         if missing:
             raise DataError(f"the received model lacks {len(missing)} entries, e.g. '{missing[0]}'")

@@ -14,13 +14,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from harness import FakeClock, ScriptedGrid, rows_of, run, synthetic_nodes
 
+from fedclinic import messages as keys
 from fedclinic.audit import AuditLog
 from fedclinic.bench.grid import task_identity as in_process_identity
 from fedclinic.config import HospitalConfig, RunConfig
-from fedclinic.engine import TRAIN, Reply
+from fedclinic.engine import TRAIN, Exchange, Hospital, Reply, RoundEngine
 from fedclinic.engine.acceptance import UpdateChecks, accept
 from fedclinic.engine.exchange import Delivery, ResendPolicy, Transport
 from fedclinic.engine.records import Selection, evaluate_row, hospital_summaries, train_row
@@ -30,6 +39,8 @@ from fedclinic.rows import as_row
 from fedclinic.serialization import numpy_to_record, record_to_numpy, unpacked
 from fedclinic.site import SiteState, run_site_key
 from fedclinic.validation import spec_of
+from strategies import load_run_config
+from strategies.fedavg import FedAvgStrategy
 
 TIMEOUT = 20.0  # fake seconds: a lost message is asked again after half of it
 
@@ -407,3 +418,45 @@ def test_a_crashing_hospital_handler_stops_an_in_process_run_at_once(
         run(flat, ScriptedGrid(synthetic_nodes(tmp_path, 2), flat), tmp_path / "out", clock=clock)
     assert clock.time == 0.0
     assert AuditLog(tmp_path / "out").read()[-1]["status"] == "failed"
+
+
+class OwnRecordPerHospital(FedAvgStrategy):
+    """Sends every hospital a record of its own (as pFedNet does: its column), freshly built
+    and not kept: the next one may be given the freed one's memory, so the same ``id()``."""
+
+    def arrays_for(
+        self, hospital: Hospital, arrays: ArrayRecord, exchange: Exchange
+    ) -> ArrayRecord:
+        own = np.frombuffer(hospital.name.encode(), dtype=np.uint8).copy()
+        return numpy_to_record({"weights": np.full(3, hospital.node_id, np.float32), "own": own})
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_every_hospital_gets_its_own_record_and_a_common_one_is_cast_once() -> None:
+    """The flake of a pFedNet run in the accuracy gate (a hospital handed the hash and column
+    of another): messages were built with one cast per ``id(record)``, and a record freed
+    after its cast handed its id on. Here 64 hospitals, each record freed after use: every
+    message must carry its own hospital's record. A record sent to all as it is (FedAvg) is
+    still cast once: every message holds the same wire record."""
+    nodes = list(range(100, 164))
+    run_config = load_run_config(fedavg(**{"wire-dtype": "float16"}))
+    engine = RoundEngine(run_config, OwnRecordPerHospital(run_config), None, "key")
+    engine.names = {n: f"hospital-{n}" for n in nodes}
+    arrays = numpy_to_record({"weights": np.zeros(3, np.float32), "bias": np.ones(2, np.float32)})
+    for _ in range(10):  # the allocation pattern differs between passes
+        messages = engine.messages_for(nodes, 1, TRAIN, arrays, {keys.SERVER_ROUND: 1})
+        got = {
+            n: record_to_numpy(unpacked(m.content.array_records[keys.ARRAYS]))
+            for n, m in messages.items()
+        }
+        assert {n: bytes(g["own"]).decode() for n, g in got.items()} == engine.names
+        assert all((got[n]["weights"] == n).all() for n in nodes)
+        assert all(m.metadata.dst_node_id == n for n, m in messages.items())
+
+    common = RoundEngine(run_config, FedAvgStrategy(run_config), None, "key")
+    common.names = engine.names
+    messages = common.messages_for(nodes, 1, TRAIN, arrays, {keys.SERVER_ROUND: 1})
+    wire = {id(m.content.array_records[keys.ARRAYS]) for m in messages.values()}
+    assert len(wire) == 1  # one cast and pack for all (all alive here: ids are distinct)
+    sent = record_to_numpy(unpacked(messages[100].content.array_records[keys.ARRAYS]))
+    assert sent["weights"].dtype == np.float16 and (sent["bias"] == 1).all()

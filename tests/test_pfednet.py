@@ -6,6 +6,7 @@ exchanges through the round engine) with the real ClientApp handler on an in-pro
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,15 @@ from fedclinic.data import DataRequest, load_hospital_data
 from fedclinic.datasets import SHARED
 from fedclinic.engine import Reply, RoundEngine
 from fedclinic.engine.exchange import Transport
-from fedclinic.errors import ConfigError
+from fedclinic.errors import ConfigError, IntegrityError
 from fedclinic.models import build_model
-from fedclinic.serialization import state_to_record
+from fedclinic.serialization import file_sha256, state_to_record
 from fedclinic.site import SiteState
 from strategies import load_run_config
 from strategies import pfednet_math as pm
 from strategies.base import ClientContext
 from strategies.pfednet import (
+    DEPLOYED_STATE,
     MARKER,
     PERSONAL_STATE,
     LayerSplit,
@@ -143,11 +145,16 @@ def test_personal_state_persists_and_is_used_without_a_column(tmp_path: Path) ->
     assert not own
     torch.testing.assert_close(state["linear.weight"], mine["linear.weight"])
 
-    # a column marked for another hospital is not taken as ours
+    # a column marked for another hospital (a message built for site-b: the engine once
+    # handed one hospital's record to another) is refused in one line; nothing is kept
     other = torch.from_numpy(np.frombuffer(b"site-b", dtype=np.uint8).copy())
-    state, own = objective_for(tmp_path, "site-a").resolve({**base, MARKER: other})
-    assert not own
-    torch.testing.assert_close(state["linear.weight"], mine["linear.weight"])
+    stored = SiteState(tmp_path / "site-a").versions(PERSONAL_STATE)
+    sha = {r: file_sha256(f) for r, f in stored.items()}
+    refused = "sent hospital 'site-b''s personalised column to 'site-a'; refused"
+    with pytest.raises(IntegrityError, match=re.escape(refused) + "$"):
+        objective_for(tmp_path, "site-a").resolve({**base, MARKER: other})
+    assert {r: file_sha256(f) for r, f in stored.items()} == sha
+    assert SiteState(tmp_path / "site-a").versions(DEPLOYED_STATE) == {}
 
     # outside the graph the locally trained z is kept (FedPer-like) and G is uploaded
     objective = objective_for(tmp_path, "site-a", **{"pfednet.compression": "none"})

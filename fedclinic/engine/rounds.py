@@ -193,25 +193,7 @@ class RoundEngine:
             **({keys.SELECTED_ROUND: self.selection.best[0]} if self.selection.best else {}),
             **algorithm.round_config(server_round, exchange),
         }
-        messages = {}
-        narrowed: dict[int, ArrayRecord] = {}  # one cast per distinct record (FedAvg: one)
-        for node in nodes:
-            hospital = Hospital(node, self.hospital_of(node))
-            record = algorithm.arrays_for(hospital, arrays, exchange)
-            if id(record) not in narrowed:
-                narrowed[id(record)] = packed(to_wire(record, run.wire_dtype))
-            content = RecordDict(
-                {
-                    keys.ARRAYS: narrowed[id(record)],
-                    keys.CONFIG: algorithm.config_for(hospital, ConfigRecord(config)),
-                }
-            )
-            messages[node] = Message(
-                content=content,
-                message_type=exchange.message_type,
-                dst_node_id=node,
-                group_id=str(server_round),
-            )
+        messages = self.messages_for(nodes, server_round, exchange, arrays, config)
         delivery = transport.exchange(messages, run.round_timeout)
         checks = UpdateChecks()
         if exchange.train and algorithm.checks_update_layout:
@@ -245,6 +227,46 @@ class RoundEngine:
         if problem:
             raise FedClinicError(problem)
         return outcome
+
+    def messages_for(
+        self,
+        nodes: list[int],
+        server_round: int,
+        exchange: Exchange,
+        arrays: ArrayRecord,
+        config: dict[str, Any],
+    ) -> dict[int, Message]:
+        """One message per node: what the algorithm sends that hospital, in wire form.
+
+        The round's record, when the algorithm sends it as it is (every algorithm but
+        pFedNet), is cast and packed once for all. A hospital's own record gets its own:
+        records are never told apart by ``id()``, which a freed record hands on to the next
+        one (a hospital then got another's pFedNet column: docs/reliability.md).
+        """
+        common: ArrayRecord | None = None
+        messages = {}
+        for node in nodes:
+            hospital = Hospital(node, self.hospital_of(node))
+            record = self.algorithm.arrays_for(hospital, arrays, exchange)
+            if record is not arrays:
+                wire = packed(to_wire(record, self.run.wire_dtype))
+            else:
+                if common is None:
+                    common = packed(to_wire(arrays, self.run.wire_dtype))
+                wire = common
+            content = RecordDict(
+                {
+                    keys.ARRAYS: wire,
+                    keys.CONFIG: self.algorithm.config_for(hospital, ConfigRecord(config)),
+                }
+            )
+            messages[node] = Message(
+                content=content,
+                message_type=exchange.message_type,
+                dst_node_id=node,
+                group_id=str(server_round),
+            )
+        return messages
 
     def query(self, transport: Transport, config: dict[str, Any]) -> list[Reply]:
         """Ask every connected hospital (setup query, names after a resume)."""
