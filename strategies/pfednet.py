@@ -357,8 +357,8 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
         column_of = None if marker is None else bytes(marker.numpy().astype(np.uint8)).decode()
         if column_of is not None and column_of != name:  # never trained on, never kept
             raise IntegrityError(
-                f"pFedNet: the coordinator sent hospital '{column_of}''s personalised column "
-                f"to '{name}'; refused"
+                f"pFedNet: this message holds the personalised column of hospital "
+                f"'{column_of}', not of '{name}' (meant for another hospital); refused"
             )
         own = column_of is not None
         state = {k: v for k, v in received.items() if not k.startswith("pfednet.")}

@@ -150,7 +150,7 @@ def test_personal_state_persists_and_is_used_without_a_column(tmp_path: Path) ->
     other = torch.from_numpy(np.frombuffer(b"site-b", dtype=np.uint8).copy())
     stored = SiteState(tmp_path / "site-a").versions(PERSONAL_STATE)
     sha = {r: file_sha256(f) for r, f in stored.items()}
-    refused = "sent hospital 'site-b''s personalised column to 'site-a'; refused"
+    refused = "column of hospital 'site-b', not of 'site-a' (meant for another hospital); refused"
     with pytest.raises(IntegrityError, match=re.escape(refused) + "$"):
         objective_for(tmp_path, "site-a").resolve({**base, MARKER: other})
     assert {r: file_sha256(f) for r, f in stored.items()} == sha
