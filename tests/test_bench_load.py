@@ -43,12 +43,14 @@ def test_lost_names_every_missing_or_failed_reply() -> None:
 def test_markdown_table_shows_losses_and_per_round_overheads() -> None:
     results = [
         {"hospitals": 2, "completed": True, "problems": [], "round_overhead_seconds": [3.0, 5.0],
-         "median_round_overhead_seconds": 4.0, "peak_rss_mib": {"flwr-clientapp": 900.4},
+         "median_round_overhead_seconds": 4.0,
+         "peak_rss_mib": {"site-worker": 870.6, "flwr-clientapp": 900.4, "flower-superlink": 170},
          "wall_seconds": 61.2},
         {"hospitals": 16, "completed": False, "problems": ["no train row: h round 2"],
          "round_overhead_seconds": [], "median_round_overhead_seconds": None,
          "peak_rss_mib": {}, "wall_seconds": 300.0},
     ]  # fmt: skip
     lines = load_markdown(results).splitlines()
-    assert lines[2] == "| 2 | yes | 4.0 (3.0, 5.0) | 900 / 0 / 0 / 0 / 0 | 61 |"
+    assert "site worker / ClientApp / ServerApp / SuperNode / SuperExec / SuperLink" in lines[0]
+    assert lines[2] == "| 2 | yes | 4.0 (3.0, 5.0) | 871 / 900 / 0 / 0 / 0 / 170 | 61 |"
     assert lines[3].startswith("| 16 | NO: no train row: h round 2 | - () |")

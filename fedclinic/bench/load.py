@@ -8,9 +8,9 @@ authentication on, like ``fedclinic local``), runs FedAvg with a tiny model and
   evaluate row per hospital and round, no error or rejected row, status completed);
 - the round overhead: the round's wall time (between the coordinator's audit events) minus
   the slowest hospital's own compute (evaluation + local training, as the hospital measured
-  it) — what the federation runtime adds: message delivery, ClientApp start-up, polling;
-- the peak resident memory of each kind of process (SuperLink, SuperNode, SuperExec,
-  ServerApp, ClientApp), sampled with ``psutil`` every half second.
+  it) — what the federation runtime adds: message delivery, polling, queueing for the cores;
+- the peak resident memory of each kind of process (the hospitals' site workers, ClientApp,
+  ServerApp, SuperNode, SuperExec, SuperLink), sampled with ``psutil`` every half second.
 
 Round 1 is left out of the overhead (it includes the ServerApp's start-up); rounds 2..R count.
 """
@@ -221,10 +221,12 @@ def load_section(results: list[dict[str, Any]], command: str) -> str:
         + load_markdown(results)
         + "\nRound overhead = a round's wall time (between the coordinator's audit events) "
         "minus the slowest hospital's own evaluation + training time; round 1 (ServerApp "
-        "start-up) is left out. Every message starts a ClientApp process (Flower 1.39), which "
-        "costs a few CPU-seconds of imports: on one 2-core machine hosting every hospital "
-        "they queue for the cores, so the overhead grows with the hospital count. In a real "
-        "consortium each hospital starts its ClientApp on its own machine, in parallel.\n"
+        "start-up) is left out. Each hospital's site worker takes its SuperNode's messages "
+        "itself, with data and code loaded once (no ClientApp or SuperExec process: their "
+        "columns stay 0). On one 2-core machine hosting every hospital, the hospitals' "
+        "evaluation, training and polling, the SuperNodes' and the SuperLink's work queue for "
+        "the same cores, so the overhead grows with the hospital count; in a real consortium "
+        "each hospital computes on its own machine, in parallel.\n"
     )
 
 
@@ -232,11 +234,12 @@ def load_markdown(results: list[dict[str, Any]]) -> str:
     """The table for BENCHMARKS.md."""
     lines = [
         "| hospitals | every round, nothing lost | round overhead s (median; per round) "
-        "| peak RSS MiB: ClientApp / ServerApp / SuperNode / SuperExec / SuperLink | wall s |",
+        "| peak RSS MiB: site worker / ClientApp / ServerApp / SuperNode / SuperExec / "
+        "SuperLink | wall s |",
         "|---:|---|---|---|---:|",
     ]
-    kinds = ("flwr-clientapp", "flwr-serverapp", "flower-supernode", "flower-superexec",
-             "flower-superlink")  # fmt: skip
+    kinds = ("site-worker", "flwr-clientapp", "flwr-serverapp", "flower-supernode",
+             "flower-superexec", "flower-superlink")  # fmt: skip
     for r in results:
         median = r["median_round_overhead_seconds"]
         per_round = ", ".join(f"{v:.1f}" for v in r["round_overhead_seconds"])
@@ -250,13 +253,14 @@ def load_markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SHOWN_PROCESSES = ("flwr-clientapp", "flower-supernode", "flower-superlink")
+SHOWN_PROCESSES = ("site-worker", "flwr-clientapp", "flower-supernode", "flower-superlink")
 
 
 def load_table(results: list[dict[str, Any]]) -> Table:
     table = Table(title="fedclinic bench load: round overhead against the hospital count")
     for column in ("hospitals", "all rounds, nothing lost", "round overhead s (median)",
-                   "peak RSS MiB: ClientApp / SuperNode / SuperLink", "wall s"):  # fmt: skip
+                   "peak RSS MiB: site worker / ClientApp / SuperNode / SuperLink",
+                   "wall s"):  # fmt: skip
         table.add_column(column, justify="right")
     for r in results:
         peaks = r["peak_rss_mib"]
