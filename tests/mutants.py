@@ -73,6 +73,12 @@ PF_STEP = (
 BSM = "tests/test_balanced_loss.py"
 REPLAY_LOOP = "tests/test_training_replay.py::test_local_steps_match_the_objective_by_hand"
 AGGREGATION = "tests/test_aggregation.py"
+ENGINE_MESSAGES = (
+    "tests/test_engine.py::test_every_hospital_gets_its_own_record_and_a_common_one_is_cast_once"
+)
+PF_PERSONAL_STATE = (
+    "tests/test_pfednet.py::test_personal_state_persists_and_is_used_without_a_column"
+)
 
 
 @dataclass(frozen=True)
@@ -608,6 +614,40 @@ MUTANTS: tuple[Mutant, ...] = (
             "        self.scaler.scale(loss).backward()\n",
         ),
         (REPLAY_LOOP, FH_SMALL),
+    ),
+    Mutant(
+        "engine-messages-by-id",
+        "the round engine casting one wire record per id(record): a freed per-hospital record's"
+        " id is handed on, and a hospital gets another's message (the accuracy gate's flake)",
+        "fedclinic/engine/rounds.py",
+        one(
+            "            if record is not arrays:\n"
+            "                wire = packed(to_wire(record, self.run.wire_dtype))\n"
+            "            else:\n"
+            "                if common is None:\n"
+            "                    common = packed(to_wire(arrays, self.run.wire_dtype))\n"
+            "                wire = common\n",
+            "            if id(record) not in by_id:\n"
+            "                by_id[id(record)] = packed(to_wire(record, self.run.wire_dtype))\n"
+            "            wire = by_id[id(record)]\n",
+        )
+        + one(
+            "        common: ArrayRecord | None = None\n",
+            "        common: ArrayRecord | None = None\n"
+            "        by_id: dict[int, ArrayRecord] = {}\n",
+        ),
+        (ENGINE_MESSAGES,),
+    ),
+    Mutant(
+        "pfednet-takes-another-column",
+        "a pFedNet hospital handed another hospital's column falling back to its stored one"
+        " instead of refusing the message",
+        PFEDNET,
+        one(
+            "        if column_of is not None and column_of != name:",
+            "        if False:",
+        ),
+        (PF_PERSONAL_STATE,),
     ),
 )
 

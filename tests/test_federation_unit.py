@@ -3,6 +3,7 @@ CLI wrapper, progress display, work-dir layout and daemon command lines."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -38,12 +39,14 @@ from fedclinic.local.federation import (
     signals_as_exceptions,
 )
 from fedclinic.local.flwr_cli import (
+    CONNECTION,
     FlowerCli,
     FlowerCliError,
     RunStatus,
     connection_toml,
     parse_json_output,
     public_key_bytes,
+    start_run_request,
 )
 from fedclinic.local.follow import RunError
 from fedclinic.local.ports import is_port_free, pick_free_ports
@@ -699,3 +702,44 @@ def test_status_and_node_list_are_asked_in_process_with_one_line_errors(tmp_path
     with pytest.raises(FlowerCliError, match=rf"Control API at 127\.0\.0\.1:{port} did not answer"):
         cli.status(9)
     assert supervisor.remaining() == []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Flower's CLI imports (typer)
+def test_a_run_is_started_with_the_request_flowers_cli_sends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process ``flwr run``: the StartRun request equals the one Flower's own command
+    builds for the same app and run config (its code, with the client captured), FAB bytes
+    included; a broken app is one FlowerCliError line and nothing is sent."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.proto.control_pb2 import StartRunRequest, StartRunResponse
+
+    flower_run = importlib.import_module("flwr.cli.run.run")  # the module, not its function
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text('rounds = 2\nalgorithm = "fedavg"\n')
+    app = find_app_dir()
+    sent = []
+
+    class Capture:
+        def StartRun(self, request: StartRunRequest) -> StartRunResponse:  # Flower's name
+            sent.append(request)
+            return StartRunResponse(run_id=7)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(flower_run, "init_http_client_from_connection", lambda _: Capture())
+    config, _ = flower_run.load_and_validate(app / "pyproject.toml")
+    connection = SuperLinkConnection(name=CONNECTION, address="127.0.0.1:1", insecure=True)
+    flower_run._run_with_control_api(
+        app, config, None, connection, [str(run_toml)], None, False, True, None
+    )
+    assert sent and sent[0].fab.hash_str and len(sent[0].fab.content) > 1000
+    assert start_run_request(app, run_toml) == sent[0]
+
+    broken = tmp_path / "app"
+    broken.mkdir()
+    (broken / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    with pytest.raises(FlowerCliError, match=r"^'flwr run' failed: Invalid Flower App") as caught:
+        start_run_request(broken, run_toml)
+    assert "\n" not in str(caught.value) and "pyproject.toml" in str(caught.value)

@@ -8,17 +8,19 @@ stable, documented surface. Two 1.39 quirks shape this wrapper:
 - errors are pretty-printed JSON after other output, so we decode from the first ``{``.
 
 The calls made over and over while a run is followed or a dashboard is open, the run's
-status (``flwr ls --run-id``) and the node list (``flwr supernode list``), and the one made
-for every hospital of a federation (``flwr supernode register``) are made in this process
-instead, once :meth:`FlowerCli.configure` named the connection: the same Control API
-request with the same client class, request headers and row formatting as the CLI (Flower
-1.39's ``ControlHttpClient``, ``format_runs``, the node list's formatter), without starting
-a Python process that imports Flower's CLI (about 1.5 CPU-seconds each, measured on the
-suite's federations).
+status (``flwr ls --run-id``) and the node list (``flwr supernode list``), the one made
+for every hospital of a federation (``flwr supernode register``) and the one made for every
+run (``flwr run``: the app checked and built into a FAB, then ``StartRun``) are made in
+this process instead, once :meth:`FlowerCli.configure` named the connection: the same
+Control API request with the same client class, request headers and row formatting as the
+CLI (Flower 1.39's ``ControlHttpClient``, ``load_and_validate``, ``build_fab_from_disk``,
+``format_runs``, the node list's formatter), without starting a Python process that imports
+Flower's CLI (about 1.5 CPU-seconds each, measured on the suite's federations).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from collections.abc import Callable, Mapping
@@ -26,18 +28,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import click
 import httpx
 import tomli_w
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.cli.build import build_fab_from_disk
 from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+from flwr.cli.config_utils import load_and_validate
 from flwr.cli.run_utils import format_runs
 from flwr.cli.supernode.ls import _format_nodes, _to_json
-from flwr.common.serde import run_from_proto
-from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest, RegisterNodeRequest
+from flwr.common.config import parse_config_args
+from flwr.common.constant import FAB_CONFIG_FILE
+from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
+from flwr.proto.control_pb2 import (
+    ListNodesRequest,
+    ListRunsRequest,
+    RegisterNodeRequest,
+    StartRunRequest,
+)
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.error import FlowerError
+from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 
@@ -100,6 +113,26 @@ def public_key_bytes(path: Path) -> bytes:
     if not uses_nist_ec_curve(key):
         raise FlowerCliError(f"{command}: {path}: EC curve {key.curve.name} is not a NIST curve")
     return bytes(public_key_to_bytes(key))
+
+
+def start_run_request(app_dir: Path, run_config: Path) -> StartRunRequest:
+    """The request ``flwr run APP CONNECTION --run-config FILE`` sends for a local app."""
+    app = app_dir.expanduser().resolve()
+    try:
+        load_and_validate(app / FAB_CONFIG_FILE)
+        fab_bytes = build_fab_from_disk(app)
+    except (ValueError, OSError, click.ClickException) as err:
+        detail = err.format_message() if isinstance(err, click.ClickException) else str(err)
+        lines = [line.strip().removeprefix("- ") for line in detail.splitlines() if line.strip()]
+        detail = " ".join([*lines[:1], "; ".join(lines[1:])]).strip()  # "...:" then its items
+        raise FlowerCliError(f"'flwr run' failed: {detail}") from None
+    fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+    return StartRunRequest(
+        fab=fab_to_proto(fab),
+        override_config=user_config_to_proto(parse_config_args([str(run_config)])),
+        federation="",
+        app_spec="",
+    )
 
 
 def connection_toml(address: str, root_certificates: Path | None) -> str:
@@ -229,11 +262,19 @@ class FlowerCli:
         return list(nodes) if isinstance(nodes, list) else []
 
     def submit(self, app_dir: Path, run_config: Path) -> int:
-        """``flwr run``: build the FAB from ``app_dir``, start the run, return its ID."""
-        data = self.call(
-            "run", str(app_dir), CONNECTION, "--run-config", str(run_config), timeout=120
-        )
-        return int(data["run-id"])
+        """``flwr run``: build the FAB from ``app_dir``, start the run, return its ID. In this
+        process once the connection is configured: the CLI's app check, FAB and request (no
+        federation and no federation options: the connection names neither)."""
+        if self.connection is None:
+            data = self.call(
+                "run", str(app_dir), CONNECTION, "--run-config", str(run_config), timeout=120
+            )
+            return int(data["run-id"])
+        request = start_run_request(app_dir, run_config)
+        found = self.in_process("run", lambda c: c.StartRun(request))
+        if not found.HasField("run_id"):
+            raise FlowerCliError("'flwr run' failed: Failed to start run")
+        return int(found.run_id)
 
     def status(self, run_id: int) -> RunStatus:
         """The run's current status from ``flwr ls --run-id``."""
