@@ -114,6 +114,16 @@ DEPLOYED_STATE = "pfednet_model"  # site state: the full personalised model as e
 SketchKind = Literal["label-ratio", "covariance", "feature-mean"]
 
 
+def text_array(text: str) -> np.ndarray:
+    """``text`` as a uint8 array, for a name or hash that travels among the model's arrays."""
+    return np.frombuffer(text.encode(), dtype=np.uint8).copy()
+
+
+def text_of(array: torch.Tensor) -> str:
+    """The text :func:`text_array` carried, from the tensor the hospital received."""
+    return bytes(array.numpy().astype(np.uint8)).decode()
+
+
 class PFedNetOptions(Schema):
     personal_layers: str = Field(
         "",
@@ -354,7 +364,7 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
             return self._resolved
         name = self.context.hospital.hospital
         marker = received.get(MARKER)
-        column_of = None if marker is None else bytes(marker.numpy().astype(np.uint8)).decode()
+        column_of = None if marker is None else text_of(marker)
         if column_of is not None and column_of != name:  # never trained on, never kept
             raise IntegrityError(
                 f"pFedNet: this message holds the personalised column of hospital "
@@ -364,7 +374,7 @@ class PFedNetObjective(BalancedLossObjective, ClientObjective):
         state = {k: v for k, v in received.items() if not k.startswith("pfednet.")}
         base = received.get(BASE)
         if base is not None:  # the personal exchange: only what changed since the shared one
-            state = {**self.held_model(bytes(base.numpy().astype(np.uint8)).decode()), **state}
+            state = {**self.held_model(text_of(base)), **state}
         missing = [k for k in self.split.shapes if k not in state]
         if missing:
             raise DataError(f"the received model lacks {len(missing)} entries, e.g. '{missing[0]}'")
@@ -634,7 +644,7 @@ class PFedNetStrategy(ServerAlgorithm):
         if exchange == PERSONAL and name in self.held:
             state = self.personal_delta(state, self.held[name])
         if self.graph is not None and name in self.graph.hospitals:
-            state[MARKER] = np.frombuffer(name.encode(), dtype=np.uint8).copy()
+            state[MARKER] = text_array(name)
         record = to_wire(numpy_to_record(state), self.run.wire_dtype)  # counted as sent
         size, _ = pm.record_bytes(record)
         self._count(name, "download_bytes", size)
@@ -652,7 +662,7 @@ class PFedNetStrategy(ServerAlgorithm):
             if key not in sent
             or not (sent[key] is self.state[key] or np.array_equal(sent[key], self.state[key]))
         }
-        return {**changed, BASE: np.frombuffer(held.encode(), dtype=np.uint8).copy()}
+        return {**changed, BASE: text_array(held)}
 
     def _column(self, name: str) -> np.ndarray:
         if self.graph is not None and name in self.graph.hospitals:

@@ -623,10 +623,10 @@ MUTANTS: tuple[Mutant, ...] = (
         one(
             "            if record is not arrays:\n"
             "                wire = packed(to_wire(record, self.run.wire_dtype))\n"
+            "            elif common is not None:\n"
+            "                wire = common\n"
             "            else:\n"
-            "                if common is None:\n"
-            "                    common = packed(to_wire(arrays, self.run.wire_dtype))\n"
-            "                wire = common\n",
+            "                wire = common = packed(to_wire(arrays, self.run.wire_dtype))\n",
             "            if id(record) not in by_id:\n"
             "                by_id[id(record)] = packed(to_wire(record, self.run.wire_dtype))\n"
             "            wire = by_id[id(record)]\n",

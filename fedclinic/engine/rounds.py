@@ -250,10 +250,10 @@ class RoundEngine:
             record = self.algorithm.arrays_for(hospital, arrays, exchange)
             if record is not arrays:
                 wire = packed(to_wire(record, self.run.wire_dtype))
-            else:
-                if common is None:
-                    common = packed(to_wire(arrays, self.run.wire_dtype))
+            elif common is not None:
                 wire = common
+            else:
+                wire = common = packed(to_wire(arrays, self.run.wire_dtype))
             content = RecordDict(
                 {
                     keys.ARRAYS: wire,

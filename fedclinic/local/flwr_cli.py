@@ -1,7 +1,8 @@
 """The ``flwr`` CLI as typed calls: connection config, node registration, runs, status, logs.
 
-We drive Flower through its own CLI (not its internal Python API) because that is the
-stable, documented surface. Two 1.39 quirks shape this wrapper:
+We drive Flower through its own CLI, or, for the calls below, through the CLI's own code
+(the functions and request classes its commands use), not through other internal APIs. Two
+1.39 quirks shape the subprocess calls:
 
 - with ``--format json`` the CLI exits 0 even when it failed (``"success": false`` and an
   ``"error-message"`` in the JSON), so every call checks ``success``;
